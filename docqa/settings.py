@@ -1,0 +1,174 @@
+"""One settings tree for the whole product.
+
+Layering (lowest to highest): field defaults, a YAML file (``--config`` or
+``DOCQA_CONFIG``), ``DOCQA_*`` environment variables (nested with ``__``, e.g.
+``DOCQA_SERVER__PORT=9000``), then explicit overrides (CLI flags).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 for all).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
+    api_key: SecretStr | None = Field(
+        None, description="When set, /v1 requests must send 'Authorization: Bearer <key>'."
+    )
+    admin_key: SecretStr | None = Field(
+        None, description="Key for /admin endpoints (model reload); defaults to api_key."
+    )
+    max_queue: int = Field(
+        16, ge=1, le=4096, description="Requests admitted (running + waiting) before 503."
+    )
+    retry_after_s: int = Field(
+        2, ge=1, le=3600, description="Retry-After seconds sent with a queue-full 503."
+    )
+    cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"], description="Allowed CORS origins (Jan runs in a webview)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Logging level."
+    )
+
+
+class ModelSettings(_Section):
+    model: str = Field(
+        "smollm2-135m-instruct",
+        min_length=1,
+        description="Model to serve: a store name, the embedded default, or a GGUF path.",
+    )
+    store_dir: Path = Field(
+        Path("models/store"), description="Model store directory (GGUF + provenance JSON)."
+    )
+    n_ctx: int = Field(4096, ge=128, le=262144, description="Context window in tokens.")
+    n_batch: int = Field(512, ge=1, le=16384, description="Prompt-processing batch size.")
+    n_threads: int | None = Field(
+        None, ge=1, le=512, description="CPU threads for generation (None = all cores)."
+    )
+    n_gpu_layers: int = Field(
+        0, ge=-1, le=10000, description="Layers offloaded to the GPU (-1 = all, 0 = CPU only)."
+    )
+    chat_format: str | None = Field(
+        None, description="llama.cpp chat format; None uses the GGUF's own template."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, le=262144, description="max_tokens when a request gives none."
+    )
+
+
+class EmbedderSettings(_Section):
+    model: str = Field(
+        "all-minilm-l6-v2",
+        min_length=1,
+        description="Embedder: 'all-minilm-l6-v2' (embedded) or a local sentence-transformers dir.",
+    )
+    device: str = Field("cpu", description="torch device for the embedder.")
+    batch_size: int = Field(64, ge=1, le=4096, description="Embedding batch size.")
+    enabled: bool = Field(True, description="Load the embedder (needed by /v1/embeddings, RAG).")
+
+
+class RetrievalSettings(_Section):
+    index_dir: Path | None = Field(None, description="Built index directory to serve.")
+    docs_dir: Path | None = Field(
+        None, description="Docs folder to index at start-up when no index_dir is given."
+    )
+    rag_model_id: str = Field(
+        "docqa", min_length=1, description="Model id that answers with retrieval."
+    )
+    chunk_tokens: int = Field(300, ge=16, le=8192, description="Chunk size in model tokens.")
+    chunk_overlap: int = Field(30, ge=0, le=4096, description="Overlap between chunks (tokens).")
+    top_k: int = Field(4, ge=1, le=100, description="Chunks put into the prompt.")
+    candidates: int = Field(
+        30, ge=1, le=1000, description="Candidates taken from each retriever before fusion."
+    )
+    rrf_k: int = Field(60, ge=1, le=10000, description="Reciprocal rank fusion constant.")
+    bm25_weight: float = Field(1.0, ge=0, le=100, description="Weight of BM25 in fusion.")
+    dense_weight: float = Field(1.0, ge=0, le=100, description="Weight of dense in fusion.")
+    faiss_index: Literal["flat", "hnsw", "ivf"] = Field(
+        "flat", description="FAISS index type (flat inner product; HNSW/IVF for big corpora)."
+    )
+    reranker: str | None = Field(
+        None, description="Local cross-encoder path for reranking (None = off)."
+    )
+    abstain_threshold: float = Field(
+        0.25,
+        ge=-1,
+        le=1,
+        description="Abstain when the best dense cosine similarity is below this.",
+    )
+    answer_reserve: int = Field(
+        384, ge=16, le=65536, description="Tokens reserved for the answer in the context budget."
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Server paths POST /v1/documents may ingest from."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DOCQA_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]):
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - unused
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _deep_drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _deep_drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from YAML, then env, then ``overrides`` (nested dicts; None is skipped)."""
+    config = config or os.environ.get("DOCQA_CONFIG")
+    data: dict[str, Any] = {}
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping at the top level")
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+        ):
+            return (init_settings, env_settings, _YamlSource(settings_cls, data))
+
+    layered = _Layered(**_deep_drop_none(overrides))
+    return Settings.model_validate(layered.model_dump())

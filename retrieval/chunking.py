@@ -1,0 +1,130 @@
+"""Heading-aware chunking by model tokens (default 300 tokens, 30 overlap, as published).
+
+Sections (split at Markdown headings, outside code fences) keep their heading trail. Short
+neighbouring sections of one file are packed together up to the budget; a section longer than
+the budget is cut into token windows that overlap by ``overlap`` tokens. A chunk id is a hash
+of path + content, so re-ingesting the same file never duplicates a chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from retrieval.loaders import Document
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_FENCE = re.compile(r"^\s*(```|~~~)")
+
+
+@dataclass
+class Chunk:
+    id: str
+    path: str
+    heading: str
+    text: str
+    n_tokens: int
+    ord: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def search_text(self) -> str:
+        """What the retrievers index: heading trail + text."""
+        return f"{self.heading}\n{self.text}" if self.heading else self.text
+
+
+def chunk_id(path: str, text: str) -> str:
+    return hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()[:16]
+
+
+@dataclass
+class Section:
+    trail: list[str]
+    text: str
+
+
+def split_sections(text: str, title: str = "") -> list[Section]:
+    sections: list[Section] = []
+    stack: list[tuple[int, str]] = []
+    buf: list[str] = []
+    in_fence = False
+
+    def trail() -> list[str]:
+        t = [h for _, h in stack]
+        return t or ([title] if title else [])
+
+    def flush():
+        body = "\n".join(buf).strip()
+        if body:
+            sections.append(Section(trail(), body))
+        buf.clear()
+
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            in_fence = not in_fence
+        m = None if in_fence else _HEADING.match(line)
+        if m:
+            flush()
+            level = len(m.group(1))
+            while stack and stack[-1][0] >= level:
+                stack.pop()
+            stack.append((level, m.group(2).strip()))
+        buf.append(line)
+    flush()
+    return sections
+
+
+Tokenize = Callable[[str], list[int]]
+Detokenize = Callable[[list[int]], str]
+
+
+def chunk_document(
+    doc: Document, tokenize: Tokenize, detokenize: Detokenize, size: int = 300, overlap: int = 30
+) -> list[Chunk]:
+    if overlap >= size:
+        raise ValueError("chunk overlap must be smaller than the chunk size")
+    pieces: list[tuple[list[str], str, int]] = []  # (trail, text, n_tokens)
+    pack: list[Section] = []
+    pack_tokens = 0
+
+    def flush_pack():
+        nonlocal pack_tokens
+        if pack:
+            text = "\n\n".join(s.text for s in pack)
+            pieces.append((pack[0].trail, text, len(tokenize(text))))
+        pack.clear()
+        pack_tokens = 0
+
+    for sec in split_sections(doc.text, doc.title):
+        toks = tokenize(sec.text)
+        n = len(toks)
+        if n > size:
+            flush_pack()
+            step = size - overlap
+            for start in range(0, n, step):
+                window = toks[start : start + size]
+                pieces.append((sec.trail, detokenize(window).strip(), len(window)))
+                if start + size >= n:
+                    break
+            continue
+        if pack and pack_tokens + n + 2 > size:
+            flush_pack()
+        pack.append(sec)
+        pack_tokens += n + 2
+    flush_pack()
+
+    chunks: list[Chunk] = []
+    seen: set[str] = set()
+    for trail, text, n in pieces:
+        if not text:
+            continue
+        cid = chunk_id(doc.path, text)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        chunks.append(Chunk(cid, doc.path, " > ".join(trail), text, n, len(chunks)))
+    return chunks

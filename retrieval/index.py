@@ -1,0 +1,129 @@
+"""The on-disk index: plain arrays + JSON + provenance, written atomically, loaded with mmap.
+
+Layout of an index directory::
+
+    manifest.json    provenance: docs root, files + hashes, chunking, embedder, versions
+    chunks.jsonl     one chunk per line (id, path, heading, text, n_tokens, ord)
+    embeddings.npy   float32 [n_chunks, dim], L2-normalized, row i = chunk i
+    bm25/            term_ptr.npy, doc_ids.npy, weights.npy, bm25.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from docqa.provenance import make_provenance, write_provenance
+from retrieval.bm25 import BM25, tokenize
+from retrieval.chunking import Chunk
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Index:
+    chunks: list[Chunk]
+    embeddings: np.ndarray
+    bm25: BM25
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.pos = {c.id: i for i, c in enumerate(self.chunks)}
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.manifest.setdefault("inputs", {}).setdefault("files", {})
+
+
+def file_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def assemble(
+    chunks: list[Chunk], embeddings: np.ndarray, manifest: dict[str, Any]
+) -> Index:
+    bm25 = BM25.build([tokenize(c.search_text) for c in chunks])
+    manifest = dict(manifest)
+    manifest["n_chunks"] = len(chunks)
+    manifest["format_version"] = FORMAT_VERSION
+    return Index(chunks, np.ascontiguousarray(embeddings, dtype=np.float32), bm25, manifest)
+
+
+def new_manifest(docs_root: str, files: dict[str, dict], config: dict, embedder: dict) -> dict:
+    return make_provenance(
+        "index",
+        inputs={"docs_root": docs_root, "files": files},
+        config=config,
+        embedder=embedder,
+    )
+
+
+def _write_into(index: Index, d: Path) -> None:
+    with open(d / "chunks.jsonl", "w") as f:
+        for c in index.chunks:
+            f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
+    np.save(d / "embeddings.npy", index.embeddings)
+    index.bm25.save(d / "bm25")
+    write_provenance(d / "manifest.json", index.manifest)  # last: marks the dir complete
+
+
+def save_index(index: Index, out: str | Path) -> Path:
+    """Write to a temp dir beside ``out`` then swap it in; a failure leaves ``out`` as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_into(index, tmp)
+        backup = None
+        if out.exists():
+            backup = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
+            os.rename(out, backup)
+        os.rename(tmp, out)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("index written to %s (%d chunks)", out, len(index))
+    return out
+
+
+def _backup_of(out: Path) -> Path | None:
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    return olds[-1] if olds else None
+
+
+def load_index(path: str | Path, mmap: bool = True) -> Index:
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        backup = _backup_of(path) if path.parent.exists() else None
+        if backup is not None and (backup / "manifest.json").is_file():
+            log.warning("index %s incomplete; loading the previous one from %s", path, backup)
+            path = backup
+        else:
+            raise FileNotFoundError(f"no index at {path} (missing manifest.json)")
+    manifest = json.loads((path / "manifest.json").read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"index {path} has format {manifest.get('format_version')}, "
+                         f"expected {FORMAT_VERSION}; rebuild it")
+    with open(path / "chunks.jsonl") as f:
+        chunks = [Chunk(**json.loads(line)) for line in f if line.strip()]
+    emb = np.load(path / "embeddings.npy", mmap_mode="r" if mmap else None)
+    bm25 = BM25.load(path / "bm25", mmap=mmap)
+    if len(chunks) != emb.shape[0] or bm25.n_docs != len(chunks):
+        raise ValueError(f"index {path} is inconsistent: {len(chunks)} chunks, "
+                         f"{emb.shape[0]} embeddings, {bm25.n_docs} bm25 docs")
+    return Index(chunks, emb, bm25, manifest)

@@ -1,0 +1,152 @@
+"""Hybrid search: BM25 + FAISS dense, merged by reciprocal rank fusion on stable chunk ids,
+optionally reranked by a local cross-encoder."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+from retrieval.chunking import Chunk
+from retrieval.index import Index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Hit:
+    chunk: Chunk
+    score: float  # fused score (or reranker score)
+    bm25_rank: int | None = None
+    dense_rank: int | None = None
+    dense_sim: float | None = None
+    bm25_score: float | None = None
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    best_sim: float  # best dense cosine similarity among all chunks (abstain evidence)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def rrf(rankings: list[list[str]], weights: list[float], k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion: score(id) = sum_i w_i / (k + rank_i), rank from 1. Ties keep the
+    order of first appearance, which makes the merge deterministic."""
+    scores: dict[str, float] = {}
+    for ranking, w in zip(rankings, weights):
+        for r, cid in enumerate(ranking, start=1):
+            scores[cid] = scores.get(cid, 0.0) + w / (k + r)
+    order = {cid: i for i, cid in enumerate(dict.fromkeys(c for rk in rankings for c in rk))}
+    return sorted(scores.items(), key=lambda kv: (-kv[1], order[kv[0]]))
+
+
+def build_faiss(emb: np.ndarray, kind: str = "flat") -> faiss.Index:
+    d = emb.shape[1]
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "ivf" and len(x) >= 256:
+        nlist = max(1, int(np.sqrt(len(x))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.nprobe = min(nlist, 16)
+    else:
+        index = faiss.IndexFlatIP(d)
+    if len(x):
+        index.add(x)
+    return index
+
+
+class Retriever:
+    """Immutable view over one ``Index``; the server swaps whole retrievers on ingest."""
+
+    def __init__(self, index: Index, embedder, *, faiss_kind: str = "flat", reranker=None):
+        self.index = index
+        self.embedder = embedder
+        self.faiss = build_faiss(np.asarray(index.embeddings), faiss_kind) if len(index) else None
+        self.reranker = reranker
+
+    def _allowed(self, prefix: str | None) -> np.ndarray | None:
+        if not prefix:
+            return None
+        p = prefix.lstrip("./")
+        return np.array([c.path.startswith(p) for c in self.index.chunks], dtype=bool)
+
+    def search(
+        self,
+        query: str,
+        top_k: int = 4,
+        *,
+        candidates: int = 30,
+        rrf_k: int = 60,
+        weights: tuple[float, float] = (1.0, 1.0),
+        path_prefix: str | None = None,
+        mode: str = "hybrid",
+    ) -> SearchResult:
+        t0 = time.perf_counter()
+        n = len(self.index)
+        if n == 0 or not query.strip():
+            return SearchResult([], -1.0)
+        allowed = self._allowed(path_prefix)
+        chunks = self.index.chunks
+        tm: dict[str, float] = {}
+
+        bm_hits: list[tuple[int, float]] = []
+        if mode in ("hybrid", "bm25"):
+            bm_hits = self.index.bm25.top(query, candidates, allowed)
+        tm["bm25"] = (time.perf_counter() - t0) * 1000
+
+        dense_hits: list[tuple[int, float]] = []
+        best_sim = -1.0
+        if mode in ("hybrid", "dense"):
+            t1 = time.perf_counter()
+            q = self.embedder.embed([query])
+            tm["embed"] = (time.perf_counter() - t1) * 1000
+            t2 = time.perf_counter()
+            k = n if allowed is not None else min(n, candidates)
+            sims, ids = self.faiss.search(q, k)
+            for i, s in zip(ids[0].tolist(), sims[0].tolist()):
+                if i < 0 or (allowed is not None and not allowed[i]):
+                    continue
+                dense_hits.append((i, s))
+                if len(dense_hits) >= candidates:
+                    break
+            best_sim = dense_hits[0][1] if dense_hits else -1.0
+            tm["faiss"] = (time.perf_counter() - t2) * 1000
+
+        bm_rank = {chunks[i].id: (r, s) for r, (i, s) in enumerate(bm_hits, start=1)}
+        dn_rank = {chunks[i].id: (r, s) for r, (i, s) in enumerate(dense_hits, start=1)}
+        if mode == "bm25":
+            fused = [(chunks[i].id, s) for i, s in bm_hits]
+        elif mode == "dense":
+            fused = [(chunks[i].id, s) for i, s in dense_hits]
+        else:
+            fused = rrf(
+                [[chunks[i].id for i, _ in bm_hits], [chunks[i].id for i, _ in dense_hits]],
+                list(weights),
+                rrf_k,
+            )
+        pos = self.index.pos
+        hits = [
+            Hit(
+                chunks[pos[cid]],
+                float(score),
+                bm_rank.get(cid, (None, None))[0],
+                dn_rank.get(cid, (None, None))[0],
+                dn_rank.get(cid, (None, None))[1],
+                bm_rank.get(cid, (None, None))[1],
+            )
+            for cid, score in fused
+        ]
+        if self.reranker is not None and hits:
+            pool = hits[: max(top_k * 3, top_k)]
+            scores = self.reranker.predict([(query, h.chunk.search_text) for h in pool])
+            for h, s in zip(pool, scores):
+                h.score = float(s)
+            hits = sorted(pool, key=lambda h: -h.score)
+        tm["total"] = (time.perf_counter() - t0) * 1000
+        return SearchResult(hits[:top_k], best_sim, tm)

@@ -1,0 +1,155 @@
+"""The token loop: sampling through llama.cpp, UTF-8 safe text deltas, stop strings, logprobs.
+
+Runs in the engine's worker thread. Yields ``Delta`` events and ends with one ``Finish``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+
+@dataclass
+class GenParams:
+    prompt_tokens: list[int]
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    grammar: Any = None  # llama_cpp.LlamaGrammar
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class Delta:
+    text: str
+    logprobs: list[TokenLogprob]
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
+    return llm._model.token_to_piece(tok, special=False)  # noqa: SLF001
+
+
+def _logprob_entry(llm: llama_cpp.Llama, tok: int, top_n: int) -> TokenLogprob:
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)  # noqa: SLF001
+    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+    m = logits.max()
+    lse = m + math.log(np.exp(logits - m).sum())
+
+    def info(t: int) -> tuple[str, float, list[int]]:
+        b = _token_piece(llm, t)
+        return b.decode("utf-8", errors="replace"), float(logits[t] - lse), list(b)
+
+    top: list[tuple[str, float, list[int]]] = []
+    if top_n > 0:
+        idx = np.argpartition(-logits, top_n)[:top_n]
+        idx = idx[np.argsort(-logits[idx])]
+        top = [info(int(t)) for t in idx]
+    text, lp, b = info(tok)
+    return TokenLogprob(text, lp, b, top)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def generate(
+    llm: llama_cpp.Llama, p: GenParams, cancel: threading.Event | None = None
+) -> Iterator[Delta | Finish]:
+    """Generate from ``p.prompt_tokens``; the caller has checked the prompt fits the context."""
+    n_ctx = llm.n_ctx()
+    max_tokens = min(p.max_tokens, n_ctx - len(p.prompt_tokens))
+    if p.seed is not None:
+        llm.set_seed(p.seed & 0xFFFFFFFF)
+    else:
+        llm.set_seed(int(np.random.randint(0, 2**31 - 1)))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    full = ""
+    sent = 0
+    n_out = 0
+    pending_lp: list[TokenLogprob] = []
+    reason = "length"
+    stop_hit = False
+    gen = llm.generate(
+        p.prompt_tokens,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        temp=p.temperature,
+        repeat_penalty=p.repeat_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        grammar=p.grammar,
+    )
+    try:
+        for tok in gen if max_tokens > 0 else ():
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):  # noqa: SLF001
+                reason = "stop"
+                break
+            n_out += 1
+            if p.logprobs:
+                pending_lp.append(_logprob_entry(llm, tok, p.top_logprobs))
+            full += decoder.decode(_token_piece(llm, tok))
+            hit = -1
+            if p.stop:
+                window = max(0, sent - max(len(s) for s in p.stop))
+                hits = [i for i in (full.find(s, window) for s in p.stop) if i >= 0]
+                hit = min(hits) if hits else -1
+            if hit >= 0:
+                if hit > sent or pending_lp:
+                    yield Delta(full[sent:hit], pending_lp)
+                reason = "stop"
+                stop_hit = True
+                break
+            end = len(full) - _held_back(full, p.stop) if p.stop else len(full)
+            if end > sent or pending_lp:
+                yield Delta(full[sent:end], pending_lp)
+                pending_lp = []
+                sent = end
+            if n_out >= max_tokens:
+                break
+        if not stop_hit and reason != "cancelled" and sent < len(full):
+            yield Delta(full[sent:], [])
+    finally:
+        gen.close()
+    yield Finish(reason, len(p.prompt_tokens), n_out)

@@ -1,0 +1,124 @@
+"""Request bodies of the OpenAI endpoints. Unknown fields are accepted and ignored."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ContentPart(_Lenient):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if p.type == "text" and p.text)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class JSONSchemaSpec(_Lenient):
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # llama.cpp-style shortcut
+
+
+Stop = str | list[str] | None
+
+
+class _Sampling(_Lenient):
+    model: str | None = Field(None, description="Model id; omitted = the server's default.")
+    max_tokens: int | None = Field(None, ge=1, le=262144)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    stop: Stop = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Stop) -> Stop:
+        if isinstance(v, list):
+            if len(v) > 16:
+                raise ValueError("at most 16 stop sequences")
+            if any(not s for s in v):
+                raise ValueError("stop sequences must be non-empty")
+        return v
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=262144)
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # docqa extension: force retrieval on/off regardless of the model id.
+    rag: bool | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] = Field(...)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+    suffix: str | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if isinstance(v[0], str) and len(v) > 1:
+                raise ValueError("only one prompt per request is supported")
+        return v
+
+
+class EmbeddingRequest(_Lenient):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, le=65536)
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("input must not be empty")
+            if len(v) > 2048:
+                raise ValueError("at most 2048 inputs per request")
+        return v

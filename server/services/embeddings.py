@@ -1,0 +1,54 @@
+"""POST /v1/embeddings with the loaded embedder (float or base64 output)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+from fastapi import Request
+
+from server.errors import APIError, bad_request
+from server.schemas import EmbeddingRequest
+
+
+def _texts(embedder, inp) -> list[str]:
+    if isinstance(inp, str):
+        return [inp]
+    if inp and isinstance(inp[0], str):
+        return list(inp)
+    if inp and isinstance(inp[0], int):
+        inp = [inp]
+    return [embedder.tokenizer.decode(ids, skip_special_tokens=True) for ids in inp]
+
+
+async def create_embeddings(request: Request, body: EmbeddingRequest) -> dict:
+    state = request.app.state
+    embedder = getattr(state, "embedder", None)
+    if embedder is None:
+        raise APIError(404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found")
+    allowed = {None, "", embedder.name, state.settings.embedder.model}
+    if body.model not in allowed:
+        raise APIError(404, f"The model '{body.model}' does not exist. Available: {embedder.name}",
+                       param="model", code="model_not_found")
+    texts = _texts(embedder, body.input)
+    if any(t == "" for t in texts):
+        raise bad_request("input must not contain empty strings", "input")
+    vecs = await asyncio.to_thread(embedder.embed, texts)
+    if body.dimensions is not None:
+        if body.dimensions > embedder.dim:
+            raise bad_request(f"dimensions must be <= {embedder.dim}", "dimensions")
+        vecs = vecs[:, : body.dimensions]
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    data = []
+    for i, v in enumerate(vecs.astype(np.float32)):
+        emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    n_tok = embedder.count_tokens(texts)
+    request.state.usage = {"prompt_tokens": n_tok, "completion_tokens": 0, "total_tokens": n_tok}
+    return {
+        "object": "list",
+        "data": data,
+        "model": embedder.name,
+        "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
+    }

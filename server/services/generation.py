@@ -1,0 +1,248 @@
+"""Turn OpenAI chat/completion requests into engine jobs, and engine events into OpenAI
+objects. A request is prepared once; only the writer differs for streamed vs whole output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from fastapi import Request
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+from server.engine import Engine, Job, PromptTooLong, QueueFull
+from server.errors import APIError, bad_request
+from server.generation import Delta, Finish, GenParams, TokenLogprob
+from server.schemas import ResponseFormat, _Sampling
+
+
+@lru_cache(maxsize=64)
+def _grammar(kind: str, schema: str | None) -> LlamaGrammar:
+    if kind == "json_object" or not schema:
+        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+    return LlamaGrammar.from_json_schema(schema, verbose=False)
+
+
+def grammar_for(rf: ResponseFormat | None) -> LlamaGrammar | None:
+    if rf is None or rf.type == "text":
+        return None
+    schema = None
+    if rf.type == "json_schema":
+        spec = rf.json_schema.schema_ if rf.json_schema else rf.schema_
+        if spec is None:
+            raise bad_request(
+                "response_format.json_schema.schema is required", "response_format.json_schema"
+            )
+        schema = json.dumps(spec, sort_keys=True)
+    elif rf.schema_ is not None:
+        schema = json.dumps(rf.schema_, sort_keys=True)
+    try:
+        return _grammar(rf.type, schema)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
+        raise bad_request(f"unsupported JSON schema: {exc}", "response_format") from exc
+
+
+@dataclass
+class Prepared:
+    kind: str  # "chat" | "text"
+    model: str
+    params: GenParams
+    include_usage: bool = False
+    echo: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"sources": [...]}
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        prefix = "chatcmpl-" if self.kind == "chat" else "cmpl-"
+        self.id = self.id or prefix + uuid.uuid4().hex[:24]
+        self.created = self.created or int(time.time())
+
+
+def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_tokens: int | None):
+    if req.n != 1:
+        raise bad_request("only n=1 is supported", "n", "unsupported_value")
+    return GenParams(
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens or defaults.default_max_tokens,
+        temperature=0.7 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        seed=req.seed,
+        stop=req.stop_list(),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+    )
+
+
+def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job:
+    try:
+        engine.check_fits(len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt")
+    except PromptTooLong as exc:
+        raise APIError(
+            400, str(exc), param="messages" if prep.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        ) from exc
+    try:
+        return engine.submit(prep.params)
+    except QueueFull as exc:
+        raise APIError(
+            503, f"{exc}; retry later", code="server_busy",
+            headers={"Retry-After": str(retry_after)},
+        ) from exc
+
+
+# -- OpenAI object builders ------------------------------------------------------------
+def _chat_logprobs(entries: list[TokenLogprob]) -> dict:
+    return {
+        "content": [
+            {
+                "token": e.token,
+                "logprob": e.logprob,
+                "bytes": e.bytes,
+                "top_logprobs": [{"token": t, "logprob": lp, "bytes": b} for t, lp, b in e.top],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _text_logprobs(entries: list[TokenLogprob], offset: int) -> dict:
+    offsets, pos = [], offset
+    for e in entries:
+        offsets.append(pos)
+        pos += len(e.token)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{t: lp for t, lp, _ in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def usage(fin: Finish) -> dict:
+    return {
+        "prompt_tokens": fin.prompt_tokens,
+        "completion_tokens": fin.completion_tokens,
+        "total_tokens": fin.prompt_tokens + fin.completion_tokens,
+    }
+
+
+def _base(prep: Prepared, obj: str) -> dict:
+    return {
+        "id": prep.id,
+        "object": obj,
+        "created": prep.created,
+        "model": prep.model,
+        "system_fingerprint": "docqa",
+    }
+
+
+def _record(request: Request, fin: Finish) -> None:
+    request.state.usage = usage(fin)
+    request.state.finish_reason = fin.reason
+
+
+async def whole(request: Request, prep: Prepared, job: Job) -> dict:
+    text, lps, fin = [], [], None
+    consume = asyncio.ensure_future(_drain(job))
+    try:
+        while not consume.done():
+            await asyncio.wait({consume}, timeout=0.25)
+            if not consume.done() and await request.is_disconnected():
+                job.cancel()
+                await consume
+                raise APIError(499, "client disconnected", code="client_closed")
+        events = consume.result()
+    finally:
+        if not consume.done():
+            job.cancel()
+    for ev in events:
+        if isinstance(ev, Delta):
+            text.append(ev.text)
+            lps.extend(ev.logprobs)
+        else:
+            fin = ev
+    assert fin is not None
+    _record(request, fin)
+    out_text = "".join(text)
+    if prep.kind == "chat":
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": out_text, "refusal": None},
+            "logprobs": _chat_logprobs(lps) if prep.params.logprobs else None,
+            "finish_reason": fin.reason,
+        }
+        body = _base(prep, "chat.completion")
+    else:
+        echo = prep.echo or ""
+        choice = {
+            "index": 0,
+            "text": echo + out_text,
+            "logprobs": _text_logprobs(lps, len(echo)) if prep.params.logprobs else None,
+            "finish_reason": fin.reason,
+        }
+        body = _base(prep, "text_completion")
+    body.update(choices=[choice], usage=usage(fin), **prep.extra)
+    return body
+
+
+async def _drain(job: Job) -> list:
+    return [ev async for ev in job]
+
+
+def _sse(obj: dict | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[bytes]:
+    chat = prep.kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    use = {"usage": None} if prep.include_usage else {}
+
+    def chunk(delta_or_text, lps=None, finish=None, extra=None):
+        c = _base(prep, obj)
+        if chat:
+            ch = {"index": 0, "delta": delta_or_text, "logprobs": lps, "finish_reason": finish}
+        else:
+            ch = {"index": 0, "text": delta_or_text, "logprobs": lps, "finish_reason": finish}
+        c.update(choices=[ch], **use, **(extra or {}))
+        return _sse(c)
+
+    offset = len(prep.echo or "")
+    try:
+        if chat:
+            yield chunk({"role": "assistant", "content": "", "refusal": None})
+        elif prep.echo:
+            yield chunk(prep.echo)
+        fin = None
+        try:
+            async for ev in job:
+                if isinstance(ev, Finish):
+                    fin = ev
+                    break
+                lp = None
+                if prep.params.logprobs:
+                    lp = _chat_logprobs(ev.logprobs) if chat else _text_logprobs(ev.logprobs, offset)
+                offset += len(ev.text)
+                yield chunk({"content": ev.text} if chat else ev.text, lp)
+        except Exception as exc:  # noqa: BLE001 - report in-band, the headers are sent
+            yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None,
+                                  "code": "generation_failed"}})
+            return
+        assert fin is not None
+        _record(request, fin)
+        yield chunk({} if chat else "", None, fin.reason, prep.extra)
+        if prep.include_usage:
+            final = _base(prep, obj)
+            final.update(choices=[], usage=usage(fin))
+            yield _sse(final)
+        yield _sse("[DONE]")
+    finally:
+        job.cancel()  # no-op when finished; stops generation when the client went away
