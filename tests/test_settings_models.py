@@ -1,0 +1,89 @@
+"""Unit tests: settings layering (YAML < env < CLI flags) and model resolution."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from docqa.settings import Settings, load_settings
+from models.store import ModelNotFound, ModelStore, clean_id
+from server.app import create_app
+from server.generation import _held_back
+
+
+def test_defaults():
+    s = load_settings()
+    assert s.server.port == 8000 and s.model.model == "smollm2-135m-instruct"
+    assert s.retrieval.chunk_tokens == 300 and s.retrieval.chunk_overlap == 30
+
+
+def test_layering(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server:\n  port: 9001\n  host: 0.0.0.0\nmodel:\n  n_ctx: 1024\n  n_batch: 64\n")
+    s = load_settings(cfg)
+    assert (s.server.port, s.server.host, s.model.n_ctx) == (9001, "0.0.0.0", 1024)
+    monkeypatch.setenv("DOCQA_SERVER__PORT", "9002")
+    monkeypatch.setenv("DOCQA_MODEL__N_CTX", "2048")
+    s = load_settings(cfg)
+    assert (s.server.port, s.server.host, s.model.n_ctx, s.model.n_batch) == (9002, "0.0.0.0", 2048, 64)
+    s = load_settings(cfg, server={"port": 9003, "host": None})
+    assert (s.server.port, s.server.host) == (9003, "0.0.0.0")  # None flags don't override
+    monkeypatch.setenv("DOCQA_CONFIG", str(cfg))
+    assert load_settings().model.n_batch == 64
+
+
+def test_bounds_and_unknown_keys(tmp_path):
+    with pytest.raises(ValidationError):
+        load_settings(server={"port": 70000})
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("server:\n  prot: 1\n")
+    with pytest.raises(ValidationError):
+        load_settings(cfg)
+    with pytest.raises(FileNotFoundError):
+        load_settings(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_described():
+    for section in Settings.model_fields.values():
+        for name, field in section.annotation.model_fields.items():
+            assert field.description, f"{section.annotation.__name__}.{name} lacks a description"
+
+
+def test_model_resolution(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    emb = store.resolve("smollm2-135m-instruct")
+    assert emb.path.is_file() and emb.path.suffix == ".gguf"
+    assert store.resolve("SmolLM2-135M-Instruct").path == emb.path
+    by_path = store.resolve(str(emb.path))
+    assert by_path.id == "smollm2-135m-instruct.q4_1" and "/" not in by_path.id
+    published = store.publish(emb.path, "my-docs-model", {"note": "test"})
+    assert (tmp_path / "store" / "my-docs-model.json").is_file()
+    assert store.resolve("my-docs-model").path == published.path
+    assert [m.id for m in store.list()] == ["my-docs-model"]
+    assert store.list()[0].provenance["upstream"] == {"note": "test"}
+    with pytest.raises(ModelNotFound):
+        store.resolve("no-such-model")
+    with pytest.raises(ModelNotFound):
+        store.resolve(str(tmp_path / "missing.gguf"))
+
+
+def test_clean_id():
+    assert clean_id("/a/b/My Model.Q8_0.gguf") == "my-model.q8_0"
+
+
+def test_health_is_503_while_loading():
+    app = create_app(Settings())
+    app.state.ready = False  # lifespan not run: nothing loaded yet
+    app.state.load_error = None
+    c = TestClient(app)
+    r = c.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading"
+
+
+def test_stop_holdback():
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
+    assert _held_back("ab", ["b", "abc"]) == 2
