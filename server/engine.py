@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncIterator
@@ -75,6 +76,7 @@ class LoadedModel:
 
 
 def load_llama(path: Path, *, n_ctx: int, n_batch: int, n_threads: int | None, n_gpu_layers: int):
+    n_threads = n_threads or os.cpu_count() or 1
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
