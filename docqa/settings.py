@@ -111,6 +111,24 @@ class RetrievalSettings(_Section):
     answer_reserve: int = Field(
         384, ge=16, le=65536, description="Tokens reserved for the answer in the context budget."
     )
+    system_prompt: str = Field(
+        "You are docqa, a support assistant. Answer the question using only the numbered "
+        "documentation excerpts. Quote exact names, values and commands from them, and cite "
+        "the excerpts you used as [1], [2]. If the excerpts do not contain the answer, say "
+        "that the documentation does not cover it.",
+        min_length=1,
+        description="System prompt for answers with retrieval.",
+    )
+    user_template: str = Field(
+        "Documentation excerpts:\n{context}\n\nQuestion: {question}",
+        min_length=1,
+        description="User turn with retrieval; must contain {context} and {question}.",
+    )
+    abstain_message: str = Field(
+        "I could not find this in the documentation, so I can't answer it reliably.",
+        min_length=1,
+        description="Answer given when retrieval evidence is below abstain_threshold.",
+    )
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
     )

@@ -46,9 +46,9 @@ async def prepare_chat(request: Request, req: ChatCompletionRequest) -> Prepared
     if req.rag is not None:
         use_rag = req.rag and getattr(state, "rag", None) is not None
     messages = _messages(req)
-    extra: dict = {}
+    grounding = None
     if use_rag:
-        messages, extra = await state.rag.augment(messages)
+        messages, grounding = await state.rag.augment(messages)
     prompt = engine.format_chat(messages)
     tokens = engine.prompt_tokens(prompt)
     max_tokens = req.max_completion_tokens or req.max_tokens
@@ -59,11 +59,8 @@ async def prepare_chat(request: Request, req: ChatCompletionRequest) -> Prepared
     params.logprobs = req.logprobs
     params.top_logprobs = req.top_logprobs or 0
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    prep = Prepared("chat", model_id, params, include_usage=include_usage, extra=extra)
-    if extra.get("abstain"):
-        prep.extra = {k: v for k, v in extra.items() if k != "abstain"}
-        prep.abstain_text = extra["abstain"]  # type: ignore[attr-defined]
-    return prep
+    return Prepared("chat", model_id, params, include_usage=include_usage, grounding=grounding,
+                    canned=grounding.abstain if grounding is not None else None)
 
 
 def prepare_completion(request: Request, req: CompletionRequest) -> Prepared:

@@ -54,7 +54,8 @@ class Prepared:
     params: GenParams
     include_usage: bool = False
     echo: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # e.g. {"sources": [...]}
+    grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
+    canned: str | None = None  # answer without running the model (abstain)
     id: str = ""
     created: int = 0
 
@@ -79,7 +80,28 @@ def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_toke
     )
 
 
-def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job:
+class CannedJob:
+    """A fixed answer with the same interface as an engine ``Job``."""
+
+    def __init__(self, text: str, engine: Engine, n_prompt: int):
+        self.text, self.n_prompt = text, n_prompt
+        self.n_out = len(engine.tokenize(text))
+
+    def cancel(self) -> None:
+        pass
+
+    async def __aiter__(self):
+        yield Delta(self.text, [])
+        yield Finish("stop", self.n_prompt, self.n_out)
+
+
+def extra_fields(prep: Prepared, text: str) -> dict:
+    return prep.grounding.finalize(text) if prep.grounding is not None else {}
+
+
+def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job | CannedJob:
+    if prep.canned is not None:
+        return CannedJob(prep.canned, engine, len(prep.params.prompt_tokens))
     try:
         engine.check_fits(len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt")
     except PromptTooLong as exc:
@@ -188,7 +210,7 @@ async def whole(request: Request, prep: Prepared, job: Job) -> dict:
             "finish_reason": fin.reason,
         }
         body = _base(prep, "text_completion")
-    body.update(choices=[choice], usage=usage(fin), **prep.extra)
+    body.update(choices=[choice], usage=usage(fin), **extra_fields(prep, out_text))
     return body
 
 
@@ -216,6 +238,7 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
         return _sse(c)
 
     offset = len(prep.echo or "")
+    produced: list[str] = []
     try:
         if chat:
             yield chunk({"role": "assistant", "content": "", "refusal": None})
@@ -231,6 +254,7 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
                 if prep.params.logprobs:
                     lp = _chat_logprobs(ev.logprobs) if chat else _text_logprobs(ev.logprobs, offset)
                 offset += len(ev.text)
+                produced.append(ev.text)
                 yield chunk({"content": ev.text} if chat else ev.text, lp)
         except Exception as exc:  # noqa: BLE001 - report in-band, the headers are sent
             yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None,
@@ -238,7 +262,7 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
             return
         assert fin is not None
         _record(request, fin)
-        yield chunk({} if chat else "", None, fin.reason, prep.extra)
+        yield chunk({} if chat else "", None, fin.reason, extra_fields(prep, "".join(produced)))
         if prep.include_usage:
             final = _base(prep, obj)
             final.update(choices=[], usage=usage(fin))

@@ -1,0 +1,127 @@
+"""`docqa index build|add|remove|query`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from docqa.logs import setup_logging
+from docqa.settings import load_settings
+
+app = typer.Typer(help="Build, update and query a retrieval index.", no_args_is_help=True)
+console = Console()
+DEFAULT_INDEX = Path("var/index")
+
+
+def _parts(config: Optional[Path]):
+    from retrieval.builder import default_tokenizer
+    from retrieval.embedder import Embedder
+
+    s = load_settings(config)
+    setup_logging("INFO")
+    emb = Embedder(s.embedder.model, device=s.embedder.device, batch_size=s.embedder.batch_size)
+    return s, emb, default_tokenizer(s.model.model, s.model.store_dir)
+
+
+@app.command()
+def build(
+    docs: Path = typer.Argument(..., exists=True, help="Docs folder (or one file)."),
+    out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    chunk_tokens: Optional[int] = typer.Option(None, help="Chunk size in model tokens."),
+    overlap: Optional[int] = typer.Option(None, help="Chunk overlap in tokens."),
+):
+    """Build an index from a docs folder (atomic: the old index stays until the new is done)."""
+    from retrieval.builder import build_index
+    from retrieval.index import save_index
+    from retrieval.loaders import LoadReport
+
+    s, emb, tok = _parts(config)
+    report = LoadReport()
+    idx = build_index(docs, emb, tok, size=chunk_tokens or s.retrieval.chunk_tokens,
+                      overlap=overlap if overlap is not None else s.retrieval.chunk_overlap,
+                      report=report)
+    save_index(idx, out)
+    for path, why in report.skipped:
+        console.print(f"[yellow]skipped[/] {path}: {why}")
+    console.print(f"[green]index[/] {out}: {len(report.loaded)} files, {len(idx)} chunks")
+
+
+@app.command()
+def add(
+    files: list[Path] = typer.Argument(..., exists=True, help="Files or folders to (re)ingest."),
+    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
+    root: Optional[Path] = typer.Option(None, help="Paths are stored relative to this root."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+):
+    """Add or replace documents in an index."""
+    from retrieval.builder import update_index
+    from retrieval.index import load_index, save_index
+    from retrieval.loaders import load_tree
+
+    _, emb, tok = _parts(config)
+    idx = load_index(index, mmap=False)
+    docs = []
+    for f in files:
+        base = (f.parent if f.is_file() else f).resolve()
+        for d in load_tree(f):
+            if root is not None:
+                d.path = (base / d.path).relative_to(root.resolve()).as_posix()
+            docs.append(d)
+    new = update_index(idx, emb, tok, add=docs)
+    save_index(new, index)
+    console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
+
+
+@app.command()
+def remove(
+    paths: list[str] = typer.Argument(..., help="Document paths (as stored in the index)."),
+    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+):
+    """Remove documents from an index."""
+    from retrieval.builder import update_index
+    from retrieval.index import load_index, save_index
+
+    _, emb, tok = _parts(config)
+    idx = load_index(index, mmap=False)
+    new = update_index(idx, emb, tok, remove=list(paths))
+    save_index(new, index)
+    console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
+
+
+@app.command()
+def query(
+    text: str = typer.Argument(..., help="The question."),
+    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
+    top_k: int = typer.Option(5, "--top-k", "-k"),
+    mode: str = typer.Option("hybrid", help="hybrid | bm25 | dense"),
+    path_prefix: Optional[str] = typer.Option(None, help="Only documents under this path."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+):
+    """Query an index and print the best chunks."""
+    from retrieval.embedder import Embedder
+    from retrieval.index import load_index
+    from retrieval.search import Retriever
+
+    s = load_settings(config)
+    r = s.retrieval
+    ret = Retriever(load_index(index), Embedder(s.embedder.model), faiss_kind=r.faiss_index)
+    res = ret.search(text, top_k, candidates=r.candidates, rrf_k=r.rrf_k,
+                     weights=(r.bm25_weight, r.dense_weight), path_prefix=path_prefix, mode=mode)
+    if as_json:
+        print(json.dumps([{"id": h.chunk.id, "path": h.chunk.path, "heading": h.chunk.heading,
+                           "score": h.score, "text": h.chunk.text} for h in res.hits], indent=2))
+        return
+    t = Table("#", "score", "path", "heading", "text")
+    for i, h in enumerate(res.hits, 1):
+        t.add_row(str(i), f"{h.score:.4f}", h.chunk.path, h.chunk.heading,
+                  h.chunk.text[:120].replace("\n", " "))
+    console.print(t)
+    console.print(f"best dense similarity {res.best_sim:.3f}; {res.timings_ms['total']:.1f} ms")
