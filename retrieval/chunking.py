@@ -57,8 +57,11 @@ def split_sections(text: str, title: str = "") -> list[Section]:
         t = [h for _, h in stack]
         return t or ([title] if title else [])
 
-    def flush():
+    def flush(final: bool = False):
         body = "\n".join(buf).strip()
+        only_headings = all(not ln.strip() or _HEADING.match(ln) for ln in buf)
+        if only_headings and not final:
+            return  # a bare heading joins the next section instead of becoming a chunk
         if body:
             sections.append(Section(trail(), body))
         buf.clear()
@@ -74,7 +77,7 @@ def split_sections(text: str, title: str = "") -> list[Section]:
                 stack.pop()
             stack.append((level, m.group(2).strip()))
         buf.append(line)
-    flush()
+    flush(final=True)
     return sections
 
 

@@ -45,7 +45,8 @@ class Embedder:
         self.path = resolve_embedder(name)
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(self.path), device=device)
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
         self._lock = threading.Lock()
         log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)

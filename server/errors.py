@@ -63,7 +63,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
+    parts = [str(p) for p in loc]
     return ".".join(parts) or None
 
 

@@ -1,0 +1,165 @@
+"""End-to-end grounded answers and live ingest on a real server over the fixture docs."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from .conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def rag_server(server_factory, tmp_path_factory):
+    docs = tmp_path_factory.mktemp("docs")
+    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
+    extra = tmp_path_factory.mktemp("extra")
+    (extra / "flux.md").write_text("# Flux module\n\nThe flux capacitor of Zephyrd needs "
+                                   "exactly 1.21 gigawatts, set with `flux_power_gw`.\n")
+    (extra / "notes.bin").write_bytes(b"\x00\x01binary")
+    s = server_factory({
+        "model": {"n_ctx": 1024},
+        "retrieval": {"docs_dir": str(docs), "index_dir": str(docs.parent / "rag-index"),
+                      "chunk_tokens": 120, "chunk_overlap": 20, "top_k": 8,
+                      "answer_reserve": 256, "allowed_roots": [str(extra)]},
+    }, "rag")
+    s.extra = extra
+    s.index_dir = docs.parent / "rag-index"
+    return s
+
+
+@pytest.fixture(scope="module")
+def rc(rag_server):
+    return OpenAI(base_url=rag_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def test_models_list_rag_id(rc):
+    ids = [m.id for m in rc.models.list().data]
+    assert ids[0] == "docqa" and "smollm2-135m-instruct" in ids
+
+
+def test_grounded_answer_has_sources(rc):
+    r = rc.chat.completions.create(
+        model="docqa", max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Which port does the Zephyrd HTTP API listen on?"}])
+    sources = r.model_extra["sources"]
+    assert sources and {"index", "id", "path", "heading", "score", "text"} <= set(sources[0])
+    assert "guide/install.md" in [s["path"] for s in sources]
+    assert r.choices[0].message.content
+    # the context budget (n_ctx 1024, 256 reserved) cannot hold top_k=8 chunks of 120 tokens
+    assert r.usage.prompt_tokens <= 1024 - 256
+
+
+def test_streamed_sources_on_final_chunk(rc):
+    chunks = list(rc.chat.completions.create(
+        model="docqa", max_tokens=30, temperature=0, stream=True,
+        messages=[{"role": "user", "content": "What does max_parallel_jobs limit?"}]))
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1
+    paths = [s["path"] for s in final[0].model_extra["sources"]]
+    assert "guide/config.md" in paths
+    assert all("sources" not in (c.model_extra or {}) for c in chunks if c is not final[0])
+
+
+def test_abstains_off_topic(rc):
+    r = rc.chat.completions.create(
+        model="docqa", max_tokens=40,
+        messages=[{"role": "user", "content": "What is a good recipe for chocolate cake?"}])
+    assert r.model_extra["sources"] == []
+    assert "documentation" in r.choices[0].message.content
+
+
+def test_bare_model_has_no_retrieval(rc):
+    r = rc.chat.completions.create(
+        model="smollm2-135m-instruct", max_tokens=10,
+        messages=[{"role": "user", "content": "Which port does Zephyrd use?"}])
+    assert "sources" not in (r.model_extra or {})
+
+
+def test_retrieve_endpoint(rag_server):
+    r = httpx.post(rag_server.url + "/v1/retrieve",
+                   json={"query": "How do I cancel a job?", "top_k": 3})
+    data = r.json()["data"]
+    assert len(data) == 3 and data[0]["source"]["path"] == "api/openapi.yaml"
+    assert {"id", "text", "score", "source"} <= set(data[0])
+    r = httpx.post(rag_server.url + "/v1/retrieve",
+                   json={"query": "port", "top_k": 5, "filter": {"path_prefix": "guide/config"}})
+    assert all(d["source"]["path"] == "guide/config.md" for d in r.json()["data"])
+    r = httpx.post(rag_server.url + "/v1/retrieve", json={"query": "", "top_k": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "query"
+
+
+def _paths(url: str, q: str) -> list[str]:
+    r = httpx.post(url + "/v1/retrieve", json={"query": q, "top_k": 3}, timeout=30)
+    assert r.status_code == 200, r.text
+    return [d["source"]["path"] for d in r.json()["data"]]
+
+
+def test_ingest_and_delete_while_serving(rag_server):
+    url = rag_server.url
+    q = "How much power does the flux capacitor need?"
+    assert "uploads/flux.md" not in _paths(url, q)
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def hammer():  # queries keep working during the ingest and swap
+        while not stop.is_set():
+            try:
+                _paths(url, "Which port does the API use?")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(repr(exc))
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        r = httpx.post(url + "/v1/documents", timeout=60, json={
+            "path": "uploads/flux.md", "content": (rag_server.extra / "flux.md").read_text()})
+        assert r.status_code == 200, r.text
+        doc = r.json()["data"][0]
+        assert doc["path"] == "uploads/flux.md" and doc["chunks"] >= 1
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+    assert _paths(url, q)[0] == "uploads/flux.md"
+    manifest = (rag_server.index_dir / "manifest.json").read_text()
+    assert "uploads/flux.md" in manifest  # persisted atomically
+    listed = httpx.get(url + "/v1/documents").json()["data"]
+    assert doc["id"] in [d["id"] for d in listed]
+    r = httpx.delete(url + f"/v1/documents/{doc['id']}")
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert "uploads/flux.md" not in _paths(url, q)
+    assert httpx.delete(url + f"/v1/documents/{doc['id']}").status_code == 404
+
+
+def test_upload_multipart_and_allowed_path(rag_server):
+    url = rag_server.url
+    files = {"file": ("flux.md", (rag_server.extra / "flux.md").read_bytes(), "text/markdown")}
+    r = httpx.post(url + "/v1/documents", files=files, data={"path": "up/flux.md"}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert _paths(url, "flux capacitor gigawatts")[0] == "up/flux.md"
+    r = httpx.post(url + "/v1/documents", json={"path": str(rag_server.extra / "flux.md")},
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["data"][0]["path"] == "flux.md"
+    httpx.delete(url + "/v1/documents/up/flux.md")
+    httpx.delete(url + "/v1/documents/flux.md")
+
+
+def test_failed_ingest_keeps_index(rag_server):
+    url = rag_server.url
+    before = httpx.get(url + "/v1/documents").json()["data"]
+    bad = [
+        ({"path": "/etc/passwd"}, 403),
+        ({"path": "x.png", "content": "abc"}, 400),
+        ({"path": "empty.md", "content": "   "}, 400),
+        ({"path": str(rag_server.extra / "notes.bin")}, 400),
+        ({"nothing": 1}, 400),
+    ]
+    for body, status in bad:
+        r = httpx.post(url + "/v1/documents", json=body, timeout=60)
+        assert r.status_code == status, (body, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(url + "/v1/documents").json()["data"] == before

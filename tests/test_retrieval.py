@@ -1,0 +1,170 @@
+"""Retrieval on fixture docs: loaders, chunking, ids, BM25 vs rank-bm25, fusion, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from rank_bm25 import BM25Okapi
+
+from retrieval import index as index_mod
+from retrieval.bm25 import BM25, tokenize
+from retrieval.builder import build_index, default_tokenizer, update_index
+from retrieval.chunking import chunk_document
+from retrieval.embedder import Embedder
+from retrieval.index import load_index, save_index
+from retrieval.loaders import Document, LoadReport, load_tree
+from retrieval.search import Retriever, rrf
+
+from .conftest import FIXTURES, SHARED
+
+DOCS = FIXTURES / "docs"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+@pytest.fixture(scope="module")
+def built(tok, embedder):
+    report = LoadReport()
+    return build_index(DOCS, embedder, tok, size=120, overlap=20, progress=False,
+                       report=report), report
+
+
+def test_loaders_skip_bad_and_binary_files():
+    report = LoadReport()
+    docs = {d.path: d for d in load_tree(DOCS, report)}
+    skipped = dict(report.skipped)
+    assert "guide/logo.png" in skipped and "binary" in skipped["guide/logo.png"]
+    assert "api/broken.yaml" in skipped
+    assert set(docs) == {"api/openapi.yaml", "api/widgets.mdx", "guide/config.md",
+                         "guide/install.md", "guide/internals.md"}
+    api = docs["api/openapi.yaml"].text
+    assert "## POST /jobs" in api and "`priority` (integer) (default: 5)" in api
+    assert "import" not in docs["api/widgets.mdx"].text and "<Tabs>" not in docs["api/widgets.mdx"].text
+    assert docs["guide/install.md"].title == "Installing Zephyrd"
+
+
+def test_chunk_windows_and_overlap():
+    words = [f"w{i}" for i in range(1000)]
+    doc = Document("a.md", "# Title\n\n" + " ".join(words))
+    toks = lambda s: s.split()  # noqa: E731 - a word "tokenizer" makes boundaries exact
+    detok = lambda ids: " ".join(ids)  # noqa: E731
+    chunks = chunk_document(doc, toks, detok, size=300, overlap=30)
+    bodies = [c.text.split() for c in chunks]
+    assert all(len(b) <= 300 for b in bodies)
+    for a, b in zip(bodies, bodies[1:]):
+        assert a[-30:] == b[:30]  # exactly `overlap` tokens shared
+    flat = bodies[0] + [w for b in bodies[1:] for w in b[30:]]
+    assert flat == ("# Title".split() + words)  # nothing lost, nothing duplicated
+    assert all(c.heading == "Title" for c in chunks)
+
+
+def test_chunks_fit_model_tokens_and_keep_headings(built, tok):
+    idx, _ = built
+    assert all(c.n_tokens <= 120 for c in idx.chunks)
+    assert all(len(tok.tokenize(c.text)) <= 125 for c in idx.chunks)
+    ports = [c for c in idx.chunks if "7431" in c.text]
+    assert ports and ports[0].heading.startswith("Installing Zephyrd")
+    internals = [c for c in idx.chunks if c.path == "guide/internals.md"]
+    assert len(internals) > 3 and all(c.heading == "Internals > Scheduler loop" for c in internals)
+
+
+def test_stable_ids_and_no_duplicates_on_reingest(built, tok, embedder):
+    idx, _ = built
+    again = build_index(DOCS, embedder, tok, size=120, overlap=20, progress=False)
+    assert [c.id for c in again.chunks] == [c.id for c in idx.chunks]
+    doc = next(d for d in load_tree(DOCS) if d.path == "guide/config.md")
+    same = update_index(idx, embedder, tok, add=[doc])
+    assert sorted(c.id for c in same.chunks) == sorted(c.id for c in idx.chunks)
+    assert len(same) == len(idx)
+
+
+def test_bm25_matches_rank_bm25(built):
+    idx, _ = built
+    corpus = [tokenize(c.search_text) for c in idx.chunks]
+    ref = BM25Okapi(corpus)
+    ours = BM25.build(corpus)
+    for q in ["port metrics", "max_parallel_jobs default", "cancel a job job", "quorum shard",
+              "nothing-matches-this"]:
+        qt = tokenize(q)
+        np.testing.assert_allclose(ours.scores(qt), ref.get_scores(qt), rtol=1e-9, atol=1e-12)
+
+
+def test_rrf_order():
+    fused = rrf([["a", "b", "c"], ["c", "a", "d"]], [1.0, 1.0], k=60)
+    ids = [i for i, _ in fused]
+    assert ids == ["a", "c", "b", "d"]
+    assert fused[0][1] == pytest.approx(1 / 61 + 1 / 62)
+    # weights shift the order
+    assert [i for i, _ in rrf([["a"], ["b"]], [1.0, 2.0], k=60)] == ["b", "a"]
+
+
+def test_hybrid_search_and_filter(built, embedder):
+    idx, _ = built
+    r = Retriever(idx, embedder)
+    res = r.search("Which port does the HTTP API listen on?", 3)
+    assert res.hits[0].chunk.path == "guide/install.md"
+    res = r.search("How do I cancel a job?", 3)
+    assert res.hits[0].chunk.path == "api/openapi.yaml"
+    only = r.search("port", 5, path_prefix="guide/config")
+    assert only.hits and all(h.chunk.path.startswith("guide/config") for h in only.hits)
+    off = r.search("What is the best chocolate cake recipe?", 3)
+    assert off.best_sim < res.best_sim
+
+
+def test_save_load_roundtrip_mmap(built, tmp_path, embedder):
+    idx, _ = built
+    out = save_index(idx, tmp_path / "ix")
+    loaded = load_index(out)
+    assert isinstance(loaded.embeddings, np.memmap)
+    assert [c.id for c in loaded.chunks] == [c.id for c in idx.chunks]
+    assert loaded.manifest["config"]["chunk_tokens"] == 120
+    assert loaded.manifest["inputs"]["files"]["guide/install.md"]["sha256"]
+    assert "versions" in loaded.manifest and loaded.manifest["embedder"]["dim"] == 384
+    a = Retriever(idx, embedder).search("metrics port", 3)
+    b = Retriever(loaded, embedder).search("metrics port", 3)
+    assert [h.chunk.id for h in a.hits] == [h.chunk.id for h in b.hits]
+
+
+def test_crash_mid_write_keeps_previous_index(built, tmp_path, monkeypatch, tok, embedder):
+    idx, _ = built
+    out = save_index(idx, tmp_path / "ix")
+    smaller = update_index(idx, embedder, tok, remove=["guide/internals.md"])
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_mod.np, "save", boom)
+    with pytest.raises(OSError):
+        save_index(smaller, out)
+    monkeypatch.undo()
+    again = load_index(out)
+    assert len(again) == len(idx)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp dir cleaned
+
+
+def test_remove_unknown_path_fails_cleanly(built, tok, embedder):
+    idx, _ = built
+    with pytest.raises(KeyError):
+        update_index(idx, embedder, tok, remove=["nope.md"])
+
+
+@pytest.mark.skipif(not (SHARED / "nitro-docs").is_dir(), reason="../shared data not present")
+def test_nitro_docs(tok, embedder):
+    report = LoadReport()
+    idx = build_index(SHARED / "nitro-docs", embedder, tok, progress=False, report=report)
+    assert len(report.loaded) >= 27 and len(idx) > 50
+    assert all(c.n_tokens <= 300 for c in idx.chunks)
+    r = Retriever(idx, embedder)
+    paths = [h.chunk.path for h in r.search("How do I enable continuous batching?", 3).hits]
+    assert "features/cont-batch.md" in paths
+    paths = [h.chunk.path for h in r.search("load a model with the loadmodel endpoint", 5).hits]
+    assert any(p in ("features/load-unload.md", "openapi/NitroAPI.yaml", "new/quickstart.md")
+               for p in paths)
