@@ -32,8 +32,12 @@ def running_server(config: dict, timeout: float = 300):
     cfg = tmp / "config.yaml"
     cfg.write_text(yaml.safe_dump(config))
     log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([DOCQA, "serve", "--config", str(cfg)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [DOCQA, "serve", "--config", str(cfg)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

@@ -26,8 +26,14 @@ PROMPT = "Write a long, detailed essay about the history of computing, section b
 
 
 def http_run(url: str, model: str, n: int) -> tuple[int, float]:
-    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": n,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     toks = 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=300) as r:

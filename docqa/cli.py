@@ -10,9 +10,11 @@ import typer
 from docqa.logs import setup_logging
 from docqa.settings import load_settings
 
-app = typer.Typer(help="docqa: RAG-first documentation Q&A server with its own model.",
-                  no_args_is_help=True, add_completion=False)
-
+app = typer.Typer(
+    help="docqa: RAG-first documentation Q&A server with its own model.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.callback()

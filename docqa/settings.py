@@ -93,9 +93,14 @@ class RetrievalSettings(_Section):
     candidates: int = Field(
         30, ge=1, le=1000, description="Candidates taken from each retriever before fusion."
     )
+    fusion: Literal["weighted", "rrf"] = Field(
+        "weighted",
+        description="How BM25 and dense lists merge: 'rrf' (reciprocal rank fusion) or "
+        "'weighted' (BM25/max + cosine min-max, by the weights below).",
+    )
     rrf_k: int = Field(60, ge=1, le=10000, description="Reciprocal rank fusion constant.")
     bm25_weight: float = Field(1.0, ge=0, le=100, description="Weight of BM25 in fusion.")
-    dense_weight: float = Field(1.0, ge=0, le=100, description="Weight of dense in fusion.")
+    dense_weight: float = Field(0.3, ge=0, le=100, description="Weight of dense in fusion.")
     faiss_index: Literal["flat", "hnsw", "ivf"] = Field(
         "flat", description="FAISS index type (flat inner product; HNSW/IVF for big corpora)."
     )

@@ -7,13 +7,13 @@ store directory (``<name>.gguf``); the embedded default shipped by the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-import importlib.util
 from pathlib import Path
 from typing import Any
 

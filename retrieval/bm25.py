@@ -72,10 +72,12 @@ class BM25:
         term_ptr = np.zeros(len(terms) + 1, dtype=np.int64)
         for i, p in enumerate(postings):
             term_ptr[i + 1] = term_ptr[i] + len(p)
-        doc_ids = np.fromiter((d for p in postings for d, _ in p), dtype=np.int32,
-                              count=int(term_ptr[-1]))
-        weights = np.fromiter((w for p in postings for _, w in p), dtype=np.float64,
-                              count=int(term_ptr[-1]))
+        doc_ids = np.fromiter(
+            (d for p in postings for d, _ in p), dtype=np.int32, count=int(term_ptr[-1])
+        )
+        weights = np.fromiter(
+            (w for p in postings for _, w in p), dtype=np.float64, count=int(term_ptr[-1])
+        )
         return cls(vocab, term_ptr, doc_ids, weights, n, {"k1": k1, "b": b, "epsilon": epsilon})
 
     def scores(self, query_tokens: list[str]) -> np.ndarray:

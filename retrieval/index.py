@@ -52,9 +52,7 @@ def file_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def assemble(
-    chunks: list[Chunk], embeddings: np.ndarray, manifest: dict[str, Any]
-) -> Index:
+def assemble(chunks: list[Chunk], embeddings: np.ndarray, manifest: dict[str, Any]) -> Index:
     bm25 = BM25.build([tokenize(c.search_text) for c in chunks])
     manifest = dict(manifest)
     manifest["n_chunks"] = len(chunks)
@@ -117,13 +115,17 @@ def load_index(path: str | Path, mmap: bool = True) -> Index:
             raise FileNotFoundError(f"no index at {path} (missing manifest.json)")
     manifest = json.loads((path / "manifest.json").read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"index {path} has format {manifest.get('format_version')}, "
-                         f"expected {FORMAT_VERSION}; rebuild it")
+        raise ValueError(
+            f"index {path} has format {manifest.get('format_version')}, "
+            f"expected {FORMAT_VERSION}; rebuild it"
+        )
     with open(path / "chunks.jsonl") as f:
         chunks = [Chunk(**json.loads(line)) for line in f if line.strip()]
     emb = np.load(path / "embeddings.npy", mmap_mode="r" if mmap else None)
     bm25 = BM25.load(path / "bm25", mmap=mmap)
     if len(chunks) != emb.shape[0] or bm25.n_docs != len(chunks):
-        raise ValueError(f"index {path} is inconsistent: {len(chunks)} chunks, "
-                         f"{emb.shape[0]} embeddings, {bm25.n_docs} bm25 docs")
+        raise ValueError(
+            f"index {path} is inconsistent: {len(chunks)} chunks, "
+            f"{emb.shape[0]} embeddings, {bm25.n_docs} bm25 docs"
+        )
     return Index(chunks, emb, bm25, manifest)

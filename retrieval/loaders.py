@@ -96,7 +96,9 @@ def render_openapi(spec: dict) -> str:
             for key in ("summary", "description"):
                 if op.get(key):
                     out.append(" ".join(str(op[key]).split()))
-            body = (((op.get("requestBody") or {}).get("content") or {}).get("application/json") or {})
+            body = ((op.get("requestBody") or {}).get("content") or {}).get(
+                "application/json"
+            ) or {}
             schema = body.get("schema") or {}
             if "$ref" in schema:
                 out.append(f"Request body: {schema['$ref'].split('/')[-1]}")
@@ -135,8 +137,11 @@ def load_file(path: Path, rel: str) -> Document:
 def iter_files(root: Path) -> list[Path]:
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
 
 
 def load_tree(root: str | Path, report: LoadReport | None = None) -> list[Document]:

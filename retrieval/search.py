@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
+from retrieval.bm25 import tokenize
 from retrieval.chunking import Chunk
 from retrieval.index import Index
 
@@ -70,6 +71,22 @@ class Retriever:
         self.faiss = build_faiss(np.asarray(index.embeddings), faiss_kind) if len(index) else None
         self.reranker = reranker
 
+    def _weighted(self, query, q, bm_hits, dense_hits, weights) -> list[tuple[str, float]]:
+        """Convex combination of BM25 (divided by its max) and cosine similarity (min-max over
+        the candidate union), computed exactly for every candidate of either retriever."""
+        union = list(dict.fromkeys([i for i, _ in bm_hits] + [i for i, _ in dense_hits]))
+        if not union:
+            return []
+        bm = self.index.bm25.scores(tokenize(query))[union]
+        bm = bm / bm.max() if bm.max() > 0 else bm
+        dn = np.asarray(self.index.embeddings[union]) @ q[0]
+        span = dn.max() - dn.min()
+        dn = (dn - dn.min()) / span if span > 0 else np.zeros_like(dn)
+        score = weights[0] * bm + weights[1] * dn
+        order = sorted(range(len(union)), key=lambda j: (-score[j], j))
+        chunks = self.index.chunks
+        return [(chunks[union[j]].id, float(score[j])) for j in order]
+
     def _allowed(self, prefix: str | None) -> np.ndarray | None:
         if not prefix:
             return None
@@ -86,6 +103,7 @@ class Retriever:
         weights: tuple[float, float] = (1.0, 1.0),
         path_prefix: str | None = None,
         mode: str = "hybrid",
+        fusion: str = "weighted",
     ) -> SearchResult:
         t0 = time.perf_counter()
         n = len(self.index)
@@ -102,6 +120,7 @@ class Retriever:
 
         dense_hits: list[tuple[int, float]] = []
         best_sim = -1.0
+        q = None
         if mode in ("hybrid", "dense"):
             t1 = time.perf_counter()
             q = self.embedder.embed([query])
@@ -124,6 +143,8 @@ class Retriever:
             fused = [(chunks[i].id, s) for i, s in bm_hits]
         elif mode == "dense":
             fused = [(chunks[i].id, s) for i, s in dense_hits]
+        elif fusion == "weighted":
+            fused = self._weighted(query, q, bm_hits, dense_hits, weights)
         else:
             fused = rrf(
                 [[chunks[i].id for i, _ in bm_hits], [chunks[i].id for i, _ in dense_hits]],

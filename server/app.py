@@ -32,7 +32,9 @@ def load_model(settings: Settings) -> LoadedModel:
         n_threads=m.n_threads,
         n_gpu_layers=m.n_gpu_layers,
     )
-    log.info("model %s loaded from %s in %.2fs", resolved.id, resolved.path, time.perf_counter() - t0)
+    log.info(
+        "model %s loaded from %s in %.2fs", resolved.id, resolved.path, time.perf_counter() - t0
+    )
     return LoadedModel(resolved.id, resolved.path, llm, chat_formatter(llm), resolved.provenance)
 
 

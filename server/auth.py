@@ -33,8 +33,11 @@ async def require_admin_key(request: Request) -> None:
     s = request.app.state.settings.server
     key = s.admin_key or s.api_key
     if key is None:
-        raise APIError(403, "admin endpoints need server.admin_key or server.api_key set",
-                       code="admin_disabled")
+        raise APIError(
+            403,
+            "admin endpoints need server.admin_key or server.api_key set",
+            code="admin_disabled",
+        )
     _check_key(request, key.get_secret_value())
 
 

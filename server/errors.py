@@ -100,4 +100,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unhandled(_: Request, exc: Exception):
         log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+        return APIError(
+            500, f"internal error: {type(exc).__name__}", code="internal_error"
+        ).response()

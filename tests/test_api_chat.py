@@ -87,8 +87,9 @@ def test_seed_reproducible(client, model_id):
     a = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
     b = client.chat.completions.create(**kw, seed=1234).choices[0].message.content
     assert a == b
-    others = {client.chat.completions.create(**kw, seed=s).choices[0].message.content
-              for s in (1, 2, 3)}
+    others = {
+        client.chat.completions.create(**kw, seed=s).choices[0].message.content for s in (1, 2, 3)
+    }
     assert len(others | {a}) > 1
 
 

@@ -25,11 +25,14 @@ def test_completions_whole_stream_echo(client, model_id):
 
 
 def test_completion_token_prompt(client, model_id, server):
-    r = httpx.post(server.url + "/v1/completions",
-                   json={"model": model_id, "prompt": [504, 3575, 282], "max_tokens": 3})
+    r = httpx.post(
+        server.url + "/v1/completions",
+        json={"model": model_id, "prompt": [504, 3575, 282], "max_tokens": 3},
+    )
     assert r.status_code == 200, r.text
-    r = httpx.post(server.url + "/v1/completions",
-                   json={"model": model_id, "prompt": [10**9], "max_tokens": 3})
+    r = httpx.post(
+        server.url + "/v1/completions", json={"model": model_id, "prompt": [10**9], "max_tokens": 3}
+    )
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
@@ -40,10 +43,12 @@ def test_embeddings_float_and_base64(client, server):
     assert v.shape == (3, 384)
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-4)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.2
-    raw = httpx.post(server.url + "/v1/embeddings",
-                     json={"input": texts[0], "encoding_format": "float"}).json()
-    b64 = httpx.post(server.url + "/v1/embeddings",
-                     json={"input": texts[0], "encoding_format": "base64"}).json()
+    raw = httpx.post(
+        server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "float"}
+    ).json()
+    b64 = httpx.post(
+        server.url + "/v1/embeddings", json={"input": texts[0], "encoding_format": "base64"}
+    ).json()
     dec = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
     assert np.allclose(dec, raw["data"][0]["embedding"], atol=1e-6)
     assert raw["usage"]["prompt_tokens"] > 0
@@ -84,8 +89,13 @@ def test_sdk_raises_typed_errors(client):
 
 def _stream_text(url: str, model: str, prompt: str, n: int, out: list, idx: int, **extra):
     c = OpenAI(base_url=url + "/v1", api_key=extra.pop("key", "x"), max_retries=0, timeout=120)
-    s = c.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                  max_tokens=n, temperature=0, stream=True)
+    s = c.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=n,
+        temperature=0,
+        stream=True,
+    )
     parts, fin = [], None
     for ch in s:
         if ch.choices:
@@ -100,8 +110,10 @@ def test_two_concurrent_streams_complete_intact(server, model_id):
     for i, p in enumerate(prompts):
         _stream_text(server.url, model_id, p, 40, solo, i)
     both = [None, None]
-    ts = [threading.Thread(target=_stream_text, args=(server.url, model_id, p, 40, both, i))
-          for i, p in enumerate(prompts)]
+    ts = [
+        threading.Thread(target=_stream_text, args=(server.url, model_id, p, 40, both, i))
+        for i, p in enumerate(prompts)
+    ]
     for t in ts:
         t.start()
     for t in ts:
@@ -115,10 +127,18 @@ def _busy(url: str) -> int:
 
 
 def test_disconnect_frees_engine(server, model_id):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
-        "model": model_id, "stream": True, "max_tokens": 1900, "temperature": 1.0,
-        "messages": [{"role": "user", "content": "Write an endless story."}],
-    }) as r:
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": model_id,
+            "stream": True,
+            "max_tokens": 1900,
+            "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Write an endless story."}],
+        },
+    ) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
@@ -134,8 +154,11 @@ def test_disconnect_frees_engine(server, model_id):
 @pytest.fixture(scope="module")
 def small_server(server_factory):
     return server_factory(
-        {"server": {"max_queue": 1, "api_key": "sekret", "retry_after_s": 3},
-         "embedder": {"enabled": False}, "model": {"n_ctx": 1024}},
+        {
+            "server": {"max_queue": 1, "api_key": "sekret", "retry_after_s": 3},
+            "embedder": {"enabled": False},
+            "model": {"n_ctx": 1024},
+        },
         "small",
     )
 
@@ -154,16 +177,21 @@ def test_auth(small_server):
 def test_queue_full_gives_503(small_server):
     mid = "smollm2-135m-instruct"
     out = [None]
-    t = threading.Thread(target=_stream_text, args=(small_server.url, mid, "Write a long essay.",
-                                                    400, out, 0), kwargs={"key": "sekret"})
+    t = threading.Thread(
+        target=_stream_text,
+        args=(small_server.url, mid, "Write a long essay.", 400, out, 0),
+        kwargs={"key": "sekret"},
+    )
     t.start()
     for _ in range(100):
         if _busy(small_server.url) == 1:
             break
         time.sleep(0.02)
-    r = httpx.post(small_server.url + "/v1/chat/completions",
-                   headers={"Authorization": "Bearer sekret"},
-                   json={"model": mid, "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        small_server.url + "/v1/chat/completions",
+        headers={"Authorization": "Bearer sekret"},
+        json={"model": mid, "messages": [{"role": "user", "content": "hi"}]},
+    )
     err = _err(r, 503)
     assert r.headers["retry-after"] == "3" and err["code"] == "server_busy"
     c = OpenAI(base_url=small_server.url + "/v1", api_key="sekret", max_retries=0)

@@ -17,15 +17,26 @@ def rag_server(server_factory, tmp_path_factory):
     docs = tmp_path_factory.mktemp("docs")
     shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
     extra = tmp_path_factory.mktemp("extra")
-    (extra / "flux.md").write_text("# Flux module\n\nThe flux capacitor of Zephyrd needs "
-                                   "exactly 1.21 gigawatts, set with `flux_power_gw`.\n")
+    (extra / "flux.md").write_text(
+        "# Flux module\n\nThe flux capacitor of Zephyrd needs "
+        "exactly 1.21 gigawatts, set with `flux_power_gw`.\n"
+    )
     (extra / "notes.bin").write_bytes(b"\x00\x01binary")
-    s = server_factory({
-        "model": {"n_ctx": 1024},
-        "retrieval": {"docs_dir": str(docs), "index_dir": str(docs.parent / "rag-index"),
-                      "chunk_tokens": 120, "chunk_overlap": 20, "top_k": 8,
-                      "answer_reserve": 256, "allowed_roots": [str(extra)]},
-    }, "rag")
+    s = server_factory(
+        {
+            "model": {"n_ctx": 1024},
+            "retrieval": {
+                "docs_dir": str(docs),
+                "index_dir": str(docs.parent / "rag-index"),
+                "chunk_tokens": 120,
+                "chunk_overlap": 20,
+                "top_k": 8,
+                "answer_reserve": 256,
+                "allowed_roots": [str(extra)],
+            },
+        },
+        "rag",
+    )
     s.extra = extra
     s.index_dir = docs.parent / "rag-index"
     return s
@@ -43,8 +54,11 @@ def test_models_list_rag_id(rc):
 
 def test_grounded_answer_has_sources(rc):
     r = rc.chat.completions.create(
-        model="docqa", max_tokens=60, temperature=0,
-        messages=[{"role": "user", "content": "Which port does the Zephyrd HTTP API listen on?"}])
+        model="docqa",
+        max_tokens=60,
+        temperature=0,
+        messages=[{"role": "user", "content": "Which port does the Zephyrd HTTP API listen on?"}],
+    )
     sources = r.model_extra["sources"]
     assert sources and {"index", "id", "path", "heading", "score", "text"} <= set(sources[0])
     assert "guide/install.md" in [s["path"] for s in sources]
@@ -54,9 +68,15 @@ def test_grounded_answer_has_sources(rc):
 
 
 def test_streamed_sources_on_final_chunk(rc):
-    chunks = list(rc.chat.completions.create(
-        model="docqa", max_tokens=30, temperature=0, stream=True,
-        messages=[{"role": "user", "content": "What does max_parallel_jobs limit?"}]))
+    chunks = list(
+        rc.chat.completions.create(
+            model="docqa",
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            messages=[{"role": "user", "content": "What does max_parallel_jobs limit?"}],
+        )
+    )
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(final) == 1
     paths = [s["path"] for s in final[0].model_extra["sources"]]
@@ -66,27 +86,34 @@ def test_streamed_sources_on_final_chunk(rc):
 
 def test_abstains_off_topic(rc):
     r = rc.chat.completions.create(
-        model="docqa", max_tokens=40,
-        messages=[{"role": "user", "content": "What is a good recipe for chocolate cake?"}])
+        model="docqa",
+        max_tokens=40,
+        messages=[{"role": "user", "content": "What is a good recipe for chocolate cake?"}],
+    )
     assert r.model_extra["sources"] == []
     assert "documentation" in r.choices[0].message.content
 
 
 def test_bare_model_has_no_retrieval(rc):
     r = rc.chat.completions.create(
-        model="smollm2-135m-instruct", max_tokens=10,
-        messages=[{"role": "user", "content": "Which port does Zephyrd use?"}])
+        model="smollm2-135m-instruct",
+        max_tokens=10,
+        messages=[{"role": "user", "content": "Which port does Zephyrd use?"}],
+    )
     assert "sources" not in (r.model_extra or {})
 
 
 def test_retrieve_endpoint(rag_server):
-    r = httpx.post(rag_server.url + "/v1/retrieve",
-                   json={"query": "How do I cancel a job?", "top_k": 3})
+    r = httpx.post(
+        rag_server.url + "/v1/retrieve", json={"query": "How do I cancel a job?", "top_k": 3}
+    )
     data = r.json()["data"]
     assert len(data) == 3 and data[0]["source"]["path"] == "api/openapi.yaml"
     assert {"id", "text", "score", "source"} <= set(data[0])
-    r = httpx.post(rag_server.url + "/v1/retrieve",
-                   json={"query": "port", "top_k": 5, "filter": {"path_prefix": "guide/config"}})
+    r = httpx.post(
+        rag_server.url + "/v1/retrieve",
+        json={"query": "port", "top_k": 5, "filter": {"path_prefix": "guide/config"}},
+    )
     assert all(d["source"]["path"] == "guide/config.md" for d in r.json()["data"])
     r = httpx.post(rag_server.url + "/v1/retrieve", json={"query": "", "top_k": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "query"
@@ -115,8 +142,11 @@ def test_ingest_and_delete_while_serving(rag_server):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        r = httpx.post(url + "/v1/documents", timeout=60, json={
-            "path": "uploads/flux.md", "content": (rag_server.extra / "flux.md").read_text()})
+        r = httpx.post(
+            url + "/v1/documents",
+            timeout=60,
+            json={"path": "uploads/flux.md", "content": (rag_server.extra / "flux.md").read_text()},
+        )
         assert r.status_code == 200, r.text
         doc = r.json()["data"][0]
         assert doc["path"] == "uploads/flux.md" and doc["chunks"] >= 1
@@ -141,8 +171,9 @@ def test_upload_multipart_and_allowed_path(rag_server):
     r = httpx.post(url + "/v1/documents", files=files, data={"path": "up/flux.md"}, timeout=60)
     assert r.status_code == 200, r.text
     assert _paths(url, "flux capacitor gigawatts")[0] == "up/flux.md"
-    r = httpx.post(url + "/v1/documents", json={"path": str(rag_server.extra / "flux.md")},
-                   timeout=60)
+    r = httpx.post(
+        url + "/v1/documents", json={"path": str(rag_server.extra / "flux.md")}, timeout=60
+    )
     assert r.status_code == 200 and r.json()["data"][0]["path"] == "flux.md"
     httpx.delete(url + "/v1/documents/up/flux.md")
     httpx.delete(url + "/v1/documents/flux.md")

@@ -33,8 +33,9 @@ def embedder():
 @pytest.fixture(scope="module")
 def built(tok, embedder):
     report = LoadReport()
-    return build_index(DOCS, embedder, tok, size=120, overlap=20, progress=False,
-                       report=report), report
+    return build_index(
+        DOCS, embedder, tok, size=120, overlap=20, progress=False, report=report
+    ), report
 
 
 def test_loaders_skip_bad_and_binary_files():
@@ -43,11 +44,19 @@ def test_loaders_skip_bad_and_binary_files():
     skipped = dict(report.skipped)
     assert "guide/logo.png" in skipped and "binary" in skipped["guide/logo.png"]
     assert "api/broken.yaml" in skipped
-    assert set(docs) == {"api/openapi.yaml", "api/widgets.mdx", "guide/config.md",
-                         "guide/install.md", "guide/internals.md"}
+    assert set(docs) == {
+        "api/openapi.yaml",
+        "api/widgets.mdx",
+        "guide/config.md",
+        "guide/install.md",
+        "guide/internals.md",
+    }
     api = docs["api/openapi.yaml"].text
     assert "## POST /jobs" in api and "`priority` (integer) (default: 5)" in api
-    assert "import" not in docs["api/widgets.mdx"].text and "<Tabs>" not in docs["api/widgets.mdx"].text
+    assert (
+        "import" not in docs["api/widgets.mdx"].text
+        and "<Tabs>" not in docs["api/widgets.mdx"].text
+    )
     assert docs["guide/install.md"].title == "Installing Zephyrd"
 
 
@@ -91,8 +100,13 @@ def test_bm25_matches_rank_bm25(built):
     corpus = [tokenize(c.search_text) for c in idx.chunks]
     ref = BM25Okapi(corpus)
     ours = BM25.build(corpus)
-    for q in ["port metrics", "max_parallel_jobs default", "cancel a job job", "quorum shard",
-              "nothing-matches-this"]:
+    for q in [
+        "port metrics",
+        "max_parallel_jobs default",
+        "cancel a job job",
+        "quorum shard",
+        "nothing-matches-this",
+    ]:
         qt = tokenize(q)
         np.testing.assert_allclose(ours.scores(qt), ref.get_scores(qt), rtol=1e-9, atol=1e-12)
 
@@ -166,5 +180,7 @@ def test_nitro_docs(tok, embedder):
     paths = [h.chunk.path for h in r.search("How do I enable continuous batching?", 3).hits]
     assert "features/cont-batch.md" in paths
     paths = [h.chunk.path for h in r.search("load a model with the loadmodel endpoint", 5).hits]
-    assert any(p in ("features/load-unload.md", "openapi/NitroAPI.yaml", "new/quickstart.md")
-               for p in paths)
+    assert any(
+        p in ("features/load-unload.md", "openapi/NitroAPI.yaml", "new/quickstart.md")
+        for p in paths
+    )

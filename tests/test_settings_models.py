@@ -26,7 +26,12 @@ def test_layering(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCQA_SERVER__PORT", "9002")
     monkeypatch.setenv("DOCQA_MODEL__N_CTX", "2048")
     s = load_settings(cfg)
-    assert (s.server.port, s.server.host, s.model.n_ctx, s.model.n_batch) == (9002, "0.0.0.0", 2048, 64)
+    assert (s.server.port, s.server.host, s.model.n_ctx, s.model.n_batch) == (
+        9002,
+        "0.0.0.0",
+        2048,
+        64,
+    )
     s = load_settings(cfg, server={"port": 9003, "host": None})
     assert (s.server.port, s.server.host) == (9003, "0.0.0.0")  # None flags don't override
     monkeypatch.setenv("DOCQA_CONFIG", str(cfg))

@@ -14,7 +14,9 @@ from server.auth import require_admin_key, require_ready
 from server.errors import APIError
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin_key), Depends(require_ready)])
+router = APIRouter(
+    prefix="/admin", dependencies=[Depends(require_admin_key), Depends(require_ready)]
+)
 
 
 class ReloadRequest(BaseModel):

@@ -33,8 +33,11 @@ class RetrieveRequest(BaseModel):
 def _rag(request: Request):
     rag = getattr(request.app.state, "rag", None)
     if rag is None:
-        raise APIError(404, "retrieval is not enabled: start docqa with --index or --docs",
-                       code="retrieval_disabled")
+        raise APIError(
+            404,
+            "retrieval is not enabled: start docqa with --index or --docs",
+            code="retrieval_disabled",
+        )
     return rag
 
 
@@ -50,8 +53,12 @@ async def retrieve(request: Request, body: RetrieveRequest):
     return {
         "object": "list",
         "data": [
-            {"id": h.chunk.id, "text": h.chunk.text, "score": h.score,
-             "source": {"path": h.chunk.path, "heading": h.chunk.heading}}
+            {
+                "id": h.chunk.id,
+                "text": h.chunk.text,
+                "score": h.score,
+                "source": {"path": h.chunk.path, "heading": h.chunk.heading},
+            }
             for h in res.hits
         ],
         "best_similarity": res.best_sim,
@@ -60,8 +67,13 @@ async def retrieve(request: Request, body: RetrieveRequest):
 
 def _doc_record(index, path: str) -> dict:
     ids = [c.id for c in index.chunks if c.path == path]
-    return {"object": "document", "id": doc_id(path), "path": path, "chunks": len(ids),
-            "chunk_ids": ids}
+    return {
+        "object": "document",
+        "id": doc_id(path),
+        "path": path,
+        "chunks": len(ids),
+        "chunk_ids": ids,
+    }
 
 
 @router.get("/documents")
@@ -73,16 +85,21 @@ async def list_documents(request: Request):
 def _under_allowed(request: Request, raw: str) -> tuple[Path, Path]:
     roots = [Path(r).resolve() for r in request.app.state.settings.retrieval.allowed_roots]
     if not roots:
-        raise APIError(403, "ingest by path is disabled (retrieval.allowed_roots is empty)",
-                       param="path", code="path_not_allowed")
+        raise APIError(
+            403,
+            "ingest by path is disabled (retrieval.allowed_roots is empty)",
+            param="path",
+            code="path_not_allowed",
+        )
     p = Path(raw).expanduser().resolve()
     for root in roots:
         if p == root or root in p.parents:
             if not p.exists():
                 raise APIError(404, f"path not found: {raw}", param="path", code="not_found")
             return p, root
-    raise APIError(403, f"path is outside the allowed roots: {raw}", param="path",
-                   code="path_not_allowed")
+    raise APIError(
+        403, f"path is outside the allowed roots: {raw}", param="path", code="path_not_allowed"
+    )
 
 
 async def _documents_from_request(request: Request):
@@ -141,8 +158,9 @@ async def add_documents(request: Request):
     try:
         index = await asyncio.to_thread(rag.ingest, docs)
     except Exception as exc:  # noqa: BLE001 - the old index keeps serving
-        raise APIError(500, f"ingest failed, the previous index is still served: {exc}",
-                       code="ingest_failed") from exc
+        raise APIError(
+            500, f"ingest failed, the previous index is still served: {exc}", code="ingest_failed"
+        ) from exc
     data = [_doc_record(index, d.path) for d in docs]
     return {"object": "list", "data": data, "total_chunks": len(index)}
 

@@ -59,8 +59,14 @@ async def prepare_chat(request: Request, req: ChatCompletionRequest) -> Prepared
     params.logprobs = req.logprobs
     params.top_logprobs = req.top_logprobs or 0
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return Prepared("chat", model_id, params, include_usage=include_usage, grounding=grounding,
-                    canned=grounding.abstain if grounding is not None else None)
+    return Prepared(
+        "chat",
+        model_id,
+        params,
+        include_usage=include_usage,
+        grounding=grounding,
+        canned=grounding.abstain if grounding is not None else None,
+    )
 
 
 def prepare_completion(request: Request, req: CompletionRequest) -> Prepared:

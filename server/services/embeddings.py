@@ -26,11 +26,17 @@ async def create_embeddings(request: Request, body: EmbeddingRequest) -> dict:
     state = request.app.state
     embedder = getattr(state, "embedder", None)
     if embedder is None:
-        raise APIError(404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found")
+        raise APIError(
+            404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found"
+        )
     allowed = {None, "", embedder.name, state.settings.embedder.model}
     if body.model not in allowed:
-        raise APIError(404, f"The model '{body.model}' does not exist. Available: {embedder.name}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{body.model}' does not exist. Available: {embedder.name}",
+            param="model",
+            code="model_not_found",
+        )
     texts = _texts(embedder, body.input)
     if any(t == "" for t in texts):
         raise bad_request("input must not contain empty strings", "input")
@@ -42,7 +48,11 @@ async def create_embeddings(request: Request, body: EmbeddingRequest) -> dict:
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     data = []
     for i, v in enumerate(vecs.astype(np.float32)):
-        emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if body.encoding_format == "base64" else v.tolist()
+        emb = (
+            base64.b64encode(v.astype("<f4").tobytes()).decode()
+            if body.encoding_format == "base64"
+            else v.tolist()
+        )
         data.append({"object": "embedding", "index": i, "embedding": emb})
     n_tok = embedder.count_tokens(texts)
     request.state.usage = {"prompt_tokens": n_tok, "completion_tokens": 0, "total_tokens": n_tok}

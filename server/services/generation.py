@@ -8,7 +8,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -103,17 +103,23 @@ def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job | CannedJob:
     if prep.canned is not None:
         return CannedJob(prep.canned, engine, len(prep.params.prompt_tokens))
     try:
-        engine.check_fits(len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt")
+        engine.check_fits(
+            len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt"
+        )
     except PromptTooLong as exc:
         raise APIError(
-            400, str(exc), param="messages" if prep.kind == "chat" else "prompt",
+            400,
+            str(exc),
+            param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
     try:
         return engine.submit(prep.params)
     except QueueFull as exc:
         raise APIError(
-            503, f"{exc}; retry later", code="server_busy",
+            503,
+            f"{exc}; retry later",
+            code="server_busy",
             headers={"Retry-After": str(retry_after)},
         ) from exc
 
@@ -252,13 +258,23 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
                     break
                 lp = None
                 if prep.params.logprobs:
-                    lp = _chat_logprobs(ev.logprobs) if chat else _text_logprobs(ev.logprobs, offset)
+                    lp = (
+                        _chat_logprobs(ev.logprobs) if chat else _text_logprobs(ev.logprobs, offset)
+                    )
                 offset += len(ev.text)
                 produced.append(ev.text)
                 yield chunk({"content": ev.text} if chat else ev.text, lp)
         except Exception as exc:  # noqa: BLE001 - report in-band, the headers are sent
-            yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None,
-                                  "code": "generation_failed"}})
+            yield _sse(
+                {
+                    "error": {
+                        "message": str(exc),
+                        "type": "server_error",
+                        "param": None,
+                        "code": "generation_failed",
+                    }
+                }
+            )
             return
         assert fin is not None
         _record(request, fin)

@@ -43,13 +43,25 @@ def cited(text: str, n: int) -> list[int]:
 
 def source(i: int, h: Hit) -> dict:
     c = h.chunk
-    return {"index": i, "id": c.id, "path": c.path, "heading": c.heading,
-            "score": round(h.score, 6), "text": c.text}
+    return {
+        "index": i,
+        "id": c.id,
+        "path": c.path,
+        "heading": c.heading,
+        "score": round(h.score, 6),
+        "text": c.text,
+    }
 
 
 class RagService:
-    def __init__(self, settings: Settings, retriever: Retriever, tok: Tokenizer, engine,
-                 index_dir: Path | None):
+    def __init__(
+        self,
+        settings: Settings,
+        retriever: Retriever,
+        tok: Tokenizer,
+        engine,
+        index_dir: Path | None,
+    ):
         self.settings = settings
         self.retriever = retriever
         self.tok = tok
@@ -58,26 +70,42 @@ class RagService:
         self._write_lock = threading.Lock()
 
     # -- search ----------------------------------------------------------------------
-    def search(self, query: str, top_k: int | None = None, path_prefix: str | None = None,
-               mode: str = "hybrid") -> SearchResult:
+    def search(
+        self,
+        query: str,
+        top_k: int | None = None,
+        path_prefix: str | None = None,
+        mode: str = "hybrid",
+    ) -> SearchResult:
         r = self.settings.retrieval
         return self.retriever.search(
-            query, top_k or r.top_k, candidates=r.candidates, rrf_k=r.rrf_k,
-            weights=(r.bm25_weight, r.dense_weight), path_prefix=path_prefix, mode=mode)
+            query,
+            top_k or r.top_k,
+            candidates=r.candidates,
+            rrf_k=r.rrf_k,
+            fusion=r.fusion,
+            weights=(r.bm25_weight, r.dense_weight),
+            path_prefix=path_prefix,
+            mode=mode,
+        )
 
     def build_messages(self, messages: list[dict[str, str]], hits: list[Hit]) -> tuple[list, list]:
         """Replace the last user turn by the template with as many chunks as fit the budget."""
         r = self.settings.retrieval
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
-        system = "\n\n".join([r.system_prompt] + [m["content"] for m in messages
-                                                   if m["role"] == "system"])
+        system = "\n\n".join(
+            [r.system_prompt] + [m["content"] for m in messages if m["role"] == "system"]
+        )
 
         def render(blocks: list[str]) -> list[dict[str, str]]:
             ctx = "\n\n".join(blocks) if blocks else "(no excerpts)"
             user = r.user_template.format(context=ctx, question=question)
-            return [{"role": "system", "content": system}, *history,
-                    {"role": "user", "content": user}]
+            return [
+                {"role": "system", "content": system},
+                *history,
+                {"role": "user", "content": user},
+            ]
 
         def n_tokens(msgs) -> int:
             return len(self.engine.prompt_tokens(self.engine.format_chat(msgs)))
@@ -89,7 +117,8 @@ class RagService:
         room = budget - base
         for h in hits:
             label = f"[{len(blocks) + 1}] ({h.chunk.path}" + (
-                f" > {h.chunk.heading})" if h.chunk.heading else ")")
+                f" > {h.chunk.heading})" if h.chunk.heading else ")"
+            )
             block = f"{label}\n{h.chunk.text}"
             cost = len(self.tok.tokenize(block)) + 4
             if cost > room:
@@ -125,8 +154,9 @@ class RagService:
         if self.index_dir is not None:
             save_index(new, self.index_dir)  # on disk first: a failure keeps the old
         r = self.settings.retrieval
-        self.retriever = Retriever(new, self.retriever.embedder, faiss_kind=r.faiss_index,
-                                   reranker=self.retriever.reranker)
+        self.retriever = Retriever(
+            new, self.retriever.embedder, faiss_kind=r.faiss_index, reranker=self.retriever.reranker
+        )
 
     def ingest(self, docs: list[Document]) -> Index:
         with self._write_lock:
@@ -162,15 +192,23 @@ def build_rag(settings: Settings, embedder, engine) -> RagService:
     if r.index_dir is not None and (Path(r.index_dir) / "manifest.json").is_file():
         index = load_index(r.index_dir)
     elif r.docs_dir is not None:
-        index = build_index(r.docs_dir, embedder, tok, size=r.chunk_tokens,
-                            overlap=r.chunk_overlap, progress=False)
+        index = build_index(
+            r.docs_dir, embedder, tok, size=r.chunk_tokens, overlap=r.chunk_overlap, progress=False
+        )
         if r.index_dir is not None:
             save_index(index, r.index_dir)
     elif r.index_dir is not None:
         log.warning("no index at %s: starting with an empty one", r.index_dir)
-        manifest = new_manifest("", {}, {"chunk_tokens": r.chunk_tokens,
-                                         "chunk_overlap": r.chunk_overlap,
-                                         "tokenizer": tok.name}, {"name": embedder.name})
+        manifest = new_manifest(
+            "",
+            {},
+            {
+                "chunk_tokens": r.chunk_tokens,
+                "chunk_overlap": r.chunk_overlap,
+                "tokenizer": tok.name,
+            },
+            {"name": embedder.name},
+        )
         import numpy as np
 
         index = assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)

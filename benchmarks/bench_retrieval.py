@@ -1,0 +1,134 @@
+"""Retrieval benchmark on the Nitro corpus.
+
+Prints recall@1/3/5 and MRR for BM25, dense and hybrid on a dev set built from the held-out
+Nitro Q&A pairs, retrieval latency p50/p95 (query embed + BM25 + FAISS + fusion), and BM25
+query latency at 10k and 100k synthetic chunks against rank-bm25.
+
+    .venv/bin/python benchmarks/bench_retrieval.py [--all-pairs] [--skip-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from docqa.data import DEFAULT_DOCS, DEFAULT_QA, load_qa, split_qa  # noqa: E402
+from eval.devsets import retrieval_devset  # noqa: E402
+from retrieval.bm25 import BM25  # noqa: E402
+from retrieval.builder import build_index, default_tokenizer  # noqa: E402
+from retrieval.embedder import Embedder  # noqa: E402
+from retrieval.search import Retriever  # noqa: E402
+
+SYSTEMS = {
+    "bm25": {"mode": "bm25"},
+    "dense": {"mode": "dense"},
+    "hybrid rrf (k=60, w=1/1)": {"mode": "hybrid", "fusion": "rrf", "weights": (1.0, 1.0)},
+    "hybrid weighted (default, w=1/0.3)": {
+        "mode": "hybrid",
+        "fusion": "weighted",
+        "weights": (1.0, 0.3),
+    },
+}
+
+
+def recall_table(ret: Retriever, items, ks=(1, 3, 5)) -> dict[str, dict[str, float]]:
+    out = {}
+    for mode, kw in SYSTEMS.items():
+        hits = {k: 0 for k in ks}
+        path_hits = 0
+        rr = 0.0
+        for it in items:
+            found = ret.search(it.question, max(ks), **kw).hits
+            ids = [h.chunk.id for h in found]
+            path_hits += bool({h.chunk.path for h in found[:3]} & set(it.gold_paths))
+            gold = set(it.gold_ids)
+            for k in ks:
+                hits[k] += bool(gold & set(ids[:k]))
+            rank = next((i for i, c in enumerate(ids, 1) if c in gold), None)
+            rr += 1 / rank if rank else 0
+        out[mode] = {
+            **{f"recall@{k}": hits[k] / len(items) for k in ks},
+            "mrr": rr / len(items),
+            "doc_recall@3": path_hits / len(items),
+        }
+    return out
+
+
+def scale_bench(n_docs: int, rng: np.random.Generator, n_queries: int = 20):
+    from rank_bm25 import BM25Okapi
+
+    vocab = [f"t{i}" for i in range(30000)]
+    p = 1 / np.arange(1, len(vocab) + 1) ** 1.1
+    p /= p.sum()
+    corpus = [list(rng.choice(vocab, size=120, p=p)) for _ in range(n_docs)]
+    queries = [list(rng.choice(vocab[:5000], size=5)) for _ in range(n_queries)]
+    ours = BM25.build(corpus)
+    ref = BM25Okapi(corpus)
+    t_ours, t_ref = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        s1 = ours.scores(q)
+        np.argpartition(-s1, 10)[:10]
+        t_ours.append((time.perf_counter() - t0) * 1000)
+    for q in queries[:5]:
+        t0 = time.perf_counter()
+        s2 = ref.get_scores(q)
+        t_ref.append((time.perf_counter() - t0) * 1000)
+        np.testing.assert_allclose(ours.scores(q), s2, rtol=1e-7, atol=1e-9)
+    return statistics.median(t_ours), statistics.median(t_ref)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all-pairs", action="store_true", help="use all 3,000 pairs, not held-out")
+    ap.add_argument("--skip-scale", action="store_true")
+    args = ap.parse_args()
+    tok, emb = default_tokenizer(), Embedder()
+    index = build_index(DEFAULT_DOCS, emb, tok, progress=False)
+    pairs = load_qa(DEFAULT_QA)
+    _, held = split_qa(pairs)
+    items = retrieval_devset(pairs if args.all_pairs else held, index.chunks)
+    ret = Retriever(index, emb)
+    print(f"corpus: {DEFAULT_DOCS} -> {len(index)} chunks (300 tokens, 30 overlap)")
+    print(
+        f"dev set: {len(items)} questions ({'all' if args.all_pairs else 'held-out'} pairs "
+        f"with a gold chunk)\n"
+    )
+    table = recall_table(ret, items)
+    print("| retriever | recall@1 | recall@3 | recall@5 | MRR | doc recall@3 |")
+    print("|---|---|---|---|---|---|")
+    for mode, r in table.items():
+        print(
+            f"| {mode} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} "
+            f"| {r['mrr']:.3f} | {r['doc_recall@3']:.3f} |"
+        )
+    lat = []
+    for _ in range(2):
+        for it in items:
+            t0 = time.perf_counter()
+            ret.search(it.question, 5, weights=(1.0, 0.3))
+            lat.append((time.perf_counter() - t0) * 1000)
+    lat = lat[len(items) :]  # second pass: warm
+    print(
+        f"\nhybrid retrieval latency over {len(lat)} queries: p50 {np.percentile(lat, 50):.2f} ms,"
+        f" p95 {np.percentile(lat, 95):.2f} ms (embed + BM25 + FAISS + fusion)"
+    )
+    if not args.skip_scale:
+        rng = np.random.default_rng(0)
+        print(
+            "\n| chunks | docqa BM25 p50 (ms) | rank-bm25 p50 (ms) | speed-up |\n|---|---|---|---|"
+        )
+        for n in (10_000, 100_000):
+            ours, ref = scale_bench(n, rng)
+            print(f"| {n:,} | {ours:.2f} | {ref:.1f} | {ref / ours:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()

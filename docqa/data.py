@@ -1,0 +1,48 @@
+"""Shared data helpers: the Q&A pairs and the deterministic held-out split.
+
+The split is a pure function of the question text (a hash), so training and evaluation agree
+on it without sharing state, and adding pairs never moves an existing pair across the line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_QA = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/nitro-qa/training_qa_pairs.csv"
+)
+DEFAULT_DOCS = Path(__file__).resolve().parents[1].parent / "shared/data/nitro-docs"
+HELDOUT_PERCENT = 10
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+
+
+def load_qa(path: str | Path = DEFAULT_QA) -> list[QAPair]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        out, seen = [], set()
+        for r in rows:
+            q, a = (r.get("question") or "").strip(), (r.get("answer") or "").strip()
+            if q and a and q not in seen:
+                seen.add(q)
+                out.append(QAPair(q, a))
+    return out
+
+
+def is_heldout(question: str, percent: int = HELDOUT_PERCENT) -> bool:
+    h = int(hashlib.sha256(" ".join(question.lower().split()).encode()).hexdigest()[:8], 16)
+    return h % 100 < percent
+
+
+def split_qa(pairs: list[QAPair], percent: int = HELDOUT_PERCENT):
+    """-> (train, heldout). Never train on the held-out part."""
+    train = [p for p in pairs if not is_heldout(p.question, percent)]
+    held = [p for p in pairs if is_heldout(p.question, percent)]
+    return train, held
