@@ -61,6 +61,8 @@ class _Sampling(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    # llama.cpp-server extension: a GBNF grammar the output must follow.
+    grammar: str | None = Field(None, max_length=100_000)
 
     @field_validator("stop")
     @classmethod

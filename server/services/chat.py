@@ -53,7 +53,7 @@ async def prepare_chat(request: Request, req: ChatCompletionRequest) -> Prepared
     tokens = engine.prompt_tokens(prompt)
     max_tokens = req.max_completion_tokens or req.max_tokens
     params: GenParams = sampling_params(req, state.settings.model, tokens, max_tokens)
-    params.grammar = grammar_for(req.response_format)
+    params.grammar = grammar_for(req.response_format, req.grammar)
     if req.top_logprobs and not req.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     params.logprobs = req.logprobs
@@ -86,7 +86,7 @@ def prepare_completion(request: Request, req: CompletionRequest) -> Prepared:
             raise bad_request(f"prompt token ids must be in [0, {vocab})", "prompt")
         text = engine.detokenize(tokens)
     params = sampling_params(req, state.settings.model, tokens, req.max_tokens or 16)
-    params.grammar = grammar_for(req.response_format)
+    params.grammar = grammar_for(req.response_format, req.grammar)
     if req.logprobs is not None:
         params.logprobs = True
         params.top_logprobs = req.logprobs

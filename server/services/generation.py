@@ -28,7 +28,19 @@ def _grammar(kind: str, schema: str | None) -> LlamaGrammar:
     return LlamaGrammar.from_json_schema(schema, verbose=False)
 
 
-def grammar_for(rf: ResponseFormat | None) -> LlamaGrammar | None:
+@lru_cache(maxsize=64)
+def _gbnf(text: str) -> LlamaGrammar:
+    return LlamaGrammar.from_string(text, verbose=False)
+
+
+def grammar_for(rf: ResponseFormat | None, gbnf: str | None = None) -> LlamaGrammar | None:
+    if gbnf:
+        if rf is not None and rf.type != "text":
+            raise bad_request("give either grammar or response_format, not both", "grammar")
+        try:
+            return _gbnf(gbnf)
+        except Exception as exc:  # noqa: BLE001
+            raise bad_request(f"invalid GBNF grammar: {exc}", "grammar") from exc
     if rf is None or rf.type == "text":
         return None
     schema = None
