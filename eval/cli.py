@@ -100,7 +100,8 @@ def qa(
         res["offtopic"] = run_abstain(t, load_offtopic())
     cp = res["citation_precision"]
     console.print(
-        "| system | F1 | ROUGE-L | citation precision | abstain (off-topic) | abstain (in-corpus) |\n"
+        "| system | F1 | ROUGE-L | citation precision | abstain (off-topic) "
+        "| abstain (in-corpus) |\n"
         "|---|---|---|---|---|---|\n"
         f"| {t.name} | {res['f1']:.3f} | {res['rouge_l']:.3f} | "
         f"{'n/a' if cp is None else f'{cp:.3f}'} | {res['offtopic']['abstain_rate']:.3f} | "

@@ -129,32 +129,30 @@ def run_letter(
 ) -> MCQResult:
     answers: list[list[str | None]] = [[] for _ in items]
     errs: list[list[str | None]] = [[] for _ in items]
-    acc, invalid, errors = [], [], []
     bar = tqdm(total=rounds * len(items), desc=f"mcq {target.name}", disable=not progress)
-    for r in range(rounds):
-        ok = bad = failed = 0
-        for qi, it in enumerate(items):
+    # Rounds inner: the same prompt back to back lets llama.cpp reuse its KV cache.
+    for qi, it in enumerate(items):
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": it.user_turn()}]
+        for r in range(rounds):
             reply = target.chat(
-                [
-                    {"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": it.user_turn()},
-                ],
+                msgs,
                 max_tokens=1,
                 temperature=temperature,
                 seed=seed + r * 100_003 + qi,
                 grammar=LETTER_GRAMMAR,
             )
-            letter = None if reply.error else parse_letter(reply.text)
-            failed += reply.error is not None
-            bad += reply.error is None and letter is None
-            ok += letter == it.correct
-            answers[qi].append(letter)
+            answers[qi].append(None if reply.error else parse_letter(reply.text))
             errs[qi].append(reply.error)
             bar.update()
-        acc.append(ok / len(items))
-        invalid.append(bad)
-        errors.append(failed)
     bar.close()
+    n = len(items)
+    acc = [
+        sum(answers[i][r] == it.correct for i, it in enumerate(items)) / n for r in range(rounds)
+    ]
+    invalid = [
+        sum(answers[i][r] is None and errs[i][r] is None for i in range(n)) for r in range(rounds)
+    ]
+    errors = [sum(errs[i][r] is not None for i in range(n)) for r in range(rounds)]
     per_q = [
         {
             "question": it.question,

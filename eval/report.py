@@ -64,7 +64,7 @@ def plot_accuracy(results: dict[str, dict], path: str | Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     data = [[100 * a for a in r["accuracy"]] for r in results.values()]
-    ax.boxplot(data, labels=list(results), showmeans=True)
+    ax.boxplot(data, tick_labels=list(results), showmeans=True)
     for i, d in enumerate(data, 1):
         ax.scatter([i] * len(d), d, alpha=0.4, s=12)
     ax.axhline(25, ls="--", c="grey", lw=0.8, label="chance (25%)")

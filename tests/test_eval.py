@@ -1,0 +1,181 @@
+"""Evaluation harness on tiny fixtures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from docqa.data import QAPair, is_heldout, load_qa, split_qa
+from eval.devsets import retrieval_devset
+from eval.mcq import MCQ, parse_letter, read_mcq, run_letter, run_loglik, write_mcq
+from eval.metrics import has_facts, rouge_l, summarize, token_f1, welch
+from eval.qa import load_facts, load_offtopic, run_facts
+from eval.report import mcq_table, plot_accuracy
+from eval.targets import Reply
+from models.store import ModelStore
+
+from .conftest import SHARED
+
+
+class ScriptedTarget:
+    """A target replying from a script: exercises counting without a model."""
+
+    name = "scripted"
+    is_docqa = True
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+
+    def chat(self, messages, **kw):
+        r = self.replies.pop(0)
+        if isinstance(r, Exception):
+            return Reply(error=str(r))
+        return Reply(r) if isinstance(r, str) else r
+
+
+ITEMS = [
+    MCQ("q1?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "B"),
+    MCQ("q2?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "D"),
+    MCQ("q3?", {"A": "a", "B": "b", "C": "c", "D": "d"}, "A"),
+]
+
+
+def test_parse_letter_is_strict():
+    assert parse_letter("B") == "B" and parse_letter(" C\n") == "C"
+    for bad in ["b", "B.", "B) foo", "The answer is B", "", "E", "AB", None]:
+        assert parse_letter(bad) is None
+
+
+def test_letter_mode_counts_invalid_and_errors_and_goes_on():
+    # questions outer, rounds inner: (q1 r1, q1 r2, q2 r1, q2 r2, q3 r1, q3 r2)
+    t = ScriptedTarget(["B", "B", "The answer is D", "D", RuntimeError("boom"), "A"])
+    res = run_letter(t, ITEMS, rounds=2, progress=False)
+    assert res.accuracy == [pytest.approx(1 / 3), 1.0]
+    assert res.invalid == [1, 0] and res.errors == [1, 0]
+    d = res.to_dict()
+    assert {"n", "rounds", "accuracy", "invalid", "per_question"} <= set(d)
+    assert d["per_question"][1]["answers"] == [None, "D"]
+    assert d["per_question"][2]["errors"] == ["boom"]
+    json.dumps(d)
+
+
+def test_mcq_csv_roundtrip(tmp_path):
+    p = tmp_path / "m.csv"
+    write_mcq(p, ITEMS)
+    head = p.read_text().splitlines()[:2]
+    assert head[0] == "question,a,b,c,d,correct" and head[1] == "q1?,A. a,B. b,C. c,D. d,B"
+    assert read_mcq(p) == ITEMS
+    (tmp_path / "bad.csv").write_text("question,a,b,c,d,correct\nq,A. x,B. y,C. z,D. w,E\n")
+    with pytest.raises(ValueError):
+        read_mcq(tmp_path / "bad.csv")
+
+
+def test_loglik_picks_planted_answer():
+    gguf = ModelStore("models/store").resolve("smollm2-135m-instruct").path
+    items = [
+        MCQ(
+            "What is the capital of France?",
+            {
+                "A": "Zebra stripes of purple glue.",
+                "B": "The capital of France is Paris.",
+                "C": "Xylophone quantum banana.",
+                "D": "Seventeen ladders of soup.",
+            },
+            "B",
+        ),
+        MCQ(
+            "What color is the sky on a clear day?",
+            {
+                "A": "Refrigerator mountain sings.",
+                "B": "Gravel pancake velocity.",
+                "C": "Mitten tuba asphalt.",
+                "D": "The sky is blue.",
+            },
+            "D",
+        ),
+    ]
+    res = run_loglik(gguf, items, n_ctx=512, progress=False)
+    assert res.accuracy == [1.0]
+
+
+def test_statistics_against_known_values():
+    s = summarize([0.5, 0.6, 0.7])
+    assert s.mean == pytest.approx(0.6) and s.std == pytest.approx(0.1)
+    assert (s.min, s.max, s.n) == (0.5, 0.7, 3)
+    a, b = [0.50, 0.55, 0.52, 0.58], [0.60, 0.66, 0.61, 0.70]
+    w = welch(a, b)
+    ref = stats.ttest_ind(a, b, equal_var=False)
+    assert w["t"] == pytest.approx(ref.statistic) and w["p"] == pytest.approx(ref.pvalue)
+    assert w["t"] == pytest.approx(-3.6104, abs=1e-3)  # by hand: -0.105 / 0.029083
+
+
+def test_text_metrics():
+    assert token_f1("Nitro listens on port 3928", "port 3928") == pytest.approx(2 * 0.4 / 1.4)
+    assert token_f1("", "x") == 0.0 and token_f1("The cat.", "cat") == 1.0
+    assert rouge_l("w x y z", "w y z") == pytest.approx(2 * 0.75 * 1 / 1.75)
+    assert has_facts("Use the NGL field, e.g. ngl: 100", ["ngl"])
+    assert not has_facts("use ctx", ["ctx_len"])
+
+
+def test_report_table_and_plot(tmp_path):
+    res = {"x": {"accuracy": [0.5, 0.7], "invalid": [1, 0], "errors": [0, 0], "rounds": 2}}
+    table = mcq_table(res)
+    assert "| x | 60.0% |" in table and "0.5 |" in table
+    plot_accuracy(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_facts_and_offtopic_sets_are_well_formed():
+    facts = load_facts()
+    assert len(facts) >= 30 and all(f.facts and f.doc for f in facts)
+    assert len(load_offtopic()) >= 30
+    root = SHARED / "nitro-docs"
+    if root.is_dir():  # every key fact really is in its document
+        for f in facts:
+            text = (root / f.doc).read_text().lower()
+            assert all(x.lower() in text for x in f.facts), f.question
+
+
+def test_run_facts_scores_and_continues():
+    items = load_facts()[:3]
+    t = ScriptedTarget(
+        [Reply("port 3928", [{"path": items[0].doc}]), RuntimeError("down"), Reply("no idea")]
+    )
+    res = run_facts(t, items, progress=False)
+    assert res["accuracy"] == pytest.approx(1 / 3) and res["errors"] == 1
+    assert res["doc_in_sources"] == pytest.approx(1 / 3)
+
+
+def test_retrieval_devset_on_toy_chunks():
+    from retrieval.chunking import Chunk
+
+    chunks = [
+        Chunk("c1", "a.md", "", "Zephyrd listens on port 7431 for HTTP.", 9),
+        Chunk("c2", "b.md", "", "Set max_parallel_jobs to limit running jobs.", 9),
+    ]
+    items = retrieval_devset(
+        [
+            QAPair("Which port?", "It listens on port 7431."),
+            QAPair("How to limit jobs?", "Use max_parallel_jobs."),
+            QAPair("Unrelated?", "Bananas are yellow fruit."),
+        ],
+        chunks,
+    )
+    assert [(i.question, i.gold_ids) for i in items] == [
+        ("Which port?", ["c1"]),
+        ("How to limit jobs?", ["c2"]),
+    ]
+
+
+@pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
+def test_heldout_split_is_deterministic_and_disjoint():
+    pairs = load_qa()
+    train, held = split_qa(pairs)
+    assert len(held) == len(split_qa(load_qa())[1])
+    assert not {p.question for p in train} & {p.question for p in held}
+    assert 0.07 < len(held) / len(pairs) < 0.13
+    assert all(is_heldout(p.question) for p in held)
+    assert np.mean([is_heldout(p.question) for p in train]) == 0
