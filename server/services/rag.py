@@ -13,6 +13,8 @@ from docqa.settings import Settings
 from retrieval.builder import Tokenizer, build_index, update_index
 from retrieval.index import Index, assemble, load_index, new_manifest, save_index
 from retrieval.loaders import Document
+from retrieval.prompting import block as format_block
+from retrieval.prompting import rag_messages
 from retrieval.search import Hit, Retriever, SearchResult
 
 log = logging.getLogger(__name__)
@@ -94,18 +96,13 @@ class RagService:
         r = self.settings.retrieval
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
-        system = "\n\n".join(
-            [r.system_prompt] + [m["content"] for m in messages if m["role"] == "system"]
-        )
+
+        extra_system = [m["content"] for m in messages if m["role"] == "system"]
 
         def render(blocks: list[str]) -> list[dict[str, str]]:
-            ctx = "\n\n".join(blocks) if blocks else "(no excerpts)"
-            user = r.user_template.format(context=ctx, question=question)
-            return [
-                {"role": "system", "content": system},
-                *history,
-                {"role": "user", "content": user},
-            ]
+            return rag_messages(
+                r.system_prompt, r.user_template, question, blocks, history, extra_system
+            )
 
         def n_tokens(msgs) -> int:
             return len(self.engine.prompt_tokens(self.engine.format_chat(msgs)))
@@ -116,10 +113,7 @@ class RagService:
         used: list[Hit] = []
         room = budget - base
         for h in hits:
-            label = f"[{len(blocks) + 1}] ({h.chunk.path}" + (
-                f" > {h.chunk.heading})" if h.chunk.heading else ")"
-            )
-            block = f"{label}\n{h.chunk.text}"
+            block = format_block(len(blocks) + 1, h.chunk)
             cost = len(self.tok.tokenize(block)) + 4
             if cost > room:
                 ids = self.tok.tokenize(block)[: max(0, room - 8)]

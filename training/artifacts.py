@@ -1,0 +1,69 @@
+"""Step artifact directories: written to a temp dir and renamed into place on success, so a
+failed step leaves every earlier artifact (and the previous run of the same step) untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from docqa.provenance import make_provenance, read_provenance, write_provenance
+
+PROV = "provenance.json"
+
+
+def config_hash(cfg) -> str:
+    data = cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def step_path(out: Path, step: str) -> Path:
+    return Path(out) / step
+
+
+def done(out: Path, step: str, cfg=None) -> dict | None:
+    """The step's provenance when it completed (with the same config, if given)."""
+    prov = read_provenance(step_path(out, step) / PROV)
+    if prov is None:
+        return None
+    if cfg is not None and prov.get("config_hash") != config_hash(cfg):
+        return None
+    return prov
+
+
+@contextlib.contextmanager
+def step_dir(out: Path, step: str):
+    """Yield a temp dir; on success it replaces ``out/step``; on failure it is removed."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{step}.tmp-", dir=out))
+    try:
+        yield tmp
+        final = step_path(out, step)
+        old = None
+        if final.exists():
+            old = out / f".{step}.old-{os.getpid()}"
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finish(tmp: Path, step: str, cfg, *, inputs: dict, metrics: dict, **extra) -> dict:
+    record = make_provenance(
+        f"training.{step}",
+        inputs=inputs,
+        config=cfg.model_dump(mode="json") if hasattr(cfg, "model_dump") else cfg,
+        metrics=metrics,
+        config_hash=config_hash(cfg),
+        **extra,
+    )
+    write_provenance(tmp / PROV, record)
+    return record

@@ -1,0 +1,147 @@
+"""Typed configs for every training step, and the recipe that chains them.
+
+A recipe YAML lists ``steps`` and holds one section per step; each section validates into
+its config class here (unknown keys are errors), so recipes cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+STEPS = ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish")
+
+
+class _Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseStep(_Cfg):
+    source: str = Field("smollm2-135m-instruct", description="Store name, GGUF path or HF folder.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Save dtype.")
+
+
+class SynthStep(_Cfg):
+    docs: str | None = Field(None, description="Corpus to synthesize from (None = Nitro docs).")
+    endpoint: str | None = Field(
+        None, description="OpenAI-compatible base URL; None = use the existing CSV instead."
+    )
+    model: str = Field("gpt-4", description="Model id at the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Env var holding the API key.")
+    pairs_per_chunk: int = Field(5, ge=1, le=50, description="Q&A pairs asked per chunk.")
+    chunk_tokens: int = Field(300, ge=32, le=8192, description="Chunk size (tokens).")
+    chunk_overlap: int = Field(30, ge=0, le=4096, description="Chunk overlap (tokens).")
+    concurrency: int = Field(4, ge=1, le=64, description="Requests in flight.")
+    max_retries: int = Field(4, ge=0, le=20, description="Retries per chunk with backoff.")
+    csv: str | None = Field(None, description="Existing Q&A CSV (None = the Nitro pairs).")
+    limit: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
+
+
+class LoraCfg(_Cfg):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, le=4096, description="LoRA alpha.")
+    dropout: float = Field(0.05, ge=0, le=0.9, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        description="Modules to adapt.",
+    )
+
+
+class TrainCommon(_Cfg):
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, le=100, description="Epochs (ignored when max_steps set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1 = epochs).")
+    batch_size: int = Field(4, ge=1, le=1024, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps.")
+    max_length: int = Field(1024, ge=32, le=65536, description="Max tokens per example.")
+    seed: int = Field(0, description="Random seed.")
+    warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Warm-up share of steps.")
+
+
+class MergeStep(_Cfg):
+    mergekit: dict[str, Any] | None = Field(
+        None,
+        description="mergekit YAML (models/slices, merge_method: slerp, parameters.t). "
+        "None = SLERP of the base with a variant made by `variant`.",
+    )
+    variant: TrainCommon | None = Field(
+        None, description="Short SFT making the second model when mergekit is None."
+    )
+    t: float | list[float] = Field(0.5, description="SLERP t (a list = per-layer gradient).")
+
+
+class DPOStep(TrainCommon):
+    pairs: str | None = Field(None, description="prompt/chosen/rejected JSONL or HF dataset dir.")
+    beta: float = Field(0.1, gt=0, le=10, description="DPO beta.")
+    n_pairs: int = Field(64, ge=1, description="Offline pairs built from Q&A data.")
+    rejected: Literal["model", "paraphrase"] = Field(
+        "model", description="Rejected answer: the model's own, or a context-free paraphrase."
+    )
+
+
+class SFTStep(TrainCommon):
+    rag: bool = Field(True, description="Retrieval-augmented finetuning (chunks in the prompt).")
+    k_chunks: int = Field(3, ge=1, le=20, description="Chunks per example (gold + distractors).")
+    p_gold_missing: float = Field(0.15, ge=0, le=1, description="Share with the gold removed.")
+    target: Literal["reference", "extractive"] = Field(
+        "reference",
+        description="Answer target: the reference answer, or one that quotes the gold chunk.",
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many examples.")
+
+
+class ExportStep(_Cfg):
+    quant: str = Field("Q8_0", description="llama.cpp quantization (Q8_0, Q4_K_M, F16, ...).")
+    name: str = Field("docqa-smollm2", description="Model name in the store.")
+
+
+class GateStep(_Cfg):
+    against: str = Field("smollm2-135m-instruct", description="The currently published model.")
+    margin: float = Field(0.02, ge=0, le=1, description="Allowed drop on any metric.")
+    qa_limit: int = Field(30, ge=0, description="Held-out Q&A pairs in the gate.")
+    mcq_limit: int = Field(30, ge=0, description="Dev MCQ questions in the gate.")
+    mcq_rounds: int = Field(1, ge=1, description="MCQ rounds in the gate.")
+    facts: bool = Field(True, description="Grounded-fact accuracy in the gate.")
+    enforce: bool = Field(True, description="Refuse to publish when the gate fails.")
+
+
+class PublishStep(_Cfg):
+    store_dir: str = Field("models/store", description="Model store directory.")
+    server: str | None = Field(None, description="Running docqa URL to hot-reload.")
+    admin_key_env: str = Field("DOCQA_ADMIN_KEY", description="Env var with the admin key.")
+
+
+class Recipe(_Cfg):
+    name: str
+    description: str = ""
+    steps: list[Literal[STEPS]] = Field(..., min_length=1)  # type: ignore[valid-type]
+    base: BaseStep = Field(default_factory=BaseStep)
+    synth: SynthStep = Field(default_factory=SynthStep)
+    merge: MergeStep = Field(default_factory=MergeStep)
+    dpo: DPOStep = Field(default_factory=DPOStep)
+    sft: SFTStep = Field(default_factory=SFTStep)
+    export: ExportStep = Field(default_factory=ExportStep)
+    gate: GateStep = Field(default_factory=GateStep)
+    publish: PublishStep = Field(default_factory=PublishStep)
+
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    p = Path(path)
+    if not p.exists() and (RECIPES / f"{path}.yaml").exists():
+        p = RECIPES / f"{path}.yaml"
+    return Recipe.model_validate(yaml.safe_load(p.read_text()))

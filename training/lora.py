@@ -1,0 +1,111 @@
+"""LoRA training with trl (SFT and DPO) on CPU or GPU, returning losses and speed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from training.config import DPOStep, TrainCommon
+from training.hf import device
+
+log = logging.getLogger(__name__)
+
+
+def _peft(cfg: TrainCommon):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _common_args(cfg: TrainCommon, out: Path) -> dict:
+    gpu = device() == "cuda"
+    return dict(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        warmup_steps=cfg.warmup_ratio,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=cfg.seed,
+        use_cpu=not gpu,
+        bf16=gpu,
+        max_length=cfg.max_length,
+        lr_scheduler_type="cosine",
+        disable_tqdm=False,
+    )
+
+
+def _result(trainer, n_examples: int, t0: float) -> dict:
+    logs = trainer.state.log_history
+    losses = [float(x["loss"]) for x in logs if "loss" in x]
+    end = next((x for x in reversed(logs) if "train_runtime" in x), {})
+    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
+    secs = time.time() - t0
+    return {
+        "losses": losses,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "loss_first3": sum(losses[:3]) / max(1, len(losses[:3])),
+        "loss_last3": sum(losses[-3:]) / max(1, len(losses[-3:])),
+        "steps": trainer.state.global_step,
+        "examples": n_examples,
+        "train_seconds": round(secs, 1),
+        "train_runtime": end.get("train_runtime"),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / secs, 1) if tokens else None,
+        "device": device(),
+    }
+
+
+def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
+    """LoRA SFT with loss on the assistant turn only (prompt/completion data). Returns the
+    merged model and metrics."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_list(
+        [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+    )
+    args = SFTConfig(
+        **_common_args(cfg, work),
+        completion_only_loss=True,
+        packing=False,
+        include_num_input_tokens_seen=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(cfg)
+    )
+    t0 = time.time()
+    trainer.train()
+    metrics = _result(trainer, len(examples), t0)
+    adapter = work / "adapter"
+    trainer.model.save_pretrained(adapter)
+    merged = trainer.model.merge_and_unload()
+    return merged, metrics
+
+
+def train_dpo(model, tok, pairs: list[dict], cfg: DPOStep, work: Path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    ds = Dataset.from_list(pairs)
+    args = DPOConfig(**_common_args(cfg, work), beta=cfg.beta)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(cfg)
+    )
+    t0 = time.time()
+    trainer.train()
+    metrics = _result(trainer, len(pairs), t0)
+    trainer.model.save_pretrained(work / "adapter")
+    return trainer.model.merge_and_unload(), metrics
