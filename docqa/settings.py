@@ -139,6 +139,50 @@ class RetrievalSettings(_Section):
     )
 
 
+class TicketSettings(_Section):
+    min_similarity: float = Field(
+        0.35,
+        ge=-1,
+        le=1,
+        description="Below this best dense similarity a question goes to a human.",
+    )
+    min_support: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the reply's content words found in its cited sources to count as "
+        "supported.",
+    )
+    auto_threshold: float = Field(
+        0.5, ge=0, le=1, description="Confidence at or above which a reply goes out automatically."
+    )
+    out_of_scope: list[str] = Field(
+        default_factory=lambda: [
+            "billing",
+            "invoice",
+            "refund",
+            "payment",
+            "charge",
+            "subscription",
+            "pricing",
+            "price",
+            "account",
+            "password",
+            "login",
+            "legal",
+            "lawyer",
+            "gdpr",
+            "contract",
+            "lawsuit",
+            "cancel my",
+            "credit card",
+        ],
+        description="Words that mark a ticket as out of the docs' scope (billing, accounts, legal).",
+    )
+    max_tokens: int = Field(200, ge=16, le=4096, description="Reply length per question.")
+    max_questions: int = Field(4, ge=1, le=20, description="Questions answered per ticket.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="DOCQA_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
@@ -148,6 +192,7 @@ class Settings(BaseSettings):
     model: ModelSettings = Field(default_factory=ModelSettings)
     embedder: EmbedderSettings = Field(default_factory=EmbedderSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    tickets: TicketSettings = Field(default_factory=TicketSettings)
 
 
 class _YamlSource(PydanticBaseSettingsSource):

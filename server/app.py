@@ -95,10 +95,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(AccessLog)
 
-    from server.routes import admin, openai, retrieval
+    from server.routes import admin, openai, retrieval, tickets
 
     app.include_router(openai.router)
     app.include_router(retrieval.router)
+    app.include_router(tickets.router)
     app.include_router(admin.router)
 
     @app.get("/health")
