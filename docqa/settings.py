@@ -179,7 +179,7 @@ class TicketSettings(_Section):
         ],
         description="Words that mark a ticket as out of the docs' scope (billing, accounts, legal).",
     )
-    max_tokens: int = Field(200, ge=16, le=4096, description="Reply length per question.")
+    max_tokens: int = Field(200, ge=16, le=4096, description="Reply length per question (tokens).")
     max_questions: int = Field(4, ge=1, le=20, description="Questions answered per ticket.")
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 @dataclass
 class SuiteConfig:
     facts: bool = True
+    facts_limit: int | None = None
     qa_limit: int = 40
     offtopic: bool = True
     mcq_limit: int = 50
@@ -34,7 +35,7 @@ def evaluate_model(
     with open_target(model, rag=rag, index=index if rag else None) as t:
         out["name"] = t.name
         if cfg.facts:
-            f = run_facts(t, load_facts(), progress=progress)
+            f = run_facts(t, load_facts()[: cfg.facts_limit], progress=progress)
             out["facts_accuracy"] = f["accuracy"]
             out["facts_doc_in_sources"] = f["doc_in_sources"]
         if cfg.qa_limit:

@@ -86,6 +86,7 @@ class DPOStep(TrainCommon):
     pairs: str | None = Field(None, description="prompt/chosen/rejected JSONL or HF dataset dir.")
     beta: float = Field(0.1, gt=0, le=10, description="DPO beta.")
     n_pairs: int = Field(64, ge=1, description="Offline pairs built from Q&A data.")
+    k_chunks: int = Field(3, ge=1, le=20, description="Chunks in each grounded prompt.")
     rejected: Literal["model", "paraphrase"] = Field(
         "model", description="Rejected answer: the model's own, or a context-free paraphrase."
     )
@@ -114,6 +115,7 @@ class GateStep(_Cfg):
     mcq_limit: int = Field(30, ge=0, description="Dev MCQ questions in the gate.")
     mcq_rounds: int = Field(1, ge=1, description="MCQ rounds in the gate.")
     facts: bool = Field(True, description="Grounded-fact accuracy in the gate.")
+    facts_limit: int | None = Field(None, ge=1, description="Use only the first N fact questions.")
     enforce: bool = Field(True, description="Refuse to publish when the gate fails.")
 
 

@@ -62,7 +62,7 @@ def build_pairs(model, tok, qa_pairs, cfg: DPOStep) -> list[dict]:
     builder = RagExamples()
     pairs = []
     for p in qa_pairs:
-        ex = builder.example(p, 3, 0.0, "extractive", rng)
+        ex = builder.example(p, cfg.k_chunks, 0.0, "extractive", rng)
         chosen = ex["completion"][0]["content"]
         if cfg.rejected == "model":
             rejected = _generate(model, tok, ex["prompt"])

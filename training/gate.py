@@ -27,6 +27,7 @@ def compare(candidate_gguf: str, cfg: GateStep) -> dict:
     index = str(nitro_index())
     suite = SuiteConfig(
         facts=cfg.facts,
+        facts_limit=cfg.facts_limit,
         qa_limit=cfg.qa_limit,
         offtopic=False,
         mcq_limit=cfg.mcq_limit,
