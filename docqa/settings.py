@@ -177,9 +177,9 @@ class TicketSettings(_Section):
             "cancel my",
             "credit card",
         ],
-        description="Words that mark a ticket as out of the docs' scope (billing, accounts, legal).",
+        description="Words marking a ticket out of the docs' scope (billing, accounts, legal).",
     )
-    max_tokens: int = Field(200, ge=16, le=4096, description="Reply length per question (tokens).")
+    max_tokens: int = Field(200, ge=16, le=4096, description="Tokens per answer.")
     max_questions: int = Field(4, ge=1, le=20, description="Questions answered per ticket.")
 
 
