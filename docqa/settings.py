@@ -60,6 +60,13 @@ class ModelSettings(_Section):
     n_gpu_layers: int = Field(
         0, ge=-1, le=10000, description="Layers offloaded to the GPU (-1 = all, 0 = CPU only)."
     )
+    n_parallel: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="Sequences decoded together (continuous batching); 1 = one request at a "
+        "time. Each sequence gets n_ctx tokens of a unified KV cache.",
+    )
     chat_format: str | None = Field(
         None, description="llama.cpp chat format; None uses the GGUF's own template."
     )

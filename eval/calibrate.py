@@ -16,8 +16,12 @@ def calibrate(in_sims: list[float], off_sims: list[float]) -> dict:
         abstain = np.mean(np.asarray(off_sims) < t)  # off-topic abstained
         bal = (keep + abstain) / 2
         if best is None or bal > best["balanced_accuracy"] + 1e-9:
-            best = {"threshold": round(float(t), 2), "in_corpus_answered": float(keep),
-                    "offtopic_abstained": float(abstain), "balanced_accuracy": float(bal)}
+            best = {
+                "threshold": round(float(t), 2),
+                "in_corpus_answered": float(keep),
+                "offtopic_abstained": float(abstain),
+                "balanced_accuracy": float(bal),
+            }
     return best
 
 
@@ -37,11 +41,15 @@ def main() -> None:
     in_sims = [ret.search(p.question, 1).best_sim for p in held]
     off_sims = [ret.search(q, 1).best_sim for q in load_offtopic()]
     res = calibrate(in_sims, off_sims)
-    print(f"in-corpus: n={len(in_sims)} best-sim p5={np.percentile(in_sims, 5):.3f} "
-          f"median={np.median(in_sims):.3f}; off-topic: n={len(off_sims)} "
-          f"max={max(off_sims):.3f} median={np.median(off_sims):.3f}")
-    print(f"threshold {res['threshold']}: in-corpus answered {res['in_corpus_answered']:.3f}, "
-          f"off-topic abstained {res['offtopic_abstained']:.3f}")
+    print(
+        f"in-corpus: n={len(in_sims)} best-sim p5={np.percentile(in_sims, 5):.3f} "
+        f"median={np.median(in_sims):.3f}; off-topic: n={len(off_sims)} "
+        f"max={max(off_sims):.3f} median={np.median(off_sims):.3f}"
+    )
+    print(
+        f"threshold {res['threshold']}: in-corpus answered {res['in_corpus_answered']:.3f}, "
+        f"off-topic abstained {res['offtopic_abstained']:.3f}"
+    )
     for t in (0.2, 0.25, 0.3):
         r = calibrate_at(in_sims, off_sims, t)
         print(f"  at {t}: in-corpus answered {r[0]:.3f}, off-topic abstained {r[1]:.3f}")

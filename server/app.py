@@ -41,7 +41,18 @@ def load_model(settings: Settings) -> LoadedModel:
 def _load_everything(app: FastAPI) -> None:
     settings: Settings = app.state.settings
     model = load_model(settings)
-    app.state.engine = Engine(model, settings.server.max_queue)
+    if settings.model.n_parallel > 1:
+        from server.batch_engine import BatchEngine
+
+        app.state.engine = BatchEngine(
+            model,
+            settings.server.max_queue,
+            n_seq=settings.model.n_parallel,
+            n_batch=settings.model.n_batch,
+            n_threads=settings.model.n_threads,
+        )
+    else:
+        app.state.engine = Engine(model, settings.server.max_queue)
     if settings.embedder.enabled:
         from retrieval.embedder import Embedder
 

@@ -79,8 +79,9 @@ def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
     return piece
 
 
-def _logprob_entry(llm: llama_cpp.Llama, tok: int, top_n: int) -> TokenLogprob:
-    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)  # noqa: SLF001
+def _logprob_entry(llm: llama_cpp.Llama, tok: int, top_n: int, ctx=None, idx: int = -1):
+    ctx = ctx if ctx is not None else llm._ctx.ctx  # noqa: SLF001
+    ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
     logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
     m = logits.max()
     lse = m + math.log(np.exp(logits - m).sum())
@@ -109,6 +110,49 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+class TextStream:
+    """Turns sampled tokens into text deltas: UTF-8 safe, holds back a possible stop-string
+    prefix, cuts at a stop string. Shared by the single and the batched engine."""
+
+    def __init__(self, p: GenParams):
+        self.p = p
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.full = ""
+        self.sent = 0
+        self.pending_lp: list[TokenLogprob] = []
+        self.stop_hit = False
+
+    def push(self, piece: bytes, lp: TokenLogprob | None) -> Delta | None:
+        p = self.p
+        if lp is not None:
+            self.pending_lp.append(lp)
+        self.full += self.decoder.decode(piece)
+        if p.stop:
+            window = max(0, self.sent - max(len(s) for s in p.stop))
+            hits = [i for i in (self.full.find(s, window) for s in p.stop) if i >= 0]
+            if hits:
+                hit = min(hits)
+                self.stop_hit = True
+                if hit > self.sent or self.pending_lp:
+                    d = Delta(self.full[self.sent : hit], self.pending_lp)
+                    self.pending_lp, self.sent = [], hit
+                    return d
+                return None
+        end = len(self.full) - _held_back(self.full, p.stop) if p.stop else len(self.full)
+        if end > self.sent or self.pending_lp:
+            d = Delta(self.full[self.sent : end], self.pending_lp)
+            self.pending_lp, self.sent = [], end
+            return d
+        return None
+
+    def flush(self) -> Delta | None:
+        if not self.stop_hit and self.sent < len(self.full):
+            d = Delta(self.full[self.sent :], [])
+            self.sent = len(self.full)
+            return d
+        return None
+
+
 def generate(
     llm: llama_cpp.Llama, p: GenParams, cancel: threading.Event | None = None
 ) -> Iterator[Delta | Finish]:
@@ -119,13 +163,9 @@ def generate(
         llm.set_seed(p.seed & 0xFFFFFFFF)
     else:
         llm.set_seed(int(np.random.randint(0, 2**31 - 1)))
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    full = ""
-    sent = 0
+    ts = TextStream(p)
     n_out = 0
-    pending_lp: list[TokenLogprob] = []
     reason = "length"
-    stop_hit = False
     gen = llm.generate(
         p.prompt_tokens,
         top_k=p.top_k,
@@ -146,29 +186,19 @@ def generate(
                 reason = "stop"
                 break
             n_out += 1
-            if p.logprobs:
-                pending_lp.append(_logprob_entry(llm, tok, p.top_logprobs))
-            full += decoder.decode(_token_piece(llm, tok))
-            hit = -1
-            if p.stop:
-                window = max(0, sent - max(len(s) for s in p.stop))
-                hits = [i for i in (full.find(s, window) for s in p.stop) if i >= 0]
-                hit = min(hits) if hits else -1
-            if hit >= 0:
-                if hit > sent or pending_lp:
-                    yield Delta(full[sent:hit], pending_lp)
+            lp = _logprob_entry(llm, tok, p.top_logprobs) if p.logprobs else None
+            d = ts.push(_token_piece(llm, tok), lp)
+            if d is not None:
+                yield d
+            if ts.stop_hit:
                 reason = "stop"
-                stop_hit = True
                 break
-            end = len(full) - _held_back(full, p.stop) if p.stop else len(full)
-            if end > sent or pending_lp:
-                yield Delta(full[sent:end], pending_lp)
-                pending_lp = []
-                sent = end
             if n_out >= max_tokens:
                 break
-        if not stop_hit and reason != "cancelled" and sent < len(full):
-            yield Delta(full[sent:], [])
+        if reason != "cancelled":
+            d = ts.flush()
+            if d is not None:
+                yield d
     finally:
         gen.close()
     yield Finish(reason, len(p.prompt_tokens), n_out)
