@@ -7,6 +7,8 @@ INDEX  := var/index
 DOCS   := docs
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
+# llama-cpp-python builds from source: use every core.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install run serve index test test-fast lint format bench eval clean
 

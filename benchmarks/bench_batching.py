@@ -33,12 +33,20 @@ from bench_p1 import inproc_run  # noqa: E402
 from models.store import ModelStore  # noqa: E402
 from server.engine import load_llama  # noqa: E402
 
-PROMPTS = [f"Write a detailed story about explorer number {i} crossing a desert." for i in range(16)]
+PROMPTS = [
+    f"Write a detailed story about explorer number {i} crossing a desert." for i in range(16)
+]
 
 
 def one_stream(url: str, model: str, prompt: str, n: int, out: dict, key: int) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.7, "seed": key,
-            "stream": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": n,
+        "temperature": 0.7,
+        "seed": key,
+        "stream": True,
+    }
     t0 = time.perf_counter()
     ttft, toks, finish, err = None, 0, None, None
     try:
@@ -57,14 +65,21 @@ def one_stream(url: str, model: str, prompt: str, n: int, out: dict, key: int) -
                 finish = ch.get("finish_reason") or finish
     except Exception as exc:  # noqa: BLE001
         err = type(exc).__name__
-    out[key] = {"ttft": ttft, "chunks": toks, "finish": finish, "error": err,
-                "seconds": time.perf_counter() - t0}
+    out[key] = {
+        "ttft": ttft,
+        "chunks": toks,
+        "finish": finish,
+        "error": err,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def load(url: str, model: str, conc: int, n: int) -> dict:
     out: dict = {}
-    ts = [threading.Thread(target=one_stream, args=(url, model, PROMPTS[i % 16], n, out, i))
-          for i in range(conc)]
+    ts = [
+        threading.Thread(target=one_stream, args=(url, model, PROMPTS[i % 16], n, out, i))
+        for i in range(conc)
+    ]
     t0 = time.perf_counter()
     for t in ts:
         t.start()
@@ -74,18 +89,37 @@ def load(url: str, model: str, conc: int, n: int) -> dict:
     rs = list(out.values())
     ttfts = [r["ttft"] for r in rs if r["ttft"] is not None]
     cut = [r for r in rs if r["error"] is None and r["finish"] not in ("stop", "length")]
-    return {"conc": conc, "agg_tok_s": sum(r["chunks"] for r in rs) / wall,
-            "ttft_p50": float(np.percentile(ttfts, 50)) if ttfts else None,
-            "ttft_p95": float(np.percentile(ttfts, 95)) if ttfts else None,
-            "errors": sum(r["error"] is not None for r in rs), "cut_off": len(cut)}
+    return {
+        "conc": conc,
+        "agg_tok_s": sum(r["chunks"] for r in rs) / wall,
+        "ttft_p50": float(np.percentile(ttfts, 50)) if ttfts else None,
+        "ttft_p95": float(np.percentile(ttfts, 95)) if ttfts else None,
+        "errors": sum(r["error"] is not None for r in rs),
+        "cut_off": len(cut),
+    }
 
 
 def peer_server(python: str, gguf: Path, n_ctx: int):
     port = free_port()
-    proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", str(gguf), "--n_ctx",
-                             str(n_ctx), "--port", str(port), "--host", "127.0.0.1",
-                             "--n_threads", str(os.cpu_count())],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            python,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--n_ctx",
+            str(n_ctx),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--n_threads",
+            str(os.cpu_count()),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -98,13 +132,17 @@ def peer_server(python: str, gguf: Path, n_ctx: int):
 
 
 def table(name: str, rows: list[dict]) -> None:
-    print(f"\n{name}\n| concurrent | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | errors | "
-          "cut-off streams |\n|---|---|---|---|---|---|")
+    print(
+        f"\n{name}\n| concurrent | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) | errors | "
+        "cut-off streams |\n|---|---|---|---|---|---|"
+    )
     for r in rows:
         p50 = "n/a" if r["ttft_p50"] is None else f"{r['ttft_p50']:.2f}"
         p95 = "n/a" if r["ttft_p95"] is None else f"{r['ttft_p95']:.2f}"
-        print(f"| {r['conc']} | {r['agg_tok_s']:.1f} | {p50} | {p95} | {r['errors']} | "
-              f"{r['cut_off']} |")
+        print(
+            f"| {r['conc']} | {r['agg_tok_s']:.1f} | {p50} | {p95} | {r['errors']} | "
+            f"{r['cut_off']} |"
+        )
 
 
 def main() -> None:
@@ -114,8 +152,11 @@ def main() -> None:
     ap.add_argument("--peer-python", default="/tmp/peer-venv/bin/python")
     args = ap.parse_args()
     model = ModelStore("models/store").resolve("smollm2-135m-instruct")
-    cfg = {"model": {"n_ctx": args.n_ctx, "n_parallel": 16}, "embedder": {"enabled": False},
-           "server": {"max_queue": 64}}
+    cfg = {
+        "model": {"n_ctx": args.n_ctx, "n_parallel": 16},
+        "embedder": {"enabled": False},
+        "server": {"max_queue": 64},
+    }
     with running_server(cfg) as url:
         load(url, model.id, 1, 16)  # warm-up
         ours = [load(url, model.id, c, args.tokens) for c in (1, 4, 8, 16)]
@@ -126,10 +167,14 @@ def main() -> None:
     table("docqa (continuous batching, n_parallel=16)", ours)
     p2 = ours[2]["agg_tok_s"] / ours[0]["agg_tok_s"]
     p1 = statistics.median(p1_http) / statistics.median(raw)
-    print(f"\nP1 = {p1:.3f} (HTTP stream {statistics.median(p1_http):.1f} tok/s vs in-process "
-          f"{statistics.median(raw):.1f} tok/s; goal >= 0.97)")
-    print(f"P2 = {p2:.2f} (8 concurrent {ours[2]['agg_tok_s']:.1f} tok/s vs one "
-          f"{ours[0]['agg_tok_s']:.1f} tok/s; goal >= 1.6)")
+    print(
+        f"\nP1 = {p1:.3f} (HTTP stream {statistics.median(p1_http):.1f} tok/s vs in-process "
+        f"{statistics.median(raw):.1f} tok/s; goal >= 0.97)"
+    )
+    print(
+        f"P2 = {p2:.2f} (8 concurrent {ours[2]['agg_tok_s']:.1f} tok/s vs one "
+        f"{ours[0]['agg_tok_s']:.1f} tok/s; goal >= 1.6)"
+    )
     if Path(args.peer_python).exists():
         proc, purl = peer_server(args.peer_python, model.path, args.n_ctx)
         try:
@@ -139,12 +184,16 @@ def main() -> None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=30)
         table("peer: python -m llama_cpp.server (same GGUF)", peer)
-        print(f"\ndocqa / peer aggregate at 8 concurrent: "
-              f"{ours[2]['agg_tok_s'] / max(peer[2]['agg_tok_s'], 1e-9):.2f}x (goal >= 1.5)")
+        print(
+            f"\ndocqa / peer aggregate at 8 concurrent: "
+            f"{ours[2]['agg_tok_s'] / max(peer[2]['agg_tok_s'], 1e-9):.2f}x (goal >= 1.5)"
+        )
     else:
-        print(f"\n(peer skipped: {args.peer_python} not found; create it with "
-              "python3 -m venv /tmp/peer-venv && /tmp/peer-venv/bin/pip install "
-              "'llama-cpp-python[server]')")
+        print(
+            f"\n(peer skipped: {args.peer_python} not found; create it with "
+            "python3 -m venv /tmp/peer-venv && /tmp/peer-venv/bin/pip install "
+            "'llama-cpp-python[server]')"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ class Server:
         cfg = tmp / f"{name}.yaml"
         config.setdefault("server", {}).update(host="127.0.0.1", port=self.port)
         config.setdefault("model", {}).setdefault("store_dir", str(tmp / "store"))
+        self.store = Path(config["model"]["store_dir"])
         cfg.write_text(yaml.safe_dump(config))
         self.log = tmp / f"{name}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -199,3 +199,28 @@ def test_queue_full_gives_503(small_server):
         c.chat.completions.create(model=mid, messages=[{"role": "user", "content": "x"}])
     t.join()
     assert out[0][1] in ("stop", "length") and out[0][0]  # the running stream was not cut off
+
+
+def test_admin_reload_swaps_model_without_downtime(small_server):
+    from models.store import ModelStore
+
+    store = ModelStore(small_server.store)
+    src = store.resolve("smollm2-135m-instruct").path
+    store.publish(src, "docqa-published-test", {"note": "test"})
+    h = {"Authorization": "Bearer sekret"}
+    assert httpx.post(small_server.url + "/admin/reload", json={"model": "x"}).status_code == 401
+    r = httpx.post(small_server.url + "/admin/reload", headers=h, json={"model": "nope"})
+    assert r.status_code == 404
+    r = httpx.post(
+        small_server.url + "/admin/reload",
+        headers=h,
+        json={"model": "docqa-published-test"},
+        timeout=120,
+    )
+    assert r.status_code == 200 and r.json()["model"] == "docqa-published-test"
+    c = OpenAI(base_url=small_server.url + "/v1", api_key="sekret", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["docqa-published-test"]
+    out = c.chat.completions.create(
+        model="docqa-published-test", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert out.choices[0].message.content
