@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
@@ -37,7 +37,7 @@ class _Slot:
     last: int = -1
     batch_idx: int = -1
     max_tokens: int = 0
-    events: list = field(default_factory=list)
+    remember: bool = False
 
 
 def _sampler(vocab, p: GenParams, seed: int):
@@ -79,15 +79,26 @@ class BatchEngine(Engine):
         n_seq: int = 8,
         n_batch: int = 512,
         n_threads: int | None = None,
+        chunk: int = 64,
+        prefix_cache: bool = True,
     ):
         self.n_seq = n_seq
+        # Prompts are evaluated in chunks aligned to multiples of ``chunk`` positions, so the KV
+        # of a chunk depends only on the tokens up to its end: whole chunks can be copied from
+        # another sequence (llama_memory_seq_cp) with bit-identical results.
+        self.chunk = max(1, min(chunk, n_batch))
+        self.prefix_cache = prefix_cache
+        self.cache_seq = n_seq  # an extra sequence keeps the last prompt's aligned prefix
+        self.cache_tokens: list[int] = []
+        self.prefix_hits = 0
+        self.prefix_tokens_reused = 0
         self.n_batch = n_batch
         self.per_seq_ctx = model.llm.n_ctx()
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = self.per_seq_ctx * n_seq
+        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
         cp.n_batch = n_batch
         cp.n_ubatch = min(n_batch, 512)
-        cp.n_seq_max = n_seq
+        cp.n_seq_max = n_seq + 1
         cp.kv_unified = True
         nt = n_threads or model.llm.n_threads if hasattr(model.llm, "n_threads") else None
         if nt:
@@ -115,7 +126,7 @@ class BatchEngine(Engine):
         job._mark_started()
         seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
-        return _Slot(
+        slot = _Slot(
             seq,
             job,
             list(p.prompt_tokens),
@@ -123,6 +134,39 @@ class BatchEngine(Engine):
             TextStream(p),
             max_tokens=min(p.max_tokens, self.per_seq_ctx - len(p.prompt_tokens)),
         )
+        self._reuse_prefix(slot)
+        return slot
+
+    def _reuse_prefix(self, s: _Slot) -> None:
+        """Copy the longest chunk-aligned shared prefix (e.g. the system prompt and the RAG
+        template) from the prefix-cache sequence instead of recomputing it."""
+        if not self.prefix_cache or not self.cache_tokens:
+            return
+        toks = s.pending
+        n = 0
+        limit = min(len(self.cache_tokens), len(toks) - 1)  # keep >= 1 token to get logits
+        while n < limit and toks[n] == self.cache_tokens[n]:
+            n += 1
+        n -= n % self.chunk
+        if n <= 0:
+            return
+        llama_cpp.llama_memory_seq_cp(self.mem, self.cache_seq, s.seq, 0, n)
+        s.pending = toks[n:]
+        s.n_past = n
+        self.prefix_hits += 1
+        self.prefix_tokens_reused += n
+
+    def _remember_prefix(self, s: _Slot) -> None:
+        """Keep the aligned prompt prefix of a sequence whose prompt is fully evaluated."""
+        if not self.prefix_cache:
+            return
+        prompt = s.job.params.prompt_tokens
+        n = (len(prompt) - 1) - (len(prompt) - 1) % self.chunk
+        if n <= 0 or self.cache_tokens[:n] == list(prompt[:n]):
+            return
+        llama_cpp.llama_memory_seq_rm(self.mem, self.cache_seq, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self.mem, s.seq, self.cache_seq, 0, n)
+        self.cache_tokens = list(prompt[:n])
 
     def _end(self, job: Job) -> None:
         self._release()
@@ -155,7 +199,8 @@ class BatchEngine(Engine):
         """The next prompt chunk of one sequence, alone in its batch: a prompt is evaluated
         exactly as it would be with no other request running (llama.cpp's numerics depend on
         the batch a token is evaluated in), so batching never changes a greedy answer."""
-        take = s.pending[: self.n_batch]
+        room = self.chunk - s.n_past % self.chunk  # stop at the next aligned boundary
+        take = s.pending[:room]
         s.pending = s.pending[len(take) :]
         s.batch_idx = -1
         for i, t in enumerate(take):
@@ -165,6 +210,8 @@ class BatchEngine(Engine):
                 s.batch_idx = i
             s.n_past += 1
         self.batch.n_tokens = len(take)
+        if not s.pending:
+            s.remember = True
         return len(take)
 
     def _add(self, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
@@ -241,9 +288,13 @@ class BatchEngine(Engine):
             if gen:
                 self._fill_generating(gen)
                 self._decode_and_sample(gen, active, free)
-            for s in [s for s in active.values() if s.pending][:2]:  # bounded prompt work/step
-                self._fill_prompt(s)
-                self._decode_and_sample([s], active, free)
+            budget = self.n_batch  # prompt tokens evaluated per scheduler step
+            for s in [s for s in active.values() if s.pending]:
+                while s.pending and budget > 0 and s.seq in active:
+                    budget -= self._fill_prompt(s)
+                    self._decode_and_sample([s], active, free)
+                if budget <= 0:
+                    break
 
     def _decode_and_sample(self, slots: list[_Slot], active: dict, free: list) -> None:
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -258,6 +309,9 @@ class BatchEngine(Engine):
                 free.append(s.seq)
             return
         for s in slots:
+            if s.remember:  # prompt fully in the KV cache: keep its prefix for later requests
+                s.remember = False
+                self._remember_prefix(s)
             if s.batch_idx < 0:  # prompt not fully fed yet
                 continue
             try:

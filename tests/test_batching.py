@@ -44,11 +44,21 @@ def test_batch_of_8_equals_alone(model):
         try:
             alone = [await _gen(be, p, temperature=0.0) for p in PROMPTS]
             batch = await asyncio.gather(*[_gen(be, p, temperature=0.0) for p in PROMPTS])
+            hits = be.prefix_hits
+            fresh = BatchEngine(
+                load_model(load_settings(model={"n_ctx": 512})), 64, n_seq=8, prefix_cache=False
+            )
+            try:
+                uncached = [await _gen(fresh, p, temperature=0.0) for p in PROMPTS[:3]]
+            finally:
+                fresh.close()
         finally:
             be.close()
-        return alone, batch
+        return alone, batch, hits, uncached
 
-    alone, batch = _run(go())
+    alone, batch, hits, uncached = _run(go())
+    assert hits >= 8  # the shared system-prompt prefix was copied, not recomputed
+    assert [u[0] for u in uncached] == [a[0] for a in alone[:3]]  # reuse changes nothing
     assert [a[0] for a in alone] == [b[0] for b in batch]
     assert len({b[0] for b in batch}) > 1  # different prompts, different answers
     assert all(b[1].reason in ("stop", "length") for b in batch)
