@@ -34,7 +34,9 @@ from models.store import ModelStore  # noqa: E402
 from server.engine import load_llama  # noqa: E402
 
 PROMPTS = [
-    f"Write a detailed story about explorer number {i} crossing a desert." for i in range(16)
+    f"Chapter {i + 1}. The history of computing began long before electronics. In the early "
+    "days, people"
+    for i in range(16)
 ]
 
 
@@ -48,7 +50,7 @@ def one_stream(url: str, model: str, prompt: str, n: int, out: dict, key: int) -
         "stream": True,
     }
     t0 = time.perf_counter()
-    ttft, toks, finish, err = None, 0, None, None
+    ttft, toks, finish, err, usage = None, 0, None, None, None
     try:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -57,6 +59,8 @@ def one_stream(url: str, model: str, prompt: str, n: int, out: dict, key: int) -
                 if not line.startswith("data: {"):
                     continue
                 obj = json.loads(line[6:])
+                if obj.get("usage"):
+                    usage = obj["usage"]["completion_tokens"]
                 ch = (obj.get("choices") or [{}])[0]
                 if ch.get("text"):
                     toks += 1
@@ -165,7 +169,7 @@ def main() -> None:
     raw = [n / t for n, t in (inproc_run(llm, 256) for _ in range(3))]
     llm.close()
     table("docqa (continuous batching, n_parallel=16)", ours)
-    p2 = ours[2]["agg_tok_s"] / ours[0]["agg_tok_s"]
+    p2 = ours[2]["agg_tok_s"] / max(ours[0]["agg_tok_s"], 1e-9)
     p1 = statistics.median(p1_http) / statistics.median(raw)
     print(
         f"\nP1 = {p1:.3f} (HTTP stream {statistics.median(p1_http):.1f} tok/s vs in-process "
