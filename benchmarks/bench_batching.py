@@ -71,7 +71,7 @@ def one_stream(url: str, model: str, prompt: str, n: int, out: dict, key: int) -
         err = type(exc).__name__
     out[key] = {
         "ttft": ttft,
-        "chunks": toks,
+        "chunks": usage if usage is not None else toks,
         "finish": finish,
         "error": err,
         "seconds": time.perf_counter() - t0,
