@@ -8,18 +8,11 @@ holds too little (the answer is general knowledge, not the docs) are left out.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from docqa.data import QAPair
-from retrieval.bm25 import STOPWORDS
+from retrieval.bm25 import content_words
 from retrieval.chunking import Chunk
-
-_W = re.compile(r"[a-z0-9_]+")
-
-
-def content_words(text: str) -> list[str]:
-    return [w for w in _W.findall(text.lower()) if w not in STOPWORDS and len(w) > 1]
 
 
 @dataclass
@@ -34,37 +27,44 @@ def _grams(words: list[str]) -> set:
     return set(words) | {(a, b) for a, b in zip(words, words[1:])}
 
 
+class GoldLabeler:
+    """Corpus statistics computed once; ``label`` finds the gold chunks of one pair."""
+
+    def __init__(self, chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35):
+        from collections import Counter
+
+        self.chunks = chunks
+        self.tolerance = tolerance
+        self.min_containment = min_containment
+        self.chunk_grams = [_grams(content_words(c.search_text)) for c in chunks]
+        self.df = Counter(g for cg in self.chunk_grams for g in cg)
+
+    def _w(self, g) -> float:
+        import math
+
+        return math.log((len(self.chunks) + 1) / (self.df.get(g, 0) + 0.5))
+
+    def label(self, p: QAPair) -> RetrievalItem | None:
+        g = _grams(content_words(p.question + " " + p.answer))
+        g = {x for x in g if self.df.get(x)}  # only what the corpus can contain
+        if not g:
+            return None
+        total = sum(self._w(x) for x in g)
+        scores = [sum(self._w(x) for x in g & cg) / total for cg in self.chunk_grams]
+        best = max(scores)
+        if best < self.min_containment:
+            return None
+        gold = [i for i, s in enumerate(scores) if s >= best * self.tolerance]
+        return RetrievalItem(
+            p.question,
+            [self.chunks[i].id for i in gold],
+            sorted({self.chunks[i].path for i in gold}),
+            best,
+        )
+
+
 def retrieval_devset(
     pairs: list[QAPair], chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35
 ) -> list[RetrievalItem]:
-    import math
-    from collections import Counter
-
-    chunk_grams = [_grams(content_words(c.search_text)) for c in chunks]
-    df = Counter(g for cg in chunk_grams for g in cg)
-    n = len(chunks)
-
-    def w(g) -> float:
-        return math.log((n + 1) / (df.get(g, 0) + 0.5))
-
-    items = []
-    for p in pairs:
-        g = _grams(content_words(p.question + " " + p.answer))
-        g = {x for x in g if df.get(x)}  # only what the corpus can contain
-        if not g:
-            continue
-        total = sum(w(x) for x in g)
-        scores = [sum(w(x) for x in g & cg) / total for cg in chunk_grams]
-        best = max(scores)
-        if best < min_containment:
-            continue
-        gold = [i for i, s in enumerate(scores) if s >= best * tolerance]
-        items.append(
-            RetrievalItem(
-                p.question,
-                [chunks[i].id for i in gold],
-                sorted({chunks[i].path for i in gold}),
-                best,
-            )
-        )
-    return items
+    labeler = GoldLabeler(chunks, tolerance, min_containment)
+    return [it for it in map(labeler.label, pairs) if it is not None]

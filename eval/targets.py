@@ -133,7 +133,7 @@ def model_ids(base_url: str, api_key: str = "unused") -> list[str]:
     return [m["id"] for m in r.json()["data"]]
 
 
-def parse_target(spec: str, model: str | None, rag: bool, api_key_env: str = "OPENAI_API_KEY"):
+def parse_target(spec: str):
     """-> (kind, value): ('url', base_url) or ('gguf', path_or_name)."""
     if spec.startswith(("http://", "https://")):
         base = spec.rstrip("/")
@@ -154,7 +154,7 @@ def open_target(
     api_key_env: str = "OPENAI_API_KEY",
 ):
     """Yield a ready ``Target`` for a URL or a GGUF (served locally for the run)."""
-    kind, value = parse_target(spec, model, rag)
+    kind, value = parse_target(spec)
     if kind == "url":
         key = os.environ.get(api_key_env, "unused")
         ids = []

@@ -23,6 +23,11 @@ STOPWORDS = frozenset(
 )
 
 
+def content_words(text: str) -> list[str]:
+    """Lowercase words without stopwords or single characters (answer/support overlap)."""
+    return [w for w in _TOKEN.findall(text.lower()) if w not in STOPWORDS and len(w) > 1]
+
+
 def tokenize(text: str) -> list[str]:
     return [t for t in _TOKEN.findall(text.lower()) if t not in STOPWORDS]
 

@@ -100,7 +100,7 @@ class BatchEngine(Engine):
         cp.n_ubatch = min(n_batch, 512)
         cp.n_seq_max = n_seq + 1
         cp.kv_unified = True
-        nt = n_threads or model.llm.n_threads if hasattr(model.llm, "n_threads") else None
+        nt = n_threads or model.llm.n_threads
         if nt:
             cp.n_threads = cp.n_threads_batch = int(nt)
         self.ctx = llama_cpp.llama_init_from_model(model.llm._model.model, cp)  # noqa: SLF001

@@ -24,7 +24,7 @@ def train_pairs(csv: str | None = None, limit: int | None = None, seed: int = 0)
 def extractive_answer(chunk_text: str, reference: str, max_sents: int = 2) -> str:
     """The gold chunk's sentences that best cover the reference answer, verbatim, in order:
     teaches the model to copy exact names, values and commands from its context."""
-    from eval.devsets import content_words
+    from retrieval.bm25 import content_words
 
     ref = set(content_words(reference))
     sents = [s.strip() for s in _SENT.split(chunk_text) if len(s.strip()) > 20]
@@ -50,16 +50,18 @@ class RagExamples:
             index_dir = nitro_index()
         self.index = load_index(index_dir)
         self.retriever = Retriever(self.index, Embedder())
+        from eval.devsets import GoldLabeler
+
+        self.labeler = GoldLabeler(self.index.chunks)  # corpus statistics once, not per pair
         self.settings = Settings().retrieval
 
     def example(
         self, pair: QAPair, k: int, p_missing: float, target: str, rng: random.Random
     ) -> dict:
-        from eval.devsets import retrieval_devset
         from retrieval.prompting import block, rag_messages
 
-        gold_items = retrieval_devset([pair], self.index.chunks)
-        gold_ids = set(gold_items[0].gold_ids) if gold_items else set()
+        item = self.labeler.label(pair)
+        gold_ids = set(item.gold_ids) if item else set()
         hits = [h.chunk for h in self.retriever.search(pair.question, k + 3).hits]
         gold = next((c for c in self.index.chunks if c.id in gold_ids), None)
         ctx = [c for c in hits if c.id not in gold_ids][: k - 1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from eval.devsets import content_words
+from retrieval.bm25 import content_words
 from server.generation import Delta, GenParams
 
 _QUOTED_HEADER = re.compile(
