@@ -1,8 +1,10 @@
 """Retrieval benchmark on the Nitro corpus.
 
 Prints recall@1/3/5 and MRR for BM25, dense and hybrid on a dev set built from the held-out
-Nitro Q&A pairs, retrieval latency p50/p95 (query embed + BM25 + FAISS + fusion), and BM25
-query latency at 10k and 100k synthetic chunks against rank-bm25.
+Nitro Q&A pairs, for the plain index and for the question-augmented one (the train pairs
+attached to their chunks; the held-out pairs never are), retrieval latency p50/p95 (query
+embed + BM25 + FAISS + fusion), and BM25 query latency at 10k and 100k synthetic chunks
+against rank-bm25.
 
     .venv/bin/python benchmarks/bench_retrieval.py [--all-pairs] [--skip-scale]
 """
@@ -20,27 +22,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from docqa.data import DEFAULT_DOCS, DEFAULT_QA, load_qa, split_qa  # noqa: E402
+from docqa.settings import Settings  # noqa: E402
 from eval.devsets import retrieval_devset  # noqa: E402
 from retrieval.bm25 import BM25  # noqa: E402
 from retrieval.builder import build_index, default_tokenizer  # noqa: E402
 from retrieval.embedder import Embedder  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
 
-SYSTEMS = {
-    "bm25": {"mode": "bm25"},
-    "dense": {"mode": "dense"},
-    "hybrid rrf (k=60, w=1/1)": {"mode": "hybrid", "fusion": "rrf", "weights": (1.0, 1.0)},
-    "hybrid weighted (default, w=1/0.3)": {
-        "mode": "hybrid",
-        "fusion": "weighted",
-        "weights": (1.0, 0.3),
-    },
-}
+
+def systems(weights: tuple[float, float]) -> dict[str, dict]:
+    return {
+        "bm25": {"mode": "bm25"},
+        "dense": {"mode": "dense"},
+        "hybrid rrf (k=60, w=1/1)": {"mode": "hybrid", "fusion": "rrf", "weights": (1.0, 1.0)},
+        f"hybrid weighted (default, w={weights[0]:g}/{weights[1]:g})": {
+            "mode": "hybrid",
+            "fusion": "weighted",
+            "weights": weights,
+        },
+    }
 
 
 def recall_table(ret: Retriever, items, ks=(1, 3, 5)) -> dict[str, dict[str, float]]:
     out = {}
-    for mode, kw in SYSTEMS.items():
+    weights = Settings().retrieval.fusion_weights(ret.has_questions)
+    for mode, kw in systems(weights).items():
         hits = {k: 0 for k in ks}
         path_hits = 0
         rr = 0.0
@@ -85,23 +91,7 @@ def scale_bench(n_docs: int, rng: np.random.Generator, n_queries: int = 20):
     return statistics.median(t_ours), statistics.median(t_ref)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--all-pairs", action="store_true", help="use all 3,000 pairs, not held-out")
-    ap.add_argument("--skip-scale", action="store_true")
-    args = ap.parse_args()
-    tok, emb = default_tokenizer(), Embedder()
-    index = build_index(DEFAULT_DOCS, emb, tok, progress=False)
-    pairs = load_qa(DEFAULT_QA)
-    _, held = split_qa(pairs)
-    items = retrieval_devset(pairs if args.all_pairs else held, index.chunks)
-    ret = Retriever(index, emb)
-    print(f"corpus: {DEFAULT_DOCS} -> {len(index)} chunks (300 tokens, 30 overlap)")
-    print(
-        f"dev set: {len(items)} questions ({'all' if args.all_pairs else 'held-out'} pairs "
-        f"with a gold chunk)\n"
-    )
-    table = recall_table(ret, items)
+def print_table(table) -> None:
     print("| retriever | recall@1 | recall@3 | recall@5 | MRR | doc recall@3 |")
     print("|---|---|---|---|---|---|")
     for mode, r in table.items():
@@ -109,17 +99,54 @@ def main() -> None:
             f"| {mode} | {r['recall@1']:.3f} | {r['recall@3']:.3f} | {r['recall@5']:.3f} "
             f"| {r['mrr']:.3f} | {r['doc_recall@3']:.3f} |"
         )
+
+
+def latency(ret: Retriever, items) -> list[float]:
+    weights = Settings().retrieval.fusion_weights(ret.has_questions)
     lat = []
     for _ in range(2):
         for it in items:
             t0 = time.perf_counter()
-            ret.search(it.question, 5, weights=(1.0, 0.3))
+            ret.search(it.question, 5, weights=weights)
             lat.append((time.perf_counter() - t0) * 1000)
-    lat = lat[len(items) :]  # second pass: warm
+    return lat[len(items) :]  # second pass: warm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all-pairs", action="store_true", help="use all 3,000 pairs, not held-out")
+    ap.add_argument("--skip-scale", action="store_true")
+    args = ap.parse_args()
+    tok, emb = default_tokenizer(), Embedder()
+    pairs = load_qa(DEFAULT_QA)
+    train, held = split_qa(pairs)
+    plain = build_index(DEFAULT_DOCS, emb, tok, progress=False)
+    augmented = build_index(DEFAULT_DOCS, emb, tok, progress=False, questions=train)
+    items = retrieval_devset(pairs if args.all_pairs else held, plain.chunks)
+    print(f"corpus: {DEFAULT_DOCS} -> {len(plain)} chunks (300 tokens, 30 overlap)")
     print(
-        f"\nhybrid retrieval latency over {len(lat)} queries: p50 {np.percentile(lat, 50):.2f} ms,"
-        f" p95 {np.percentile(lat, 95):.2f} ms (embed + BM25 + FAISS + fusion)"
+        f"dev set: {len(items)} questions ({'all' if args.all_pairs else 'held-out'} pairs "
+        f"with a gold chunk)"
     )
+    clear = [it for it in items if it.containment >= 0.5]
+    for name, index in (("plain index", plain), ("question-augmented index", augmented)):
+        ret = Retriever(index, emb)
+        extra = ""
+        if index.questions is not None:
+            extra = f": {index.questions.n_attached} train questions attached"
+        print(f"\n{name}{extra}\n")
+        print_table(recall_table(ret, items))
+        sub = recall_table(ret, clear)
+        print(
+            f"\nquestions with a clear gold chunk (containment >= 0.5, n={len(clear)}): "
+            + ", ".join(f"{m} r@3 {r['recall@3']:.3f}" for m, r in sub.items())
+        )
+        lat = latency(ret, items)
+        print(
+            f"\nhybrid retrieval latency over {len(lat)} queries: p50 "
+            f"{np.percentile(lat, 50):.2f} ms, p95 {np.percentile(lat, 95):.2f} ms "
+            "(embed + BM25 + FAISS + fusion)"
+        )
     if not args.skip_scale:
         rng = np.random.default_rng(0)
         print(

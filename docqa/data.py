@@ -25,8 +25,14 @@ class QAPair:
 
 
 def load_qa(path: str | Path = DEFAULT_QA) -> list[QAPair]:
+    """Q&A pairs from a CSV (``question,answer``) or a JSONL of such objects (synth output)."""
     with open(path, newline="", encoding="utf-8") as f:
-        rows = csv.DictReader(f)
+        if str(path).endswith((".jsonl", ".json")):
+            import json
+
+            rows = [json.loads(x) for x in f if x.strip()]
+        else:
+            rows = csv.DictReader(f)
         out, seen = [], set()
         for r in rows:
             q, a = (r.get("question") or "").strip(), (r.get("answer") or "").strip()

@@ -96,7 +96,13 @@ class RetrievalSettings(_Section):
     )
     chunk_tokens: int = Field(300, ge=16, le=8192, description="Chunk size in model tokens.")
     chunk_overlap: int = Field(30, ge=0, le=4096, description="Overlap between chunks (tokens).")
-    top_k: int = Field(4, ge=1, le=100, description="Chunks put into the prompt.")
+    top_k: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Chunks put into the prompt (3: the tiny default model answers better from "
+        "fewer excerpts; see docs/benchmarks.md).",
+    )
     candidates: int = Field(
         30, ge=1, le=1000, description="Candidates taken from each retriever before fusion."
     )
@@ -108,6 +114,13 @@ class RetrievalSettings(_Section):
     rrf_k: int = Field(60, ge=1, le=10000, description="Reciprocal rank fusion constant.")
     bm25_weight: float = Field(1.0, ge=0, le=100, description="Weight of BM25 in fusion.")
     dense_weight: float = Field(0.3, ge=0, le=100, description="Weight of dense in fusion.")
+    question_dense_weight: float = Field(
+        1.0,
+        ge=0,
+        le=100,
+        description="Weight of dense in fusion when the index carries attached questions "
+        "(multi-vector dense is much stronger then; see docs/retrieval.md).",
+    )
     faiss_index: Literal["flat", "hnsw", "ivf"] = Field(
         "flat", description="FAISS index type (flat inner product; HNSW/IVF for big corpora)."
     )
@@ -144,6 +157,11 @@ class RetrievalSettings(_Section):
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
     )
+
+    def fusion_weights(self, has_questions: bool) -> tuple[float, float]:
+        """(BM25, dense) weights for an index with or without attached questions."""
+        dense = self.question_dense_weight if has_questions else self.dense_weight
+        return (self.bm25_weight, dense)
 
 
 class TicketSettings(_Section):

@@ -99,7 +99,10 @@ def build_index(
     overlap: int = 30,
     progress: bool = True,
     report: LoadReport | None = None,
+    questions: list | None = None,
 ) -> Index:
+    """``questions``: Q&A pairs (``.question``, ``.answer``) to attach to the chunks that hold
+    their answers (question-augmented indexing, ``retrieval.questions``)."""
     report = report if report is not None else LoadReport()
     docs = load_tree(docs_root, report)
     chunks = chunk_documents(docs, tok, size, overlap)
@@ -110,7 +113,13 @@ def build_index(
         str(Path(docs_root).resolve()), files, _config(size, overlap, tok), _embedder_info(embedder)
     )
     manifest["skipped"] = report.skipped
-    return assemble(chunks, emb, manifest)
+    attached = None
+    if questions:
+        from retrieval.questions import attach_questions
+
+        attached = attach_questions(questions, chunks, embedder, progress)
+        log.info("attached %d of %d questions", attached.n_attached, len(attached))
+    return assemble(chunks, emb, manifest, attached)
 
 
 def update_index(
@@ -144,4 +153,5 @@ def update_index(
     history = list(manifest.get("updates", []))
     history.append({"added": sorted(d.path for d in add), "removed": sorted(remove)})
     manifest["updates"] = history[-50:]
-    return assemble(chunks, emb, manifest)
+    questions = index.questions.reattach(chunks) if index.questions is not None else None
+    return assemble(chunks, emb, manifest, questions)

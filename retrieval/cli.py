@@ -35,6 +35,15 @@ def build(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
     chunk_tokens: Optional[int] = typer.Option(None, help="Chunk size in model tokens."),
     overlap: Optional[int] = typer.Option(None, help="Chunk overlap in tokens."),
+    questions: Optional[Path] = typer.Option(
+        None,
+        exists=True,
+        help="Q&A pairs (CSV question,answer or synth JSONL) to attach to the chunks holding "
+        "their answers: question-augmented retrieval.",
+    ),
+    all_questions: bool = typer.Option(
+        False, help="Attach held-out pairs too (they are kept out by default, for evaluation)."
+    ),
 ):
     """Build an index from a docs folder (atomic: the old index stays until the new is done)."""
     from retrieval.builder import build_index
@@ -43,6 +52,12 @@ def build(
 
     s, emb, tok = _parts(config)
     report = LoadReport()
+    pairs = None
+    if questions is not None:
+        from docqa.data import load_qa, split_qa
+
+        pairs = load_qa(questions)
+        pairs = pairs if all_questions else split_qa(pairs)[0]
     idx = build_index(
         docs,
         emb,
@@ -50,11 +65,15 @@ def build(
         size=chunk_tokens or s.retrieval.chunk_tokens,
         overlap=overlap if overlap is not None else s.retrieval.chunk_overlap,
         report=report,
+        questions=pairs,
     )
     save_index(idx, out)
     for path, why in report.skipped:
         console.print(f"[yellow]skipped[/] {path}: {why}")
     console.print(f"[green]index[/] {out}: {len(report.loaded)} files, {len(idx)} chunks")
+    if idx.questions is not None:
+        n = idx.questions.n_attached
+        console.print(f"[green]questions[/] {n} of {len(idx.questions)} attached to chunks")
 
 
 @app.command()
@@ -124,7 +143,7 @@ def query(
         candidates=r.candidates,
         rrf_k=r.rrf_k,
         fusion=r.fusion,
-        weights=(r.bm25_weight, r.dense_weight),
+        weights=r.fusion_weights(ret.has_questions),
         path_prefix=path_prefix,
         mode=mode,
     )

@@ -6,6 +6,8 @@ Layout of an index directory::
     chunks.jsonl     one chunk per line (id, path, heading, text, n_tokens, ord)
     embeddings.npy   float32 [n_chunks, dim], L2-normalized, row i = chunk i
     bm25/            term_ptr.npy, doc_ids.npy, weights.npy, bm25.json
+    questions.jsonl  optional: attached Q&A pool (question, answer, chunk_id or null)
+    question_embeddings.npy  optional: float32 [n_questions, dim], row i = question i
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 from docqa.provenance import make_provenance, write_provenance
 from retrieval.bm25 import BM25, tokenize
 from retrieval.chunking import Chunk
+from retrieval.questions import Questions
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -36,6 +39,7 @@ class Index:
     embeddings: np.ndarray
     bm25: BM25
     manifest: dict[str, Any] = field(default_factory=dict)
+    questions: Questions | None = None
 
     def __post_init__(self):
         self.pos = {c.id: i for i, c in enumerate(self.chunks)}
@@ -52,12 +56,26 @@ def file_sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def assemble(chunks: list[Chunk], embeddings: np.ndarray, manifest: dict[str, Any]) -> Index:
-    bm25 = BM25.build([tokenize(c.search_text) for c in chunks])
+def assemble(
+    chunks: list[Chunk],
+    embeddings: np.ndarray,
+    manifest: dict[str, Any],
+    questions: Questions | None = None,
+) -> Index:
+    """BM25 indexes each chunk's heading trail + text, plus its attached questions if any."""
+    attached = questions.by_chunk() if questions is not None else {}
+    bm25 = BM25.build(
+        [tokenize("\n".join([c.search_text, *attached.get(c.id, [])])) for c in chunks]
+    )
     manifest = dict(manifest)
     manifest["n_chunks"] = len(chunks)
     manifest["format_version"] = FORMAT_VERSION
-    return Index(chunks, np.ascontiguousarray(embeddings, dtype=np.float32), bm25, manifest)
+    if questions is not None:
+        manifest["questions"] = {"pool": len(questions), "attached": questions.n_attached}
+    else:
+        manifest.pop("questions", None)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    return Index(chunks, emb, bm25, manifest, questions)
 
 
 def new_manifest(docs_root: str, files: dict[str, dict], config: dict, embedder: dict) -> dict:
@@ -75,6 +93,11 @@ def _write_into(index: Index, d: Path) -> None:
             f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
     np.save(d / "embeddings.npy", index.embeddings)
     index.bm25.save(d / "bm25")
+    if index.questions is not None:
+        with open(d / "questions.jsonl", "w") as f:
+            for r in index.questions.rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        np.save(d / "question_embeddings.npy", index.questions.embeddings)
     write_provenance(d / "manifest.json", index.manifest)  # last: marks the dir complete
 
 
@@ -128,4 +151,12 @@ def load_index(path: str | Path, mmap: bool = True) -> Index:
             f"index {path} is inconsistent: {len(chunks)} chunks, "
             f"{emb.shape[0]} embeddings, {bm25.n_docs} bm25 docs"
         )
-    return Index(chunks, emb, bm25, manifest)
+    questions = None
+    if (path / "questions.jsonl").is_file():
+        with open(path / "questions.jsonl") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        qemb = np.load(path / "question_embeddings.npy", mmap_mode="r" if mmap else None)
+        if len(rows) != qemb.shape[0]:
+            raise ValueError(f"index {path}: {len(rows)} questions, {qemb.shape[0]} vectors")
+        questions = Questions(rows, qemb)
+    return Index(chunks, emb, bm25, manifest, questions)

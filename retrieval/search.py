@@ -1,5 +1,6 @@
-"""Hybrid search: BM25 + FAISS dense, merged by reciprocal rank fusion on stable chunk ids,
-optionally reranked by a local cross-encoder."""
+"""Hybrid search: BM25 + FAISS dense, merged on stable chunk ids by weighted score fusion or
+reciprocal rank fusion, optionally reranked by a local cross-encoder. When the index carries
+attached questions, a chunk's dense score is the best of its own vector and its questions'."""
 
 from __future__ import annotations
 
@@ -70,8 +71,31 @@ class Retriever:
         self.embedder = embedder
         self.faiss = build_faiss(np.asarray(index.embeddings), faiss_kind) if len(index) else None
         self.reranker = reranker
+        # attached questions: their vectors (a second FAISS index) and the chunk each points to
+        self.q_faiss, self.q_owner = None, np.zeros(0, dtype=np.int64)
+        qs = index.questions
+        if qs is not None and qs.n_attached:
+            keep = [i for i, r in enumerate(qs.rows) if r["chunk_id"] in index.pos]
+            self.q_owner = np.array([index.pos[qs.rows[i]["chunk_id"]] for i in keep])
+            self.q_faiss = build_faiss(np.asarray(qs.embeddings)[keep], faiss_kind)
 
-    def _weighted(self, query, q, bm_hits, dense_hits, weights) -> list[tuple[str, float]]:
+    @property
+    def has_questions(self) -> bool:
+        return self.q_faiss is not None
+
+    def _question_sims(self, q: np.ndarray, k: int) -> dict[int, float]:
+        """Best similarity of the query to each chunk's attached questions (top ``k`` questions)."""
+        if self.q_faiss is None:
+            return {}
+        sims, ids = self.q_faiss.search(q, min(k, len(self.q_owner)))
+        best: dict[int, float] = {}
+        for i, s in zip(ids[0].tolist(), sims[0].tolist()):
+            if i >= 0:
+                c = int(self.q_owner[i])
+                best[c] = max(best.get(c, -1.0), s)
+        return best
+
+    def _weighted(self, query, q, bm_hits, dense_hits, weights, qsims) -> list[tuple[str, float]]:
         """Convex combination of BM25 (divided by its max) and cosine similarity (min-max over
         the candidate union), computed exactly for every candidate of either retriever."""
         union = list(dict.fromkeys([i for i, _ in bm_hits] + [i for i, _ in dense_hits]))
@@ -80,6 +104,8 @@ class Retriever:
         bm = self.index.bm25.scores(tokenize(query))[union]
         bm = bm / bm.max() if bm.max() > 0 else bm
         dn = np.asarray(self.index.embeddings[union]) @ q[0]
+        if qsims:
+            dn = np.maximum(dn, [qsims.get(i, -1.0) for i in union])
         span = dn.max() - dn.min()
         dn = (dn - dn.min()) / span if span > 0 else np.zeros_like(dn)
         score = weights[0] * bm + weights[1] * dn
@@ -121,6 +147,7 @@ class Retriever:
         dense_hits: list[tuple[int, float]] = []
         best_sim = -1.0
         q = None
+        qsims: dict[int, float] = {}
         if mode in ("hybrid", "dense"):
             t1 = time.perf_counter()
             q = self.embedder.embed([query])
@@ -134,7 +161,17 @@ class Retriever:
                 dense_hits.append((i, s))
                 if len(dense_hits) >= candidates:
                     break
+            # abstain evidence: the chunks' own similarity (question vectors are closer to
+            # queries than passages are, so they would shift the calibrated threshold)
             best_sim = dense_hits[0][1] if dense_hits else -1.0
+            if self.q_faiss is not None:
+                qsims = self._question_sims(q, candidates * 8)
+                if allowed is not None:
+                    qsims = {i: s for i, s in qsims.items() if allowed[i]}
+                merged = dict(dense_hits)
+                for i, s in qsims.items():
+                    merged[i] = max(merged.get(i, -1.0), s)
+                dense_hits = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:candidates]
             tm["faiss"] = (time.perf_counter() - t2) * 1000
 
         bm_rank = {chunks[i].id: (r, s) for r, (i, s) in enumerate(bm_hits, start=1)}
@@ -144,7 +181,7 @@ class Retriever:
         elif mode == "dense":
             fused = [(chunks[i].id, s) for i, s in dense_hits]
         elif fusion == "weighted":
-            fused = self._weighted(query, q, bm_hits, dense_hits, weights)
+            fused = self._weighted(query, q, bm_hits, dense_hits, weights, qsims)
         else:
             fused = rrf(
                 [[chunks[i].id for i, _ in bm_hits], [chunks[i].id for i, _ in dense_hits]],

@@ -184,3 +184,40 @@ def test_nitro_docs(tok, embedder):
         p in ("features/load-unload.md", "openapi/NitroAPI.yaml", "new/quickstart.md")
         for p in paths
     )
+
+
+def test_question_augmented_index(built, tok, embedder, tmp_path):
+    from docqa.data import QAPair
+
+    pairs = [
+        QAPair(
+            "How many tasks can Zephyrd execute simultaneously?",
+            "The max_parallel_jobs setting limits how many jobs run at once; the default is 4.",
+        ),
+        QAPair("What is the capital of France?", "Paris is the capital of France."),
+    ]
+    plain, _ = built
+    idx = build_index(DOCS, embedder, tok, size=120, overlap=20, progress=False, questions=pairs)
+    qs = idx.questions
+    assert len(qs) == 2 and qs.n_attached == 1 and idx.manifest["questions"]["attached"] == 1
+    owner = idx.chunks[idx.pos[qs.rows[0]["chunk_id"]]]
+    assert owner.path == "guide/config.md" and "max_parallel_jobs" in owner.text
+    assert qs.rows[1]["chunk_id"] is None  # general knowledge: attached nowhere
+
+    query = "Which cap applies to tasks that execute simultaneously?"  # no word of the chunk
+    aug = Retriever(idx, embedder)
+    assert aug.has_questions and not Retriever(plain, embedder).has_questions
+    for mode in ("bm25", "dense", "hybrid"):
+        assert aug.search(query, 1, mode=mode).hits[0].chunk.id == owner.id, mode
+    # without the attached question BM25 cannot see the chunk at all
+    assert plain.bm25.scores(tokenize(query))[plain.pos[owner.id]] == 0
+    assert idx.bm25.scores(tokenize(query))[idx.pos[owner.id]] > 0
+
+    loaded = load_index(save_index(idx, tmp_path / "ix"))
+    assert loaded.questions.rows == qs.rows
+    assert Retriever(loaded, embedder).search(query, 1).hits[0].chunk.id == owner.id
+    # removing the page re-attaches the pool to what is left (vectors kept, none dangling)
+    smaller = update_index(loaded, embedder, tok, remove=["guide/config.md"])
+    assert len(smaller.questions) == 2 and smaller.questions.embeddings.shape[0] == 2
+    ids = [r["chunk_id"] for r in smaller.questions.rows if r["chunk_id"] is not None]
+    assert owner.id not in ids and all(i in smaller.pos for i in ids)

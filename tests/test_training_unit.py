@@ -88,3 +88,26 @@ def test_gate_decision():
     d = decide(worse, pub, 0.02)
     assert not d["passed"] and not d["metrics"]["qa_f1"]["ok"]
     assert decide(worse, pub, 0.2)["passed"]
+
+
+def test_identifiers_are_the_exact_names_the_chunk_holds():
+    from training.data import identifiers
+
+    chunk = 'Load with `ctx_len` and "ngl": 32 at http://localhost:3928/v1/embeddings, set baseURL.'
+    ref = (
+        "Set 'ctx_len' and `ngl` (32 layers) on the GPU via the API; the URL is "
+        "http://localhost:3928/v1/embeddings. Also set baseURL and max_tokens."
+    )
+    got = identifiers(ref, chunk)
+    assert got == ["ctx_len", "ngl", "32", "http://localhost:3928/v1/embeddings", "baseURL"]
+    # acronyms, prose words and names the chunk lacks (max_tokens) are not identifiers
+    assert "API" not in got and "GPU" not in got and "max_tokens" not in got
+
+
+def test_grounded_answer_is_one_sentence_quoting_the_identifier():
+    from training.data import grounded_answer
+
+    chunk = "Nitro listens on port 3928 by default. Use `--port` to change it."
+    ref = "Nitro is a fast server. By default, Nitro listens on port 3928. It can be changed."
+    assert grounded_answer(chunk, ref) == "By default, Nitro listens on port `3928`."
+    assert grounded_answer(chunk, "It is fast and small.") is None  # nothing to quote

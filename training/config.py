@@ -96,9 +96,11 @@ class SFTStep(TrainCommon):
     rag: bool = Field(True, description="Retrieval-augmented finetuning (chunks in the prompt).")
     k_chunks: int = Field(3, ge=1, le=20, description="Chunks per example (gold + distractors).")
     p_gold_missing: float = Field(0.15, ge=0, le=1, description="Share with the gold removed.")
-    target: Literal["reference", "extractive"] = Field(
+    target: Literal["reference", "extractive", "grounded"] = Field(
         "reference",
-        description="Answer target: the reference answer, or one that quotes the gold chunk.",
+        description="Answer target: the reference answer; 'extractive' = gold-chunk sentences "
+        "verbatim; 'grounded' = one reference sentence naming the exact identifiers the gold "
+        "chunk holds (pairs naming none are skipped).",
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many examples.")
 

@@ -35,6 +35,58 @@ def extractive_answer(chunk_text: str, reference: str, max_sents: int = 2) -> st
     return " ".join(sents[i] for i in keep)
 
 
+_WORD = re.compile(r"`[^`\n]{1,80}`|'[^'\s]{2,60}'|\"[^\"\s]{2,60}\"|\S+")
+_STRIP = "`'\".,;:!?()[]{}<>"
+_CODE = re.compile(r"^[\w./:$@=-]+$")
+
+
+def _is_code(w: str, quoted: bool) -> bool:
+    if quoted:
+        return True
+    if not _CODE.match(w) or w.isupper():
+        return False  # prose punctuation, or an acronym (API, GPU)
+    inner = w[1:-1]
+    return (
+        any(c.isdigit() for c in w)
+        or any(c in "_/.=" for c in inner)
+        or w.startswith("-")  # a command-line flag
+        or (w[0].islower() and any(c.isupper() for c in inner))  # camelCase
+    )
+
+
+def identifiers(reference: str, chunk_text: str) -> list[str]:
+    """Names, values, paths and commands of the reference answer that the chunk holds verbatim:
+    quoted or back-ticked spans, flags, and words with a digit, ``_``, ``/`` or ``.`` inside or
+    in camelCase (``ctx_len``, ``/v1/embeddings``, ``3928``, ``-H``, ``baseURL``)."""
+    out: list[str] = []
+    for m in _WORD.finditer(reference):
+        w = m.group(0)
+        quoted = len(w) > 2 and w[0] in "`'\"" and w[-1] == w[0]
+        w = w.strip(_STRIP)
+        if len(w) >= 2 and w not in out and _is_code(w, quoted) and w in chunk_text:
+            out.append(w)
+    return out
+
+
+def grounded_answer(chunk_text: str, reference: str) -> str | None:
+    """One short sentence that states the exact names/values from the gold chunk: the reference
+    sentence (of five words or more) naming most of its identifiers, not one ending in ':', with
+    them back-ticked. None when the reference names nothing the chunk holds verbatim."""
+    idents = identifiers(reference, chunk_text)
+    if not idents:
+        return None
+    sents = [s.strip() for s in _SENT.split(reference) if s.strip()]
+    sent = max(
+        sents,
+        key=lambda s: (len(s.split()) >= 5, sum(i in s for i in idents), not s.endswith(":")),
+    )
+    for i in sorted(idents, key=len, reverse=True):
+        if f"`{i}" not in sent and f"{i}`" not in sent:
+            pat = rf"(?<![`\w]){re.escape(i)}(?![`\w])"
+            sent = re.sub(pat, lambda m: f"`{m.group(0)}`", sent, count=1)
+    return re.sub(r"['\"]`([^`]+)`['\"]", lambda m: f"`{m.group(1)}`", sent)
+
+
 class RagExamples:
     """Builds RAFT-style prompts with the server's own template and a retriever."""
 
@@ -57,7 +109,9 @@ class RagExamples:
 
     def example(
         self, pair: QAPair, k: int, p_missing: float, target: str, rng: random.Random
-    ) -> dict:
+    ) -> dict | None:
+        """One RAFT example, or None when ``target`` is "grounded" and the reference names no
+        identifier its gold chunk holds (such pairs teach paraphrase, not grounding)."""
         from retrieval.prompting import block, rag_messages
 
         item = self.labeler.label(pair)
@@ -76,13 +130,20 @@ class RagExamples:
             pair.question,
             [block(i, c) for i, c in enumerate(ctx, 1)],
         )
+        short = grounded_answer(gold.text, pair.answer) if gold is not None else None
+        if target == "grounded" and short is None:
+            return None
         if missing:
-            answer = pair.answer  # RAFT: still answer, from what the model has learned
+            # RAFT: the gold is gone; still answer from what the model has learned
+            answer = short or pair.answer
         else:
             n = ctx.index(gold) + 1
-            body = (
-                extractive_answer(gold.text, pair.answer) if target == "extractive" else pair.answer
-            )
+            if target == "grounded":
+                body = short
+            elif target == "extractive":
+                body = extractive_answer(gold.text, pair.answer)
+            else:
+                body = pair.answer
             answer = f"{body} [{n}]"
         return {
             "prompt": msgs,
@@ -100,9 +161,13 @@ def sft_examples(
     target: str = "reference",
     seed: int = 0,
     index_dir=None,
+    limit: int | None = None,
 ) -> list[dict]:
+    """Chat examples for SFT, at most ``limit`` of them (pairs that yield no example under the
+    "grounded" target are skipped, so pass more pairs than ``limit``)."""
     rng = random.Random(seed)
     if not rag:
+        pairs = pairs[:limit] if limit else pairs
         return [
             {
                 "prompt": [{"role": "user", "content": p.question}],
@@ -111,4 +176,11 @@ def sft_examples(
             for p in pairs
         ]
     builder = RagExamples(index_dir)
-    return [builder.example(p, k, p_missing, target, rng) for p in pairs]
+    out = []
+    for p in pairs:
+        if limit and len(out) >= limit:
+            break
+        e = builder.example(p, k, p_missing, target, rng)
+        if e is not None:
+            out.append(e)
+    return out

@@ -84,7 +84,13 @@ def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -
     from training.lora import train_sft
 
     src = latest_hf(out, "sft", order)
-    pairs = _pairs_for(out, csv, cfg.limit, cfg.seed)
+    # the grounded target skips pairs, so it draws from every (shuffled) pair up to the limit
+    skips = cfg.rag and cfg.target == "grounded"
+    pairs = _pairs_for(out, csv, None if skips else cfg.limit, cfg.seed)
+    if skips:
+        import random
+
+        random.Random(cfg.seed).shuffle(pairs)
     examples = sft_examples(
         pairs,
         rag=cfg.rag,
@@ -92,6 +98,7 @@ def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -
         p_missing=cfg.p_gold_missing,
         target=cfg.target,
         seed=cfg.seed,
+        limit=cfg.limit,
     )
     with step_dir(out, "sft") as tmp:
         model, tok = load_causal_lm(src)
@@ -103,7 +110,11 @@ def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -
             for e in examples[:50]:
                 f.write(json.dumps(e) + "\n")
         return finish(
-            tmp, "sft", cfg, inputs={"model": str(src), "pairs": len(pairs)}, metrics=metrics
+            tmp,
+            "sft",
+            cfg,
+            inputs={"model": str(src), "pairs": len(pairs), "examples": len(examples)},
+            metrics=metrics,
         )
 
 

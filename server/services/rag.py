@@ -86,7 +86,7 @@ class RagService:
             candidates=r.candidates,
             rrf_k=r.rrf_k,
             fusion=r.fusion,
-            weights=(r.bm25_weight, r.dense_weight),
+            weights=r.fusion_weights(self.retriever.has_questions),
             path_prefix=path_prefix,
             mode=mode,
         )

@@ -1,0 +1,109 @@
+"""Question-augmented indexing: Q&A pairs (synthesized from the docs, e.g. by ``docqa train
+synth``, or the Nitro CSV) are attached to the chunk that holds their answer. BM25 indexes
+each chunk together with its attached questions (doc2query style) and the dense retriever
+scores a chunk by the best of its own vector and its questions' vectors (multi-vector), so a
+user question phrased like a known question finds its chunk even when it shares few words
+with the chunk itself.
+
+A pair is attached to the chunk holding most of the question's and answer's content (words
+and word pairs weighted by rarity in the corpus); pairs whose best chunk holds too little
+(general knowledge, not the docs) stay unattached. The same labeller gives the retrieval dev
+set its gold chunks (``eval.devsets``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from retrieval.bm25 import content_words
+from retrieval.chunking import Chunk
+
+
+def _grams(words: list[str]) -> set:
+    return set(words) | {(a, b) for a, b in zip(words, words[1:])}
+
+
+@dataclass
+class Label:
+    chunk_idx: list[int]  # the best chunk first, then any within tolerance of it
+    containment: float
+
+
+class AnswerLabeler:
+    """Corpus statistics computed once; ``label`` finds the chunks that hold one pair's answer."""
+
+    def __init__(self, chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35):
+        self.chunks = chunks
+        self.tolerance = tolerance
+        self.min_containment = min_containment
+        self.chunk_grams = [_grams(content_words(c.search_text)) for c in chunks]
+        self.df = Counter(g for cg in self.chunk_grams for g in cg)
+
+    def _w(self, g) -> float:
+        return math.log((len(self.chunks) + 1) / (self.df.get(g, 0) + 0.5))
+
+    def label(self, question: str, answer: str) -> Label | None:
+        g = _grams(content_words(question + " " + answer))
+        g = {x for x in g if self.df.get(x)}  # only what the corpus can contain
+        if not g:
+            return None
+        total = sum(self._w(x) for x in g)
+        scores = [sum(self._w(x) for x in g & cg) / total for cg in self.chunk_grams]
+        best = max(scores)
+        if best < self.min_containment:
+            return None
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return Label([i for i in order if scores[i] >= best * self.tolerance], best)
+
+
+@dataclass
+class Questions:
+    """The pool of Q&A pairs and where each is attached (``chunk_id`` None = unattached).
+    ``embeddings`` has one L2-normalized row per pair, attached or not, so re-attaching after
+    the docs change embeds nothing."""
+
+    rows: list[dict]  # {"question", "answer", "chunk_id"}
+    embeddings: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_attached(self) -> int:
+        return sum(r["chunk_id"] is not None for r in self.rows)
+
+    def by_chunk(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self.rows:
+            if r["chunk_id"] is not None:
+                out.setdefault(r["chunk_id"], []).append(r["question"])
+        return out
+
+    def reattach(self, chunks: list[Chunk]) -> Questions:
+        """Attach the same pool to a new chunk list (after ingest/delete)."""
+        lab = AnswerLabeler(chunks) if chunks else None
+        rows = []
+        for r in self.rows:
+            got = lab.label(r["question"], r["answer"]) if lab else None
+            rows.append({**r, "chunk_id": chunks[got.chunk_idx[0]].id if got else None})
+        return Questions(rows, self.embeddings)
+
+
+def attach_questions(pairs, chunks: list[Chunk], embedder, progress: bool = False) -> Questions:
+    """``pairs``: objects with ``question`` and ``answer``. Embeds every question once."""
+    seen: set[str] = set()
+    pool = []
+    for p in pairs:
+        if p.question not in seen:
+            seen.add(p.question)
+            pool.append({"question": p.question, "answer": p.answer, "chunk_id": None})
+    vecs = (
+        embedder.embed([r["question"] for r in pool], progress=progress)
+        if pool
+        else np.zeros((0, embedder.dim), dtype=np.float32)
+    )
+    return Questions(pool, vecs).reattach(chunks)
