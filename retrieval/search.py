@@ -150,7 +150,7 @@ class Retriever:
         qsims: dict[int, float] = {}
         if mode in ("hybrid", "dense"):
             t1 = time.perf_counter()
-            q = self.embedder.embed([query])
+            q = self.embedder.embed_query(query)
             tm["embed"] = (time.perf_counter() - t1) * 1000
             t2 = time.perf_counter()
             k = n if allowed is not None else min(n, candidates)

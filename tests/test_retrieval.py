@@ -221,3 +221,9 @@ def test_question_augmented_index(built, tok, embedder, tmp_path):
     assert len(smaller.questions) == 2 and smaller.questions.embeddings.shape[0] == 2
     ids = [r["chunk_id"] for r in smaller.questions.rows if r["chunk_id"] is not None]
     assert owner.id not in ids and all(i in smaller.pos for i in ids)
+
+
+def test_query_fast_path_equals_sentence_transformers(embedder):
+    assert embedder._fast is not None  # all-MiniLM: Transformer -> mean pooling -> Normalize
+    for q in ["port?", "How do I cancel a job that is stuck in the queue of Zephyrd " * 30]:
+        np.testing.assert_allclose(embedder.embed_query(q), embedder.embed([q]), atol=1e-5)

@@ -111,3 +111,28 @@ def test_grounded_answer_is_one_sentence_quoting_the_identifier():
     ref = "Nitro is a fast server. By default, Nitro listens on port 3928. It can be changed."
     assert grounded_answer(chunk, ref) == "By default, Nitro listens on port `3928`."
     assert grounded_answer(chunk, "It is fast and small.") is None  # nothing to quote
+
+
+@pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
+def test_grounded_rag_examples_quote_their_cited_excerpt():
+    import random
+    import re
+
+    from training.data import sft_examples, train_pairs
+
+    pairs = train_pairs()
+    random.Random(1).shuffle(pairs)
+    ex = sft_examples(pairs[:40], rag=True, k=3, p_missing=0.0, target="grounded", limit=8)
+    assert len(ex) == 8
+    for e in ex:
+        user = e["prompt"][-1]["content"]
+        answer = e["completion"][0]["content"]
+        cited = re.search(r"\[(\d)\]$", answer)
+        assert cited and e["gold_in_context"], answer
+        n = int(cited.group(1))
+        context = user.split("\nQuestion:")[0]
+        starts = [m.start() for m in re.finditer(r"(?m)^\[\d\] \(", context)] + [len(context)]
+        excerpt = context[starts[n - 1] : starts[n]]
+        assert excerpt.startswith(f"[{n}] (")
+        quoted = re.findall(r"`([^`]+)`", answer)
+        assert quoted and all(q in excerpt for q in quoted), (answer, excerpt[:200])

@@ -78,7 +78,12 @@ def grounded_answer(chunk_text: str, reference: str) -> str | None:
     sents = [s.strip() for s in _SENT.split(reference) if s.strip()]
     sent = max(
         sents,
-        key=lambda s: (len(s.split()) >= 5, sum(i in s for i in idents), not s.endswith(":")),
+        key=lambda s: (
+            any(i in s for i in idents),
+            len(s.split()) >= 5,
+            sum(i in s for i in idents),
+            not s.endswith(":"),
+        ),
     )
     for i in sorted(idents, key=len, reverse=True):
         if f"`{i}" not in sent and f"{i}`" not in sent:
