@@ -40,7 +40,13 @@ def resolve_embedder(name: str) -> Path:
 class Embedder:
     """Thread-safe wrapper: normalized float32 embeddings."""
 
-    def __init__(self, name: str = DEFAULT_EMBEDDER, device: str = "cpu", batch_size: int = 64):
+    def __init__(
+        self,
+        name: str = DEFAULT_EMBEDDER,
+        device: str = "cpu",
+        batch_size: int = 64,
+        jit: bool = True,
+    ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from sentence_transformers import SentenceTransformer
@@ -57,6 +63,8 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self._lock = threading.Lock()
         self._fast = self._fast_path()
+        self.jit = jit  # TorchScript for one-query embedding on CPU
+        self._trace = None
         log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)
 
     @property
@@ -87,23 +95,57 @@ class Embedder:
         auto = getattr(mods[0], "auto_model", None)
         return (auto, mods[0].tokenizer) if auto is not None else None
 
+    def _traced(self, batch):
+        """The transformer traced with TorchScript and frozen (built on first use): about a
+        third faster than eager PyTorch for one short query on CPU. None if tracing fails."""
+        if self._trace is None:
+            import torch
+
+            model = self._fast[0]
+
+            class _Hidden(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.m = model
+
+                def forward(self, ids, mask):
+                    return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+            try:
+                with torch.no_grad():
+                    tr = torch.jit.trace(
+                        _Hidden().eval(),
+                        (batch["input_ids"], batch["attention_mask"]),
+                        check_trace=False,
+                        strict=False,
+                    )
+                    self._trace = torch.jit.optimize_for_inference(torch.jit.freeze(tr))
+            except Exception as e:  # noqa: BLE001 - any tracing failure means eager mode
+                log.warning("query embedding stays eager (tracing failed: %s)", e)
+                self._trace = False
+        return self._trace or None
+
     def embed_query(self, text: str) -> np.ndarray:
-        """[1, dim] embedding of one query, equal to ``embed([text])``."""
-        if self._fast is None:
+        """[1, dim] embedding of one query, equal to ``embed([text])`` (to float precision)."""
+        if self._fast is None or self.model.device.type != "cpu":
             return self.embed([text])
         import torch
 
         model, tok = self._fast
-        with self._lock, torch.inference_mode():
+        with self._lock:
             batch = tok(
                 [text], return_tensors="pt", truncation=True, max_length=self.max_seq_length
             )
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            out = model(**batch).last_hidden_state
+            traced = self._traced(batch) if self.jit else None  # traced outside inference mode
+        with self._lock, torch.inference_mode():
+            if traced is not None:
+                out = traced(batch["input_ids"], batch["attention_mask"])
+            else:
+                out = model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
             vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             vec = torch.nn.functional.normalize(vec, dim=-1)
-        return np.ascontiguousarray(vec.float().cpu().numpy(), dtype=np.float32)
+        return np.ascontiguousarray(vec.float().numpy(), dtype=np.float32)
 
     def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         with self._lock:
