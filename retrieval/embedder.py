@@ -65,6 +65,7 @@ class Embedder:
         self._fast = self._fast_path()
         self.jit = jit  # TorchScript for one-query embedding on CPU
         self._trace = None
+        self._on_cpu = str(device).startswith("cpu")
         log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)
 
     @property
@@ -109,7 +110,10 @@ class Embedder:
                     self.m = model
 
                 def forward(self, ids, mask):
-                    return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+                    out = self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+                    m = mask.unsqueeze(-1).to(out.dtype)
+                    vec = (out * m).sum(1) / m.sum(1).clamp(min=1e-9)
+                    return torch.nn.functional.normalize(vec, dim=-1)
 
             try:
                 with torch.no_grad():
@@ -123,11 +127,11 @@ class Embedder:
             except Exception as e:  # noqa: BLE001 - any tracing failure means eager mode
                 log.warning("query embedding stays eager (tracing failed: %s)", e)
                 self._trace = False
-        return self._trace or None
+        return None if self._trace is False else self._trace
 
     def embed_query(self, text: str) -> np.ndarray:
         """[1, dim] embedding of one query, equal to ``embed([text])`` (to float precision)."""
-        if self._fast is None or self.model.device.type != "cpu":
+        if self._fast is None or not self._on_cpu:
             return self.embed([text])
         import torch
 
@@ -138,13 +142,13 @@ class Embedder:
             )
             traced = self._traced(batch) if self.jit else None  # traced outside inference mode
         with self._lock, torch.inference_mode():
-            if traced is not None:
-                out = traced(batch["input_ids"], batch["attention_mask"])
+            if traced is not None:  # transformer + mean pooling + normalize in one graph
+                vec = traced(batch["input_ids"], batch["attention_mask"])
             else:
                 out = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-            vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            vec = torch.nn.functional.normalize(vec, dim=-1)
+                mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+                vec = (out * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                vec = torch.nn.functional.normalize(vec, dim=-1)
         return np.ascontiguousarray(vec.float().numpy(), dtype=np.float32)
 
     def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
