@@ -228,3 +228,33 @@ def test_query_fast_path_equals_sentence_transformers(embedder):
     for q in ["port?", "How do I cancel a job that is stuck in the queue of Zephyrd " * 30]:
         np.testing.assert_allclose(embedder.embed_query(q), embedder.embed([q]), atol=1e-5)
     assert embedder._trace not in (None, False)  # the TorchScript path ran (not the eager fallback)
+
+
+def test_index_cli_build_with_questions_and_query(tmp_path):
+    """`docqa index build --questions` then `docqa index query --json`, as a user runs them."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(
+        "question,answer\n"
+        '"How many tasks can Zephyrd execute simultaneously?",'
+        '"The max_parallel_jobs setting limits how many jobs run at once; the default is 4."\n'
+    )
+    docqa = [str(Path(sys.executable).with_name("docqa"))]
+    out = tmp_path / "ix"
+    build = [*docqa, "index", "build", str(DOCS), "--out", str(out), "--chunk-tokens", "120"]
+    r = subprocess.run([*build, "--questions", str(csv), "--all-questions"], capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    assert b"1 of 1 attached" in r.stdout
+    assert (out / "questions.jsonl").is_file() and (out / "question_embeddings.npy").is_file()
+    q = "Which cap applies to tasks that execute simultaneously?"
+    r = subprocess.run(
+        [*docqa, "index", "query", q, "--index", str(out), "-k", "1", "--mode", "bm25", "--json"],
+        capture_output=True,
+    )
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    hits = json.loads(r.stdout)
+    assert hits[0]["path"] == "guide/config.md" and "max_parallel_jobs" in hits[0]["text"]
