@@ -116,7 +116,10 @@ class Embedder:
                     return torch.nn.functional.normalize(vec, dim=-1)
 
             try:
-                with torch.no_grad():
+                import warnings
+
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # tracer notes on shape-dependent branches
                     tr = torch.jit.trace(
                         _Hidden().eval(),
                         (batch["input_ids"], batch["attention_mask"]),
