@@ -96,7 +96,13 @@ class BM25:
         return out
 
     def top(self, query: str, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
-        sc = self.scores(tokenize(query))
+        return self.top_of(self.scores(tokenize(query)), k, allowed)
+
+    @staticmethod
+    def top_of(
+        sc: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> list[tuple[int, float]]:
+        """The ``k`` best positive-scoring docs of a score array (ties: lower doc id first)."""
         if allowed is not None:
             sc = np.where(allowed, sc, 0.0)
         nz = np.flatnonzero(sc > 0)

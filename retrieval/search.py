@@ -95,13 +95,13 @@ class Retriever:
                 best[c] = max(best.get(c, -1.0), s)
         return best
 
-    def _weighted(self, query, q, bm_hits, dense_hits, weights, qsims) -> list[tuple[str, float]]:
+    def _weighted(self, bm_all, q, bm_hits, dense_hits, weights, qsims) -> list[tuple[str, float]]:
         """Convex combination of BM25 (divided by its max) and cosine similarity (min-max over
         the candidate union), computed exactly for every candidate of either retriever."""
         union = list(dict.fromkeys([i for i, _ in bm_hits] + [i for i, _ in dense_hits]))
         if not union:
             return []
-        bm = self.index.bm25.scores(tokenize(query))[union]
+        bm = bm_all[union]
         bm = bm / bm.max() if bm.max() > 0 else bm
         dn = np.asarray(self.index.embeddings[union]) @ q[0]
         if qsims:
@@ -140,8 +140,10 @@ class Retriever:
         tm: dict[str, float] = {}
 
         bm_hits: list[tuple[int, float]] = []
+        bm_all = None  # BM25 scores of every chunk, computed once per query
         if mode in ("hybrid", "bm25"):
-            bm_hits = self.index.bm25.top(query, candidates, allowed)
+            bm_all = self.index.bm25.scores(tokenize(query))
+            bm_hits = self.index.bm25.top_of(bm_all, candidates, allowed)
         tm["bm25"] = (time.perf_counter() - t0) * 1000
 
         dense_hits: list[tuple[int, float]] = []
@@ -181,7 +183,7 @@ class Retriever:
         elif mode == "dense":
             fused = [(chunks[i].id, s) for i, s in dense_hits]
         elif fusion == "weighted":
-            fused = self._weighted(query, q, bm_hits, dense_hits, weights, qsims)
+            fused = self._weighted(bm_all, q, bm_hits, dense_hits, weights, qsims)
         else:
             fused = rrf(
                 [[chunks[i].id for i, _ in bm_hits], [chunks[i].id for i, _ in dense_hits]],

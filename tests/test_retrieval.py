@@ -227,7 +227,7 @@ def test_query_fast_path_equals_sentence_transformers(embedder):
     assert embedder._fast is not None  # all-MiniLM: Transformer -> mean pooling -> Normalize
     for q in ["port?", "How do I cancel a job that is stuck in the queue of Zephyrd " * 30]:
         np.testing.assert_allclose(embedder.embed_query(q), embedder.embed([q]), atol=1e-5)
-    assert embedder._trace not in (None, False)  # the TorchScript path ran (not the eager fallback)
+    assert embedder.traced  # the TorchScript path ran (not the eager fallback)
 
 
 def test_index_cli_build_with_questions_and_query(tmp_path):
