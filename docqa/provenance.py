@@ -19,6 +19,7 @@ _PACKAGES = (
     "llama-cpp-python",
     "sentence-transformers",
     "faiss-cpu",
+    "onnxruntime",
     "numpy",
     "torch",
     "transformers",

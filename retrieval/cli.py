@@ -20,12 +20,10 @@ DEFAULT_INDEX = Path("var/index")
 
 def _parts(config: Optional[Path]):
     from retrieval.builder import default_tokenizer
-    from retrieval.embedder import Embedder
 
     s = load_settings(config)
     setup_logging("INFO")
-    emb = Embedder(s.embedder.model, device=s.embedder.device, batch_size=s.embedder.batch_size)
-    return s, emb, default_tokenizer(s.model.model, s.model.store_dir)
+    return s, s.embedder.load(), default_tokenizer(s.model.model, s.model.store_dir)
 
 
 @app.command()
@@ -130,13 +128,12 @@ def query(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
 ):
     """Query an index and print the best chunks."""
-    from retrieval.embedder import Embedder
     from retrieval.index import load_index
     from retrieval.search import Retriever
 
     s = load_settings(config)
     r = s.retrieval
-    ret = Retriever(load_index(index), Embedder(s.embedder.model), faiss_kind=r.faiss_index)
+    ret = Retriever(load_index(index), s.embedder.load(), faiss_kind=r.faiss_index)
     res = ret.search(
         text,
         top_k,

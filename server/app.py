@@ -54,10 +54,8 @@ def _load_everything(app: FastAPI) -> None:
     else:
         app.state.engine = Engine(model, settings.server.max_queue)
     if settings.embedder.enabled:
-        from retrieval.embedder import Embedder
-
-        e = settings.embedder
-        app.state.embedder = Embedder(e.model, device=e.device, batch_size=e.batch_size)
+        app.state.embedder = settings.embedder.load()
+        app.state.embedder.warm()  # the query encoder is built (or read from cache) now
     r = settings.retrieval
     if r.index_dir is not None or r.docs_dir is not None:
         from server.services.rag import build_rag

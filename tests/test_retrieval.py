@@ -223,11 +223,69 @@ def test_question_augmented_index(built, tok, embedder, tmp_path):
     assert owner.id not in ids and all(i in smaller.pos for i in ids)
 
 
-def test_query_fast_path_equals_sentence_transformers(embedder):
-    assert embedder._fast is not None  # all-MiniLM: Transformer -> mean pooling -> Normalize
-    for q in ["port?", "How do I cancel a job that is stuck in the queue of Zephyrd " * 30]:
-        np.testing.assert_allclose(embedder.embed_query(q), embedder.embed([q]), atol=1e-5)
-    assert embedder.traced  # the TorchScript path ran (not the eager fallback)
+QUERIES = [
+    "port?",
+    "How do I cancel a job that is stuck in the queue of Zephyrd " * 30,  # truncated at 256
+    "Which setting limits how many jobs run at once?",
+    "what is the metrics port",
+]
+
+
+def test_query_fast_path_equals_sentence_transformers():
+    emb = Embedder(query_backend="torchscript")
+    assert emb._fast is not None  # all-MiniLM: Transformer -> mean pooling -> Normalize
+    for q in QUERIES:
+        np.testing.assert_allclose(emb.embed_query(q), emb.embed([q]), atol=1e-5)
+    assert emb.backend == "torchscript" and emb.traced  # not the eager fallback
+
+
+def test_int8_query_encoder_close_to_fp32_and_cached(embedder, built, tmp_path):
+    """The default backend: int8 ONNX, built once into the cache with provenance, close to the
+    fp32 vector, and the same search results as fp32 on the fixture docs."""
+    import json
+
+    emb = Embedder(cache_dir=tmp_path)
+    assert emb.warm() == "onnx-int8"
+    (entry,) = tmp_path.iterdir()
+    prov = json.loads((entry / "provenance.json").read_text())
+    assert prov["kind"] == "query-encoder" and prov["metrics"]["probe_min_cosine_vs_fp32"] >= 0.98
+    assert "onnxruntime" in prov["versions"]
+    for q in QUERIES:
+        v = emb.embed_query(q)
+        assert v.shape == (1, 384) and v.dtype == np.float32
+        assert abs(float(np.linalg.norm(v)) - 1) < 1e-4
+        assert float(v[0] @ emb.embed([q])[0]) >= 0.98
+    # same ranking as the fp32 query path on the fixture index
+    idx, _ = built
+    fp32 = Retriever(idx, Embedder(query_backend="torchscript"))
+    int8 = Retriever(idx, emb)
+    for q in QUERIES[2:] + ["how do I install zephyrd", "log rotation"]:
+        a = {h.chunk.id: h.score for h in fp32.search(q, len(idx), mode="dense").hits}
+        b = {h.chunk.id: h.score for h in int8.search(q, len(idx), mode="dense").hits}
+        assert next(iter(a)) == next(iter(b))  # same best chunk
+        assert max(abs(a[c] - b[c]) for c in a) < 0.05  # every chunk's similarity close
+    # a second embedder reads the cached model instead of exporting again
+    mtime = (entry / "model.int8.onnx").stat().st_mtime_ns
+    again = Embedder(cache_dir=tmp_path)
+    assert again.warm() == "onnx-int8" and list(tmp_path.iterdir()) == [entry]
+    assert (entry / "model.int8.onnx").stat().st_mtime_ns == mtime
+
+
+def test_query_backend_falls_back_when_export_fails(tmp_path, monkeypatch):
+    """A failed export leaves nothing in the cache and the query path on fp32 TorchScript."""
+    from retrieval import query_encoder
+
+    def broken(*a, **k):
+        raise RuntimeError("export exploded")
+
+    monkeypatch.setattr(query_encoder, "_export", broken)
+    emb = Embedder(cache_dir=tmp_path)
+    assert emb.warm() == "torchscript"
+    assert list(tmp_path.iterdir()) == []  # the temp folder was removed
+    q = QUERIES[2]
+    np.testing.assert_allclose(emb.embed_query(q), emb.embed([q]), atol=1e-5)
+    with pytest.raises(ValueError, match="query_backend"):
+        Embedder(query_backend="gpu-magic")
 
 
 def test_index_cli_build_with_questions_and_query(tmp_path):
