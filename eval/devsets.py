@@ -3,13 +3,18 @@
 Retrieval gold: the chunks that hold the answer, found by how much of the question's and the
 reference answer's content (words and word pairs, weighted by rarity in the corpus) a chunk
 contains; the best chunk and any within ``tolerance`` of it are gold. Pairs whose best chunk
-holds too little (the answer is general knowledge, not the docs) are left out. The labeller
+holds too little (the answer is general knowledge, not the docs), and pairs whose reference
+answer says the docs don't cover it, are left out. The labeller
 is ``retrieval.questions.AnswerLabeler``, the one that attaches known questions to chunks.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from docqa.data import QAPair
 from retrieval.chunking import Chunk
@@ -43,3 +48,37 @@ def retrieval_devset(
 ) -> list[RetrievalItem]:
     labeler = GoldLabeler(chunks, tolerance, min_containment)
     return [it for it in map(labeler.label, pairs) if it is not None]
+
+
+AUDIT = Path(__file__).resolve().parent / "data" / "nitro_retrieval_audit.yaml"
+
+
+def question_key(question: str) -> str:
+    return hashlib.sha1(question.encode()).hexdigest()[:10]
+
+
+def load_audit(path: str | Path = AUDIT) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def audited_devset(
+    items: list[RetrievalItem], chunks: list[Chunk], audit: dict
+) -> list[RetrievalItem]:
+    """The dev set after a manual audit (``eval/data/nitro_retrieval_audit.yaml``): questions
+    judged unanswerable from the docs are dropped, and chunks of the sections judged to hold an
+    answer join its gold. Questions the audit does not name keep their automatic labels."""
+    verdicts = audit.get("misses", {})
+    out = []
+    for it in items:
+        v = verdicts.get(question_key(it.question))
+        if v is None:
+            out.append(it)
+            continue
+        if v["verdict"] == "unanswerable":
+            continue
+        sections = {tuple(s) for s in v.get("sections", [])}
+        extra = [c for c in chunks if (c.path, c.heading) in sections]
+        ids = list(dict.fromkeys([*it.gold_ids, *(c.id for c in extra)]))
+        paths = sorted({*it.gold_paths, *(c.path for c in extra)})
+        out.append(RetrievalItem(it.question, ids, paths, it.containment))
+    return out

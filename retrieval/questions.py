@@ -7,13 +7,15 @@ with the chunk itself.
 
 A pair is attached to the chunk holding most of the question's and answer's content (words
 and word pairs weighted by rarity in the corpus); pairs whose best chunk holds too little
-(general knowledge, not the docs) stay unattached. The same labeller gives the retrieval dev
+(general knowledge, not the docs), and pairs whose reference answer says the docs don't
+cover it, stay unattached. The same labeller gives the retrieval dev
 set its gold chunks (``eval.devsets``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -21,6 +23,29 @@ import numpy as np
 
 from retrieval.bm25 import content_words
 from retrieval.chunking import Chunk
+
+# A reference answer that says the docs don't hold it ("the context does not provide specific
+# information about ...", "without further context, it's hard to ...") has no chunk holding
+# its answer: such a pair is neither attached nor given gold chunks.
+NON_ANSWER = re.compile(
+    r"""\b(?:does\s+not|doesn't|do\s+not|don't|did\s+not|didn't)\s+(?:\w+\s+)?
+        (?:provide|specify|mention|include|contain|say|state|explain|detail|describe|give)\b
+        [^.]*\b(?:information|details|context|explanation|description|mention)\b
+    |\b(?:not|isn't|aren't)\s+(?:explicitly\s+)?
+        (?:specified|mentioned|provided|stated|described|explained|detailed)\s+in\s+the\s+
+        (?:given|provided)?\s*
+        (?:context|document|documentation|text|page|content|code|snippet|information|metadata)
+    |\bwithout\s+(?:further|more|additional|specific)\s+(?:information|context|details)
+    |\b(?:impossible|not\s+possible)\s+to\s+(?:provide|determine|say|know)
+    |\bno\s+(?:specific\s+)?(?:information|details|mention)\s+(?:is\s+)?
+        (?:provided|given|about|on|regarding)""",
+    re.I | re.X,
+)
+
+
+def is_non_answer(answer: str) -> bool:
+    """True when the reference answer itself says the documentation does not cover it."""
+    return NON_ANSWER.search(answer) is not None
 
 
 def _grams(words: list[str]) -> set:
@@ -47,6 +72,8 @@ class AnswerLabeler:
         return math.log((len(self.chunks) + 1) / (self.df.get(g, 0) + 0.5))
 
     def label(self, question: str, answer: str) -> Label | None:
+        if is_non_answer(answer):
+            return None
         g = _grams(content_words(question + " " + answer))
         g = {x for x in g if self.df.get(x)}  # only what the corpus can contain
         if not g:

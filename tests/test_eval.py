@@ -170,6 +170,82 @@ def test_retrieval_devset_on_toy_chunks():
     ]
 
 
+def test_non_answers_get_no_gold_and_are_not_attached():
+    """A reference answer saying the docs don't cover it has no chunk holding it."""
+    from retrieval.chunking import Chunk
+    from retrieval.questions import AnswerLabeler, is_non_answer
+
+    hedged = [
+        "The context does not provide specific information about the creator of Zephyrd.",
+        "The exact role is not explicitly mentioned in the provided context.",
+        "Without further context, it's hard to say what 'llama' means here.",
+    ]
+    plain = [
+        "If the port is not specified, Zephyrd listens on port 7431.",
+        "It does not provide a GUI; use the HTTP API on port 7431.",
+        "No, there is no information yet under Audio: the page says coming soon.",
+    ]
+    assert all(map(is_non_answer, hedged)) and not any(map(is_non_answer, plain))
+    chunks = [Chunk("c1", "a.md", "", "Zephyrd listens on port 7431 for HTTP.", 9)]
+    lab = AnswerLabeler(chunks)
+    assert lab.label("Which port does Zephyrd use?", plain[0]).chunk_idx == [0]
+    hedged_port = "The context does not provide specific information about the Zephyrd port 7431."
+    assert lab.label("Which port does Zephyrd use?", hedged_port) is None
+    items = retrieval_devset([QAPair("Which port does Zephyrd use?", hedged_port)], chunks)
+    assert items == []
+
+
+def test_audit_drops_unanswerable_and_extends_gold():
+    from eval.devsets import RetrievalItem, audited_devset, question_key
+    from retrieval.chunking import Chunk
+
+    chunks = [
+        Chunk("c1", "a.md", "Port", "Zephyrd listens on port 7431.", 9),
+        Chunk("c2", "b.md", "Config > Port", "port: 7431 in zephyrd.yaml", 9),
+        Chunk("c3", "b.md", "Config > Port", "restart after changing the port", 9),
+    ]
+    items = [
+        RetrievalItem("Which port?", ["c1"], ["a.md"], 0.8),
+        RetrievalItem("What does the given text say?", ["c1"], ["a.md"], 0.4),
+        RetrievalItem("Untouched?", ["c2"], ["b.md"], 0.6),
+    ]
+    audit = {
+        "misses": {
+            question_key("Which port?"): {
+                "verdict": "relevant",
+                "sections": [["b.md", "Config > Port"]],
+            },
+            question_key("What does the given text say?"): {"verdict": "unanswerable"},
+        }
+    }
+    out = audited_devset(items, chunks, audit)
+    assert [i.question for i in out] == ["Which port?", "Untouched?"]
+    assert out[0].gold_ids == ["c1", "c2", "c3"] and out[0].gold_paths == ["a.md", "b.md"]
+    assert out[1] == items[2]
+
+
+@pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
+def test_audit_file_matches_the_nitro_dev_set():
+    """Every audited question is a held-out dev question and every judged section exists in
+    the Nitro docs as chunked by default, so the audit cannot silently drift from the data."""
+    from eval.devsets import load_audit, question_key
+    from retrieval.builder import chunk_documents, default_tokenizer
+    from retrieval.loaders import load_tree
+
+    audit = load_audit()
+    held = {question_key(p.question) for p in split_qa(load_qa())[1]}
+    keys = list(audit["misses"]) + audit["hits_sampled"]["keys"]
+    assert len(keys) == len(set(keys)) and set(keys) <= held
+    verdicts = {v["verdict"] for v in audit["misses"].values()}
+    assert verdicts <= {"relevant", "unanswerable", "miss"}
+    chunks = chunk_documents(load_tree(SHARED / "nitro-docs"), default_tokenizer(), 300, 30)
+    sections = {(c.path, c.heading) for c in chunks}
+    for v in audit["misses"].values():
+        assert (v["verdict"] == "relevant") == bool(v.get("sections"))
+        for path, heading in v.get("sections", []):
+            assert (path, heading) in sections
+
+
 @pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
 def test_heldout_split_is_deterministic_and_disjoint():
     pairs = load_qa()
