@@ -64,7 +64,10 @@ def ticket_server(server_factory, tmp_path_factory):
                 "chunk_overlap": 20,
                 "top_k": 3,
             },
-            "tickets": {"max_tokens": 60},
+            # the fixture docs are tiny: t7's "how do I cancel a job?" scores 0.355 (fp32 query)
+            # / 0.350 (int8 query) against them, on the default 0.35 line; these tests check
+            # ticket handling, not that threshold (calibrated on the Nitro docs)
+            "tickets": {"max_tokens": 60, "min_similarity": 0.3},
         },
         "tickets",
     )
