@@ -7,9 +7,11 @@ INDEX  := var/index
 DOCS   := docs
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
-# llama-cpp-python builds from source: use every core, and portable CPU flags (AVX2, no
-# -march=native: a native build crashed with a general protection fault in libggml-cpu on an
-# AMX-capable VM). GPU builds set their own, e.g. CMAKE_ARGS="-DGGML_CUDA=on".
+# llama-cpp-python builds from source: use every core, and portable CPU flags (AVX2/FMA/F16C,
+# no -march=native). A native build faulted on `ldtilecfg` (AMX) in libggml-cpu on an
+# AMX-capable VM whose kernel does not grant AMX; adding AVX-512 back made generation slower
+# there (70 vs 85 tok/s, benchmarks/bench_p1.py). GPU builds set their own, e.g.
+# CMAKE_ARGS="-DGGML_CUDA=on".
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
