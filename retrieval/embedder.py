@@ -181,23 +181,17 @@ class Embedder:
                 vec = encoder(batch["input_ids"], batch["attention_mask"])
         return np.ascontiguousarray(vec.float().numpy(), dtype=np.float32)
 
-    def _embed_fp32(self, texts: list[str]) -> np.ndarray:
+    def _embed_fp32(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        """sentence-transformers in fp32 (the caller holds the lock)."""
         vecs = self.model.encode(
             texts,
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
-            show_progress_bar=False,
+            show_progress_bar=progress,
         )
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
         with self._lock:
-            vecs = self.model.encode(
-                texts,
-                batch_size=self.batch_size,
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=progress,
-            )
-        return np.ascontiguousarray(vecs, dtype=np.float32)
+            return self._embed_fp32(texts, progress)
