@@ -114,8 +114,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         if app.state.ready:
-            engine = app.state.engine
-            return {"status": "ok", "model": engine.model.id, "busy": engine.busy}
+            engine, emb = app.state.engine, app.state.embedder
+            out = {"status": "ok", "model": engine.model.id, "busy": engine.busy}
+            if emb is not None:
+                out["embedder"] = {"name": emb.name, "query_backend": emb.backend}
+            return out
         if app.state.load_error:
             return JSONResponse({"status": "error", "error": app.state.load_error}, 503)
         return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})

@@ -119,6 +119,30 @@ def test_retrieve_endpoint(rag_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "query"
 
 
+def test_served_int8_queries_match_fp32(rag_server):
+    """The server embeds queries with the int8 ONNX encoder (built at start into the cache,
+    with provenance) and ranks as the fp32 path does on the same index."""
+    import json
+    import os
+    from pathlib import Path
+
+    from docqa.settings import Settings
+    from retrieval.embedder import Embedder
+    from retrieval.index import load_index
+    from retrieval.search import Retriever
+
+    health = httpx.get(rag_server.url + "/health").json()
+    assert health["embedder"] == {"name": "all-minilm-l6-v2", "query_backend": "onnx-int8"}
+    cached = list((Path(os.environ["DOCQA_CACHE_DIR"]) / "embedders").glob("*/provenance.json"))
+    assert cached and json.loads(cached[0].read_text())["kind"] == "query-encoder"
+    fp32 = Retriever(load_index(rag_server.index_dir), Embedder(query_backend="torchscript"))
+    weights = Settings().retrieval.fusion_weights(fp32.has_questions)  # as the server fuses
+    for q in ["Which port does the API listen on?", "How do I cancel a job?", "log rotation"]:
+        served = httpx.post(rag_server.url + "/v1/retrieve", json={"query": q, "top_k": 3})
+        ids = [d["id"] for d in served.json()["data"]]
+        assert ids[0] == fp32.search(q, 3, weights=weights).hits[0].chunk.id
+
+
 def _paths(url: str, q: str) -> list[str]:
     r = httpx.post(url + "/v1/retrieve", json={"query": q, "top_k": 3}, timeout=30)
     assert r.status_code == 200, r.text
