@@ -20,6 +20,7 @@ _PACKAGES = (
     "sentence-transformers",
     "faiss-cpu",
     "onnxruntime",
+    "onnx",
     "numpy",
     "torch",
     "transformers",

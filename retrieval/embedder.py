@@ -55,7 +55,6 @@ class Embedder:
         name: str = DEFAULT_EMBEDDER,
         device: str = "cpu",
         batch_size: int = 64,
-        jit: bool = True,
         query_backend: str = "auto",
         query_threads: int | None = None,
         cache_dir: str | Path | None = None,
@@ -80,7 +79,6 @@ class Embedder:
         self.max_seq_length = int(self.model.max_seq_length)
         self._lock = threading.Lock()
         self._fast = self._fast_path()
-        self.jit = jit  # TorchScript when the backend is torchscript (or auto's fallback)
         self.query_backend = query_backend
         self.query_threads = query_threads or min(4, os.cpu_count() or 1)
         self.cache_dir = cache_dir
@@ -122,14 +120,13 @@ class Embedder:
         return (auto, mods[0].tokenizer) if auto is not None else None
 
     def _wanted(self) -> list[str]:
+        """Backends to try, in order; eager always works."""
         if self.query_backend != "auto":
-            return [self.query_backend, "eager"]
+            return list(dict.fromkeys([self.query_backend, "eager"]))
         import importlib.util
 
-        order = ["torchscript" if self.jit else "eager", "eager"]
-        if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
-            order.insert(0, "onnx-int8")
-        return order
+        has_onnx = importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
+        return ["onnx-int8", "torchscript", "eager"] if has_onnx else ["torchscript", "eager"]
 
     def _query_encoder(self, batch):
         """The one-query encoder, built on first use (called under the lock)."""
@@ -138,7 +135,7 @@ class Embedder:
         from retrieval import query_encoder as qe
 
         model = self._fast[0]
-        for backend in dict.fromkeys(self._wanted()):
+        for backend in self._wanted():
             try:
                 if backend == "onnx-int8":
                     path = qe.build_onnx_int8(

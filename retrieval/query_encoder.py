@@ -24,7 +24,6 @@ import os
 import shutil
 import tempfile
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +84,6 @@ def _weights_stamp(model_dir: Path) -> list:
         if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
     )
     return [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
-def _version(name: str) -> str:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "none"
 
 
 class OnnxInt8Encoder:
@@ -176,9 +168,7 @@ def build_onnx_int8(
             inputs={"model_dir": str(model_dir), "files": stamp},
             config={"format": FORMAT, "opset": 17, "quantization": "dynamic int8 per-channel"},
             metrics={"probe_min_cosine_vs_fp32": min(cos), "probes": len(PROBES)},
-            onnxruntime=onnxruntime.__version__,
-            onnx=_version("onnx"),
-        )
+        )  # versions (torch, onnxruntime, onnx...) are recorded by make_provenance
         write_provenance(tmp / "provenance.json", record)
         if final.exists() and not model_path.is_file():  # a stale, incomplete entry
             shutil.rmtree(final, ignore_errors=True)

@@ -74,13 +74,9 @@ class Server:
 def _cache_dir(tmp_path_factory):
     """Exported query encoders go to a fresh per-run cache (servers inherit it), so every run
     builds them from scratch as a new machine does, and nothing is written to ~/.cache."""
-    old = os.environ.get("DOCQA_CACHE_DIR")
-    os.environ["DOCQA_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("DOCQA_CACHE_DIR", None)
-    else:
-        os.environ["DOCQA_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOCQA_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
