@@ -10,7 +10,7 @@ from docqa.logs import setup_logging
 
 app = typer.Typer(
     help="Make docqa's weights: base, synth, merge, dpo, sft, export, gate, "
-    "publish, or a whole recipe with rebuild.",
+    "publish, the retrieval embedder, or a whole recipe with rebuild.",
     no_args_is_help=True,
 )
 
@@ -56,5 +56,5 @@ def _single(step: str):
     return command
 
 
-for _step in ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish"):
+for _step in ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish", "embedder"):
     app.command(name=_step)(_single(_step))

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-STEPS = ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish")
+STEPS = ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish", "embedder")
 
 
 class _Cfg(BaseModel):
@@ -127,6 +127,30 @@ class PublishStep(_Cfg):
     admin_key_env: str = Field("DOCQA_ADMIN_KEY", description="Env var with the admin key.")
 
 
+class EmbedderStep(_Cfg):
+    """Contrastive finetuning of the retrieval embedder on the train pairs (training.embedder)."""
+
+    base: str = Field(
+        "all-minilm-l6-v2", min_length=1, description="Embedder to start from (name or folder)."
+    )
+    docs: str | None = Field(None, description="Corpus the pairs are about (None = Nitro docs).")
+    chunk_tokens: int = Field(300, ge=16, le=8192, description="Chunk size, as the index uses.")
+    chunk_overlap: int = Field(30, ge=0, le=4096, description="Chunk overlap, as the index uses.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many train pairs.")
+    hard_negatives: bool = Field(True, description="Add one BM25-mined negative per question.")
+    epochs: float = Field(1.0, gt=0, le=100, description="Epochs (ignored when max_steps set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1 = epochs).")
+    batch_size: int = Field(
+        32, ge=2, le=4096, description="Questions per batch (in-batch negatives)."
+    )
+    learning_rate: float = Field(3e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.1, ge=0, le=0.5, description="Linear warm-up share of steps.")
+    scale: float = Field(20.0, gt=0, le=1000, description="Cosine similarity scale in the loss.")
+    max_seq_length: int = Field(256, ge=16, le=8192, description="Max word pieces per text.")
+    seed: int = Field(0, description="Random seed.")
+    evaluate: bool = Field(True, description="Measure held-out recall before and after.")
+
+
 class Recipe(_Cfg):
     name: str
     description: str = ""
@@ -139,6 +163,7 @@ class Recipe(_Cfg):
     export: ExportStep = Field(default_factory=ExportStep)
     gate: GateStep = Field(default_factory=GateStep)
     publish: PublishStep = Field(default_factory=PublishStep)
+    embedder: EmbedderStep = Field(default_factory=EmbedderStep)
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"

@@ -34,6 +34,8 @@ def run_step(recipe: Recipe, step: str, out: Path) -> dict:
         return S.run_export(recipe.export, out, order)
     if step == "gate":
         return S.run_gate(recipe.gate, out)
+    if step == "embedder":
+        return S.run_embedder(recipe.embedder, out, csv)
     if step == "publish":
         gate = recipe.gate if "gate" in order else None
         return S.run_publish(recipe.publish, out, recipe.export, gate)
@@ -101,6 +103,8 @@ def _summary(m: dict) -> tuple[str, str]:
         info += " " + ", ".join(
             f"{k}: {v['candidate']:.3f} vs {v['published']:.3f}" for k, v in m["metrics"].items()
         )
+    for k, v in (m.get("after") or {}).items():
+        info += f" {k}: {m['before'].get(k)} -> {v}"
     return loss, info
 
 

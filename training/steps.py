@@ -15,6 +15,7 @@ from training.artifacts import finish, step_dir, step_path
 from training.config import (
     BaseStep,
     DPOStep,
+    EmbedderStep,
     ExportStep,
     GateStep,
     MergeStep,
@@ -151,6 +152,25 @@ def run_merge(cfg: MergeStep, out: Path, order: list[str], csv: str | None = Non
             cfg, src, tmp, _pairs_for(out, csv, 64) if cfg.mergekit is None else None
         )
         return finish(tmp, "merge", cfg, inputs={"base": str(src)}, metrics=metrics)
+
+
+def run_embedder(cfg: EmbedderStep, out: Path, csv: str | None = None) -> dict:
+    """Finetune the retrieval embedder; the step's ``model/`` is a sentence-transformers folder
+    (set ``embedder.model`` to it and rebuild the index)."""
+    from docqa.data import DEFAULT_QA, load_qa, split_qa
+    from training.embedder import finetune_embedder
+
+    pairs = _pairs_for(out, csv, cfg.limit, cfg.seed)
+    heldout = split_qa(load_qa(csv or DEFAULT_QA))[1]
+    with step_dir(out, "embedder") as tmp:
+        metrics = finetune_embedder(cfg, pairs, heldout, tmp / "model")
+        return finish(
+            tmp,
+            "embedder",
+            cfg,
+            inputs={"base": cfg.base, "docs": cfg.docs, "csv": csv, "pairs": len(pairs)},
+            metrics=metrics,
+        )
 
 
 def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
