@@ -9,6 +9,7 @@ BM25 + FAISS + fusion), and BM25 query latency at 10k and 100k synthetic chunks 
 rank-bm25.
 
     .venv/bin/python benchmarks/bench_retrieval.py [--all-pairs] [--skip-scale] [--show-audit]
+        [--embedder DIR]   # e.g. the folder `docqa train embedder` wrote
 """
 
 from __future__ import annotations
@@ -154,11 +155,13 @@ def main() -> None:
     ap.add_argument("--all-pairs", action="store_true", help="use all 3,000 pairs, not held-out")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--show-audit", action="store_true", help="print the audit and exit")
+    ap.add_argument("--embedder", default=None, help="embedder name or folder (default: MiniLM)")
     args = ap.parse_args()
     pairs = load_qa(DEFAULT_QA)
     if args.show_audit:
         return show_audit(pairs)
-    tok, emb = default_tokenizer(), Embedder()
+    tok = default_tokenizer()
+    emb = Embedder(args.embedder) if args.embedder else Embedder()
     train, held = split_qa(pairs)
     plain = build_index(DEFAULT_DOCS, emb, tok, progress=False)
     augmented = build_index(DEFAULT_DOCS, emb, tok, progress=False, questions=train)
@@ -168,7 +171,7 @@ def main() -> None:
         f"dev set: {len(items)} questions ({'all' if args.all_pairs else 'held-out'} pairs "
         f"with a gold chunk)"
     )
-    print(f"query embedding: {emb.warm()}")
+    print(f"embedder: {emb.name}; query embedding: {emb.warm()}")
     clear = [it for it in items if it.containment >= 0.5]
     for name, index in (("plain index", plain), ("question-augmented index", augmented)):
         ret = Retriever(index, emb)

@@ -1,7 +1,10 @@
 """Calibrate the abstain threshold: best dense similarity of in-corpus (held-out Q&A) vs
 off-topic questions; pick the threshold with the best balanced accuracy.
 
-    .venv/bin/python -m eval.calibrate
+    .venv/bin/python -m eval.calibrate [--index DIR]
+
+``--index``: an index built with another embedder (e.g. one `docqa train embedder` made): the
+threshold is a cosine similarity, so it moves with the embedder.
 """
 
 from __future__ import annotations
@@ -26,17 +29,23 @@ def calibrate(in_sims: list[float], off_sims: list[float]) -> dict:
 
 
 def main() -> None:
+    import argparse
     import logging
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", default=None, help="index directory (default: the Nitro index)")
+    args = ap.parse_args()
 
     logging.disable(logging.WARNING)
     from docqa.data import load_qa, split_qa
     from eval.qa import load_offtopic
     from eval.resources import nitro_index
-    from retrieval.embedder import Embedder
+    from retrieval.embedder import for_index
     from retrieval.index import load_index
     from retrieval.search import Retriever
 
-    ret = Retriever(load_index(nitro_index()), Embedder())
+    index = load_index(args.index or nitro_index())
+    ret = Retriever(index, for_index(index))
     _, held = split_qa(load_qa())
     in_sims = [ret.search(p.question, 1).best_sim for p in held]
     off_sims = [ret.search(q, 1).best_sim for q in load_offtopic()]

@@ -154,11 +154,12 @@ def run_mcq_target(
 
         retr = None
         if rag:
-            from retrieval.embedder import Embedder
+            from retrieval.embedder import for_index
             from retrieval.index import load_index
             from retrieval.search import Retriever
 
-            retr = Retriever(load_index(index), Embedder())
+            idx = load_index(index)
+            retr = Retriever(idx, for_index(idx))
         path = ModelStore("models/store").resolve(spec).path
         return run_loglik(path, items, retr).to_dict() | {"name": name or spec}
     with open_target(spec, model=model, rag=rag, index=index, name=name) as t:

@@ -27,10 +27,10 @@ def evaluate_retrieval(index_dir: str, target: str | None, pairs, ks=(1, 3, 5)) 
         def ranked(q):
             return [d["id"] for d in t.retrieve(q, max(ks))]
     else:
-        from retrieval.embedder import Embedder
+        from retrieval.embedder import for_index
         from retrieval.search import Retriever
 
-        ret = Retriever(idx, Embedder())
+        ret = Retriever(idx, for_index(idx))
 
         def ranked(q):
             return [h.chunk.id for h in ret.search(q, max(ks)).hits]

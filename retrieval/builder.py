@@ -87,7 +87,11 @@ def _config(size: int, overlap: int, tok: Tokenizer) -> dict:
 
 
 def _embedder_info(embedder) -> dict:
-    return {"name": embedder.name, "path": str(embedder.path), "dim": embedder.dim}
+    info = {"name": embedder.name, "path": str(embedder.path), "dim": embedder.dim}
+    fingerprint = getattr(embedder, "fingerprint", None)
+    if fingerprint:
+        info["fingerprint"] = fingerprint
+    return info
 
 
 def build_index(

@@ -128,12 +128,16 @@ def query(
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
 ):
     """Query an index and print the best chunks."""
-    from retrieval.index import load_index
+    from retrieval.index import EmbedderMismatch, load_index
     from retrieval.search import Retriever
 
     s = load_settings(config)
     r = s.retrieval
-    ret = Retriever(load_index(index), s.embedder.load(), faiss_kind=r.faiss_index)
+    try:
+        ret = Retriever(load_index(index), s.embedder.load(), faiss_kind=r.faiss_index)
+    except EmbedderMismatch as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from exc
     res = ret.search(
         text,
         top_k,

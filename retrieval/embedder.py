@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -37,6 +38,16 @@ def resolve_embedder(name: str) -> Path:
     raise FileNotFoundError(f"embedder not found: {name} (give a local model folder)")
 
 
+def for_index(index, **kwargs) -> Embedder:
+    """The embedder an index was built with (its manifest's model folder, when it is still
+    there), else the default one; ``check_embedder`` then confirms the weights match."""
+    built = (getattr(index, "manifest", None) or {}).get("embedder") or {}
+    path = built.get("path")
+    name = path if path and Path(path).is_dir() else built.get("name", DEFAULT_EMBEDDER)
+    return Embedder(name, **kwargs)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 QUERY_BACKENDS = ("auto", "onnx-int8", "torchscript", "eager")
 
 
@@ -86,6 +97,23 @@ class Embedder:
         self._encoder = None
         self._on_cpu = str(device).startswith("cpu")
         log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the weight files: which embedder made an index's vectors (see
+        ``retrieval.index.check_embedder``). Computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            files = sorted(
+                p for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+            )
+            for p in files:
+                h.update(str(p.relative_to(self.path)).encode())
+                with open(p, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def traced(self) -> bool:

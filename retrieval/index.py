@@ -127,6 +127,25 @@ def _backup_of(out: Path) -> Path | None:
     return olds[-1] if olds else None
 
 
+class EmbedderMismatch(ValueError):
+    """The index's vectors come from another embedder than the one that would query them."""
+
+
+def check_embedder(index: Index, embedder) -> None:
+    """Refuse to pair an index with an embedder other than the one that built it (different
+    dimension, or different weights when both are known): dense scores would be meaningless."""
+    built = index.manifest.get("embedder") or {}
+    dim, fp = built.get("dim"), built.get("fingerprint")
+    mine = getattr(embedder, "fingerprint", None)
+    if (dim is not None and dim != embedder.dim) or (fp and mine and fp != mine):
+        raise EmbedderMismatch(
+            f"the index was built with embedder {built.get('name')!r} (dim {dim}, weights {fp}) "
+            f"but the configured embedder is {embedder.name!r} (dim {embedder.dim}, weights "
+            f"{mine}): rebuild the index with this embedder (docqa index build) or set "
+            "embedder.model to the one that built it"
+        )
+
+
 def load_index(path: str | Path, mmap: bool = True) -> Index:
     path = Path(path)
     if not (path / "manifest.json").is_file():

@@ -13,7 +13,7 @@ import numpy as np
 
 from retrieval.bm25 import tokenize
 from retrieval.chunking import Chunk
-from retrieval.index import Index
+from retrieval.index import Index, check_embedder
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class Retriever:
     """Immutable view over one ``Index``; the server swaps whole retrievers on ingest."""
 
     def __init__(self, index: Index, embedder, *, faiss_kind: str = "flat", reranker=None):
+        if len(index):
+            check_embedder(index, embedder)
         self.index = index
         self.embedder = embedder
         self.faiss = build_faiss(np.asarray(index.embeddings), faiss_kind) if len(index) else None

@@ -97,7 +97,7 @@ class RagExamples:
 
     def __init__(self, index_dir: str | Path | None = None):
         from docqa.settings import Settings
-        from retrieval.embedder import Embedder
+        from retrieval.embedder import for_index
         from retrieval.index import load_index
         from retrieval.search import Retriever
 
@@ -106,7 +106,7 @@ class RagExamples:
 
             index_dir = nitro_index()
         self.index = load_index(index_dir)
-        self.retriever = Retriever(self.index, Embedder())
+        self.retriever = Retriever(self.index, for_index(self.index))
         from eval.devsets import GoldLabeler
 
         self.labeler = GoldLabeler(self.index.chunks)  # corpus statistics once, not per pair

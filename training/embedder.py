@@ -74,7 +74,8 @@ def train_contrastive(model, texts: list[str], examples: list[Example], cfg, pro
     )
 
     def encode(strs: list[str]):
-        feats = model.tokenize(strs)
+        prep = getattr(model, "preprocess", None) or model.tokenize  # tokenize: ST < 6
+        feats = prep(strs)
         feats = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in feats.items()}
         return F.normalize(model(feats)["sentence_embedding"], dim=-1)
 
@@ -100,7 +101,7 @@ def train_contrastive(model, texts: list[str], examples: list[Example], cfg, pro
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if len(losses) % 10 == 0:
