@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--show-audit", action="store_true", help="print the audit and exit")
     ap.add_argument("--embedder", default=None, help="embedder name or folder (default: MiniLM)")
     args = ap.parse_args()
-    pairs = load_qa(DEFAULT_QA)
+    pairs = load_qa(DEFAULT_QA, duplicates=True)  # every answer of a repeated question
     if args.show_audit:
         return show_audit(pairs)
     tok = default_tokenizer()
@@ -199,6 +199,8 @@ def main() -> None:
             "(embed + BM25 + FAISS + fusion)"
         )
     if not args.all_pairs:
+        if args.embedder:
+            print("\n(an embedder trained on the train pairs has seen the questions asked below)")
         train_internal(plain, train, emb)
     if not args.skip_scale:
         rng = np.random.default_rng(0)

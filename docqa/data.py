@@ -24,8 +24,12 @@ class QAPair:
     answer: str
 
 
-def load_qa(path: str | Path = DEFAULT_QA) -> list[QAPair]:
-    """Q&A pairs from a CSV (``question,answer``) or a JSONL of such objects (synth output)."""
+def load_qa(path: str | Path = DEFAULT_QA, duplicates: bool = False) -> list[QAPair]:
+    """Q&A pairs from a CSV (``question,answer``) or a JSONL of such objects (synth output).
+
+    A question asked of several chunks ("What is Nitro?" has 30 answers in the Nitro CSV)
+    keeps its first answer only, unless ``duplicates``: then every distinct (question, answer)
+    pair is kept (retrieval uses them all: each answer's chunk answers the question)."""
     with open(path, newline="", encoding="utf-8") as f:
         if str(path).endswith((".jsonl", ".json")):
             import json
@@ -36,8 +40,9 @@ def load_qa(path: str | Path = DEFAULT_QA) -> list[QAPair]:
         out, seen = [], set()
         for r in rows:
             q, a = (r.get("question") or "").strip(), (r.get("answer") or "").strip()
-            if q and a and q not in seen:
-                seen.add(q)
+            key = (q, a) if duplicates else q
+            if q and a and key not in seen:
+                seen.add(key)
                 out.append(QAPair(q, a))
     return out
 

@@ -5,7 +5,8 @@ reference answer's content (words and word pairs, weighted by rarity in the corp
 contains; the best chunk and any within ``tolerance`` of it are gold. Pairs whose best chunk
 holds too little (the answer is general knowledge, not the docs), and pairs whose reference
 answer says the docs don't cover it, are left out. The labeller
-is ``retrieval.questions.AnswerLabeler``, the one that attaches known questions to chunks.
+is ``retrieval.questions.AnswerLabeler``, the one that attaches known questions to chunks. A
+question with several reference answers gets the gold chunks of all of them.
 """
 
 from __future__ import annotations
@@ -46,8 +47,23 @@ class GoldLabeler(AnswerLabeler):
 def retrieval_devset(
     pairs: list[QAPair], chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35
 ) -> list[RetrievalItem]:
+    """One item per distinct question. A question with several reference answers (pairs
+    generated from different chunks, kept by ``load_qa(..., duplicates=True)``) has the union
+    of their gold chunks: any chunk holding one of its answers answers it."""
     labeler = GoldLabeler(chunks, tolerance, min_containment)
-    return [it for it in map(labeler.label, pairs) if it is not None]
+    by_q: dict[str, list[RetrievalItem]] = {}
+    for it in map(labeler.label, pairs):
+        if it is not None:
+            by_q.setdefault(it.question, []).append(it)
+    return [
+        RetrievalItem(
+            q,
+            list(dict.fromkeys(g for it in its for g in it.gold_ids)),
+            sorted({p for it in its for p in it.gold_paths}),
+            max(it.containment for it in its),
+        )
+        for q, its in by_q.items()
+    ]
 
 
 AUDIT = Path(__file__).resolve().parent / "data" / "nitro_retrieval_audit.yaml"

@@ -18,7 +18,7 @@ def nitro_index(out: Path | None = None, questions: bool = False) -> Path:
 
     out = out or VAR / ("nitro-index-q" if questions else "nitro-index")
     if not (out / "manifest.json").is_file():
-        pairs = split_qa(load_qa())[0] if questions else None
+        pairs = split_qa(load_qa(duplicates=True))[0] if questions else None
         idx = build_index(
             DEFAULT_DOCS, Embedder(), default_tokenizer(), progress=False, questions=pairs
         )

@@ -54,7 +54,7 @@ def build(
     if questions is not None:
         from docqa.data import load_qa, split_qa
 
-        pairs = load_qa(questions)
+        pairs = load_qa(questions, duplicates=True)
         pairs = pairs if all_questions else split_qa(pairs)[0]
     idx = build_index(
         docs,

@@ -121,12 +121,13 @@ class Questions:
 
 
 def attach_questions(pairs, chunks: list[Chunk], embedder, progress: bool = False) -> Questions:
-    """``pairs``: objects with ``question`` and ``answer``. Embeds every question once."""
-    seen: set[str] = set()
+    """``pairs``: objects with ``question`` and ``answer``; a question given with several
+    answers (``load_qa(..., duplicates=True)``) is attached to each answer's chunk."""
+    seen: set[tuple[str, str]] = set()
     pool = []
-    for p in pairs:
-        if p.question not in seen:
-            seen.add(p.question)
+    for p in pairs:  # a question with several answers is attached once per answer's chunk
+        if (p.question, p.answer) not in seen:
+            seen.add((p.question, p.answer))
             pool.append({"question": p.question, "answer": p.answer, "chunk_id": None})
     vecs = (
         embedder.embed([r["question"] for r in pool], progress=progress)

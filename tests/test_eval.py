@@ -170,6 +170,45 @@ def test_retrieval_devset_on_toy_chunks():
     ]
 
 
+def test_a_question_with_several_answers_has_all_their_chunks(tmp_path):
+    """GPT-4 asked "What is Nitro?" of 30 chunks: each answer's chunk answers the question.
+    load_qa keeps them with duplicates=True, the dev set unions their gold, and the attacher
+    puts the question on each chunk."""
+    from docqa.data import load_qa
+    from retrieval.chunking import Chunk
+    from retrieval.questions import attach_questions
+
+    csv = tmp_path / "qa.csv"
+    csv.write_text(
+        "question,answer\n"
+        "What is Zephyrd?,Zephyrd listens on port 7431 for HTTP.\n"
+        "What is Zephyrd?,It runs jobs limited by max_parallel_jobs.\n"
+        "What is Zephyrd?,It runs jobs limited by max_parallel_jobs.\n"
+        "Which port?,Port 7431.\n"
+    )
+    assert len(load_qa(csv)) == 2  # first answer per question (training's view)
+    pairs = load_qa(csv, duplicates=True)
+    assert len(pairs) == 3  # exact repeats still collapse
+    chunks = [
+        Chunk("c1", "a.md", "", "Zephyrd listens on port 7431 for HTTP.", 9),
+        Chunk("c2", "b.md", "", "Set max_parallel_jobs to limit running jobs.", 9),
+    ]
+    items = {i.question: i for i in retrieval_devset(pairs, chunks)}
+    assert len(items) == 2
+    assert items["What is Zephyrd?"].gold_ids == ["c1", "c2"]
+    assert items["What is Zephyrd?"].gold_paths == ["a.md", "b.md"]
+    assert items["Which port?"].gold_ids == ["c1"]
+
+    class OneHot:
+        dim = 2
+
+        def embed(self, texts, progress=False):
+            return np.eye(2, dtype=np.float32)[[i % 2 for i in range(len(texts))]]
+
+    qs = attach_questions(pairs, chunks, OneHot())
+    assert qs.by_chunk() == {"c1": ["What is Zephyrd?", "Which port?"], "c2": ["What is Zephyrd?"]}
+
+
 def test_non_answers_get_no_gold_and_are_not_attached():
     """A reference answer saying the docs don't cover it has no chunk holding it."""
     from retrieval.chunking import Chunk

@@ -40,12 +40,16 @@ def contrastive_examples(pairs, chunks: list[Chunk], bm25, hard_negatives: bool 
     from retrieval.questions import AnswerLabeler
 
     lab = AnswerLabeler(chunks)
+    labelled = [(p, lab.label(p.question, p.answer)) for p in pairs]
+    union: dict[str, set[int]] = {}  # a question asked of several chunks: all of them are gold
+    for p, got in labelled:
+        if got is not None:
+            union.setdefault(p.question, set()).update(got.chunk_idx)
     out = []
-    for p in pairs:
-        got = lab.label(p.question, p.answer)
+    for p, got in labelled:
         if got is None:
             continue
-        gold = frozenset(got.chunk_idx)
+        gold = frozenset(union[p.question])
         neg = None
         if hard_negatives:
             scores = bm25.scores(tokenize(p.question))

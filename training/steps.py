@@ -161,7 +161,7 @@ def run_embedder(cfg: EmbedderStep, out: Path, csv: str | None = None) -> dict:
     from training.embedder import finetune_embedder
 
     pairs = _pairs_for(out, csv, cfg.limit, cfg.seed)
-    heldout = split_qa(load_qa(csv or DEFAULT_QA))[1]
+    heldout = split_qa(load_qa(csv or DEFAULT_QA, duplicates=True))[1]
     with step_dir(out, "embedder") as tmp:
         metrics = finetune_embedder(cfg, pairs, heldout, tmp / "model")
         return finish(
