@@ -78,8 +78,10 @@ class AnswerLabeler:
         g = {x for x in g if self.df.get(x)}  # only what the corpus can contain
         if not g:
             return None
-        total = sum(self._w(x) for x in g)
-        scores = [sum(self._w(x) for x in g & cg) / total for cg in self.chunk_grams]
+        # fsum: exactly rounded whatever the set's iteration order (which changes with the
+        # process's hash seed), so near-ties resolve the same way in every run
+        total = math.fsum(self._w(x) for x in g)
+        scores = [math.fsum(self._w(x) for x in g & cg) / total for cg in self.chunk_grams]
         best = max(scores)
         if best < self.min_containment:
             return None
