@@ -95,6 +95,7 @@ class Embedder:
         self.cache_dir = cache_dir
         self.backend: str | None = None  # the backend in use, set on first query
         self._encoder = None
+        self._fingerprint: str | None = None
         self._on_cpu = str(device).startswith("cpu")
         log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)
 
@@ -102,7 +103,7 @@ class Embedder:
     def fingerprint(self) -> str:
         """sha256 of the weight files: which embedder made an index's vectors (see
         ``retrieval.index.check_embedder``). Computed once."""
-        if getattr(self, "_fingerprint", None) is None:
+        if self._fingerprint is None:
             h = hashlib.sha256()
             files = sorted(
                 p for p in self.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
@@ -151,8 +152,6 @@ class Embedder:
         """Backends to try, in order; eager always works."""
         if self.query_backend != "auto":
             return list(dict.fromkeys([self.query_backend, "eager"]))
-        import importlib.util
-
         has_onnx = importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
         return ["onnx-int8", "torchscript", "eager"] if has_onnx else ["torchscript", "eager"]
 
@@ -167,7 +166,12 @@ class Embedder:
             try:
                 if backend == "onnx-int8":
                     path = qe.build_onnx_int8(
-                        model, self._fast[1], self.path, self._embed_fp32, self.cache_dir
+                        model,
+                        self._fast[1],
+                        self.path,
+                        self.fingerprint,
+                        self._embed_fp32,
+                        self.cache_dir,
                     )
                     self._encoder = qe.OnnxInt8Encoder(path, self.query_threads)
                 elif backend == "torchscript":

@@ -76,16 +76,6 @@ def trace(module, batch):
         return torch.jit.optimize_for_inference(torch.jit.freeze(tr))
 
 
-def _weights_stamp(model_dir: Path) -> list:
-    """(file, size, mtime) of the weights and configs: cheap to compute at every start."""
-    files = sorted(
-        p
-        for p in model_dir.rglob("*")
-        if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")
-    )
-    return [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-
-
 class OnnxInt8Encoder:
     """ONNX Runtime session over the int8 model; ``__call__(ids, mask)`` -> [batch, dim]."""
 
@@ -132,18 +122,19 @@ def _export(model, tokenizer, out: Path) -> None:
 
 
 def build_onnx_int8(
-    model, tokenizer, model_dir: Path, reference, cache_dir: Path | None = None
+    model, tokenizer, model_dir: Path, fingerprint: str, reference, cache_dir: Path | None = None
 ) -> Path:
     """Path of the cached int8 ONNX query encoder for ``model``, exported when missing.
 
-    ``reference(texts) -> np.ndarray`` gives the fp32 vectors the export is checked against.
+    ``fingerprint``: the embedder's weights hash (``Embedder.fingerprint``, also what index
+    manifests record), part of the cache key. ``reference(texts) -> np.ndarray`` gives the
+    fp32 vectors the export is checked against.
     """
     import onnxruntime
     import torch
 
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    stamp = _weights_stamp(model_dir)
-    key_src = json.dumps([FORMAT, stamp, torch.__version__, onnxruntime.__version__])
+    key_src = json.dumps([FORMAT, fingerprint, torch.__version__, onnxruntime.__version__])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     final = cache_dir / f"{model_dir.parent.name}-{model_dir.name}-{key}"
     model_path = final / "model.int8.onnx"
@@ -165,7 +156,7 @@ def build_onnx_int8(
             raise RuntimeError(f"int8 query encoder drifts from fp32 (cosine {min(cos):.3f})")
         record = make_provenance(
             "query-encoder",
-            inputs={"model_dir": str(model_dir), "files": stamp},
+            inputs={"model_dir": str(model_dir), "weights_sha256": fingerprint},
             config={"format": FORMAT, "opset": 17, "quantization": "dynamic int8 per-channel"},
             metrics={"probe_min_cosine_vs_fp32": min(cos), "probes": len(PROBES)},
         )  # versions (torch, onnxruntime, onnx...) are recorded by make_provenance
