@@ -118,16 +118,17 @@ def train_contrastive(model, texts: list[str], examples: list[Example], cfg, pro
 def dev_recall(index, embedder, items, k: int = 3) -> dict[str, float]:
     """recall@k of dense and hybrid (default fusion weights) on ``items`` (RetrievalItems)."""
     from docqa.settings import Settings
+    from eval.metrics import recall_at_k
     from retrieval.search import Retriever
 
     ret = Retriever(index, embedder)
     weights = Settings().retrieval.fusion_weights(ret.has_questions)
     out = {}
     for mode in ("dense", "hybrid"):
-        hits = 0
+        hits = 0.0
         for it in items:
             found = ret.search(it.question, k, mode=mode, weights=weights).hits
-            hits += bool(set(it.gold_ids) & {h.chunk.id for h in found})
+            hits += recall_at_k([h.chunk.id for h in found], set(it.gold_ids), k)
         out[f"{mode}_recall@{k}"] = round(hits / len(items), 4) if items else None
     return out
 
