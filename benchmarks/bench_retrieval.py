@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from docqa.data import DEFAULT_DOCS, DEFAULT_QA, load_qa, split_qa  # noqa: E402
-from docqa.settings import Settings  # noqa: E402
+from docqa.settings import load_settings  # noqa: E402
 from eval.devsets import (  # noqa: E402
     audited_devset,
     load_audit,
@@ -34,34 +34,36 @@ from eval.devsets import (  # noqa: E402
 )
 from retrieval.bm25 import BM25  # noqa: E402
 from retrieval.builder import build_index, default_tokenizer  # noqa: E402
-from retrieval.embedder import Embedder  # noqa: E402
+from retrieval.factory import build_retriever, load_embedder  # noqa: E402
 from retrieval.index import assemble  # noqa: E402
 from retrieval.questions import attach_questions  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
 
+SETTINGS = load_settings()
 
-def systems(weights: tuple[float, float]) -> dict[str, dict]:
+
+def systems(ret: Retriever) -> dict[str, Retriever]:
+    """The configured retriever (the server's settings) and the alternatives it is compared to."""
+    w = ret.config.weights(ret.has_questions)
+    rrf = ret.with_config(
+        fusion="rrf", bm25_weight=1.0, dense_weight=1.0, question_dense_weight=1.0
+    )
     return {
-        "bm25": {"mode": "bm25"},
-        "dense": {"mode": "dense"},
-        "hybrid rrf (k=60, w=1/1)": {"mode": "hybrid", "fusion": "rrf", "weights": (1.0, 1.0)},
-        f"hybrid weighted (default, w={weights[0]:g}/{weights[1]:g})": {
-            "mode": "hybrid",
-            "fusion": "weighted",
-            "weights": weights,
-        },
+        "bm25": ret.with_config(mode="bm25"),
+        "dense": ret.with_config(mode="dense"),
+        f"hybrid rrf (k={ret.config.rrf_k}, w=1/1)": rrf,
+        f"hybrid {ret.config.fusion} (default, w={w[0]:g}/{w[1]:g})": ret,
     }
 
 
 def recall_table(ret: Retriever, items, ks=(1, 3, 5)) -> dict[str, dict[str, float]]:
     out = {}
-    weights = Settings().retrieval.fusion_weights(ret.has_questions)
-    for mode, kw in systems(weights).items():
+    for mode, system in systems(ret).items():
         hits = {k: 0 for k in ks}
         path_hits = 0
         rr = 0.0
         for it in items:
-            found = ret.search(it.question, max(ks), **kw).hits
+            found = system.search(it.question, max(ks)).hits
             ids = [h.chunk.id for h in found]
             path_hits += bool({h.chunk.path for h in found[:3]} & set(it.gold_paths))
             gold = set(it.gold_ids)
@@ -112,12 +114,11 @@ def print_table(table) -> None:
 
 
 def latency(ret: Retriever, items) -> list[float]:
-    weights = Settings().retrieval.fusion_weights(ret.has_questions)
     lat = []
     for _ in range(2):
         for it in items:
             t0 = time.perf_counter()
-            ret.search(it.question, 5, weights=weights)
+            ret.search(it.question, 5)
             lat.append((time.perf_counter() - t0) * 1000)
     return lat[len(items) :]  # second pass: warm
 
@@ -147,7 +148,7 @@ def train_internal(plain, train, emb) -> None:
         f"\ntrain-internal check: {qs.n_attached} train questions attached, {len(items)} other "
         "train questions asked\n"
     )
-    print_table(recall_table(Retriever(index, emb), items))
+    print_table(recall_table(build_retriever(index, SETTINGS, emb), items))
 
 
 def main() -> None:
@@ -161,7 +162,7 @@ def main() -> None:
     if args.show_audit:
         return show_audit(pairs)
     tok = default_tokenizer()
-    emb = Embedder(args.embedder) if args.embedder else Embedder()
+    emb = load_embedder(SETTINGS.embedder, args.embedder)
     train, held = split_qa(pairs)
     plain = build_index(DEFAULT_DOCS, emb, tok, progress=False)
     augmented = build_index(DEFAULT_DOCS, emb, tok, progress=False, questions=train)
@@ -174,7 +175,7 @@ def main() -> None:
     print(f"embedder: {emb.name}; query embedding: {emb.warm()}")
     clear = [it for it in items if it.containment >= 0.5]
     for name, index in (("plain index", plain), ("question-augmented index", augmented)):
-        ret = Retriever(index, emb)
+        ret = build_retriever(index, SETTINGS, emb)
         extra = ""
         if index.questions is not None:
             extra = f": {index.questions.n_attached} train questions attached"

@@ -35,6 +35,13 @@ class ServerSettings(_Section):
     retry_after_s: int = Field(
         2, ge=1, le=3600, description="Retry-After seconds sent with a queue-full 503."
     )
+    reload_drain_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="On a model reload, how long requests still running on the old model may "
+        "take to finish before they are cancelled and the old model is closed.",
+    )
     cors_origins: list[str] = Field(
         default_factory=lambda: ["*"], description="Allowed CORS origins (Jan runs in a webview)."
     )
@@ -99,19 +106,6 @@ class EmbedderSettings(_Section):
         "embedders, default ~/.cache/docqa/embedders).",
     )
 
-    def load(self):
-        """The configured ``retrieval.embedder.Embedder``."""
-        from retrieval.embedder import Embedder
-
-        return Embedder(
-            self.model,
-            device=self.device,
-            batch_size=self.batch_size,
-            query_backend=self.query_backend,
-            query_threads=self.query_threads,
-            cache_dir=self.cache_dir,
-        )
-
 
 class RetrievalSettings(_Section):
     index_dir: Path | None = Field(None, description="Built index directory to serve.")
@@ -139,6 +133,9 @@ class RetrievalSettings(_Section):
         "'weighted' (BM25/max + cosine min-max, by the weights below).",
     )
     rrf_k: int = Field(60, ge=1, le=10000, description="Reciprocal rank fusion constant.")
+    mode: Literal["hybrid", "bm25", "dense"] = Field(
+        "hybrid", description="Retrievers used: both fused ('hybrid'), or BM25 or dense alone."
+    )
     bm25_weight: float = Field(1.0, ge=0, le=100, description="Weight of BM25 in fusion.")
     dense_weight: float = Field(0.3, ge=0, le=100, description="Weight of dense in fusion.")
     question_dense_weight: float = Field(
@@ -184,11 +181,6 @@ class RetrievalSettings(_Section):
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
     )
-
-    def fusion_weights(self, has_questions: bool) -> tuple[float, float]:
-        """(BM25, dense) weights for an index with or without attached questions."""
-        dense = self.question_dense_weight if has_questions else self.dense_weight
-        return (self.bm25_weight, dense)
 
 
 class TicketSettings(_Section):

@@ -38,14 +38,12 @@ def main() -> None:
 
     logging.disable(logging.WARNING)
     from docqa.data import load_qa, split_qa
+    from docqa.settings import load_settings
     from eval.qa import load_offtopic
     from eval.resources import nitro_index
-    from retrieval.embedder import for_index
-    from retrieval.index import load_index
-    from retrieval.search import Retriever
+    from retrieval.factory import build_retriever
 
-    index = load_index(args.index or nitro_index())
-    ret = Retriever(index, for_index(index))
+    ret = build_retriever(args.index or nitro_index(), load_settings())
     _, held = split_qa(load_qa())
     in_sims = [ret.search(p.question, 1).best_sim for p in held]
     off_sims = [ret.search(q, 1).best_sim for q in load_offtopic()]

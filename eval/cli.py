@@ -43,13 +43,23 @@ def retrieval(
     index: Optional[Path] = IndexOpt,
     target: Optional[str] = typer.Option(None),
     limit: Optional[int] = None,
+    qa: Optional[Path] = typer.Option(
+        None, exists=True, help="Dev Q&A pairs (CSV question,answer); default: Nitro held-out."
+    ),
+    hits: Optional[Path] = typer.Option(None, help="Write each question's ranked chunk ids."),
     json_out: Optional[Path] = JsonOpt,
 ):
     """recall@1/3/5 and MRR on the held-out dev set (in-process, or /v1/retrieve of --target)."""
+    from docqa.data import load_qa
     from eval.retrieval_eval import evaluate_retrieval
 
     setup_logging("WARNING")
-    res = evaluate_retrieval(_default_index(index), target, _heldout(limit))
+    pairs = load_qa(qa, duplicates=True)[:limit] if qa else _heldout(limit)
+    try:
+        res = evaluate_retrieval(_default_index(index), target, pairs, hits_out=hits)
+    except ValueError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(2) from exc
     console.print(res["table"])
     write_json(json_out, res)
 
@@ -154,12 +164,10 @@ def run_mcq_target(
 
         retr = None
         if rag:
-            from retrieval.embedder import for_index
-            from retrieval.index import load_index
-            from retrieval.search import Retriever
+            from docqa.settings import load_settings
+            from retrieval.factory import build_retriever
 
-            idx = load_index(index)
-            retr = Retriever(idx, for_index(idx))
+            retr = build_retriever(index, load_settings())
         path = ModelStore("models/store").resolve(spec).path
         return run_loglik(path, items, retr).to_dict() | {"name": name or spec}
     with open_target(spec, model=model, rag=rag, index=index, name=name) as t:

@@ -170,7 +170,7 @@ def run_loglik(
     gguf: str | Path,
     items: list[MCQ],
     retriever=None,
-    top_k: int = 3,
+    top_k: int | None = None,
     n_ctx: int = 4096,
     progress: bool = True,
 ) -> MCQResult:

@@ -20,10 +20,11 @@ DEFAULT_INDEX = Path("var/index")
 
 def _parts(config: Optional[Path]):
     from retrieval.builder import default_tokenizer
+    from retrieval.factory import load_embedder
 
     s = load_settings(config)
     setup_logging("INFO")
-    return s, s.embedder.load(), default_tokenizer(s.model.model, s.model.store_dir)
+    return s, load_embedder(s.embedder), default_tokenizer(s.model.model, s.model.store_dir)
 
 
 @app.command()
@@ -121,33 +122,27 @@ def remove(
 def query(
     text: str = typer.Argument(..., help="The question."),
     index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
-    top_k: int = typer.Option(5, "--top-k", "-k"),
-    mode: str = typer.Option("hybrid", help="hybrid | bm25 | dense"),
+    top_k: Optional[int] = typer.Option(
+        None, "--top-k", "-k", help="Chunks to show (default: retrieval.top_k)."
+    ),
+    mode: Optional[str] = typer.Option(
+        None, help="hybrid | bm25 | dense (default: retrieval.mode)."
+    ),
     path_prefix: Optional[str] = typer.Option(None, help="Only documents under this path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     config: Optional[Path] = typer.Option(None, "--config", "-c"),
 ):
     """Query an index and print the best chunks."""
+    from retrieval.factory import build_retriever, load_embedder
     from retrieval.index import EmbedderMismatch, load_index
-    from retrieval.search import Retriever
 
     s = load_settings(config)
-    r = s.retrieval
     try:
-        ret = Retriever(load_index(index), s.embedder.load(), faiss_kind=r.faiss_index)
+        ret = build_retriever(load_index(index), s, load_embedder(s.embedder))
     except EmbedderMismatch as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from exc
-    res = ret.search(
-        text,
-        top_k,
-        candidates=r.candidates,
-        rrf_k=r.rrf_k,
-        fusion=r.fusion,
-        weights=r.fusion_weights(ret.has_questions),
-        path_prefix=path_prefix,
-        mode=mode,
-    )
+    res = ret.search(text, top_k, path_prefix=path_prefix, mode=mode)
     if as_json:
         print(
             json.dumps(

@@ -38,13 +38,12 @@ def resolve_embedder(name: str) -> Path:
     raise FileNotFoundError(f"embedder not found: {name} (give a local model folder)")
 
 
-def for_index(index, **kwargs) -> Embedder:
-    """The embedder an index was built with (its manifest's model folder, when it is still
-    there), else the default one; ``check_embedder`` then confirms the weights match."""
+def built_with(index) -> str:
+    """Which embedder made an index's vectors: its manifest's model folder when it is still
+    there, else its recorded name (``retrieval.factory.index_embedder`` loads it)."""
     built = (getattr(index, "manifest", None) or {}).get("embedder") or {}
     path = built.get("path")
-    name = path if path and Path(path).is_dir() else built.get("name", DEFAULT_EMBEDDER)
-    return Embedder(name, **kwargs)
+    return path if path and Path(path).is_dir() else built.get("name", DEFAULT_EMBEDDER)
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")

@@ -4,9 +4,11 @@ attached questions, a chunk's dense score is the best of its own vector and its 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -15,7 +17,46 @@ from retrieval.bm25 import tokenize
 from retrieval.chunking import Chunk
 from retrieval.index import Index, check_embedder
 
+if TYPE_CHECKING:
+    from docqa.settings import RetrievalSettings
+
 log = logging.getLogger(__name__)
+MODES = ("hybrid", "bm25", "dense")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How a retriever searches: built once from ``RetrievalSettings`` (the one source of truth)
+    and handed to the ``Retriever``; ``search()`` takes only per-request overrides."""
+
+    top_k: int
+    candidates: int
+    fusion: str
+    rrf_k: int
+    bm25_weight: float
+    dense_weight: float
+    question_dense_weight: float
+    mode: str
+    faiss_index: str
+
+    @classmethod
+    def from_settings(cls, r: RetrievalSettings) -> SearchConfig:
+        return cls(
+            top_k=r.top_k,
+            candidates=r.candidates,
+            fusion=r.fusion,
+            rrf_k=r.rrf_k,
+            bm25_weight=r.bm25_weight,
+            dense_weight=r.dense_weight,
+            question_dense_weight=r.question_dense_weight,
+            mode=r.mode,
+            faiss_index=r.faiss_index,
+        )
+
+    def weights(self, has_questions: bool) -> tuple[float, float]:
+        """(BM25, dense) fusion weights for an index with or without attached questions."""
+        dense = self.question_dense_weight if has_questions else self.dense_weight
+        return (self.bm25_weight, dense)
 
 
 @dataclass
@@ -64,13 +105,17 @@ def build_faiss(emb: np.ndarray, kind: str = "flat") -> faiss.Index:
 
 
 class Retriever:
-    """Immutable view over one ``Index``; the server swaps whole retrievers on ingest."""
+    """Immutable view over one ``Index`` with one ``SearchConfig``; the server swaps whole
+    retrievers on ingest. Build it with ``retrieval.factory.build_retriever`` (the one place
+    that turns settings into a retriever)."""
 
-    def __init__(self, index: Index, embedder, *, faiss_kind: str = "flat", reranker=None):
+    def __init__(self, index: Index, embedder, config: SearchConfig, *, reranker=None):
         if len(index):
             check_embedder(index, embedder)
         self.index = index
         self.embedder = embedder
+        self.config = config
+        faiss_kind = config.faiss_index
         self.faiss = build_faiss(np.asarray(index.embeddings), faiss_kind) if len(index) else None
         self.reranker = reranker
         # attached questions: their vectors (a second FAISS index) and the chunk each points to
@@ -121,18 +166,31 @@ class Retriever:
         p = prefix.lstrip("./")
         return np.array([c.path.startswith(p) for c in self.index.chunks], dtype=bool)
 
+    def with_index(self, index: Index) -> Retriever:
+        """A retriever over another index with the same embedder, config and reranker."""
+        return Retriever(index, self.embedder, self.config, reranker=self.reranker)
+
+    def with_config(self, **changes) -> Retriever:
+        """The same index searched with some config fields changed (benchmarks, ablations)."""
+        cfg = dataclasses.replace(self.config, **changes)
+        return Retriever(self.index, self.embedder, cfg, reranker=self.reranker)
+
     def search(
         self,
         query: str,
-        top_k: int = 4,
+        top_k: int | None = None,
         *,
-        candidates: int = 30,
-        rrf_k: int = 60,
-        weights: tuple[float, float] = (1.0, 1.0),
         path_prefix: str | None = None,
-        mode: str = "hybrid",
-        fusion: str = "weighted",
+        mode: str | None = None,
     ) -> SearchResult:
+        """The ``top_k`` best chunks for ``query`` (None: the config's). Overrides per request:
+        ``top_k``, ``path_prefix`` (only chunks under it) and ``mode`` (hybrid|bm25|dense)."""
+        cfg = self.config
+        top_k = cfg.top_k if top_k is None else top_k
+        mode = mode or cfg.mode
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        candidates, fusion = cfg.candidates, cfg.fusion
         t0 = time.perf_counter()
         n = len(self.index)
         if n == 0 or not query.strip():
@@ -185,12 +243,13 @@ class Retriever:
         elif mode == "dense":
             fused = [(chunks[i].id, s) for i, s in dense_hits]
         elif fusion == "weighted":
+            weights = cfg.weights(self.has_questions)
             fused = self._weighted(bm_all, q, bm_hits, dense_hits, weights, qsims)
         else:
             fused = rrf(
                 [[chunks[i].id for i, _ in bm_hits], [chunks[i].id for i, _ in dense_hits]],
-                list(weights),
-                rrf_k,
+                list(cfg.weights(self.has_questions)),
+                cfg.rrf_k,
             )
         pos = self.index.pos
         hits = [

@@ -1,12 +1,14 @@
-"""Request guards: API key and readiness."""
+"""Request guards: API key and admin key."""
 
 from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
+from fastapi import Depends, Request
 
+from server.deps import app_state
 from server.errors import APIError
+from server.state import AppState
 
 
 def _check_key(request: Request, expected: str | None) -> None:
@@ -24,13 +26,13 @@ def _check_key(request: Request, expected: str | None) -> None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
 
 
-async def require_api_key(request: Request) -> None:
-    key = request.app.state.settings.server.api_key
+async def require_api_key(request: Request, state: AppState = Depends(app_state)) -> None:
+    key = state.settings.server.api_key
     _check_key(request, key.get_secret_value() if key else None)
 
 
-async def require_admin_key(request: Request) -> None:
-    s = request.app.state.settings.server
+async def require_admin_key(request: Request, state: AppState = Depends(app_state)) -> None:
+    s = state.settings.server
     key = s.admin_key or s.api_key
     if key is None:
         raise APIError(
@@ -39,11 +41,3 @@ async def require_admin_key(request: Request) -> None:
             code="admin_disabled",
         )
     _check_key(request, key.get_secret_value())
-
-
-async def require_ready(request: Request) -> None:
-    state = request.app.state
-    if not getattr(state, "ready", False):
-        err = getattr(state, "load_error", None)
-        msg = f"model failed to load: {err}" if err else "model is loading, retry shortly"
-        raise APIError(503, msg, code="model_loading", headers={"Retry-After": "1"})

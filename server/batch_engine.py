@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
-from server.engine import _END, Engine, Job, LoadedModel, _Exclusive
+from server.engine import Admission, Job
 from server.generation import Finish, GenParams, TextStream, _logprob_entry, _token_piece
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,42 @@ def _sampler(vocab, p: GenParams, seed: int):
     return chain
 
 
-class BatchEngine(Engine):
+class BatchContext:
+    """A llama.cpp context with ``n_seq`` sequences (plus one for the prefix cache) on a unified
+    KV cache, created from a loaded model; owns and frees the context and its batch."""
+
+    def __init__(self, llm: llama_cpp.Llama, n_seq: int, n_batch: int, n_threads: int | None):
+        self.per_seq_ctx = llm.n_ctx()
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_batch, 512)
+        cp.n_seq_max = n_seq + 1
+        cp.kv_unified = True
+        nt = n_threads or llm.n_threads
+        if nt:
+            cp.n_threads = cp.n_threads_batch = int(nt)
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, cp)  # noqa: SLF001
+        if not self.ctx:
+            raise RuntimeError("could not create the batched llama.cpp context")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.vocab = llm._model.vocab  # noqa: SLF001
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+
+class BatchEngine:
+    """Continuous batching over a ``BatchContext``; same interface as ``server.engine.Engine``.
+    It owns its context, not the model (``server.runtime.ModelRuntime`` does)."""
+
     def __init__(
         self,
-        model: LoadedModel,
+        llm: llama_cpp.Llama,
         max_queue: int,
         n_seq: int = 8,
         n_batch: int = 512,
@@ -82,6 +115,7 @@ class BatchEngine(Engine):
         chunk: int = 64,
         prefix_cache: bool = True,
     ):
+        self.llm = llm
         self.n_seq = n_seq
         # Prompts are evaluated in chunks aligned to multiples of ``chunk`` positions, so the KV
         # of a chunk depends only on the tokens up to its end: whole chunks can be copied from
@@ -93,28 +127,28 @@ class BatchEngine(Engine):
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
         self.n_batch = n_batch
-        self.per_seq_ctx = model.llm.n_ctx()
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
-        cp.n_batch = n_batch
-        cp.n_ubatch = min(n_batch, 512)
-        cp.n_seq_max = n_seq + 1
-        cp.kv_unified = True
-        nt = n_threads or model.llm.n_threads
-        if nt:
-            cp.n_threads = cp.n_threads_batch = int(nt)
-        self.ctx = llama_cpp.llama_init_from_model(model.llm._model.model, cp)  # noqa: SLF001
-        if not self.ctx:
-            raise RuntimeError("could not create the batched llama.cpp context")
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.vocab = model.llm._model.vocab  # noqa: SLF001
+        self.bctx = BatchContext(llm, n_seq, n_batch, n_threads)
+        self.per_seq_ctx = self.bctx.per_seq_ctx
+        self.ctx, self.mem = self.bctx.ctx, self.bctx.mem
+        self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
-        super().__init__(model, max_queue)
+        self.admission = Admission(max_queue)
+        self._thread = threading.Thread(target=self._run, name="docqa-batch", daemon=True)
+        self._thread.start()
 
     @property
     def n_ctx(self) -> int:
         return self.per_seq_ctx
+
+    @property
+    def busy(self) -> int:
+        return self.admission.admitted
+
+    def submit(self, params: GenParams) -> Job:
+        return self.admission.submit(params)
+
+    def cancel_all(self) -> int:
+        return self.admission.cancel_all()
 
     # -- scheduler -------------------------------------------------------------------
     def _admit(self, job: Job, seq: int) -> _Slot | None:
@@ -169,8 +203,7 @@ class BatchEngine(Engine):
         self.cache_tokens = list(prompt[:n])
 
     def _end(self, job: Job) -> None:
-        self._release()
-        job._put(_END)
+        self.admission.release(job)
 
     def _finish(self, s: _Slot, reason: str) -> None:
         if reason != "cancelled":
@@ -233,12 +266,12 @@ class BatchEngine(Engine):
             self._finish(s, "stop")
             return True
         lp = (
-            _logprob_entry(self.model.llm, tok, p.top_logprobs, self.ctx, s.batch_idx)
+            _logprob_entry(self.llm, tok, p.top_logprobs, self.ctx, s.batch_idx)
             if p.logprobs
             else None
         )
         s.n_out += 1
-        d = s.text.push(_token_piece(self.model.llm, tok), lp)
+        d = s.text.push(_token_piece(self.llm, tok), lp)
         if d is not None:
             s.job._put(d)
         if s.text.stop_hit:
@@ -256,17 +289,12 @@ class BatchEngine(Engine):
         while True:
             while free:
                 try:
-                    job = self._jobs.get(block=not active, timeout=None)
+                    job = self.admission.jobs.get(block=not active, timeout=None)
                 except queue.Empty:
                     break
                 if job is None:
+                    self._stopped(active)
                     return
-                if isinstance(job, _Exclusive):
-                    if active:  # wait for the running batch to drain first
-                        self._jobs.put(job)
-                        break
-                    job.task()
-                    continue
                 try:
                     slot = self._admit(job, free[0])
                 except Exception as exc:  # noqa: BLE001
@@ -326,9 +354,17 @@ class BatchEngine(Engine):
                 del active[s.seq]
                 free.append(s.seq)
 
+    def _stopped(self, active: dict) -> None:
+        """Stop requested: end the running sequences as cancelled (close() cancels first)."""
+        for s in list(active.values()):
+            self._finish(s, "cancelled")
+        active.clear()
+
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-        self.model.llm.close()
+        """Stop the scheduler, then free the context (the model is the runtime's)."""
+        self.admission.stop()
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            log.error("batch scheduler did not stop; leaking its context rather than freeing it")
+            return
+        self.bctx.close()

@@ -1,9 +1,10 @@
-"""The engine owns the llama.cpp context. One request uses it at a time (a worker thread),
-others wait in a bounded queue; a full queue is refused at once (503 + Retry-After).
+"""Generation engines. An engine runs jobs on a worker thread; requests wait in a bounded
+queue (``Admission``) and a full queue is refused at once (503 + Retry-After).
 
-Interface used by the services (kept when continuous batching replaces the worker):
-``submit(params) -> Job`` (raises ``QueueFull``), ``Job`` is an async iterator of
-``Delta``/``Finish`` events with ``cancel()``; plus tokenization and chat formatting.
+Interface (both engines; the runtime in ``server.runtime`` holds one): ``submit(params) ->
+Job`` (raises ``QueueFull``), ``busy``, ``n_ctx``, ``cancel_all()``, ``close()``. A ``Job``
+is an async iterator of ``Delta``/``Finish`` events with ``cancel()``. Tokenization and chat
+formatting belong to the model, not the engine: see ``server.runtime.ModelRuntime``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 class QueueFull(RuntimeError):
     pass
+
+
+class EngineStopped(QueueFull):
+    """The engine is shutting down (its model was replaced); retry on the current one."""
 
 
 class PromptTooLong(ValueError):
@@ -66,15 +70,6 @@ class Job:
             yield item
 
 
-@dataclass
-class LoadedModel:
-    id: str
-    path: Path
-    llm: llama_cpp.Llama
-    formatter: Jinja2ChatFormatter | None
-    provenance: dict | None = None
-
-
 def load_llama(path: Path, *, n_ctx: int, n_batch: int, n_threads: int | None, n_gpu_layers: int):
     n_threads = n_threads or os.cpu_count() or 1
     return llama_cpp.Llama(
@@ -104,119 +99,95 @@ def chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
     )
 
 
-class Engine:
-    """Single-context engine: a worker thread serves jobs one at a time, FIFO."""
+class Admission:
+    """Bounded admission and the FIFO hand-off to an engine's worker thread: at most
+    ``max_queue`` requests admitted (running + waiting); more are refused at once."""
 
-    def __init__(self, model: LoadedModel, max_queue: int):
-        self.model = model
+    def __init__(self, max_queue: int):
         self.max_queue = max_queue
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._admitted = 0
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.admitted = 0
         self._lock = threading.Lock()
+        self._live: set[Job] = set()
+        self._stopped = False
+
+    def submit(self, params: GenParams) -> Job:
+        with self._lock:
+            if self._stopped:
+                raise EngineStopped("the model is being replaced")
+            if self.admitted >= self.max_queue:
+                raise QueueFull(f"server busy: {self.admitted} requests admitted")
+            self.admitted += 1
+            job = Job(params, asyncio.get_running_loop())
+            self._live.add(job)
+        self.jobs.put(job)
+        return job
+
+    def release(self, job: Job) -> None:
+        """The job is over: free its place and end its event stream."""
+        with self._lock:
+            self.admitted -= 1
+            self._live.discard(job)
+        job._put(_END)
+
+    def cancel_all(self) -> int:
+        """Cancel every admitted job (their streams end as cancelled); the count."""
+        with self._lock:
+            live = list(self._live)
+        for job in live:
+            job.cancel()
+        return len(live)
+
+    def stop(self) -> None:
+        """No more submissions; the worker ends after the jobs already queued."""
+        with self._lock:
+            self._stopped = True
+        self.jobs.put(None)
+
+
+class Engine:
+    """Single-context engine over a llama model's own context: a worker thread serves jobs one
+    at a time, FIFO. It does not own the model (``server.runtime.ModelRuntime`` does)."""
+
+    def __init__(self, llm: llama_cpp.Llama, max_queue: int):
+        self.llm = llm
+        self.admission = Admission(max_queue)
         self._thread = threading.Thread(target=self._run, name="docqa-engine", daemon=True)
         self._thread.start()
 
-    # -- properties used by services -------------------------------------------------
     @property
     def n_ctx(self) -> int:
-        return self.model.llm.n_ctx()
+        return self.llm.n_ctx()
 
     @property
     def busy(self) -> int:
-        return self._admitted
+        return self.admission.admitted
 
-    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
-        return self.model.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return self.model.llm.detokenize(tokens).decode("utf-8", errors="replace")
-
-    def format_chat(self, messages: list[dict[str, str]]) -> str:
-        fmt = self.model.formatter
-        if fmt is None:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-            return text + "assistant: "
-        return fmt(messages=messages).prompt
-
-    def prompt_tokens(self, prompt: str) -> list[int]:
-        llm = self.model.llm
-        add_bos = bool(llm._model.add_bos_token())  # noqa: SLF001
-        bos_text = llm._model.token_get_text(llm.token_bos()) if add_bos else ""  # noqa: SLF001
-        if bos_text and prompt.startswith(bos_text):
-            add_bos = False
-        return self.tokenize(prompt, add_bos=add_bos, special=True)
-
-    def check_fits(self, n_prompt: int, param: str) -> None:
-        if n_prompt >= self.n_ctx:
-            raise PromptTooLong(
-                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt "
-                f"is {n_prompt} tokens. Shorten the {param} (docqa never truncates it silently)."
-            )
-
-    # -- submission ------------------------------------------------------------------
     def submit(self, params: GenParams) -> Job:
-        with self._lock:
-            if self._admitted >= self.max_queue:
-                raise QueueFull(f"server busy: {self._admitted} requests admitted")
-            self._admitted += 1
-        job = Job(params, asyncio.get_running_loop())
-        self._jobs.put(job)
-        return job
+        return self.admission.submit(params)
 
-    def _release(self) -> None:
-        with self._lock:
-            self._admitted -= 1
+    def cancel_all(self) -> int:
+        return self.admission.cancel_all()
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
+            job = self.admission.jobs.get()
             if job is None:
                 return
-            if isinstance(job, _Exclusive):
-                job.task()
-                continue
             try:
                 if job.cancelled.is_set():
                     job._put(Finish("cancelled", len(job.params.prompt_tokens), 0))
                     continue
                 job._mark_started()
-                for ev in generate(self.model.llm, job.params, job.cancelled):
+                for ev in generate(self.llm, job.params, job.cancelled):
                     job._put(ev)
             except Exception as exc:  # a failing request must not kill the worker
                 log.exception("generation failed")
                 job._put(exc)
             finally:
-                self._release()
-                job._put(_END)
-
-    def run_exclusive(self, fn, *args):
-        """Run ``fn`` on the worker thread between requests (e.g. a model swap); blocking."""
-        done = threading.Event()
-        box: dict[str, Any] = {}
-
-        def task():
-            try:
-                box["value"] = fn(*args)
-            except Exception as exc:  # noqa: BLE001
-                box["error"] = exc
-            finally:
-                done.set()
-
-        self._jobs.put(_Exclusive(task))  # type: ignore[arg-type]
-        done.wait()
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
+                self.admission.release(job)
 
     def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=30)
-        try:
-            self.model.llm.close()
-        except Exception:  # noqa: BLE001
-            pass
-
-
-class _Exclusive:
-    def __init__(self, task):
-        self.task = task
+        """Stop the worker after the jobs already queued (cancel them first to be quick)."""
+        self.admission.stop()
+        self._thread.join(timeout=60)

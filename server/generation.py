@@ -9,6 +9,7 @@ import codecs
 import ctypes
 import math
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,14 +58,16 @@ class Finish:
     error: str | None = None
 
 
-_PIECES: dict[tuple[int, int], bytes] = {}
+# token bytes per loaded model; weak keys: a closed and collected model takes its cache along
+# (an id()-keyed cache could hand a reloaded model the old vocabulary's pieces)
+_PIECES: weakref.WeakKeyDictionary[Any, dict[int, bytes]] = weakref.WeakKeyDictionary()
 
 
 def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
-    """Bytes of one token (no special-token text), cached per vocab."""
+    """Bytes of one token (no special-token text), cached per model."""
     vocab = llm._model.vocab  # noqa: SLF001
-    key = (id(llm._model), tok)  # noqa: SLF001
-    piece = _PIECES.get(key)
+    cache = _PIECES.setdefault(llm._model, {})  # noqa: SLF001
+    piece = cache.get(tok)
     if piece is None:
         size = 64
         while True:
@@ -75,7 +78,7 @@ def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
                 continue
             piece = buf.raw[:n]
             break
-        _PIECES[key] = piece
+        cache[tok] = piece
     return piece
 
 

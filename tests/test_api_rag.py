@@ -127,20 +127,19 @@ def test_served_int8_queries_match_fp32(rag_server):
     from pathlib import Path
 
     from docqa.settings import Settings
-    from retrieval.embedder import Embedder
+    from retrieval.factory import build_retriever
     from retrieval.index import load_index
-    from retrieval.search import Retriever
 
     health = httpx.get(rag_server.url + "/health").json()
     assert health["embedder"] == {"name": "all-minilm-l6-v2", "query_backend": "onnx-int8"}
     cached = list((Path(os.environ["DOCQA_CACHE_DIR"]) / "embedders").glob("*/provenance.json"))
     assert cached and json.loads(cached[0].read_text())["kind"] == "query-encoder"
-    fp32 = Retriever(load_index(rag_server.index_dir), Embedder(query_backend="torchscript"))
-    weights = Settings().retrieval.fusion_weights(fp32.has_questions)  # as the server fuses
+    fp32_settings = Settings(embedder={"query_backend": "torchscript"})
+    fp32 = build_retriever(load_index(rag_server.index_dir), fp32_settings)  # as the server fuses
     for q in ["Which port does the API listen on?", "How do I cancel a job?", "log rotation"]:
         served = httpx.post(rag_server.url + "/v1/retrieve", json={"query": q, "top_k": 3})
         ids = [d["id"] for d in served.json()["data"]]
-        assert ids[0] == fp32.search(q, 3, weights=weights).hits[0].chunk.id
+        assert ids[0] == fp32.search(q, 3).hits[0].chunk.id
 
 
 def _paths(url: str, q: str) -> list[str]:

@@ -8,18 +8,37 @@ import json
 import pytest
 
 from docqa.settings import load_settings
-from server.app import load_model
+from models.store import ModelStore
 from server.batch_engine import BatchEngine
 from server.generation import Delta, Finish, GenParams
+from server.runtime import ModelRuntime
 from server.schemas import ResponseFormat
 from server.services.generation import grammar_for
 
 PROMPTS = [f"Write two sentences about animal number {i}." for i in range(8)]
 
 
+def _runtime() -> ModelRuntime:
+    """The embedded model as the server loads it (its prompt formatting and tokenizer); the
+    batch engines under test are built on its llama model."""
+    ms = load_settings(model={"n_ctx": 512}).model
+    return ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64)
+
+
 @pytest.fixture
 def model():
-    return load_model(load_settings(model={"n_ctx": 512}))
+    rt = _runtime()
+    yield rt
+    rt.close()
+
+
+class Batch(BatchEngine):
+    """A batch engine that also formats and tokenizes prompts like its model's runtime."""
+
+    def __init__(self, rt: ModelRuntime, *args, **kw):
+        super().__init__(rt.llm, *args, **kw)
+        self.rt = rt
+        self.prompt_tokens, self.format_chat = rt.prompt_tokens, rt.format_chat
 
 
 SYSTEM = ("You are a support assistant for a documentation site. " * 12).strip()
@@ -57,19 +76,19 @@ def test_batch_of_8_no_cross_talk(model):
     late near-tie may flip; the prompt itself is always evaluated exactly as when alone."""
 
     async def go():
-        be = BatchEngine(model, 64, n_seq=8)
+        be = Batch(model, 64, n_seq=8)
         try:
             alone = [await _gen(be, p, temperature=0.0) for p in PROMPTS]
             batch = await asyncio.gather(*[_gen(be, p, temperature=0.0) for p in PROMPTS])
             again = await asyncio.gather(*[_gen(be, p, temperature=0.0) for p in PROMPTS])
             hits = be.prefix_hits
-            fresh = BatchEngine(
-                load_model(load_settings(model={"n_ctx": 512})), 64, n_seq=8, prefix_cache=False
-            )
+            other = _runtime()
+            fresh = Batch(other, 64, n_seq=8, prefix_cache=False)
             try:
                 uncached = [await _gen(fresh, p, temperature=0.0) for p in PROMPTS[:3]]
             finally:
                 fresh.close()
+                other.close()
         finally:
             be.close()
         return alone, batch, again, hits, uncached
@@ -98,7 +117,7 @@ def test_grammar_and_free_text_in_one_batch(model):
     letter = grammar_for(None, "root ::= [ABCD]")
 
     async def go():
-        be = BatchEngine(model, 64, n_seq=4)
+        be = Batch(model, 64, n_seq=4)
         try:
             return await asyncio.gather(
                 _gen(be, "Give me a number as JSON.", 40, temperature=0.0, grammar=g),
@@ -116,7 +135,7 @@ def test_grammar_and_free_text_in_one_batch(model):
 
 def test_cancel_mid_batch_frees_sequence(model):
     async def go():
-        be = BatchEngine(model, 64, n_seq=2)
+        be = Batch(model, 64, n_seq=2)
         try:
             toks = be.prompt_tokens(be.format_chat([{"role": "user", "content": "Write a novel."}]))
             long_job = be.submit(GenParams(prompt_tokens=toks, max_tokens=400, temperature=0.0))
@@ -146,7 +165,7 @@ def test_cancel_mid_batch_frees_sequence(model):
 
 def test_more_requests_than_sequences_queue(model):
     async def go():
-        be = BatchEngine(model, 64, n_seq=2)  # KV holds 2 sequences of n_ctx each
+        be = Batch(model, 64, n_seq=2)  # KV holds 2 sequences of n_ctx each
         try:
             return await asyncio.gather(*[_gen(be, p, 12, temperature=0.0) for p in PROMPTS[:6]])
         finally:

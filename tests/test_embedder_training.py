@@ -12,8 +12,10 @@ import pytest
 
 from docqa.data import load_qa
 from docqa.provenance import read_provenance
+from docqa.settings import Settings
 from retrieval.builder import build_index, default_tokenizer
-from retrieval.embedder import Embedder, for_index
+from retrieval.embedder import Embedder
+from retrieval.factory import build_retriever, index_embedder
 from training.config import EmbedderStep
 from training.embedder import contrastive_examples
 from training.steps import run_embedder
@@ -121,15 +123,19 @@ def test_failed_run_keeps_the_last_good_model(good_run, tmp_path):
 def test_index_refuses_another_embedder(good_run, fixture_index):
     """An index's vectors only mean something to the embedder that made them."""
     from retrieval.index import EmbedderMismatch
-    from retrieval.search import Retriever
 
     out, _ = good_run
     tuned = Embedder(str(out / "embedder" / "model"), query_backend="eager")
     assert fixture_index.manifest["embedder"]["fingerprint"] == Embedder().fingerprint
     with pytest.raises(EmbedderMismatch, match="rebuild the index"):
-        Retriever(fixture_index, tuned)
+        build_retriever(fixture_index, Settings(), tuned)
     # evaluation code picks the embedder an index names
-    assert for_index(fixture_index, query_backend="eager").fingerprint == Embedder().fingerprint
+    assert (
+        index_embedder(
+            fixture_index, Settings().embedder.model_copy(update={"query_backend": "eager"})
+        ).fingerprint
+        == Embedder().fingerprint
+    )
 
 
 def test_cli_builds_and_queries_with_the_finetuned_embedder(good_run, tmp_path):

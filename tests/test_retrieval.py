@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
+from docqa.settings import Settings
 from retrieval import index as index_mod
 from retrieval.bm25 import BM25, tokenize
 from retrieval.builder import build_index, default_tokenizer, update_index
 from retrieval.chunking import chunk_document
 from retrieval.embedder import Embedder
+from retrieval.factory import build_retriever
 from retrieval.index import load_index, save_index
 from retrieval.loaders import Document, LoadReport, load_tree
-from retrieval.search import Retriever, rrf
+from retrieval.search import rrf
 
 from .conftest import FIXTURES, SHARED
 
@@ -122,7 +124,7 @@ def test_rrf_order():
 
 def test_hybrid_search_and_filter(built, embedder):
     idx, _ = built
-    r = Retriever(idx, embedder)
+    r = build_retriever(idx, Settings(), embedder)
     res = r.search("Which port does the HTTP API listen on?", 3)
     assert res.hits[0].chunk.path == "guide/install.md"
     res = r.search("How do I cancel a job?", 3)
@@ -142,8 +144,8 @@ def test_save_load_roundtrip_mmap(built, tmp_path, embedder):
     assert loaded.manifest["config"]["chunk_tokens"] == 120
     assert loaded.manifest["inputs"]["files"]["guide/install.md"]["sha256"]
     assert "versions" in loaded.manifest and loaded.manifest["embedder"]["dim"] == 384
-    a = Retriever(idx, embedder).search("metrics port", 3)
-    b = Retriever(loaded, embedder).search("metrics port", 3)
+    a = build_retriever(idx, Settings(), embedder).search("metrics port", 3)
+    b = build_retriever(loaded, Settings(), embedder).search("metrics port", 3)
     assert [h.chunk.id for h in a.hits] == [h.chunk.id for h in b.hits]
 
 
@@ -176,7 +178,7 @@ def test_nitro_docs(tok, embedder):
     idx = build_index(SHARED / "nitro-docs", embedder, tok, progress=False, report=report)
     assert len(report.loaded) >= 27 and len(idx) > 50
     assert all(c.n_tokens <= 300 for c in idx.chunks)
-    r = Retriever(idx, embedder)
+    r = build_retriever(idx, Settings(), embedder)
     paths = [h.chunk.path for h in r.search("How do I enable continuous batching?", 3).hits]
     assert "features/cont-batch.md" in paths
     paths = [h.chunk.path for h in r.search("load a model with the loadmodel endpoint", 5).hits]
@@ -205,8 +207,8 @@ def test_question_augmented_index(built, tok, embedder, tmp_path):
     assert qs.rows[1]["chunk_id"] is None  # general knowledge: attached nowhere
 
     query = "Which cap applies to tasks that execute simultaneously?"  # no word of the chunk
-    aug = Retriever(idx, embedder)
-    assert aug.has_questions and not Retriever(plain, embedder).has_questions
+    aug = build_retriever(idx, Settings(), embedder)
+    assert aug.has_questions and not build_retriever(plain, Settings(), embedder).has_questions
     for mode in ("bm25", "dense", "hybrid"):
         assert aug.search(query, 1, mode=mode).hits[0].chunk.id == owner.id, mode
     # without the attached question BM25 cannot see the chunk at all
@@ -215,7 +217,9 @@ def test_question_augmented_index(built, tok, embedder, tmp_path):
 
     loaded = load_index(save_index(idx, tmp_path / "ix"))
     assert loaded.questions.rows == qs.rows
-    assert Retriever(loaded, embedder).search(query, 1).hits[0].chunk.id == owner.id
+    assert (
+        build_retriever(loaded, Settings(), embedder).search(query, 1).hits[0].chunk.id == owner.id
+    )
     # removing the page re-attaches the pool to what is left (vectors kept, none dangling)
     smaller = update_index(loaded, embedder, tok, remove=["guide/config.md"])
     assert len(smaller.questions) == 2 and smaller.questions.embeddings.shape[0] == 2
@@ -257,8 +261,8 @@ def test_int8_query_encoder_close_to_fp32_and_cached(embedder, built, tmp_path):
         assert float(v[0] @ emb.embed([q])[0]) >= 0.98
     # same ranking as the fp32 query path on the fixture index
     idx, _ = built
-    fp32 = Retriever(idx, Embedder(query_backend="torchscript"))
-    int8 = Retriever(idx, emb)
+    fp32 = build_retriever(idx, Settings(), Embedder(query_backend="torchscript"))
+    int8 = build_retriever(idx, Settings(), emb)
     for q in QUERIES[2:] + ["how do I install zephyrd", "log rotation"]:
         a = {h.chunk.id: h.score for h in fp32.search(q, len(idx), mode="dense").hits}
         b = {h.chunk.id: h.score for h in int8.search(q, len(idx), mode="dense").hits}

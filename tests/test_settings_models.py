@@ -79,9 +79,7 @@ def test_clean_id():
 
 def test_health_is_503_while_loading():
     app = create_app(Settings())
-    app.state.ready = False  # lifespan not run: nothing loaded yet
-    app.state.load_error = None
-    c = TestClient(app)
+    c = TestClient(app)  # lifespan not run: nothing loaded yet
     r = c.get("/health")
     assert r.status_code == 503 and r.json()["status"] == "loading"
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})

@@ -95,22 +95,28 @@ def grounded_answer(chunk_text: str, reference: str) -> str | None:
 class RagExamples:
     """Builds RAFT-style prompts with the server's own template and a retriever."""
 
-    def __init__(self, index_dir: str | Path | None = None):
-        from docqa.settings import Settings
-        from retrieval.embedder import for_index
+    def __init__(self, index_dir: str | Path | None = None, settings=None):
+        from docqa.settings import load_settings
+        from retrieval.factory import build_retriever
         from retrieval.index import load_index
-        from retrieval.search import Retriever
 
         if index_dir is None:
             from eval.resources import nitro_index
 
             index_dir = nitro_index()
+        settings = settings or load_settings()
         self.index = load_index(index_dir)
-        self.retriever = Retriever(self.index, for_index(self.index))
+        # the server's own retriever: same factory, same settings, same hits
+        self.retriever = build_retriever(self.index, settings)
         from eval.devsets import GoldLabeler
 
         self.labeler = GoldLabeler(self.index.chunks)  # corpus statistics once, not per pair
-        self.settings = Settings().retrieval
+        self.settings = settings.retrieval
+
+    def retrieve(self, question: str, n: int) -> list:
+        """The ``n`` chunks the server would retrieve for ``question`` (same factory, same
+        settings): the candidates a training prompt's excerpts come from."""
+        return [h.chunk for h in self.retriever.search(question, n).hits]
 
     def example(
         self, pair: QAPair, k: int, p_missing: float, target: str, rng: random.Random
@@ -121,7 +127,7 @@ class RagExamples:
 
         item = self.labeler.label(pair)
         gold_ids = set(item.gold_ids) if item else set()
-        hits = [h.chunk for h in self.retriever.search(pair.question, k + 3).hits]
+        hits = self.retrieve(pair.question, k + 3)
         gold = next((c for c in self.index.chunks if c.id in gold_ids), None)
         ctx = [c for c in hits if c.id not in gold_ids][: k - 1]
         missing = gold is None or rng.random() < p_missing

@@ -116,18 +116,17 @@ def train_contrastive(model, texts: list[str], examples: list[Example], cfg, pro
 
 
 def dev_recall(index, embedder, items, k: int = 3) -> dict[str, float]:
-    """recall@k of dense and hybrid (default fusion weights) on ``items`` (RetrievalItems)."""
-    from docqa.settings import Settings
+    """recall@k of dense and hybrid (the server's fusion settings) on ``items``."""
+    from docqa.settings import load_settings
     from eval.metrics import recall_at_k
-    from retrieval.search import Retriever
+    from retrieval.factory import build_retriever
 
-    ret = Retriever(index, embedder)
-    weights = Settings().retrieval.fusion_weights(ret.has_questions)
+    ret = build_retriever(index, load_settings(), embedder)
     out = {}
     for mode in ("dense", "hybrid"):
         hits = 0.0
         for it in items:
-            found = ret.search(it.question, k, mode=mode, weights=weights).hits
+            found = ret.search(it.question, k, mode=mode).hits
             hits += recall_at_k([h.chunk.id for h in found], set(it.gold_ids), k)
         out[f"{mode}_recall@{k}"] = round(hits / len(items), 4) if items else None
     return out

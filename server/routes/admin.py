@@ -1,21 +1,22 @@
-"""Admin: swap the served model between requests, without downtime."""
+"""Admin: swap the served model without downtime."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from models.store import ModelNotFound
-from server.app_state import swap_model
-from server.auth import require_admin_key, require_ready
+from server import deps
+from server.auth import require_admin_key
 from server.errors import APIError
+from server.runtime import ModelManager
 
 log = logging.getLogger(__name__)
 router = APIRouter(
-    prefix="/admin", dependencies=[Depends(require_admin_key), Depends(require_ready)]
+    prefix="/admin", dependencies=[Depends(require_admin_key), Depends(deps.services)]
 )
 
 
@@ -24,10 +25,10 @@ class ReloadRequest(BaseModel):
 
 
 @router.post("/reload")
-async def reload(request: Request, body: ReloadRequest):
-    app = request.app
+async def reload(body: ReloadRequest, models: ModelManager = Depends(deps.models)):
+    """Load the model beside the running one, swap it in; requests on the old one finish."""
     try:
-        new_id = await asyncio.to_thread(swap_model, app, body.model)
+        new = await asyncio.to_thread(models.reload, body.model)
     except ModelNotFound as exc:
         raise APIError(404, str(exc), param="model", code="model_not_found") from exc
-    return {"status": "ok", "model": new_id}
+    return {"status": "ok", "model": new.id}

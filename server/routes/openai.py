@@ -2,48 +2,97 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
-from server.auth import require_api_key, require_ready
+from server import deps
+from server.auth import require_api_key
+from server.errors import APIError
+from server.runtime import ModelManager, ModelRuntime, RuntimeClosed
 from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from server.services import generation as gen
-from server.services.chat import prepare_chat, prepare_completion
+from server.services.chat import ChatService
 from server.services.embeddings import create_embeddings
 from server.services.models import list_models
+from server.state import Services
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(deps.services)])
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _respond(request: Request, prep: gen.Prepared, stream: bool):
-    state = request.app.state
-    job = gen.submit(state.engine, prep, state.settings.server.retry_after_s)
+def peer(request: Request) -> gen.Peer:
+    def record(usage: dict, reason: str) -> None:
+        request.state.usage = usage
+        request.state.finish_reason = reason
+
+    return gen.Peer(request.is_disconnected, record)
+
+
+def acquire(models: ModelManager, retry_after: int):
+    try:
+        return models.acquire()
+    except RuntimeClosed as exc:
+        raise APIError(
+            503, f"{exc}; retry", code="model_loading", headers={"Retry-After": str(retry_after)}
+        ) from exc
+
+
+async def respond(
+    request: Request,
+    chat: ChatService,
+    stream: bool,
+    prepare: Callable[[ModelRuntime], Awaitable[gen.Prepared]],
+):
+    """Prepare, submit and write one request, all on one leased model runtime; the lease is
+    released when the answer (or the stream) ends."""
+    retry_after = chat.settings.server.retry_after_s
+    held = acquire(chat.models, retry_after)
+    try:
+        prep = await prepare(held.runtime)
+        job = gen.submit(held.runtime, prep, retry_after)
+    except BaseException:
+        held.release()
+        raise
     if stream:
         return StreamingResponse(
-            gen.stream(request, prep, job), media_type="text/event-stream", headers=_SSE_HEADERS
+            gen.stream(peer(request), prep, job, on_close=held.release),
+            media_type="text/event-stream",
+            headers=_SSE_HEADERS,
+            background=BackgroundTask(held.release),  # also when the stream never started
         )
-    return await gen.whole(request, prep, job)
+    try:
+        return await gen.whole(peer(request), prep, job)
+    finally:
+        held.release()
 
 
 @router.post("/chat/completions")
-async def chat_completions(request: Request, body: ChatCompletionRequest):
-    prep = await prepare_chat(request, body)
-    return await _respond(request, prep, body.stream)
+async def chat_completions(
+    request: Request, body: ChatCompletionRequest, chat: ChatService = Depends(deps.chat)
+):
+    return await respond(request, chat, body.stream, lambda rt: chat.prepare_chat(rt, body))
 
 
 @router.post("/completions")
-async def completions(request: Request, body: CompletionRequest):
-    prep = prepare_completion(request, body)
-    return await _respond(request, prep, body.stream)
+async def completions(
+    request: Request, body: CompletionRequest, chat: ChatService = Depends(deps.chat)
+):
+    return await respond(request, chat, body.stream, lambda rt: chat.prepare_completion(rt, body))
 
 
 @router.post("/embeddings")
-async def embeddings(request: Request, body: EmbeddingRequest):
-    return await create_embeddings(request, body)
+async def embeddings(
+    request: Request, body: EmbeddingRequest, s: Services = Depends(deps.services)
+):
+    out = await create_embeddings(s.embedder, s.settings.embedder, body)
+    request.state.usage = out["usage"] | {"completion_tokens": 0}
+    return out
 
 
 @router.get("/models")
-async def models(request: Request):
-    return list_models(request)
+async def models(s: Services = Depends(deps.services)):
+    return list_models(s.settings, s.models, s.rag is not None)

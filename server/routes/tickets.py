@@ -1,16 +1,18 @@
-"""POST /v1/tickets/reply: one ticket in, one reply record out (same engine and index)."""
+"""POST /v1/tickets/reply: one ticket in, one reply record out (same model and index)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.auth import require_api_key, require_ready
+from server import deps
+from server.auth import require_api_key
 from server.engine import PromptTooLong, QueueFull
 from server.errors import APIError
-from server.services.tickets import reply_ticket
+from server.runtime import RuntimeClosed
+from server.services.tickets import TicketService
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(require_ready)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(deps.services)])
 
 
 class Ticket(BaseModel):
@@ -21,23 +23,16 @@ class Ticket(BaseModel):
 
 
 @router.post("/tickets/reply")
-async def tickets_reply(request: Request, ticket: Ticket):
-    state = request.app.state
-    if getattr(state, "rag", None) is None:
-        raise APIError(
-            404,
-            "ticket replies need an index: start docqa with --index or --docs",
-            code="retrieval_disabled",
-        )
+async def tickets_reply(ticket: Ticket, service: TicketService = Depends(deps.tickets)):
     data = ticket.model_dump()
     try:
-        record = await reply_ticket(state, data)
-    except QueueFull as exc:
+        record = await service.reply(data)
+    except (QueueFull, RuntimeClosed) as exc:
         raise APIError(
             503,
             str(exc),
             code="server_busy",
-            headers={"Retry-After": str(state.settings.server.retry_after_s)},
+            headers={"Retry-After": str(service.settings.server.retry_after_s)},
         ) from exc
     except PromptTooLong as exc:
         record = {"id": str(ticket.id), "error": str(exc), "decision": "human"}

@@ -6,8 +6,8 @@ import asyncio
 import base64
 
 import numpy as np
-from fastapi import Request
 
+from docqa.settings import EmbedderSettings
 from server.errors import APIError, bad_request
 from server.schemas import EmbeddingRequest
 
@@ -22,14 +22,13 @@ def _texts(embedder, inp) -> list[str]:
     return [embedder.tokenizer.decode(ids, skip_special_tokens=True) for ids in inp]
 
 
-async def create_embeddings(request: Request, body: EmbeddingRequest) -> dict:
-    state = request.app.state
-    embedder = getattr(state, "embedder", None)
+async def create_embeddings(embedder, es: EmbedderSettings, body: EmbeddingRequest) -> dict:
+    """-> the OpenAI embeddings object (its ``usage`` also goes to the access log)."""
     if embedder is None:
         raise APIError(
             404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found"
         )
-    allowed = {None, "", embedder.name, state.settings.embedder.model}
+    allowed = {None, "", embedder.name, es.model}
     if body.model not in allowed:
         raise APIError(
             404,
@@ -55,7 +54,6 @@ async def create_embeddings(request: Request, body: EmbeddingRequest) -> dict:
         )
         data.append({"object": "embedding", "index": i, "embedding": emb})
     n_tok = embedder.count_tokens(texts)
-    request.state.usage = {"prompt_tokens": n_tok, "completion_tokens": 0, "total_tokens": n_tok}
     return {
         "object": "list",
         "data": data,

@@ -7,15 +7,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from fastapi import Request
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from server.engine import Engine, Job, PromptTooLong, QueueFull
+from server.engine import Job, PromptTooLong, QueueFull
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
 from server.schemas import ResponseFormat, _Sampling
@@ -92,12 +91,21 @@ def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_toke
     )
 
 
+@dataclass
+class Peer:
+    """What the writers need of the HTTP exchange (the router makes it from the request):
+    whether the client went away, and where to record usage for the access log."""
+
+    disconnected: Callable[[], Awaitable[bool]]
+    record: Callable[[dict, str], None]
+
+
 class CannedJob:
     """A fixed answer with the same interface as an engine ``Job``."""
 
-    def __init__(self, text: str, engine: Engine, n_prompt: int):
+    def __init__(self, text: str, rt, n_prompt: int):
         self.text, self.n_prompt = text, n_prompt
-        self.n_out = len(engine.tokenize(text))
+        self.n_out = len(rt.tokenize(text))
 
     def cancel(self) -> None:
         pass
@@ -111,11 +119,12 @@ def extra_fields(prep: Prepared, text: str) -> dict:
     return prep.grounding.finalize(text) if prep.grounding is not None else {}
 
 
-def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job | CannedJob:
+def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
+    """Submit ``prep`` to the runtime ``rt`` (a ``server.runtime.ModelRuntime``)."""
     if prep.canned is not None:
-        return CannedJob(prep.canned, engine, len(prep.params.prompt_tokens))
+        return CannedJob(prep.canned, rt, len(prep.params.prompt_tokens))
     try:
-        engine.check_fits(
+        rt.check_fits(
             len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt"
         )
     except PromptTooLong as exc:
@@ -126,7 +135,7 @@ def submit(engine: Engine, prep: Prepared, retry_after: int) -> Job | CannedJob:
             code="context_length_exceeded",
         ) from exc
     try:
-        return engine.submit(prep.params)
+        return rt.submit(prep.params)
     except QueueFull as exc:
         raise APIError(
             503,
@@ -183,18 +192,13 @@ def _base(prep: Prepared, obj: str) -> dict:
     }
 
 
-def _record(request: Request, fin: Finish) -> None:
-    request.state.usage = usage(fin)
-    request.state.finish_reason = fin.reason
-
-
-async def whole(request: Request, prep: Prepared, job: Job) -> dict:
+async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
     consume = asyncio.ensure_future(_drain(job))
     try:
         while not consume.done():
             await asyncio.wait({consume}, timeout=0.25)
-            if not consume.done() and await request.is_disconnected():
+            if not consume.done() and await peer.disconnected():
                 job.cancel()
                 await consume
                 raise APIError(499, "client disconnected", code="client_closed")
@@ -209,7 +213,7 @@ async def whole(request: Request, prep: Prepared, job: Job) -> dict:
         else:
             fin = ev
     assert fin is not None
-    _record(request, fin)
+    peer.record(usage(fin), fin.reason)
     out_text = "".join(text)
     if prep.kind == "chat":
         choice = {
@@ -241,7 +245,10 @@ def _sse(obj: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[bytes]:
+async def stream(
+    peer: Peer, prep: Prepared, job: Job, on_close: Callable[[], None] | None = None
+) -> AsyncIterator[bytes]:
+    """SSE chunks of ``job``; ``on_close`` runs when the stream ends, however it ends."""
     chat = prep.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
     use = {"usage": None} if prep.include_usage else {}
@@ -289,7 +296,7 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
             )
             return
         assert fin is not None
-        _record(request, fin)
+        peer.record(usage(fin), fin.reason)
         yield chunk({} if chat else "", None, fin.reason, extra_fields(prep, "".join(produced)))
         if prep.include_usage:
             final = _base(prep, obj)
@@ -298,3 +305,5 @@ async def stream(request: Request, prep: Prepared, job: Job) -> AsyncIterator[by
         yield _sse("[DONE]")
     finally:
         job.cancel()  # no-op when finished; stops generation when the client went away
+        if on_close is not None:
+            on_close()

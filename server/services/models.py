@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from docqa.settings import Settings
+from server.runtime import ModelManager
 
 
-def list_models(request: Request) -> dict:
-    state = request.app.state
-    engine = state.engine
-    created = int(getattr(state, "loaded_at", 0))
+def list_models(settings: Settings, models: ModelManager, has_rag: bool) -> dict:
+    rt = models.current()
+    created = int(rt.loaded_at)
     data = [
         {
-            "id": engine.model.id,
+            "id": rt.id,
             "object": "model",
             "created": created,
             "owned_by": "docqa",
-            "meta": {"n_ctx": engine.n_ctx, "retrieval": False},
+            "meta": {"n_ctx": rt.n_ctx, "retrieval": False},
         }
     ]
-    if getattr(state, "rag", None) is not None:
+    if has_rag:
         data.insert(
             0,
             {
-                "id": state.settings.retrieval.rag_model_id,
+                "id": settings.retrieval.rag_model_id,
                 "object": "model",
                 "created": created,
                 "owned_by": "docqa",
-                "meta": {"n_ctx": engine.n_ctx, "retrieval": True, "base": engine.model.id},
+                "meta": {"n_ctx": rt.n_ctx, "retrieval": True, "base": rt.id},
             },
         )
     return {"object": "list", "data": data}

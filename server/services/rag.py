@@ -1,21 +1,17 @@
-"""Grounded answers: retrieval, context block within the budget, citations, abstain, and
-live ingest with an atomic retriever swap (queries never see a half-built index)."""
+"""Grounded answers: retrieval, context block within the budget, citations, abstain."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import re
-import threading
-from pathlib import Path
 
-from docqa.settings import Settings
-from retrieval.builder import Tokenizer, build_index, update_index
-from retrieval.index import Index, assemble, load_index, new_manifest, save_index
-from retrieval.loaders import Document
+from docqa.settings import RetrievalSettings
 from retrieval.prompting import block as format_block
 from retrieval.prompting import rag_messages
-from retrieval.search import Hit, Retriever, SearchResult
+from retrieval.search import Hit, SearchResult
+from server.runtime import ModelRuntime
+from server.services.index import IndexService
 
 log = logging.getLogger(__name__)
 _CITE = re.compile(r"\[(\d{1,3})\]")
@@ -56,44 +52,21 @@ def source(i: int, h: Hit) -> dict:
 
 
 class RagService:
-    def __init__(
-        self,
-        settings: Settings,
-        retriever: Retriever,
-        tok: Tokenizer,
-        engine,
-        index_dir: Path | None,
-    ):
+    """Grounds a chat: retrieval from the served index, then the prompt with as many excerpts
+    as fit the current model's context."""
+
+    def __init__(self, settings: RetrievalSettings, index: IndexService):
         self.settings = settings
-        self.retriever = retriever
-        self.tok = tok
-        self.engine = engine
-        self.index_dir = index_dir
-        self._write_lock = threading.Lock()
+        self.index = index
 
-    # -- search ----------------------------------------------------------------------
-    def search(
-        self,
-        query: str,
-        top_k: int | None = None,
-        path_prefix: str | None = None,
-        mode: str = "hybrid",
-    ) -> SearchResult:
-        r = self.settings.retrieval
-        return self.retriever.search(
-            query,
-            top_k or r.top_k,
-            candidates=r.candidates,
-            rrf_k=r.rrf_k,
-            fusion=r.fusion,
-            weights=r.fusion_weights(self.retriever.has_questions),
-            path_prefix=path_prefix,
-            mode=mode,
-        )
+    def search(self, query: str) -> SearchResult:
+        return self.index.search(query)
 
-    def build_messages(self, messages: list[dict[str, str]], hits: list[Hit]) -> tuple[list, list]:
+    def build_messages(
+        self, rt: ModelRuntime, messages: list[dict[str, str]], hits: list[Hit]
+    ) -> tuple[list, list]:
         """Replace the last user turn by the template with as many chunks as fit the budget."""
-        r = self.settings.retrieval
+        r = self.settings
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
 
@@ -105,20 +78,21 @@ class RagService:
             )
 
         def n_tokens(msgs) -> int:
-            return len(self.engine.prompt_tokens(self.engine.format_chat(msgs)))
+            return len(rt.prompt_tokens(rt.format_chat(msgs)))
 
-        budget = self.engine.n_ctx - min(r.answer_reserve, self.engine.n_ctx // 4)
+        budget = rt.n_ctx - min(r.answer_reserve, rt.n_ctx // 4)
         base = n_tokens(render([]))
         blocks: list[str] = []
         used: list[Hit] = []
         room = budget - base
         for h in hits:
             block = format_block(len(blocks) + 1, h.chunk)
-            cost = len(self.tok.tokenize(block)) + 4
+            ids = rt.tokenize(block, special=False)
+            cost = len(ids) + 4
             if cost > room:
-                ids = self.tok.tokenize(block)[: max(0, room - 8)]
+                ids = ids[: max(0, room - 8)]
                 if len(ids) >= 48:  # a trimmed chunk still worth reading
-                    blocks.append(self.tok.detokenize(ids))
+                    blocks.append(rt.detokenize(ids))
                     used.append(h)
                 break
             blocks.append(block)
@@ -126,43 +100,18 @@ class RagService:
             room -= cost
         return render(blocks), used
 
-    async def augment(self, messages: list[dict[str, str]]):
-        """-> (messages for the model, Grounding) ."""
+    async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
+        """-> (messages for the model, Grounding)."""
         if not messages or messages[-1]["role"] != "user":
             return messages, Grounding([], None)
         query = fold_query(messages)
         res = await asyncio.to_thread(self.search, query)
-        r = self.settings.retrieval
+        r = self.settings
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)
             return messages, Grounding([], r.abstain_message, res.best_sim)
-        new_messages, used = self.build_messages(messages, res.hits)
+        new_messages, used = self.build_messages(rt, messages, res.hits)
         return new_messages, Grounding(used, None, res.best_sim)
-
-    # -- live ingest -----------------------------------------------------------------
-    @property
-    def index(self) -> Index:
-        return self.retriever.index
-
-    def _swap(self, new: Index) -> None:
-        if self.index_dir is not None:
-            save_index(new, self.index_dir)  # on disk first: a failure keeps the old
-        r = self.settings.retrieval
-        self.retriever = Retriever(
-            new, self.retriever.embedder, faiss_kind=r.faiss_index, reranker=self.retriever.reranker
-        )
-
-    def ingest(self, docs: list[Document]) -> Index:
-        with self._write_lock:
-            new = update_index(self.index, self.retriever.embedder, self.tok, add=docs)
-            self._swap(new)
-            return new
-
-    def delete(self, paths: list[str]) -> Index:
-        with self._write_lock:
-            new = update_index(self.index, self.retriever.embedder, self.tok, remove=paths)
-            self._swap(new)
-            return new
 
 
 class Grounding:
@@ -178,39 +127,3 @@ class Grounding:
             return {"sources": []}
         idx = cited(text, len(self.hits)) or list(range(1, len(self.hits) + 1))
         return {"sources": [source(i, self.hits[i - 1]) for i in idx]}
-
-
-def build_rag(settings: Settings, embedder, engine) -> RagService:
-    r = settings.retrieval
-    tok = Tokenizer.from_llama(engine.model.llm, engine.model.id)
-    if r.index_dir is not None and (Path(r.index_dir) / "manifest.json").is_file():
-        index = load_index(r.index_dir)
-    elif r.docs_dir is not None:
-        index = build_index(
-            r.docs_dir, embedder, tok, size=r.chunk_tokens, overlap=r.chunk_overlap, progress=False
-        )
-        if r.index_dir is not None:
-            save_index(index, r.index_dir)
-    elif r.index_dir is not None:
-        log.warning("no index at %s: starting with an empty one", r.index_dir)
-        manifest = new_manifest(
-            "",
-            {},
-            {
-                "chunk_tokens": r.chunk_tokens,
-                "chunk_overlap": r.chunk_overlap,
-                "tokenizer": tok.name,
-            },
-            {"name": embedder.name},
-        )
-        import numpy as np
-
-        index = assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)
-    reranker = None
-    if r.reranker:
-        from sentence_transformers import CrossEncoder
-
-        reranker = CrossEncoder(r.reranker, device=settings.embedder.device)
-    retriever = Retriever(index, embedder, faiss_kind=r.faiss_index, reranker=reranker)
-    log.info("retrieval ready: %d chunks", len(index))
-    return RagService(settings, retriever, tok, engine, Path(r.index_dir) if r.index_dir else None)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from docqa.settings import Settings
 from retrieval.bm25 import content_words
 from server.generation import Delta, GenParams
+from server.runtime import ModelManager, ModelRuntime
+from server.services.rag import RagService
 
 _QUOTED_HEADER = re.compile(
     r"^\s*(On .{3,200}wrote:|-----\s*Original Message\s*-----|From: .+)$", re.I | re.M
@@ -73,10 +76,10 @@ class Answer:
     reason: str | None = None
 
 
-async def _generate(engine, messages, max_tokens: int) -> str:
-    tokens = engine.prompt_tokens(engine.format_chat(messages))
-    engine.check_fits(len(tokens), "ticket")
-    job = engine.submit(GenParams(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0))
+async def _generate(rt: ModelRuntime, messages, max_tokens: int) -> str:
+    tokens = rt.prompt_tokens(rt.format_chat(messages))
+    rt.check_fits(len(tokens), "ticket")
+    job = rt.submit(GenParams(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0))
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -84,26 +87,40 @@ async def _generate(engine, messages, max_tokens: int) -> str:
     return "".join(out).strip()
 
 
-async def reply_ticket(state, ticket: dict) -> dict:
-    cfg = state.settings.tickets
+class TicketService:
+    def __init__(self, settings: Settings, models: ModelManager, rag: RagService):
+        self.settings = settings
+        self.models = models
+        self.rag = rag
+
+    async def reply(self, ticket: dict) -> dict:
+        """One ticket in, one reply record out, all on one model runtime."""
+        held = self.models.acquire()
+        try:
+            return await reply_ticket(self.settings, self.rag, held.runtime, ticket)
+        finally:
+            held.release()
+
+
+async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ticket: dict) -> dict:
+    cfg = settings.tickets
     tid = str(ticket.get("id", ""))
     text = clean_ticket(str(ticket.get("subject") or ""), str(ticket.get("body") or ""))
     if not re.search(r"[A-Za-z]{3,}", text):
         return {"id": tid, "error": "empty or unreadable ticket", "decision": "human"}
     lowered = f" {text.lower()} "
     scope_hits = [w for w in cfg.out_of_scope if re.search(rf"\b{re.escape(w)}\b", lowered)]
-    rag = state.rag
     answers: list[Answer] = []
     for q in split_questions(text, cfg.max_questions):
         a = Answer(q)
         messages = [{"role": "user", "content": q}]
-        new_messages, grounding = await rag.augment(messages)
+        new_messages, grounding = await rag.augment(rt, messages)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
         if grounding.abstain is not None or a.similarity < cfg.min_similarity:
             a.reason = f"weak retrieval evidence for: {q[:80]}"
             answers.append(a)
             continue
-        a.text = await _generate(state.engine, new_messages, cfg.max_tokens)
+        a.text = await _generate(rt, new_messages, cfg.max_tokens)
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
         a.support = support(a.text, " ".join(s["text"] for s in a.sources))
@@ -111,7 +128,7 @@ async def reply_ticket(state, ticket: dict) -> dict:
             a.reason = f"reply not supported by its sources ({a.support:.2f})"
         answers.append(a)
     answered = [a for a in answers if a.text]
-    reply = "\n\n".join(a.text for a in answered) or state.settings.retrieval.abstain_message
+    reply = "\n\n".join(a.text for a in answered) or settings.retrieval.abstain_message
     sims = [max(0.0, min(1.0, a.similarity)) for a in answers] or [0.0]
     sups = [a.support for a in answers] or [0.0]
     confidence = round(min(sims) * 0.5 + min(sups) * 0.5, 4)

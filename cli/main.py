@@ -1,4 +1,6 @@
-"""The ``docqa`` command: thin wrappers over library functions."""
+"""The ``docqa`` command: thin wrappers over library functions. ``build_app`` mounts each
+package's own subcommands (``docqa index|eval|train|reply``); the console script calls
+``main``."""
 
 from __future__ import annotations
 
@@ -10,22 +12,9 @@ import typer
 from docqa.logs import setup_logging
 from docqa.settings import load_settings
 
-app = typer.Typer(
-    help="docqa: RAG-first documentation Q&A server with its own model.",
-    no_args_is_help=True,
-    add_completion=False,
-)
-
-
-@app.callback()
-def main() -> None:
-    """docqa: RAG-first documentation Q&A server with its own finetuned model."""
-
-
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML settings file.", exists=True)
 
 
-@app.command()
 def serve(
     config: Optional[Path] = ConfigOpt,
     host: Optional[str] = typer.Option(None, help="Interface to bind."),
@@ -58,28 +47,28 @@ def serve(
     )
 
 
-def _register_subcommands() -> None:
-    import importlib
+def build_app() -> typer.Typer:
+    from eval.cli import app as eval_app
+    from retrieval.cli import app as index_app
+    from server.tickets_cli import command as reply_command
+    from training.cli import app as train_app
 
-    for module, name in (
-        ("retrieval.cli", "index"),
-        ("eval.cli", "eval"),
-        ("training.cli", "train"),
-        ("server.tickets_cli", "reply"),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(module.split(".")[0]):
-                continue
-            raise
-        if hasattr(mod, "app"):
-            app.add_typer(mod.app, name=name)
-        elif hasattr(mod, "command"):
-            app.command(name=name)(mod.command)
+    app = typer.Typer(
+        help="docqa: RAG-first documentation Q&A server with its own finetuned model.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+    app.command()(serve)
+    app.add_typer(index_app, name="index")
+    app.add_typer(eval_app, name="eval")
+    app.add_typer(train_app, name="train")
+    app.command(name="reply")(reply_command)
+    return app
 
 
-_register_subcommands()
+def main() -> None:
+    build_app()()
+
 
 if __name__ == "__main__":
-    app()
+    main()

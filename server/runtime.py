@@ -1,0 +1,256 @@
+"""The model runtime: one object owns a loaded model and everything derived from it.
+
+``ModelRuntime`` holds the llama model, its engine (single or batched), the chat formatter,
+the context size and the tokenizer methods. Nothing else keeps a llama object: services ask
+the ``ModelManager`` for a *lease* on the current runtime, use it for one request (prompt
+building, tokenization, generation, streaming), then release it.
+
+A reload builds the new runtime beside the old one, swaps it in atomically (new requests get
+it at once), lets requests still holding the old one finish (``server.reload_drain_s``), then
+cancels what is left and closes it. The old model is freed only when its last lease is
+released, so no request ever touches freed memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from docqa.settings import ModelSettings, Settings
+from models.store import ModelStore, ResolvedModel
+from server.engine import Engine, PromptTooLong, chat_formatter, load_llama
+from server.generation import GenParams
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeClosed(RuntimeError):
+    pass
+
+
+class ModelRuntime:
+    """A loaded model with its engine. Created by ``ModelManager``; closed by it."""
+
+    def __init__(self, resolved: ResolvedModel, ms: ModelSettings, max_queue: int):
+        t0 = time.perf_counter()
+        self.id = resolved.id
+        self.path: Path = resolved.path
+        self.provenance = resolved.provenance
+        self.llm = load_llama(
+            resolved.path,
+            n_ctx=ms.n_ctx,
+            n_batch=ms.n_batch,
+            n_threads=ms.n_threads,
+            n_gpu_layers=ms.n_gpu_layers,
+        )
+        try:
+            self.formatter = chat_formatter(self.llm)
+            self.n_vocab = self.llm.n_vocab()
+            self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
+            self._bos_text = (
+                self.llm._model.token_get_text(self.llm.token_bos())  # noqa: SLF001
+                if self._add_bos
+                else ""
+            )
+            if ms.n_parallel > 1:
+                from server.batch_engine import BatchEngine
+
+                self.engine = BatchEngine(
+                    self.llm,
+                    max_queue,
+                    n_seq=ms.n_parallel,
+                    n_batch=ms.n_batch,
+                    n_threads=ms.n_threads,
+                )
+            else:
+                self.engine = Engine(self.llm, max_queue)
+        except BaseException:
+            self.llm.close()
+            raise
+        self.n_ctx: int = self.engine.n_ctx
+        self.loaded_at = time.time()
+        self.load_seconds = time.perf_counter() - t0
+        self._cond = threading.Condition()
+        self._users = 0
+        self._retired = False
+        self._closed = False
+        log.info("model %s loaded from %s in %.2fs", self.id, self.path, self.load_seconds)
+
+    # -- tokens and prompts -----------------------------------------------------------
+    def tokenize(self, text: str, *, add_bos: bool = False, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        if self.formatter is None:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text + "assistant: "
+        return self.formatter(messages=messages).prompt
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        add_bos = self._add_bos and not (self._bos_text and prompt.startswith(self._bos_text))
+        return self.tokenize(prompt, add_bos=add_bos, special=True)
+
+    def check_fits(self, n_prompt: int, param: str) -> None:
+        if n_prompt >= self.n_ctx:
+            raise PromptTooLong(
+                f"This model's maximum context length is {self.n_ctx} tokens, but the prompt "
+                f"is {n_prompt} tokens. Shorten the {param} (docqa never truncates it silently)."
+            )
+
+    def chunk_tokenizer(self):
+        """The model's vocabulary as ``retrieval.builder.Tokenizer`` (chunk sizes, budgets)."""
+        from retrieval.builder import Tokenizer
+
+        return Tokenizer.from_llama(self.llm, self.id)
+
+    # -- generation -------------------------------------------------------------------
+    def submit(self, params: GenParams):
+        return self.engine.submit(params)
+
+    @property
+    def busy(self) -> int:
+        return self.engine.busy
+
+    # -- lifetime (called by ModelManager) --------------------------------------------
+    def _acquire(self) -> None:
+        with self._cond:
+            if self._retired:
+                raise RuntimeClosed(f"model {self.id} is being replaced")
+            self._users += 1
+
+    def _release(self) -> None:
+        with self._cond:
+            self._users -= 1
+            self._cond.notify_all()
+            last = self._retired and self._users == 0 and not self._closed
+        if last:  # the drain timed out earlier; the last request out closes the model
+            threading.Thread(target=self._close_now, name="docqa-close", daemon=True).start()
+
+    def retire(self, drain_s: float) -> None:
+        """No new leases; wait up to ``drain_s`` for running requests, cancel the rest, and
+        close once none holds the runtime. Blocking."""
+        with self._cond:
+            self._retired = True
+            idle = self._cond.wait_for(lambda: self._users == 0, timeout=drain_s)
+        if not idle:
+            n = self.engine.cancel_all()
+            log.warning(
+                "model %s: %d requests still running after %.0fs: cancelled", self.id, n, drain_s
+            )
+            with self._cond:
+                idle = self._cond.wait_for(lambda: self._users == 0, timeout=10)
+        if idle:
+            self._close_now()
+        else:
+            log.warning("model %s: closing when its last request ends", self.id)
+
+    def _close_now(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+        self.engine.cancel_all()
+        self.engine.close()
+        self.llm.close()
+        log.info("model %s closed", self.id)
+
+    def close(self) -> None:
+        """Shutdown: cancel everything and free the model now."""
+        with self._cond:
+            self._retired = True
+        self._close_now()
+
+
+class Lease:
+    """One request's hold on a runtime; release it once (idempotent)."""
+
+    def __init__(self, runtime: ModelRuntime):
+        self.runtime = runtime
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.runtime._release()  # noqa: SLF001
+
+
+class ModelManager:
+    """Owner of the served model: loads it, hands out leases on the current runtime, swaps it
+    on reload, closes it at shutdown."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._current: ModelRuntime | None = None
+        self._lock = threading.Lock()  # guards _current
+        self._reload_lock = threading.Lock()  # one reload at a time
+
+    @property
+    def model_settings(self) -> ModelSettings:
+        return self.settings.model
+
+    def _load(self, name: str | None) -> ModelRuntime:
+        ms = self.settings.model
+        if name:
+            ms = ms.model_copy(update={"model": name})
+        resolved = ModelStore(ms.store_dir).resolve(ms.model)  # ModelNotFound: nothing changes
+        return ModelRuntime(resolved, ms, self.settings.server.max_queue)
+
+    def start(self) -> ModelRuntime:
+        """Load the configured model (blocking)."""
+        rt = self._load(None)
+        with self._lock:
+            self._current = rt
+        return rt
+
+    def current(self) -> ModelRuntime:
+        """The runtime serving now: for reading its id or sizes. To tokenize or generate,
+        take a ``lease()`` (the runtime may be replaced and closed at any time otherwise)."""
+        rt = self._current
+        if rt is None:
+            raise RuntimeClosed("no model is loaded")
+        return rt
+
+    def acquire(self) -> Lease:
+        with self._lock:
+            rt = self.current()
+            rt._acquire()  # noqa: SLF001 - under the swap lock: never a retired runtime
+        return Lease(rt)
+
+    @contextmanager
+    def lease(self):
+        held = self.acquire()
+        try:
+            yield held.runtime
+        finally:
+            held.release()
+
+    def reload(self, name: str | None = None) -> ModelRuntime:
+        """Load ``name`` (None: the configured model) beside the running one, swap it in, then
+        retire the old one. Blocking; raises ``ModelNotFound`` with the old model serving."""
+        with self._reload_lock:
+            new = self._load(name)
+            with self._lock:
+                old, self._current = self._current, new
+            if name:
+                self.settings = self.settings.model_copy(
+                    update={"model": self.settings.model.model_copy(update={"model": name})}
+                )
+            log.info("model swapped: %s -> %s", old.id if old else None, new.id)
+            if old is not None:
+                old.retire(self.settings.server.reload_drain_s)
+            return new
+
+    def close(self) -> None:
+        with self._lock:
+            rt, self._current = self._current, None
+        if rt is not None:
+            rt.close()

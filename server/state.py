@@ -1,0 +1,71 @@
+"""The application's typed state: the resources ``lifespan`` builds and the services made from
+them. Each resource has one owner: the ``ModelManager`` owns the model runtime, the
+``IndexService`` owns the served index; ``Services.close`` closes what it created."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from docqa.settings import Settings
+from server.runtime import ModelManager
+from server.services.chat import ChatService
+from server.services.documents import DocumentsService
+from server.services.index import IndexService, open_index
+from server.services.rag import RagService
+from server.services.tickets import TicketService
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    models: ModelManager
+    embedder: object | None  # retrieval.embedder.Embedder
+    index: IndexService | None
+    documents: DocumentsService | None
+    rag: RagService | None
+    chat: ChatService
+    tickets: TicketService | None
+    started_at: float
+
+    @classmethod
+    def build(cls, settings: Settings) -> Services:
+        """Load the model, the embedder and the index (blocking; run in a thread)."""
+        models = ModelManager(settings)
+        rt = models.start()
+        try:
+            embedder = None
+            if settings.embedder.enabled:
+                from retrieval.factory import load_embedder
+
+                embedder = load_embedder(settings.embedder)
+                embedder.warm()  # the query encoder is built (or read from cache) now
+            index = documents = rag = tickets = None
+            r = settings.retrieval
+            if r.index_dir is not None or r.docs_dir is not None:
+                if embedder is None:
+                    raise ValueError("retrieval needs the embedder (embedder.enabled: true)")
+                index = open_index(settings, embedder, rt.chunk_tokenizer())
+                documents = DocumentsService(r, index, models)
+                rag = RagService(r, index)
+                tickets = TicketService(settings, models, rag)
+        except BaseException:
+            models.close()
+            raise
+        chat = ChatService(settings, models, rag)
+        return cls(settings, models, embedder, index, documents, rag, chat, tickets, time.time())
+
+    def close(self) -> None:
+        self.models.close()
+
+
+@dataclass
+class AppState:
+    """What ``app.state.docqa`` holds: settings at once, services once loaded."""
+
+    settings: Settings
+    services: Services | None = None
+    load_error: str | None = None
