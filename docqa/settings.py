@@ -169,9 +169,19 @@ class RetrievalSettings(_Section):
         description="System prompt for answers with retrieval.",
     )
     user_template: str = Field(
-        "Documentation excerpts:\n{context}\n\nQuestion: {question}",
+        "Documentation excerpts:\n{context}\n\nMost relevant lines:\n{evidence}\n\n"
+        "Question: {question}",
         min_length=1,
-        description="User turn with retrieval; must contain {context} and {question}.",
+        description="User turn with retrieval; must contain {context} and {question}; "
+        "{evidence} is replaced by the evidence lines (see evidence_units).",
+    )
+    evidence_units: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Evidence lines (sentences, list items, table rows, code blocks) picked "
+        "from the retrieved excerpts as answering the question: shown to the model in "
+        "{evidence} and returned as sources[].evidence with offsets. 0 = off.",
     )
     abstain_message: str = Field(
         "I could not find this in the documentation, so I can't answer it reliably.",

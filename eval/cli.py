@@ -82,8 +82,9 @@ def facts(
     ) as t:
         res = run_facts(t, load_facts())
     console.print(
-        f"| system | grounded-fact accuracy | right doc in sources |\n|---|---|---|\n"
-        f"| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} |"
+        "| system | grounded-fact accuracy | right doc in sources | answers echoing scaffolding "
+        f"|\n|---|---|---|---|\n| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} "
+        f"| {res['unclean']} of {res['n']} |"
     )
     write_json(json_out, res)
 
@@ -111,11 +112,11 @@ def qa(
     cp = res["citation_precision"]
     console.print(
         "| system | F1 | ROUGE-L | citation precision | abstain (off-topic) "
-        "| abstain (in-corpus) |\n"
-        "|---|---|---|---|---|---|\n"
+        "| abstain (in-corpus) | answers echoing scaffolding |\n"
+        "|---|---|---|---|---|---|---|\n"
         f"| {t.name} | {res['f1']:.3f} | {res['rouge_l']:.3f} | "
         f"{'n/a' if cp is None else f'{cp:.3f}'} | {res['offtopic']['abstain_rate']:.3f} | "
-        f"{res['abstain_in_corpus']:.3f} |"
+        f"{res['abstain_in_corpus']:.3f} | {res['unclean']} of {res['n']} |"
     )
     write_json(json_out, res)
 

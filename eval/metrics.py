@@ -54,8 +54,37 @@ def rouge_l(pred: str, ref: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
+# prompt scaffolding an answer must never echo: excerpt labels (old "[1] (path > heading)" and
+# current "[1] Heading" lines), the template's section titles, and empty code blocks
+_SCAFFOLD = [
+    ("excerpt header", re.compile(r"\[\d{1,3}\]\s*\([^)\n]*(?:>|\.mdx?\b)[^)\n]*\)")),
+    ("excerpt header", re.compile(r"(?<!\])\((?:[\w.-]+/)*[\w.-]+\.mdx?\s*>[^)\n]*\)")),
+    # a line that is only an excerpt label: "[2] Load model" (a short title, no sentence end)
+    ("excerpt label line", re.compile(r"^[^\S\n]*#*[^\S\n]*\[\d{1,3}\](?:[^\S\n]+[\w`'-]+){1,6}[^\S\n]*$", re.M)),
+    (
+        "template title",
+        re.compile(r"(documentation excerpts|most relevant lines|relevant lines)\s*:", re.I),
+    ),
+    ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
+    ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
+]
+
+
+def scaffolding(answer: str) -> list[tuple[str, str]]:
+    """(kind, matched text) of every piece of prompt scaffolding the answer echoes."""
+    return [(kind, m.group(0)) for kind, rx in _SCAFFOLD for m in rx.finditer(answer)]
+
+
+def strip_scaffolding(answer: str) -> str:
+    for _, rx in _SCAFFOLD:
+        answer = rx.sub(" ", answer)
+    return answer
+
+
 def has_facts(answer: str, facts: list[str]) -> bool:
-    a = answer.lower()
+    """Every fact in the answer (case-insensitive), not counting echoed scaffolding: a fact
+    found only inside a pasted excerpt header does not count."""
+    a = strip_scaffolding(answer).lower()
     return all(f.lower() in a for f in facts)
 
 

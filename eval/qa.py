@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from eval.metrics import has_facts, rouge_l, token_f1
+from eval.metrics import has_facts, rouge_l, scaffolding, token_f1
 
 DATA = Path(__file__).resolve().parent / "data"
 _ABSTAIN = re.compile(
@@ -60,6 +60,7 @@ def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True
                 "answer": r.text,
                 "correct": (not r.error) and has_facts(r.text, it.facts),
                 "doc_in_sources": any(s.get("path") == it.doc for s in r.sources),
+                "scaffolding": scaffolding(r.text),
                 "error": r.error,
             }
         )
@@ -68,6 +69,7 @@ def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True
         "n": n,
         "accuracy": sum(r["correct"] for r in rows) / n,
         "doc_in_sources": sum(r["doc_in_sources"] for r in rows) / n,
+        "unclean": sum(bool(r["scaffolding"]) for r in rows),
         "errors": sum(bool(r["error"]) for r in rows),
         "per_question": rows,
     }
@@ -90,6 +92,7 @@ def run_qa(
                 "rouge_l": rouge_l(r.text, p.answer),
                 "citation_precision": prec,
                 "abstained": abstained(r),
+                "scaffolding": scaffolding(r.text),
                 "error": r.error,
             }
         )
@@ -101,6 +104,7 @@ def run_qa(
         "rouge_l": sum(r["rouge_l"] for r in rows) / n,
         "citation_precision": sum(precs) / len(precs) if precs else None,
         "abstain_in_corpus": sum(r["abstained"] for r in rows) / n,
+        "unclean": sum(bool(r["scaffolding"]) for r in rows),
         "errors": sum(bool(r["error"]) for r in rows),
         "per_question": rows,
     }

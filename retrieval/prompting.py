@@ -1,14 +1,28 @@
 """The grounded-answer prompt, shared by the server and by retrieval-augmented finetuning,
-so the model is trained on exactly the prompt it is served with."""
+so the model is trained on exactly the prompt it is served with.
+
+Layout (user turn, from ``retrieval.user_template``): the evidence lines first (the units of
+the excerpts that best match the question, each tagged with its excerpt number), then the
+numbered excerpts, then the question. Excerpt labels are plain ``[n]`` with the section title:
+no file paths or markup a small model might copy into its answer."""
 
 from __future__ import annotations
 
 from retrieval.chunking import Chunk
 
 
-def block(i: int, chunk: Chunk) -> str:
-    label = f"[{i}] ({chunk.path}" + (f" > {chunk.heading})" if chunk.heading else ")")
-    return f"{label}\n{chunk.text}"
+def block(i: int, chunk: Chunk, text: str | None = None) -> str:
+    title = f" {chunk.heading}" if chunk.heading else ""
+    return f"[{i}]{title}\n{chunk.text if text is None else text}"
+
+
+def evidence_lines(evidence: list[tuple[int, str]]) -> str:
+    """``(excerpt number, text)`` pairs as the prompt's evidence block."""
+    out = []
+    for n, text in evidence:
+        flat = " ".join(text.split()) if "```" not in text else text.strip()
+        out.append(f"{flat} [{n}]")
+    return "\n".join(out)
 
 
 def rag_messages(
@@ -18,11 +32,13 @@ def rag_messages(
     blocks: list[str],
     history: list[dict] | None = None,
     extra_system: list[str] | None = None,
+    evidence: str = "",
 ):
     ctx = "\n\n".join(blocks) if blocks else "(no excerpts)"
     system = "\n\n".join([system_prompt, *(extra_system or [])])
+    user = user_template.format(context=ctx, question=question, evidence=evidence or "(none)")
     return [
         {"role": "system", "content": system},
         *(history or []),
-        {"role": "user", "content": user_template.format(context=ctx, question=question)},
+        {"role": "user", "content": user},
     ]

@@ -5,6 +5,7 @@ attached questions, a chunk's dense score is the best of its own vector and its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,13 @@ class Retriever:
             keep = [i for i, r in enumerate(qs.rows) if r["chunk_id"] in index.pos]
             self.q_owner = np.array([index.pos[qs.rows[i]["chunk_id"]] for i in keep])
             self.q_faiss = build_faiss(np.asarray(qs.embeddings)[keep], faiss_kind)
+
+    @functools.cached_property
+    def idf(self):
+        """Corpus IDF of a (stemmed) word: evidence selection's weights."""
+        from retrieval.evidence import idf_from_bm25
+
+        return idf_from_bm25(self.index.bm25)
 
     @property
     def has_questions(self) -> bool:

@@ -123,7 +123,8 @@ class RagExamples:
     ) -> dict | None:
         """One RAFT example, or None when ``target`` is "grounded" and the reference names no
         identifier its gold chunk holds (such pairs teach paraphrase, not grounding)."""
-        from retrieval.prompting import block, rag_messages
+        from retrieval.evidence import select
+        from retrieval.prompting import block, evidence_lines, rag_messages
 
         item = self.labeler.label(pair)
         gold_ids = set(item.gold_ids) if item else set()
@@ -135,11 +136,16 @@ class RagExamples:
             ctx.insert(rng.randrange(len(ctx) + 1), gold)
         else:
             ctx = hits[:k] if gold is None else [c for c in hits if c.id not in gold_ids][:k]
+        ev = []
+        if self.settings.evidence_units:  # the evidence lines exactly as the server picks them
+            texts = [c.text for c in ctx]
+            ev = select(pair.question, texts, self.retriever.idf, self.settings.evidence_units)
         msgs = rag_messages(
             self.settings.system_prompt,
             self.settings.user_template,
             pair.question,
             [block(i, c) for i, c in enumerate(ctx, 1)],
+            evidence=evidence_lines([(e.chunk + 1, e.text) for e in ev]),
         )
         short = grounded_answer(gold.text, pair.answer) if gold is not None else None
         if target == "grounded" and short is None:

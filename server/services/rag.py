@@ -7,8 +7,10 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
+from retrieval.evidence import Evidence
+from retrieval.evidence import select as select_evidence
 from retrieval.prompting import block as format_block
-from retrieval.prompting import rag_messages
+from retrieval.prompting import evidence_lines, rag_messages
 from retrieval.search import Hit, SearchResult
 from server.runtime import ModelRuntime
 from server.services.index import IndexService
@@ -64,27 +66,28 @@ class RagService:
 
     def build_messages(
         self, rt: ModelRuntime, messages: list[dict[str, str]], hits: list[Hit]
-    ) -> tuple[list, list]:
-        """Replace the last user turn by the template with as many chunks as fit the budget."""
+    ) -> tuple[list, list, list[Evidence]]:
+        """Replace the last user turn by the template with as many chunks as fit the budget,
+        and the evidence lines of those chunks. -> (messages, hits used, evidence)."""
         r = self.settings
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
-
         extra_system = [m["content"] for m in messages if m["role"] == "system"]
+        evidence = self.evidence(fold_query(messages), hits)
 
-        def render(blocks: list[str]) -> list[dict[str, str]]:
+        def render(blocks: list[str], ev: list[Evidence]) -> list[dict[str, str]]:
+            lines = evidence_lines([(e.chunk + 1, e.text) for e in ev])
             return rag_messages(
-                r.system_prompt, r.user_template, question, blocks, history, extra_system
+                r.system_prompt, r.user_template, question, blocks, history, extra_system, lines
             )
 
         def n_tokens(msgs) -> int:
             return len(rt.prompt_tokens(rt.format_chat(msgs)))
 
         budget = rt.n_ctx - min(r.answer_reserve, rt.n_ctx // 4)
-        base = n_tokens(render([]))
+        room = budget - n_tokens(render([], evidence))
         blocks: list[str] = []
         used: list[Hit] = []
-        room = budget - base
         for h in hits:
             block = format_block(len(blocks) + 1, h.chunk)
             ids = rt.tokenize(block, special=False)
@@ -98,7 +101,15 @@ class RagService:
             blocks.append(block)
             used.append(h)
             room -= cost
-        return render(blocks), used
+        evidence = [e for e in evidence if e.chunk < len(used)]
+        return render(blocks, evidence), used, evidence
+
+    def evidence(self, question: str, hits: list[Hit]) -> list[Evidence]:
+        if not self.settings.evidence_units or not hits:
+            return []
+        retriever = self.index.retriever
+        texts = [h.chunk.text for h in hits]
+        return select_evidence(question, texts, retriever.idf, self.settings.evidence_units)
 
     async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
         """-> (messages for the model, Grounding)."""
@@ -110,20 +121,38 @@ class RagService:
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)
             return messages, Grounding([], r.abstain_message, res.best_sim)
-        new_messages, used = self.build_messages(rt, messages, res.hits)
-        return new_messages, Grounding(used, None, res.best_sim)
+        new_messages, used, evidence = self.build_messages(rt, messages, res.hits)
+        return new_messages, Grounding(used, None, res.best_sim, evidence)
 
 
 class Grounding:
     """What retrieval decided for one request; ``finalize`` makes the ``sources`` field."""
 
-    def __init__(self, hits: list[Hit], abstain: str | None, best_sim: float | None = None):
+    def __init__(
+        self,
+        hits: list[Hit],
+        abstain: str | None,
+        best_sim: float | None = None,
+        evidence: list[Evidence] | None = None,
+    ):
         self.hits = hits
         self.abstain = abstain
         self.best_sim = best_sim
+        self.evidence = evidence or []
 
     def finalize(self, text: str) -> dict:
+        """``sources``: the excerpts the answer cites (all when it cites none), each with the
+        evidence lines found in it (offsets into its ``text``)."""
         if self.abstain is not None:
             return {"sources": []}
         idx = cited(text, len(self.hits)) or list(range(1, len(self.hits) + 1))
-        return {"sources": [source(i, self.hits[i - 1]) for i in idx]}
+        out = []
+        for i in idx:
+            src = source(i, self.hits[i - 1])
+            src["evidence"] = [
+                e.to_dict()
+                for e in sorted(self.evidence, key=lambda e: e.start)
+                if e.chunk == i - 1
+            ]
+            out.append(src)
+        return {"sources": out}

@@ -1,0 +1,72 @@
+"""The reader: evidence lines with offsets into the chunk text, and the clean-answer check."""
+
+from __future__ import annotations
+
+from eval.metrics import has_facts, scaffolding
+from retrieval.evidence import select, terms, units
+
+CHUNK = """## Load model
+
+The `loadmodel` endpoint loads a local model into the server.
+
+To check that the server is running:
+
+```bash
+curl http://localhost:3928/healthz
+```
+
+| Parameter | Type | Description |
+|-----------|------|-------------|
+| `ctx_len` | Integer | The context length for the model operations. |
+| `ngl` | Integer | The number of GPU layers to use. |
+
+- **port:** The port number where the server listens. Logs rotate daily.
+"""
+
+
+def _idf(w: str) -> float:
+    return 1.0
+
+
+def test_units_cover_sentences_rows_items_and_code_with_its_intro():
+    us = units(CHUNK)
+    kinds = [u.kind for u in us]
+    assert "row" in kinds and "code" in kinds and "item" in kinds and "sentence" in kinds
+    code = next(u for u in us if u.kind == "code")
+    # the sentence introducing the code block reads with it
+    assert CHUNK[code.start : code.end].startswith("To check that the server is running:")
+    assert CHUNK[code.start : code.end].rstrip().endswith("```")
+    rows = [u for u in us if u.kind == "row"]
+    assert len(rows) == 2 and all("| Parameter |" in u.context for u in rows)  # header kept
+    for u in us:  # offsets are exact and trimmed
+        text = CHUNK[u.start : u.end]
+        assert text == text.strip() and text
+
+
+def test_evidence_points_at_the_answering_line():
+    ev = select("Which parameter sets the context length?", [CHUNK, "Nothing relevant."], _idf)
+    assert ev and "ctx_len" in ev[0].text and ev[0].chunk == 0
+    assert CHUNK[ev[0].start : ev[0].end] == ev[0].text
+    ev = select("How do I check that the server is running?", ["Unrelated text.", CHUNK], _idf)
+    assert "/healthz" in ev[0].text and ev[0].chunk == 1
+    assert select("?", [CHUNK], _idf) == []  # no content words: no evidence
+
+
+def test_identifier_parts_match_question_words():
+    assert {"llama", "log", "folder"} <= set(terms("`llama_log_folder`"))
+    assert set(terms("model status")) <= set(terms("modelStatus"))  # same stems both sides
+
+
+def test_scaffolding_check_flags_echoes_and_keeps_clean_answers():
+    echoed = (
+        "1. Load it:\n```bash\n# (features/load-unload.md > Load model)\n```\n"
+        "Documentation excerpts: [1] (features/embed.md > Embedding)\nQuestion: what"
+    )
+    kinds = {k for k, _ in scaffolding(echoed)}
+    assert {"excerpt header", "template title", "question template", "empty code block"} <= kinds
+    assert scaffolding("[2] Load model\nThe port is 3928 [1].")[0][0] == "excerpt label line"
+    clean = "Set `ctx_len` when loading the model [1]. Example:\n```bash\ncurl -d x\n```"
+    assert scaffolding(clean) == []
+    # a fact found only inside echoed scaffolding does not count
+    assert not has_facts("(features/load-unload.md > Load model)", ["load-unload"])
+    assert has_facts("Use `ctx_len` [1].", ["ctx_len"])
