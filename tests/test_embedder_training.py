@@ -16,9 +16,9 @@ from docqa.settings import Settings
 from retrieval.builder import build_index, default_tokenizer
 from retrieval.embedder import Embedder
 from retrieval.factory import build_retriever, index_embedder
-from training.config import EmbedderStep
+from training.config import EmbedderStep, Recipe, SynthStep
 from training.embedder import contrastive_examples
-from training.steps import run_embedder
+from training.rebuild import run_step
 
 from .conftest import FIXTURES
 
@@ -45,6 +45,14 @@ def fixture_index():
         overlap=8,
         progress=False,
     )
+
+
+def run_embedder(cfg: EmbedderStep, out, csv: str) -> dict:
+    """The embedder step alone, on the given CSV, through the step registry."""
+    recipe = Recipe(
+        name="embedder-test", steps=["embedder"], synth=SynthStep(csv=csv), embedder=cfg
+    )
+    return run_step(recipe, "embedder", out)
 
 
 @pytest.fixture(scope="module")

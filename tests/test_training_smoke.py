@@ -86,8 +86,8 @@ def test_failed_step_keeps_published_model_and_artifacts(smoke_run):
 
 def test_gguf_hf_gguf_roundtrip(smoke_run, tmp_path):
     """GGUF -> HF -> GGUF gives the same greedy output (F16 and Q8_0)."""
+    from training.export import convert_to_gguf, quantize
     from training.hf import load_causal_lm, save_hf
-    from training.steps import convert_to_gguf, quantize
 
     _, out, _, _ = smoke_run
     first = convert_to_gguf(out / "base" / "hf", tmp_path / "a.f16.gguf")

@@ -136,3 +136,193 @@ def test_grounded_rag_examples_quote_their_cited_excerpt():
         assert excerpt.startswith(f"[{n}] (")
         quoted = re.findall(r"`([^`]+)`", answer)
         assert quoted and all(q in excerpt for q in quoted), (answer, excerpt[:200])
+
+
+# --- the step registry and recipe plans (no model is loaded by any of these) ---------------
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_registry_matches_the_recipe_sections():
+    from training.config import STEPS, Recipe
+    from training.registry import steps
+
+    reg = steps()
+    assert set(reg) == set(STEPS)
+    for name, step in reg.items():
+        assert Recipe.model_fields[name].annotation is step.config, name
+        assert step.produces and step.help, name
+
+
+def test_step_without_a_provider_fails_at_load_naming_step_and_need(tmp_path):
+    from training.registry import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        load_recipe(_write(tmp_path, "name: bad\nsteps: [sft]\n"))
+    msg = str(e.value)
+    assert "step 'sft' needs 'model'" in msg
+    assert "available before 'sft': nothing" in msg and "base" in msg  # who could make it
+    # an earlier step that makes something else does not help; the message lists it
+    with pytest.raises(RecipeError, match=r"step 'export' needs 'model'.*pairs \(from synth\)"):
+        load_recipe(_write(tmp_path, "name: bad\nsteps: [synth, export]\n"))
+    # a provider after the step is no provider
+    with pytest.raises(RecipeError, match="step 'gate' needs 'gguf'"):
+        load_recipe(_write(tmp_path, "name: bad\nsteps: [base, gate, export]\n"))
+    with pytest.raises(RecipeError, match="'base' is listed twice"):
+        load_recipe(_write(tmp_path, "name: bad\nsteps: [base, sft, base]\n"))
+
+
+def test_merge_needs_a_model_unless_mergekit_names_them(tmp_path):
+    from training.registry import RecipeError, plan
+
+    with pytest.raises(RecipeError, match="step 'merge' needs 'model'"):
+        load_recipe(_write(tmp_path, "name: m\nsteps: [merge, sft]\n"))
+    mk = "{merge_method: slerp, base_model: /a, slices: [], parameters: {t: 0.5}}"
+    r = load_recipe(_write(tmp_path, f"name: m\nsteps: [merge, sft]\nmerge: {{mergekit: {mk}}}\n"))
+    merge, sft = plan(r)
+    assert merge.needs == () and merge.sources == {}
+    assert sft.sources == {"model": "merge"}
+    # without mergekit, an earlier model and the synth pairs feed the merge
+    merge = plan(load_recipe(_write(tmp_path, "name: m\nsteps: [synth, base, merge]\n")))[2]
+    assert merge.sources == {"model": "base", "pairs": "synth"}
+
+
+def test_stealth_plan_merge_makes_the_model_dpo_and_sft_train():
+    from training.registry import plan
+
+    p = {s.name: s for s in plan(load_recipe("stealth-mistral-7b"))}
+    assert list(p) == ["merge", "dpo", "synth", "sft", "export", "gate", "publish"]
+    assert p["merge"].needs == () and p["merge"].produces == ("model",)
+    assert p["dpo"].sources == {"model": "merge"}  # given preference pairs: no Q&A pairs
+    assert p["sft"].sources == {"model": "dpo", "pairs": "synth"}  # the chain from merge
+    assert p["export"].sources == {"model": "sft"}
+    assert p["gate"].sources == {"gguf": "export"}
+    assert p["publish"].sources == {"gguf": "export", "gate": "gate"}
+
+
+def test_optional_needs_fall_back_and_given_inputs_provide(tmp_path):
+    from training.registry import GIVEN, RecipeError, plan
+
+    # sft without synth: the pairs need is optional (the CSV is used), the model is not
+    r = load_recipe("smollm2-nitro")
+    sft = next(s for s in plan(r) if s.name == "sft")
+    assert sft.sources == {"model": "base", "pairs": "synth"}
+    r = load_recipe(_write(tmp_path, "name: g\nsteps: [base, sft]\n"))
+    assert plan(r)[1].sources == {"model": "base"}
+    r = load_recipe(_write(tmp_path, f"name: g\nsteps: [sft]\ninputs: {{model: {tmp_path}}}\n"))
+    assert plan(r)[0].sources == {"model": GIVEN}
+    with pytest.raises(RecipeError, match="unknown input kind"):
+        load_recipe(_write(tmp_path, "name: g\nsteps: [base]\ninputs: {weights: /x}\n"))
+
+
+def test_a_missing_input_stops_the_step_before_it_loads_anything(tmp_path):
+    from training.rebuild import run_step
+
+    with pytest.raises(
+        FileNotFoundError, match="'sft' needs 'model' from step 'dpo'.*run 'dpo' first"
+    ):
+        run_step(load_recipe("smoke"), "sft", tmp_path / "run")
+    missing = tmp_path / "no-such-model"
+    r = load_recipe(_write(tmp_path, f"name: g\nsteps: [export]\ninputs: {{model: {missing}}}\n"))
+    with pytest.raises(FileNotFoundError, match="'export' needs 'model' from a given input"):
+        run_step(r, "export", tmp_path / "run")
+    assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_dry_runs(path, tmp_path):
+    """The 7B recipe too: its mergekit model paths need not exist for a dry run."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.rebuild import rebuild
+
+    recipe = load_recipe(path)
+    out = tmp_path / "run"
+    rows = rebuild(recipe, out, dry_run=True)
+    assert [r["step"] for r in rows] == list(recipe.steps)
+    assert all(r["status"] == "would run" and r["produces"] for r in rows)
+    assert not out.exists()  # nothing written, nothing loaded
+    res = CliRunner().invoke(
+        app, ["rebuild", "--recipe", str(path), "--out", str(out), "--dry-run"]
+    )
+    assert res.exit_code == 0, res.output
+    assert f"plan of {len(recipe.steps)} steps is valid" in res.output
+    assert all(step in res.output for step in recipe.steps)
+    assert not out.exists()
+
+
+def test_dry_run_shows_which_steps_would_resume(tmp_path):
+    from training.artifacts import finish
+    from training.rebuild import rebuild
+
+    recipe = load_recipe("smollm2-nitro")
+    (tmp_path / "base").mkdir()
+    finish(tmp_path / "base", "base", recipe.base, inputs={}, metrics={})
+    rows = rebuild(recipe, tmp_path, dry_run=True)
+    assert [r["status"] for r in rows[:2]] == ["would resume", "would run"]
+    assert rows[1]["inputs"] == {} and rows[2]["inputs"] == {"model": "base", "pairs": "synth"}
+    assert rebuild(recipe, tmp_path, dry_run=True, force=True)[0]["status"] == "would run"
+    recipe.base.dtype = "bfloat16"  # another config: the completed step no longer counts
+    assert rebuild(recipe, tmp_path, dry_run=True)[0]["status"] == "would run"
+
+
+def test_cli_dry_run_of_a_bad_recipe_names_step_and_need(tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    p = _write(tmp_path, "name: bad\nsteps: [synth, dpo]\n")
+    res = CliRunner().invoke(app, ["rebuild", "-r", str(p), "-o", str(tmp_path), "--dry-run"])
+    assert res.exit_code == 1
+    assert "step 'dpo' needs 'model'" in res.output
+
+
+def test_cli_has_a_command_per_registered_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.registry import steps
+
+    names = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert names == {"rebuild", *steps()}
+    res = CliRunner().invoke(app, ["sft", "-r", "smollm2-nitro", "-o", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "run 'base' first" in res.output
+
+
+def test_dry_run_imports_no_torch(tmp_path):
+    """`docqa train rebuild --dry-run` validates every recipe without torch or a model."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    code = (
+        "import json, sys\n"
+        "from typer.testing import CliRunner\n"
+        "from training.cli import app\n"
+        "from training.config import RECIPES\n"
+        "codes = [CliRunner().invoke(app, ['rebuild', '-r', str(p), '-o', sys.argv[1],\n"
+        "         '--dry-run']).exit_code for p in sorted(RECIPES.glob('*.yaml'))]\n"
+        "heavy = ('torch', 'transformers', 'trl', 'peft', 'mergekit', 'llama_cpp',\n"
+        "         'sentence_transformers', 'datasets')\n"
+        "print(json.dumps({'codes': codes, 'loaded': [m for m in heavy if m in sys.modules]}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["codes"] == [0] * len(list(RECIPES.glob("*.yaml")))
+    assert got["loaded"] == []

@@ -1,7 +1,9 @@
 """Typed configs for every training step, and the recipe that chains them.
 
 A recipe YAML lists ``steps`` and holds one section per step; each section validates into
-its config class here (unknown keys are errors), so recipes cannot drift from the code.
+its config class here (unknown keys are errors), so recipes cannot drift from the code. What
+each step needs and produces is declared in the step registry (training.registry), which
+``load_recipe`` uses to validate the order of the steps.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ class Recipe(_Cfg):
     name: str
     description: str = ""
     steps: list[Literal[STEPS]] = Field(..., min_length=1)  # type: ignore[valid-type]
+    inputs: dict[str, str] = Field(
+        default_factory=dict,
+        description="Artifacts given rather than made by a step, kind -> path "
+        "(e.g. model: an HF folder), available to every step.",
+    )
     base: BaseStep = Field(default_factory=BaseStep)
     synth: SynthStep = Field(default_factory=SynthStep)
     merge: MergeStep = Field(default_factory=MergeStep)
@@ -170,7 +177,14 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """Load and validate a recipe (a path, or a name in ``recipes/``): its sections against
+    the step configs, and its plan (every step's needs provided by an earlier step or a given
+    input; :class:`training.registry.RecipeError` names the step and the need otherwise)."""
+    from training.registry import plan
+
     p = Path(path)
     if not p.exists() and (RECIPES / f"{path}.yaml").exists():
         p = RECIPES / f"{path}.yaml"
-    return Recipe.model_validate(yaml.safe_load(p.read_text()))
+    recipe = Recipe.model_validate(yaml.safe_load(p.read_text()))
+    plan(recipe)
+    return recipe

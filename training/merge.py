@@ -52,7 +52,7 @@ def run_mergekit(config: dict, out: Path) -> Path:
     return out
 
 
-def slerp_merge(cfg: MergeStep, base: Path, work: Path, qa_pairs=None) -> dict:
+def slerp_merge(cfg: MergeStep, base: Path | None, work: Path, qa_pairs=None) -> dict:
     import yaml
 
     metrics: dict = {}

@@ -1,60 +1,68 @@
-"""`docqa train rebuild`: run a recipe's steps in order, resuming completed ones, and print a
-summary. A failed step stops the run; earlier artifacts and the published model stay."""
+"""`docqa train rebuild`: run a recipe's steps in order, resuming completed ones.
+
+A failed step stops the run; earlier artifacts and the published model stay. The library
+returns rows (one per step); rendering them is the CLI's job (training.cli).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from training import steps as S
 from training.artifacts import done
 from training.config import Recipe
+from training.registry import plan, plan_for
 
 log = logging.getLogger(__name__)
 
 
-def run_step(recipe: Recipe, step: str, out: Path) -> dict:
-    order = list(recipe.steps)
-    csv = recipe.synth.csv
-    if step == "base":
-        return S.run_base(recipe.base, out)
-    if step == "synth":
-        return S.run_synth(recipe.synth, out)
-    if step == "merge":
-        return S.run_merge(recipe.merge, out, order, csv)
-    if step == "dpo":
-        return S.run_dpo(recipe.dpo, out, order, csv)
-    if step == "sft":
-        return S.run_sft(recipe.sft, out, order, csv)
-    if step == "export":
-        return S.run_export(recipe.export, out, order)
-    if step == "gate":
-        return S.run_gate(recipe.gate, out)
-    if step == "embedder":
-        return S.run_embedder(recipe.embedder, out, csv)
-    if step == "publish":
-        gate = recipe.gate if "gate" in order else None
-        return S.run_publish(recipe.publish, out, recipe.export, gate)
-    raise ValueError(f"unknown step {step}")
+def run_step(recipe: Recipe, step: str, out: str | Path) -> dict:
+    """Run one step of the recipe (its inputs as the recipe's plan resolves them); returns
+    the step's provenance. A step the recipe does not list runs as if appended to it."""
+    return plan_for(recipe, step).run(recipe, Path(out))
 
 
 def rebuild(
-    recipe: Recipe, out: str | Path, *, force: bool = False, console: Console | None = None
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
+    """Run the recipe's steps into ``out``, resuming those that completed with the same config
+    (``force`` reruns them all; a rerun step makes every later step rerun too).
+
+    Returns one row per step: ``step``, ``status`` ("done", "resumed" or "FAILED: ..."),
+    ``seconds`` and the step's ``metrics``. ``on_row`` gets each row as it is made, so a
+    caller still has the rows when a step fails (the exception propagates).
+
+    ``dry_run`` validates the plan and returns it without running or loading anything: each
+    row's status is "would run" or "would resume", with its ``needs``, ``inputs`` (kind ->
+    providing step) and ``produces``.
+    """
     out = Path(out)
-    rows = []
+    emit = on_row or (lambda row: None)
+    rows: list[dict] = []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        emit(row)
+
     changed = force
-    for step in recipe.steps:
-        cfg = getattr(recipe, step)
-        prov = None if changed else done(out, step, cfg)
+    for p in plan(recipe):
+        prov = None if changed else done(out, p.name, p.config)
+        if dry_run:
+            changed = changed or prov is None
+            status = "would resume" if prov is not None else "would run"
+            add({"step": p.name, "status": status, "seconds": 0.0, "metrics": {}, **p.describe()})
+            continue
         if prov is not None:
-            rows.append(
+            add(
                 {
-                    "step": step,
+                    "step": p.name,
                     "status": "resumed",
                     "seconds": 0.0,
                     "metrics": prov.get("metrics", {}),
@@ -63,55 +71,25 @@ def rebuild(
             continue
         changed = True  # later steps depend on this one: rerun them
         t0 = time.time()
-        log.info("step %s ...", step)
+        log.info("step %s ...", p.name)
         try:
-            prov = run_step(recipe, step, out)
+            prov = p.run(recipe, out)
         except Exception as exc:
-            rows.append(
+            add(
                 {
-                    "step": step,
+                    "step": p.name,
                     "status": f"FAILED: {exc}",
-                    "seconds": time.time() - t0,
+                    "seconds": round(time.time() - t0, 1),
                     "metrics": {},
                 }
             )
-            _print(rows, console)
             raise
-        rows.append(
+        add(
             {
-                "step": step,
+                "step": p.name,
                 "status": "done",
                 "seconds": round(time.time() - t0, 1),
                 "metrics": prov.get("metrics", {}),
             }
         )
-    _print(rows, console)
     return rows
-
-
-def _summary(m: dict) -> tuple[str, str]:
-    loss = ""
-    if m.get("loss_first") is not None:
-        loss = f"{m['loss_first3']:.3f} → {m['loss_last3']:.3f}"
-    keys = [
-        k
-        for k in ("tokens_per_s", "examples", "size_bytes", "passed", "pairs", "weight_delta")
-        if k in m
-    ]
-    info = ", ".join(f"{k}={m[k]}" for k in keys)
-    if "metrics" in m and isinstance(m["metrics"], dict):
-        info += " " + ", ".join(
-            f"{k}: {v['candidate']:.3f} vs {v['published']:.3f}" for k, v in m["metrics"].items()
-        )
-    for k, v in (m.get("after") or {}).items():
-        info += f" {k}: {m['before'].get(k)} -> {v}"
-    return loss, info
-
-
-def _print(rows: list[dict], console: Console | None) -> None:
-    console = console or Console()
-    t = Table("step", "status", "time (s)", "loss", "metrics")
-    for r in rows:
-        loss, info = _summary(r["metrics"])
-        t.add_row(r["step"], r["status"], f"{r['seconds']:.1f}", loss, info)
-    console.print(t)

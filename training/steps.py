@@ -1,57 +1,78 @@
-"""One library function per training step. Each reads its inputs from earlier step
-directories, writes its artifact into a temp dir with a provenance JSON, and only then
-replaces the step's directory."""
+"""The training steps, registered with one signature ``run(ctx: StepContext) -> dict``.
+
+Each step reads the artifacts its plan resolved (``ctx.input(kind)``), writes its own into a
+temp dir with a provenance JSON, and only then replaces the step's directory. What each step
+needs and produces is declared at its registration (training.registry). GGUF conversion,
+quantization and the export step live in training.export.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-from training.artifacts import finish, step_dir, step_path
+from training.artifacts import PROV, finish, step_dir
 from training.config import (
     BaseStep,
     DPOStep,
     EmbedderStep,
-    ExportStep,
     GateStep,
     MergeStep,
     PublishStep,
     SFTStep,
     SynthStep,
 )
+from training.registry import Need, StepContext, register
 
 log = logging.getLogger(__name__)
-HF_STEPS = ("sft", "dpo", "merge", "base")
+
+PAIRS = Need("pairs", optional=True)  # synth's pairs when an earlier step makes them, else CSV
 
 
-def latest_hf(out: Path, before: str, order: list[str]) -> Path:
-    """The HF model made by the last model-producing step before ``before`` in the recipe."""
-    prior = order[: order.index(before)] if before in order else order
-    for step in reversed(prior):
-        if step in HF_STEPS and (step_path(out, step) / "hf" / "config.json").is_file():
-            return step_path(out, step) / "hf"
-    raise FileNotFoundError(f"no model before step {before!r}: run 'base' first")
+def read_pairs(path: Path, limit: int | None = None, seed: int = 0):
+    """Q&A pairs from a JSONL file (question/answer per line), held-out questions dropped."""
+    from docqa.data import QAPair, is_heldout
+
+    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    pairs = [QAPair(r["question"], r["answer"]) for r in rows]
+    pairs = [p for p in pairs if not is_heldout(p.question)]
+    return random.Random(seed).sample(pairs, min(limit, len(pairs))) if limit else pairs
 
 
-def run_base(cfg: BaseStep, out: Path) -> dict:
+def train_pairs_for(ctx: StepContext, limit: int | None, seed: int = 0):
+    """Train pairs: the planned ``pairs`` input (the synth step's) when there is one, else the
+    train split of the recipe's CSV."""
+    from training.data import train_pairs
+
+    if ctx.has("pairs"):
+        return read_pairs(ctx.input("pairs"), limit, seed)
+    return train_pairs(ctx.csv, limit, seed)
+
+
+@register("base", BaseStep, produces={"model": "hf"})
+def run_base(ctx: StepContext) -> dict:
+    """Load the base weights (store name, GGUF or HF folder) and save a clean HF folder."""
     from training.hf import load_causal_lm, save_hf
 
-    with step_dir(out, "base") as tmp:
+    cfg: BaseStep = ctx.config
+    with step_dir(ctx.out, ctx.name) as tmp:
         model, tok = load_causal_lm(cfg.source, cfg.dtype)
         save_hf(model, tok, tmp / "hf")
         n = sum(p.numel() for p in model.parameters())
         return finish(tmp, "base", cfg, inputs={"source": cfg.source}, metrics={"parameters": n})
 
 
-def run_synth(cfg: SynthStep, out: Path) -> dict:
+@register("synth", SynthStep, produces={"pairs": "pairs.jsonl"})
+def run_synth(ctx: StepContext) -> dict:
+    """Make question/answer pairs from the docs at an endpoint (or take the CSV's train split)."""
     from training.synth import synthesize
 
-    with step_dir(out, "synth") as tmp:
-        stats = synthesize(cfg, tmp / "pairs.jsonl", cache=out / ".synth-cache")
+    cfg: SynthStep = ctx.config
+    with step_dir(ctx.out, ctx.name) as tmp:
+        stats = synthesize(cfg, tmp / "pairs.jsonl", cache=ctx.out / ".synth-cache")
         return finish(
             tmp,
             "synth",
@@ -61,36 +82,81 @@ def run_synth(cfg: SynthStep, out: Path) -> dict:
         )
 
 
-def _pairs_for(out: Path, csv: str | None, limit: int | None, seed: int = 0):
-    """Train pairs: the synth step's output when present, else the train split of the CSV."""
-    from docqa.data import QAPair
-    from training.data import train_pairs
-
-    synth = step_path(out, "synth") / "pairs.jsonl"
-    if synth.is_file():
-        rows = [json.loads(x) for x in synth.read_text().splitlines() if x.strip()]
-        pairs = [QAPair(r["question"], r["answer"]) for r in rows]
-        import random
-
-        from docqa.data import is_heldout
-
-        pairs = [p for p in pairs if not is_heldout(p.question)]
-        return random.Random(seed).sample(pairs, min(limit, len(pairs))) if limit else pairs
-    return train_pairs(csv, limit, seed)
+def _merge_needs(cfg: MergeStep) -> tuple[Need, ...]:
+    # a mergekit config names its own models; otherwise the base is merged with a variant
+    return () if cfg.mergekit is not None else (Need("model"), PAIRS)
 
 
-def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -> dict:
+def _mergekit_models(config: dict) -> list[str]:
+    models = [m.get("model") for m in config.get("models") or []]
+    for sl in config.get("slices") or []:
+        models += [s.get("model") for s in sl.get("sources") or []]
+    return list(dict.fromkeys(str(m) for m in models if m))
+
+
+@register("merge", MergeStep, needs=_merge_needs, produces={"model": "hf"})
+def run_merge(ctx: StepContext) -> dict:
+    """SLERP merge with mergekit: the models its config names, or the base and a variant."""
+    from training.merge import slerp_merge
+
+    cfg: MergeStep = ctx.config
+    if cfg.mergekit is not None:
+        src, qa = None, None
+        inputs = {"base": cfg.mergekit.get("base_model"), "models": _mergekit_models(cfg.mergekit)}
+    else:
+        src = ctx.input("model")
+        qa = train_pairs_for(ctx, 64)
+        inputs = {"base": str(src)}
+    with step_dir(ctx.out, ctx.name) as tmp:
+        metrics = slerp_merge(cfg, src, tmp, qa)
+        return finish(tmp, "merge", cfg, inputs=inputs, metrics=metrics)
+
+
+def _dpo_needs(cfg: DPOStep) -> tuple[Need, ...]:
+    # given preference pairs replace the offline ones built from Q&A pairs
+    return (Need("model"),) if cfg.pairs else (Need("model"), PAIRS)
+
+
+@register("dpo", DPOStep, needs=_dpo_needs, produces={"model": "hf"})
+def run_dpo(ctx: StepContext) -> dict:
+    """DPO with LoRA on given preference pairs, or on offline pairs built from Q&A data."""
+    from training.dpo_data import build_pairs, load_pairs
+    from training.hf import load_causal_lm, save_hf, weight_delta
+    from training.lora import train_dpo
+
+    cfg: DPOStep = ctx.config
+    src = ctx.input("model")
+    model, tok = load_causal_lm(src)
+    if cfg.pairs:
+        pairs = load_pairs(cfg.pairs)[: cfg.n_pairs]
+    else:
+        pairs = build_pairs(model, tok, train_pairs_for(ctx, cfg.n_pairs, cfg.seed), cfg)
+    with step_dir(ctx.out, ctx.name) as tmp:
+        ref, _ = load_causal_lm(src)
+        merged, metrics = train_dpo(model, tok, pairs, cfg, tmp)
+        metrics["weight_delta"] = weight_delta(ref, merged)
+        save_hf(merged, tok, tmp / "hf")
+        with open(tmp / "pairs.jsonl", "w") as f:
+            for p in pairs:
+                f.write(json.dumps(p) + "\n")
+        return finish(
+            tmp, "dpo", cfg, inputs={"model": str(src), "pairs": len(pairs)}, metrics=metrics
+        )
+
+
+@register("sft", SFTStep, needs=(Need("model"), PAIRS), produces={"model": "hf"})
+def run_sft(ctx: StepContext) -> dict:
+    """LoRA SFT (optionally retrieval-augmented); the adapter is merged into the saved model."""
     from training.data import sft_examples
     from training.hf import load_causal_lm, save_hf, weight_delta
     from training.lora import train_sft
 
-    src = latest_hf(out, "sft", order)
+    cfg: SFTStep = ctx.config
+    src = ctx.input("model")
     # the grounded target skips pairs, so it draws from every (shuffled) pair up to the limit
     skips = cfg.rag and cfg.target == "grounded"
-    pairs = _pairs_for(out, csv, None if skips else cfg.limit, cfg.seed)
+    pairs = train_pairs_for(ctx, None if skips else cfg.limit, cfg.seed)
     if skips:
-        import random
-
         random.Random(cfg.seed).shuffle(pairs)
     examples = sft_examples(
         pairs,
@@ -101,7 +167,7 @@ def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -
         seed=cfg.seed,
         limit=cfg.limit,
     )
-    with step_dir(out, "sft") as tmp:
+    with step_dir(ctx.out, ctx.name) as tmp:
         model, tok = load_causal_lm(src)
         ref, _ = load_causal_lm(src)
         merged, metrics = train_sft(model, tok, examples, cfg, tmp)
@@ -119,123 +185,35 @@ def run_sft(cfg: SFTStep, out: Path, order: list[str], csv: str | None = None) -
         )
 
 
-def run_dpo(cfg: DPOStep, out: Path, order: list[str], csv: str | None = None) -> dict:
-    from training.dpo_data import build_pairs, load_pairs
-    from training.hf import load_causal_lm, save_hf, weight_delta
-    from training.lora import train_dpo
-
-    src = latest_hf(out, "dpo", order)
-    model, tok = load_causal_lm(src)
-    if cfg.pairs:
-        pairs = load_pairs(cfg.pairs)[: cfg.n_pairs]
-    else:
-        pairs = build_pairs(model, tok, _pairs_for(out, csv, cfg.n_pairs, cfg.seed), cfg)
-    with step_dir(out, "dpo") as tmp:
-        ref, _ = load_causal_lm(src)
-        merged, metrics = train_dpo(model, tok, pairs, cfg, tmp)
-        metrics["weight_delta"] = weight_delta(ref, merged)
-        save_hf(merged, tok, tmp / "hf")
-        with open(tmp / "pairs.jsonl", "w") as f:
-            for p in pairs:
-                f.write(json.dumps(p) + "\n")
-        return finish(
-            tmp, "dpo", cfg, inputs={"model": str(src), "pairs": len(pairs)}, metrics=metrics
-        )
-
-
-def run_merge(cfg: MergeStep, out: Path, order: list[str], csv: str | None = None) -> dict:
-    from training.merge import slerp_merge
-
-    src = latest_hf(out, "merge", order)
-    with step_dir(out, "merge") as tmp:
-        metrics = slerp_merge(
-            cfg, src, tmp, _pairs_for(out, csv, 64) if cfg.mergekit is None else None
-        )
-        return finish(tmp, "merge", cfg, inputs={"base": str(src)}, metrics=metrics)
-
-
-def run_embedder(cfg: EmbedderStep, out: Path, csv: str | None = None) -> dict:
+@register("embedder", EmbedderStep, needs=(PAIRS,), produces={"embedder": "model"})
+def run_embedder(ctx: StepContext) -> dict:
     """Finetune the retrieval embedder; the step's ``model/`` is a sentence-transformers folder
     (set ``embedder.model`` to it and rebuild the index)."""
     from docqa.data import DEFAULT_QA, load_qa, split_qa
     from training.embedder import finetune_embedder
 
-    pairs = _pairs_for(out, csv, cfg.limit, cfg.seed)
-    heldout = split_qa(load_qa(csv or DEFAULT_QA, duplicates=True))[1]
-    with step_dir(out, "embedder") as tmp:
+    cfg: EmbedderStep = ctx.config
+    pairs = train_pairs_for(ctx, cfg.limit, cfg.seed)
+    heldout = split_qa(load_qa(ctx.csv or DEFAULT_QA, duplicates=True))[1]
+    with step_dir(ctx.out, ctx.name) as tmp:
         metrics = finetune_embedder(cfg, pairs, heldout, tmp / "model")
         return finish(
             tmp,
             "embedder",
             cfg,
-            inputs={"base": cfg.base, "docs": cfg.docs, "csv": csv, "pairs": len(pairs)},
+            inputs={"base": cfg.base, "docs": cfg.docs, "csv": ctx.csv, "pairs": len(pairs)},
             metrics=metrics,
         )
 
 
-def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
-    cmd = [
-        sys.executable,
-        "-m",
-        "convert_hf_to_gguf",
-        str(hf_dir),
-        "--outfile",
-        str(out_file),
-        "--outtype",
-        outtype,
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0 or not out_file.is_file():
-        raise RuntimeError(f"GGUF conversion failed:\n{r.stderr[-2000:]}")
-    return out_file
-
-
-def quantize(src: Path, dst: Path, quant: str) -> Path:
-    import ctypes
-
-    import llama_cpp
-
-    name = quant.upper()
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
-    if ftype is None:
-        raise ValueError(f"unknown quantization {quant!r}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise RuntimeError(f"llama.cpp quantization to {quant} failed (rc={rc})")
-    return dst
-
-
-def run_export(cfg: ExportStep, out: Path, order: list[str]) -> dict:
-    from docqa.provenance import sha256_file
-
-    src = latest_hf(out, "export", order)
-    with step_dir(out, "export") as tmp:
-        f16 = convert_to_gguf(src, tmp / "model.f16.gguf")
-        if cfg.quant.upper() in ("F16", "F32"):
-            final = f16.rename(tmp / "model.gguf")
-        else:
-            final = quantize(f16, tmp / "model.gguf", cfg.quant)
-            f16.unlink()
-        return finish(
-            tmp,
-            "export",
-            cfg,
-            inputs={"model": str(src)},
-            metrics={"size_bytes": final.stat().st_size},
-            sha256=sha256_file(final),
-            quant=cfg.quant,
-        )
-
-
-def run_gate(cfg: GateStep, out: Path) -> dict:
+@register("gate", GateStep, needs=(Need("gguf"),), produces={"gate": PROV})
+def run_gate(ctx: StepContext) -> dict:
+    """Evaluate the new GGUF against the published model; record whether it passed."""
     from training.gate import compare
 
-    gguf = step_path(out, "export") / "model.gguf"
-    if not gguf.is_file():
-        raise FileNotFoundError("gate needs the export step's model.gguf")
-    with step_dir(out, "gate") as tmp:
+    cfg: GateStep = ctx.config
+    gguf = ctx.input("gguf")
+    with step_dir(ctx.out, ctx.name) as tmp:
         result = compare(str(gguf), cfg)
         (tmp / "comparison.json").write_text(json.dumps(result, indent=2))
         return finish(
@@ -252,24 +230,30 @@ class GateRefused(RuntimeError):
     pass
 
 
-def run_publish(cfg: PublishStep, out: Path, export: ExportStep, gate: GateStep | None) -> dict:
+@register(
+    "publish",
+    PublishStep,
+    needs=(Need("gguf"), Need("gate", optional=True)),
+    produces={"published": "published.json"},
+)
+def run_publish(ctx: StepContext) -> dict:
+    """Copy the GGUF into the model store with its provenance (refused when the gate failed);
+    optionally hot-reload a running server."""
     from docqa.provenance import read_provenance
     from models.store import ModelStore
     from training.publish import notify_server
 
-    gguf = step_path(out, "export") / "model.gguf"
-    gate_prov = read_provenance(step_path(out, "gate") / "provenance.json")
-    if gate is not None and gate.enforce:
+    cfg: PublishStep = ctx.config
+    gguf = ctx.input("gguf")
+    gate_prov = read_provenance(ctx.input("gate")) if ctx.has("gate") else None
+    if ctx.has("gate") and ctx.recipe.gate.enforce:
         if gate_prov is None:
             raise GateRefused("publish needs a gate result: run the gate step first")
         if not gate_prov.get("passed"):
             raise GateRefused("the gate refused this model; the published model stays")
-    upstream = {
-        "export": read_provenance(step_path(out, "export") / "provenance.json"),
-        "gate": gate_prov,
-    }
-    with step_dir(out, "publish") as tmp:
-        resolved = ModelStore(cfg.store_dir).publish(gguf, export.name, upstream)
+    upstream = {"export": read_provenance(gguf.parent / PROV), "gate": gate_prov}
+    with step_dir(ctx.out, ctx.name) as tmp:
+        resolved = ModelStore(cfg.store_dir).publish(gguf, ctx.recipe.export.name, upstream)
         reloaded = notify_server(cfg, resolved.id)
         shutil.copyfile(resolved.path.with_suffix(".json"), tmp / "published.json")
         return finish(
