@@ -60,7 +60,10 @@ _SCAFFOLD = [
     ("excerpt header", re.compile(r"\[\d{1,3}\]\s*\([^)\n]*(?:>|\.mdx?\b)[^)\n]*\)")),
     ("excerpt header", re.compile(r"(?<!\])\((?:[\w.-]+/)*[\w.-]+\.mdx?\s*>[^)\n]*\)")),
     # a line that is only an excerpt label: "[2] Load model" (a short title, no sentence end)
-    ("excerpt label line", re.compile(r"^[^\S\n]*#*[^\S\n]*\[\d{1,3}\](?:[^\S\n]+[\w`'-]+){1,6}[^\S\n]*$", re.M)),
+    (
+        "excerpt label line",
+        re.compile(r"^[^\S\n]*#*[^\S\n]*\[\d{1,3}\](?:[^\S\n]+[\w`'-]+){1,6}[^\S\n]*$", re.M),
+    ),
     (
         "template title",
         re.compile(r"(documentation excerpts|most relevant lines|relevant lines)\s*:", re.I),

@@ -130,10 +130,10 @@ def test_grounded_rag_examples_quote_their_cited_excerpt():
         cited = re.search(r"\[(\d)\]$", answer)
         assert cited and e["gold_in_context"], answer
         n = int(cited.group(1))
-        context = user.split("\nQuestion:")[0]
-        starts = [m.start() for m in re.finditer(r"(?m)^\[\d\] \(", context)] + [len(context)]
+        context = user.split("\n\nMost relevant lines:")[0]  # the excerpts, not the evidence
+        starts = [m.start() for m in re.finditer(r"(?m)^\[\d\]", context)] + [len(context)]
         excerpt = context[starts[n - 1] : starts[n]]
-        assert excerpt.startswith(f"[{n}] (")
+        assert excerpt.startswith(f"[{n}]")
         quoted = re.findall(r"`([^`]+)`", answer)
         assert quoted and all(q in excerpt for q in quoted), (answer, excerpt[:200])
 
