@@ -39,7 +39,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     from docqa.data import load_qa, split_qa
     from eval.qa import load_offtopic
-    from eval.resources import nitro_index
+    from retrieval.corpus import nitro_index
     from retrieval.embedder import for_index
     from retrieval.index import load_index
     from retrieval.search import Retriever

@@ -102,12 +102,12 @@ class RagExamples:
         from retrieval.search import Retriever
 
         if index_dir is None:
-            from eval.resources import nitro_index
+            from retrieval.corpus import nitro_index
 
             index_dir = nitro_index()
         self.index = load_index(index_dir)
         self.retriever = Retriever(self.index, for_index(self.index))
-        from eval.devsets import GoldLabeler
+        from retrieval.questions import GoldLabeler
 
         self.labeler = GoldLabeler(self.index.chunks)  # corpus statistics once, not per pair
         self.settings = Settings().retrieval
