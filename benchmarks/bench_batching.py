@@ -27,11 +27,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _server import free_port, running_server  # noqa: E402
 from bench_p1 import inproc_run  # noqa: E402
 
 from models.store import ModelStore  # noqa: E402
 from server.engine import load_llama  # noqa: E402
+from server.launch import free_port, running_server  # noqa: E402
 
 PROMPTS = [
     f"Chapter {i + 1}. The history of computing began long before electronics. In the early "
@@ -159,9 +159,10 @@ def main() -> None:
     cfg = {
         "model": {"n_ctx": args.n_ctx, "n_parallel": 16},
         "embedder": {"enabled": False},
-        "server": {"max_queue": 64},
+        "server": {"max_queue": 64, "log_level": "WARNING"},
     }
-    with running_server(cfg) as url:
+    with running_server(cfg) as server:
+        url = server.url
         load(url, model.id, 1, 16)  # warm-up
         ours = [load(url, model.id, c, args.tokens) for c in (1, 4, 8, 16)]
         p1_http = [load(url, model.id, 1, 256)["agg_tok_s"] for _ in range(3)]

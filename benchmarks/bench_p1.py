@@ -16,11 +16,10 @@ from pathlib import Path
 import httpx
 import llama_cpp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _server import running_server  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.store import ModelStore  # noqa: E402
 from server.engine import load_llama  # noqa: E402
+from server.launch import running_server  # noqa: E402
 
 PROMPT = "Write a long, detailed essay about the history of computing, section by section.\n\n"
 
@@ -63,9 +62,14 @@ def main() -> None:
     model = ModelStore("models/store").resolve("smollm2-135m-instruct")
     # the same loader (threads, batch) the server uses
     llm = load_llama(model.path, n_ctx=args.n_ctx, n_batch=512, n_threads=None, n_gpu_layers=0)
-    cfg = {"model": {"n_ctx": args.n_ctx}, "embedder": {"enabled": False}}
+    cfg = {
+        "model": {"n_ctx": args.n_ctx},
+        "embedder": {"enabled": False},
+        "server": {"log_level": "WARNING"},
+    }
     http_rates, inproc_rates = [], []
-    with running_server(cfg) as url:
+    with running_server(cfg) as server:
+        url = server.url
         http_run(url, model.id, 16)  # warm-up
         inproc_run(llm, 16)
         for _ in range(args.rounds):  # interleave so drift hits both sides equally

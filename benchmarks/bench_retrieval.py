@@ -26,17 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from docqa.data import DEFAULT_DOCS, DEFAULT_QA, load_qa, split_qa  # noqa: E402
 from docqa.settings import load_settings  # noqa: E402
-from eval.devsets import (  # noqa: E402
-    audited_devset,
-    load_audit,
-    question_key,
-    retrieval_devset,
-)
+from eval.devsets import audited_devset, load_audit, question_key  # noqa: E402
 from retrieval.bm25 import BM25  # noqa: E402
 from retrieval.builder import build_index, default_tokenizer  # noqa: E402
 from retrieval.factory import build_retriever, load_embedder  # noqa: E402
 from retrieval.index import assemble  # noqa: E402
-from retrieval.questions import attach_questions  # noqa: E402
+from retrieval.questions import attach_questions, retrieval_devset  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
 
 SETTINGS = load_settings()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eval.resources import nitro_index  # noqa: E402
-from eval.targets import local_server  # noqa: E402
+from retrieval.corpus import nitro_index  # noqa: E402
+from server.launch import local_server  # noqa: E402
 from server.tickets_cli import read_tickets, reply_all  # noqa: E402
 
 TICKETS = Path(__file__).resolve().parents[1] / "eval" / "data" / "nitro_tickets.jsonl"

@@ -40,7 +40,7 @@ def main() -> None:
     from docqa.data import load_qa, split_qa
     from docqa.settings import load_settings
     from eval.qa import load_offtopic
-    from eval.resources import nitro_index
+    from retrieval.corpus import nitro_index
     from retrieval.factory import build_retriever
 
     ret = build_retriever(args.index or nitro_index(), load_settings())

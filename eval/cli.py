@@ -33,7 +33,7 @@ def _heldout(limit: int | None):
 def _default_index(index: Optional[Path]) -> str:
     if index is not None:
         return str(index)
-    from eval.resources import nitro_index
+    from retrieval.corpus import nitro_index
 
     return str(nitro_index())
 

@@ -1,70 +1,20 @@
-"""Dev sets built from the held-out Q&A pairs.
+"""The manual audit of the retrieval dev set.
 
-Retrieval gold: the chunks that hold the answer, found by how much of the question's and the
-reference answer's content (words and word pairs, weighted by rarity in the corpus) a chunk
-contains; the best chunk and any within ``tolerance`` of it are gold. Pairs whose best chunk
-holds too little (the answer is general knowledge, not the docs), and pairs whose reference
-answer says the docs don't cover it, are left out. The labeller
-is ``retrieval.questions.AnswerLabeler``, the one that attaches known questions to chunks. A
-question with several reference answers gets the gold chunks of all of them.
+The dev set itself (``retrieval.questions.retrieval_devset``) labels the held-out Q&A pairs
+automatically, with the labeller that attaches known questions to chunks: the chunks holding
+most of the question's and the reference answer's content are gold. The audit
+(``eval/data/nitro_retrieval_audit.yaml``) corrects those labels where a reviewer judged them.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from docqa.data import QAPair
 from retrieval.chunking import Chunk
-from retrieval.questions import AnswerLabeler
-
-
-@dataclass
-class RetrievalItem:
-    question: str
-    gold_ids: list[str]
-    gold_paths: list[str]
-    containment: float
-
-
-class GoldLabeler(AnswerLabeler):
-    def label(self, p: QAPair) -> RetrievalItem | None:  # type: ignore[override]
-        got = super().label(p.question, p.answer)
-        if got is None:
-            return None
-        gold = sorted(got.chunk_idx)
-        return RetrievalItem(
-            p.question,
-            [self.chunks[i].id for i in gold],
-            sorted({self.chunks[i].path for i in gold}),
-            got.containment,
-        )
-
-
-def retrieval_devset(
-    pairs: list[QAPair], chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35
-) -> list[RetrievalItem]:
-    """One item per distinct question. A question with several reference answers (pairs
-    generated from different chunks, kept by ``load_qa(..., duplicates=True)``) has the union
-    of their gold chunks: any chunk holding one of its answers answers it."""
-    labeler = GoldLabeler(chunks, tolerance, min_containment)
-    by_q: dict[str, list[RetrievalItem]] = {}
-    for it in map(labeler.label, pairs):
-        if it is not None:
-            by_q.setdefault(it.question, []).append(it)
-    return [
-        RetrievalItem(
-            q,
-            list(dict.fromkeys(g for it in its for g in it.gold_ids)),
-            sorted({p for it in its for p in it.gold_paths}),
-            max(it.containment for it in its),
-        )
-        for q, its in by_q.items()
-    ]
-
+from retrieval.questions import RetrievalItem
 
 AUDIT = Path(__file__).resolve().parent / "data" / "nitro_retrieval_audit.yaml"
 

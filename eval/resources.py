@@ -1,29 +1,11 @@
-"""Default evaluation resources, built on demand and cached under var/."""
+"""Default evaluation resources, built on demand and cached under var/ (the Nitro index itself
+is ``retrieval.corpus.nitro_index``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-VAR = Path("var")
-
-
-def nitro_index(out: Path | None = None, questions: bool = False) -> Path:
-    """The Nitro docs index (built once; reused while the docs are unchanged). With
-    ``questions``, the train split of the Nitro Q&A pairs is attached to the chunks
-    (question-augmented retrieval; held-out pairs never are)."""
-    from docqa.data import DEFAULT_DOCS, load_qa, split_qa
-    from retrieval.builder import build_index, default_tokenizer
-    from retrieval.embedder import Embedder
-    from retrieval.index import save_index
-
-    out = out or VAR / ("nitro-index-q" if questions else "nitro-index")
-    if not (out / "manifest.json").is_file():
-        pairs = split_qa(load_qa(duplicates=True))[0] if questions else None
-        idx = build_index(
-            DEFAULT_DOCS, Embedder(), default_tokenizer(), progress=False, questions=pairs
-        )
-        save_index(idx, out)
-    return out
+from retrieval.corpus import VAR
 
 
 def dev_mcq(out: Path = VAR / "dev_mcq.csv", n: int = 100) -> Path:

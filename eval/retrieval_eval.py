@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from eval.devsets import retrieval_devset
 from eval.metrics import recall_at_k, reciprocal_rank
+from retrieval.questions import retrieval_devset
 
 
 def gold_map(index_dir: str, pairs) -> dict[str, set[str]]:

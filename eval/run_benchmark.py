@@ -12,8 +12,8 @@ import logging
 import re
 from pathlib import Path
 
-from eval.resources import nitro_index
 from eval.suite import SuiteConfig, evaluate_model, table
+from retrieval.corpus import nitro_index
 
 START, END = "<!-- eval:start -->", "<!-- eval:end -->"
 

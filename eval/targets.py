@@ -1,24 +1,20 @@
 """Evaluation targets: a docqa server, any OpenAI-compatible URL, or a local GGUF.
 
-A local GGUF is served by a real docqa server started on loopback for the run (the same code
-path users get); ``loglik`` scoring loads it in-process with llama.cpp instead.
+A local GGUF is served by a real docqa server started on loopback for the run
+(``server.launch.local_server``: the same code path users get); ``loglik`` scoring loads it
+in-process with llama.cpp instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import yaml
+
+from server.launch import local_server
 
 
 @dataclass
@@ -70,59 +66,6 @@ class Target:
         )
         r.raise_for_status()
         return r.json()["data"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(
-    model: str, index: str | None = None, n_ctx: int = 4096, extra: dict | None = None
-):
-    """Serve a GGUF (path or store name) with docqa on loopback; yields the base URL (/v1)."""
-    port = _free_port()
-    tmp = Path(tempfile.mkdtemp(prefix="docqa-eval-"))
-    cfg = {
-        "server": {"host": "127.0.0.1", "port": port, "log_level": "WARNING", "max_queue": 64},
-        "model": {"model": model, "n_ctx": n_ctx},
-    }
-    if index:
-        cfg["retrieval"] = {"index_dir": str(index)}
-    for k, v in (extra or {}).items():
-        cfg.setdefault(k, {}).update(v)
-    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
-    docqa = str(Path(sys.executable).with_name("docqa"))
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen(
-        [docqa, "serve", "--config", str(tmp / "c.yaml")],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    "docqa server failed:\n" + (tmp / "server.log").read_text()[-3000:]
-                )
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield url + "/v1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def model_ids(base_url: str, api_key: str = "unused") -> list[str]:

@@ -15,15 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from docqa.atomic import atomic_dir, resolve
 from docqa.provenance import make_provenance, write_provenance
 from retrieval.bm25 import BM25, tokenize
 from retrieval.chunking import Chunk
@@ -104,27 +102,10 @@ def _write_into(index: Index, d: Path) -> None:
 def save_index(index: Index, out: str | Path) -> Path:
     """Write to a temp dir beside ``out`` then swap it in; a failure leaves ``out`` as it was."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _write_into(index, tmp)
-        backup = None
-        if out.exists():
-            backup = out.parent / f".{out.name}.old-{os.getpid()}-{tmp.name[-8:]}"
-            os.rename(out, backup)
-        os.rename(tmp, out)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("index written to %s (%d chunks)", out, len(index))
     return out
-
-
-def _backup_of(out: Path) -> Path | None:
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    return olds[-1] if olds else None
 
 
 class EmbedderMismatch(ValueError):
@@ -147,14 +128,9 @@ def check_embedder(index: Index, embedder) -> None:
 
 
 def load_index(path: str | Path, mmap: bool = True) -> Index:
-    path = Path(path)
+    path = resolve(path, "manifest.json")  # the backup, when a save died mid-swap
     if not (path / "manifest.json").is_file():
-        backup = _backup_of(path) if path.parent.exists() else None
-        if backup is not None and (backup / "manifest.json").is_file():
-            log.warning("index %s incomplete; loading the previous one from %s", path, backup)
-            path = backup
-        else:
-            raise FileNotFoundError(f"no index at {path} (missing manifest.json)")
+        raise FileNotFoundError(f"no index at {path} (missing manifest.json)")
     manifest = json.loads((path / "manifest.json").read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(

@@ -11,8 +11,9 @@ normalize as a single graph.
 - ``eager``: the fp32 module as is.
 
 The ONNX model is built once per (weights, versions) and cached under ``cache_dir`` with a
-provenance JSON beside it; it is written into a temporary folder and renamed into place, so a
-crash mid-export never leaves a half model that a later start would load.
+provenance JSON beside it; it is written into a temporary folder and renamed into place
+(``docqa.atomic``), so a crash mid-export never leaves a half model that a later start would
+load.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from docqa.atomic import atomic_dir
 from docqa.provenance import make_provenance, read_provenance, write_provenance
 
 log = logging.getLogger(__name__)
@@ -142,9 +142,7 @@ def build_onnx_int8(
     if model_path.is_file() and prov and prov.get("kind") == "query-encoder":
         return model_path
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
-    try:
+    with atomic_dir(final) as tmp:  # replaces a stale entry; a failed export leaves none
         _export(model, tokenizer, tmp / "model.int8.onnx")
         enc = OnnxInt8Encoder(tmp / "model.int8.onnx", threads=1)
         ref = reference(PROBES)
@@ -161,17 +159,5 @@ def build_onnx_int8(
             metrics={"probe_min_cosine_vs_fp32": min(cos), "probes": len(PROBES)},
         )  # versions (torch, onnxruntime, onnx...) are recorded by make_provenance
         write_provenance(tmp / "provenance.json", record)
-        if final.exists() and not model_path.is_file():  # a stale, incomplete entry
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not model_path.is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-            return model_path
-        log.info("int8 ONNX query encoder written to %s (min cosine %.4f)", final, min(cos))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    log.info("int8 ONNX query encoder written to %s (min cosine %.4f)", final, min(cos))
     return model_path

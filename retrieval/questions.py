@@ -8,8 +8,9 @@ with the chunk itself.
 A pair is attached to the chunk holding most of the question's and answer's content (words
 and word pairs weighted by rarity in the corpus); pairs whose best chunk holds too little
 (general knowledge, not the docs), and pairs whose reference answer says the docs don't
-cover it, stay unattached. The same labeller gives the retrieval dev
-set its gold chunks (``eval.devsets``).
+cover it, stay unattached. The same labeller gives the retrieval dev set (the held-out pairs)
+its gold chunks: the best chunk and any within ``tolerance`` of it (``retrieval_devset``; a
+question with several reference answers gets the gold chunks of all of them).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from docqa.data import QAPair
 from retrieval.bm25 import content_words
 from retrieval.chunking import Chunk
 
@@ -87,6 +89,54 @@ class AnswerLabeler:
             return None
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return Label([i for i in order if scores[i] >= best * self.tolerance], best)
+
+
+@dataclass
+class RetrievalItem:
+    """A dev-set question and the chunks that hold its answer."""
+
+    question: str
+    gold_ids: list[str]
+    gold_paths: list[str]
+    containment: float
+
+
+class GoldLabeler(AnswerLabeler):
+    """``AnswerLabeler`` over Q&A pairs, giving ``RetrievalItem``s."""
+
+    def label(self, p: QAPair) -> RetrievalItem | None:  # type: ignore[override]
+        got = super().label(p.question, p.answer)
+        if got is None:
+            return None
+        gold = sorted(got.chunk_idx)
+        return RetrievalItem(
+            p.question,
+            [self.chunks[i].id for i in gold],
+            sorted({self.chunks[i].path for i in gold}),
+            got.containment,
+        )
+
+
+def retrieval_devset(
+    pairs: list[QAPair], chunks: list[Chunk], tolerance: float = 0.9, min_containment: float = 0.35
+) -> list[RetrievalItem]:
+    """One item per distinct question. A question with several reference answers (pairs
+    generated from different chunks, kept by ``load_qa(..., duplicates=True)``) has the union
+    of their gold chunks: any chunk holding one of its answers answers it."""
+    labeler = GoldLabeler(chunks, tolerance, min_containment)
+    by_q: dict[str, list[RetrievalItem]] = {}
+    for it in map(labeler.label, pairs):
+        if it is not None:
+            by_q.setdefault(it.question, []).append(it)
+    return [
+        RetrievalItem(
+            q,
+            list(dict.fromkeys(g for it in its for g in it.gold_ids)),
+            sorted({p for it in its for p in it.gold_paths}),
+            max(it.containment for it in its),
+        )
+        for q, its in by_q.items()
+    ]
 
 
 @dataclass

@@ -113,7 +113,7 @@ def command(
         base = target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1")
         counts = reply_all(tickets, out, base, api_key)
     else:
-        from eval.targets import local_server
+        from server.launch import local_server
 
         with local_server(model or "smollm2-135m-instruct", str(index or "var/index")) as base:
             counts = reply_all(tickets, out, base)

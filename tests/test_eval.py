@@ -9,13 +9,13 @@ import pytest
 from scipy import stats
 
 from docqa.data import QAPair, is_heldout, load_qa, split_qa
-from eval.devsets import retrieval_devset
 from eval.mcq import MCQ, parse_letter, read_mcq, run_letter, run_loglik, write_mcq
 from eval.metrics import has_facts, rouge_l, summarize, token_f1, welch
 from eval.qa import load_facts, load_offtopic, run_facts
 from eval.report import mcq_table, plot_accuracy
 from eval.targets import Reply
 from models.store import ModelStore
+from retrieval.questions import retrieval_devset
 
 from .conftest import SHARED
 
@@ -235,8 +235,9 @@ def test_non_answers_get_no_gold_and_are_not_attached():
 
 
 def test_audit_drops_unanswerable_and_extends_gold():
-    from eval.devsets import RetrievalItem, audited_devset, question_key
+    from eval.devsets import audited_devset, question_key
     from retrieval.chunking import Chunk
+    from retrieval.questions import RetrievalItem
 
     chunks = [
         Chunk("c1", "a.md", "Port", "Zephyrd listens on port 7431.", 9),

@@ -15,7 +15,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from .conftest import DOCQA, FIXTURES
+from server.launch import DOCQA
+
+from .conftest import FIXTURES
 
 QUESTIONS = [
     "Which port does the Zephyrd HTTP API listen on?",

@@ -3,14 +3,11 @@ failed step leaves every earlier artifact (and the previous run of the same step
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from docqa.atomic import atomic_dir
 from docqa.provenance import make_provenance, read_provenance, write_provenance
 
 PROV = "provenance.json"
@@ -35,25 +32,10 @@ def done(out: Path, step: str, cfg=None) -> dict | None:
     return prov
 
 
-@contextlib.contextmanager
 def step_dir(out: Path, step: str):
-    """Yield a temp dir; on success it replaces ``out/step``; on failure it is removed."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{step}.tmp-", dir=out))
-    try:
-        yield tmp
-        final = step_path(out, step)
-        old = None
-        if final.exists():
-            old = out / f".{step}.old-{os.getpid()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """A context manager yielding a temp dir; on success it replaces ``out/step``; on failure
+    it is removed (``docqa.atomic.atomic_dir``)."""
+    return atomic_dir(step_path(out, step))
 
 
 def finish(tmp: Path, step: str, cfg, *, inputs: dict, metrics: dict, **extra) -> dict:

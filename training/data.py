@@ -101,14 +101,14 @@ class RagExamples:
         from retrieval.index import load_index
 
         if index_dir is None:
-            from eval.resources import nitro_index
+            from retrieval.corpus import nitro_index
 
             index_dir = nitro_index()
         settings = settings or load_settings()
         self.index = load_index(index_dir)
         # the server's own retriever: same factory, same settings, same hits
         self.retriever = build_retriever(self.index, settings)
-        from eval.devsets import GoldLabeler
+        from retrieval.questions import GoldLabeler
 
         self.labeler = GoldLabeler(self.index.chunks)  # corpus statistics once, not per pair
         self.settings = settings.retrieval

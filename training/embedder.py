@@ -141,9 +141,9 @@ def finetune_embedder(cfg, pairs, heldout, out_dir: Path, progress: bool = True)
     """Train on ``pairs``, evaluate on ``heldout`` (before and after, same chunks), save the
     model to ``out_dir`` (a sentence-transformers folder). Returns the metrics."""
     from docqa.data import DEFAULT_DOCS
-    from eval.devsets import retrieval_devset
     from retrieval.builder import build_index, default_tokenizer
     from retrieval.embedder import Embedder
+    from retrieval.questions import retrieval_devset
 
     docs = Path(cfg.docs) if cfg.docs else DEFAULT_DOCS
     tok = default_tokenizer()

@@ -22,7 +22,7 @@ def decide(candidate: dict, published: dict, margin: float) -> dict:
 
 
 def compare(candidate_gguf: str, cfg: GateStep) -> dict:
-    from eval.resources import nitro_index
+    from retrieval.corpus import nitro_index
 
     index = str(nitro_index())
     suite = SuiteConfig(

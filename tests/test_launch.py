@@ -1,0 +1,39 @@
+"""server.launch: a server that cannot start fails fast with its log, and leaves nothing behind
+(the ready path is exercised by every server fixture)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from server.launch import ServerProcess, free_port, running_server
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_exit_at_start_fails_fast_with_the_log(tmp_path):
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited") as err:
+        with running_server({"model": {"n_ctx": "not-a-number"}}, timeout=120, workdir=tmp_path):
+            pass
+    assert time.monotonic() - t0 < 60  # did not wait for the timeout
+    assert "n_ctx" in str(err.value)  # the tail of the server's own log
+    assert (tmp_path / "server.yaml").is_file() and "n_ctx" in (tmp_path / "server.log").read_text()
+
+
+def test_temp_workdir_is_removed_and_config_gets_loopback_port():
+    s = ServerProcess({"model": {"n_ctx": "not-a-number"}}, name="bad")
+    assert s.config["server"] == {"host": "127.0.0.1", "port": s.port}
+    assert s.url == f"http://127.0.0.1:{s.port}" and s.config_path.is_file()
+    s.start()
+    with pytest.raises(RuntimeError):
+        s.wait_ready(timeout=120)
+    s.stop()
+    assert not s.workdir.exists()
