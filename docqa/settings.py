@@ -175,6 +175,11 @@ class RetrievalSettings(_Section):
         description="User turn with retrieval; must contain {context} and {question}; "
         "{evidence} is replaced by the evidence lines (see evidence_units).",
     )
+    stop: list[str] = Field(
+        default_factory=lambda: ["\nQuestion:", "Documentation excerpts:", "Most relevant lines:"],
+        description="Extra stop strings for grounded answers: where a small model starts "
+        "echoing the prompt's scaffolding, the answer ends.",
+    )
     evidence_units: int = Field(
         3,
         ge=0,

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from dataclasses import dataclass
 
 import llama_cpp
 import numpy as np
 
-from server.engine import Admission, Job
+from server.engine import Job, Worker
 from server.generation import Finish, GenParams, TextStream, _logprob_entry, _token_piece
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class BatchContext:
             self.ctx = None
 
 
-class BatchEngine:
+class BatchEngine(Worker):
     """Continuous batching over a ``BatchContext``; same interface as ``server.engine.Engine``.
     It owns its context, not the model (``server.runtime.ModelRuntime`` does)."""
 
@@ -132,23 +131,11 @@ class BatchEngine:
         self.ctx, self.mem = self.bctx.ctx, self.bctx.mem
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
-        self.admission = Admission(max_queue)
-        self._thread = threading.Thread(target=self._run, name="docqa-batch", daemon=True)
-        self._thread.start()
+        self._start_worker(max_queue, "docqa-batch")
 
     @property
     def n_ctx(self) -> int:
         return self.per_seq_ctx
-
-    @property
-    def busy(self) -> int:
-        return self.admission.admitted
-
-    def submit(self, params: GenParams) -> Job:
-        return self.admission.submit(params)
-
-    def cancel_all(self) -> int:
-        return self.admission.cancel_all()
 
     # -- scheduler -------------------------------------------------------------------
     def _admit(self, job: Job, seq: int) -> _Slot | None:
@@ -362,9 +349,7 @@ class BatchEngine:
 
     def close(self) -> None:
         """Stop the scheduler, then free the context (the model is the runtime's)."""
-        self.admission.stop()
-        self._thread.join(timeout=60)
-        if self._thread.is_alive():
+        if not self._stop_worker():
             log.error("batch scheduler did not stop; leaking its context rather than freeing it")
             return
         self.bctx.close()

@@ -145,19 +145,26 @@ class Admission:
         self.jobs.put(None)
 
 
-class Engine:
-    """Single-context engine over a llama model's own context: a worker thread serves jobs one
-    at a time, FIFO. It does not own the model (``server.runtime.ModelRuntime`` does)."""
+class Worker:
+    """What both engines share: admission, and one worker thread running ``_run``. An engine
+    builds everything its worker needs, then calls ``_start_worker`` last."""
 
-    def __init__(self, llm: llama_cpp.Llama, max_queue: int):
-        self.llm = llm
+    admission: Admission
+    _thread: threading.Thread
+
+    def _start_worker(self, max_queue: int, name: str) -> None:
         self.admission = Admission(max_queue)
-        self._thread = threading.Thread(target=self._run, name="docqa-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    @property
-    def n_ctx(self) -> int:
-        return self.llm.n_ctx()
+    def _run(self) -> None:  # pragma: no cover - each engine has its own
+        raise NotImplementedError
+
+    def _stop_worker(self, timeout: float = 60) -> bool:
+        """Stop after the jobs already queued; True when the thread has ended."""
+        self.admission.stop()
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     @property
     def busy(self) -> int:
@@ -168,6 +175,19 @@ class Engine:
 
     def cancel_all(self) -> int:
         return self.admission.cancel_all()
+
+
+class Engine(Worker):
+    """Single-context engine over a llama model's own context: a worker thread serves jobs one
+    at a time, FIFO. It does not own the model (``server.runtime.ModelRuntime`` does)."""
+
+    def __init__(self, llm: llama_cpp.Llama, max_queue: int):
+        self.llm = llm
+        self._start_worker(max_queue, "docqa-engine")
+
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
 
     def _run(self) -> None:
         while True:
@@ -189,5 +209,4 @@ class Engine:
 
     def close(self) -> None:
         """Stop the worker after the jobs already queued (cancel them first to be quick)."""
-        self.admission.stop()
-        self._thread.join(timeout=60)
+        self._stop_worker()

@@ -21,12 +21,13 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 from training.artifacts import step_path
 
-if TYPE_CHECKING:
-    from training.config import Recipe
+# a training.config.Recipe; not imported here, so config (which validates recipes with ``plan``)
+# and the registry do not import each other
+Recipe = Any
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,8 @@ class ChatService:
         max_tokens = req.max_completion_tokens or req.max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
         params.grammar = grammar_for(req.response_format, req.grammar)
+        if grounding is not None:
+            params.stop = [*params.stop, *self.settings.retrieval.stop]
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
         params.logprobs = req.logprobs

@@ -76,10 +76,12 @@ class Answer:
     reason: str | None = None
 
 
-async def _generate(rt: ModelRuntime, messages, max_tokens: int) -> str:
+async def _generate(rt: ModelRuntime, messages, max_tokens: int, stop: list[str]) -> str:
     tokens = rt.prompt_tokens(rt.format_chat(messages))
     rt.check_fits(len(tokens), "ticket")
-    job = rt.submit(GenParams(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0))
+    job = rt.submit(
+        GenParams(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop))
+    )
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -120,7 +122,7 @@ async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ti
             a.reason = f"weak retrieval evidence for: {q[:80]}"
             answers.append(a)
             continue
-        a.text = await _generate(rt, new_messages, cfg.max_tokens)
+        a.text = await _generate(rt, new_messages, cfg.max_tokens, settings.retrieval.stop)
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
         a.support = support(a.text, " ".join(s["text"] for s in a.sources))
