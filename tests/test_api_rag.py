@@ -63,6 +63,11 @@ def test_grounded_answer_has_sources(rc):
     assert sources and {"index", "id", "path", "heading", "score", "text"} <= set(sources[0])
     assert "guide/install.md" in [s["path"] for s in sources]
     assert r.choices[0].message.content
+    # evidence: the lines that answer, as offsets into each source's text
+    ev = [(s, e) for s in sources for e in s["evidence"]]
+    assert ev and any("7431" in e["text"] for _, e in ev)
+    for s, e in ev:
+        assert s["text"][e["start"] : e["end"]] == e["text"]
     # the context budget (n_ctx 1024, 256 reserved) cannot hold top_k=8 chunks of 120 tokens
     assert r.usage.prompt_tokens <= 1024 - 256
 
