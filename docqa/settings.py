@@ -188,6 +188,24 @@ class RetrievalSettings(_Section):
         "from the retrieved excerpts as answering the question: shown to the model in "
         "{evidence} and returned as sources[].evidence with offsets. 0 = off.",
     )
+    cad_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=5,
+        description="Context-aware decoding strength for grounded answers (chat with "
+        "retrieval, ticket replies): each token is sampled from (1+a)*logit(y | excerpts, "
+        "question) - a*logit(y | question), which favours what the excerpts say over what the "
+        "model would say without them (Shi et al. 2023). 0 = off (plain decoding); 0.5 to 1 "
+        "is the usual range. Costs a second, shorter prompt and a second sequence per request "
+        "(two batch slots with n_parallel > 1). Overridden per request by cad_alpha.",
+    )
+    cad_context_free: Literal["messages", "template"] = Field(
+        "messages",
+        description="The prompt context-aware decoding contrasts with: 'messages', the user's "
+        "chat as sent (no system prompt, template or excerpts); 'template', the grounded prompt "
+        "with no excerpts and no evidence lines, so that only the excerpts differ (the template's "
+        "own words are not amplified; see docs/configuration.md).",
+    )
     abstain_message: str = Field(
         "I could not find this in the documentation, so I can't answer it reliably.",
         min_length=1,

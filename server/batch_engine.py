@@ -7,7 +7,11 @@ and leave the running batch at any step. Each request has its own llama.cpp samp
 the same ``TextStream`` as the single-sequence engine. Finished or cancelled sequences free their
 KV cells at once. A request waits in the bounded queue until a sequence slot is free, and every
 slot owns ``n_ctx`` cells of the unified cache, so KV exhaustion is impossible by construction.
-Same interface as ``Engine``: the routers don't change.
+A context-aware decoding request (``server.cad``) takes two slots: its context-free prompt runs
+as a second sequence, fed the same generated tokens in the same ``llama_batch``, and its sampler
+chain runs on the combined logits. Requests are admitted in FIFO order: a CAD request at the
+head of the queue waits for two free slots. Same interface as ``Engine``: the routers don't
+change.
 """
 
 from __future__ import annotations
@@ -19,10 +23,32 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from server.cad import TokenData
 from server.engine import Job, Worker
-from server.generation import Finish, GenParams, TextStream, _logprob_entry, _token_piece
+from server.generation import (
+    BatchContext,
+    Finish,
+    TextStream,
+    _logprob_entry,
+    _token_piece,
+    logits_at,
+    sampler_chain,
+)
+
+__all__ = ["BatchContext", "BatchEngine"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Free:
+    """The context-free side of a CAD request: its own sequence, fed the same tokens."""
+
+    seq: int
+    pending: list[int]
+    n_past: int = 0
+    batch_idx: int = -1
+    logits: np.ndarray | None = None  # its prompt's last logits, kept until the first sample
 
 
 @dataclass
@@ -38,66 +64,16 @@ class _Slot:
     batch_idx: int = -1
     max_tokens: int = 0
     remember: bool = False
+    cad: _Free | None = None
 
+    @property
+    def feeding(self) -> bool:
+        """Some prompt (the context-free one of a CAD request included) is not fed yet."""
+        return bool(self.pending) or (self.cad is not None and bool(self.cad.pending))
 
-def _sampler(vocab, p: GenParams, seed: int):
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = llama_cpp.llama_sampler_chain_add
-    if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-        add(
-            chain,
-            llama_cpp.llama_sampler_init_penalties(
-                64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
-            ),
-        )
-    if p.grammar is not None:
-        g = llama_cpp.llama_sampler_init_grammar(
-            vocab,
-            p.grammar._grammar.encode(),  # noqa: SLF001
-            p.grammar._root.encode(),
-        )  # noqa: SLF001
-        if not g:
-            raise ValueError("invalid grammar")
-        add(chain, g)
-    if p.temperature <= 0:
-        add(chain, llama_cpp.llama_sampler_init_greedy())
-    else:
-        if p.top_k > 0:
-            add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
-        add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
-        add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
-        add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
-        add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    return chain
-
-
-class BatchContext:
-    """A llama.cpp context with ``n_seq`` sequences (plus one for the prefix cache) on a unified
-    KV cache, created from a loaded model; owns and frees the context and its batch."""
-
-    def __init__(self, llm: llama_cpp.Llama, n_seq: int, n_batch: int, n_threads: int | None):
-        self.per_seq_ctx = llm.n_ctx()
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
-        cp.n_batch = n_batch
-        cp.n_ubatch = min(n_batch, 512)
-        cp.n_seq_max = n_seq + 1
-        cp.kv_unified = True
-        nt = n_threads or llm.n_threads
-        if nt:
-            cp.n_threads = cp.n_threads_batch = int(nt)
-        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, cp)  # noqa: SLF001
-        if not self.ctx:
-            raise RuntimeError("could not create the batched llama.cpp context")
-        self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self.vocab = llm._model.vocab  # noqa: SLF001
-
-    def close(self) -> None:
-        if self.ctx is not None:
-            llama_cpp.llama_batch_free(self.batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
+    @property
+    def seqs(self) -> list[int]:
+        return [self.seq] if self.cad is None else [self.seq, self.cad.seq]
 
 
 class BatchEngine(Worker):
@@ -131,6 +107,7 @@ class BatchEngine(Worker):
         self.ctx, self.mem = self.bctx.ctx, self.bctx.mem
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
+        self.td = TokenData(llm.n_vocab())
         self._start_worker(max_queue, "docqa-batch")
 
     @property
@@ -138,44 +115,49 @@ class BatchEngine(Worker):
         return self.per_seq_ctx
 
     # -- scheduler -------------------------------------------------------------------
-    def _admit(self, job: Job, seq: int) -> _Slot | None:
+    def _admit(self, job: Job, seqs: list[int]) -> _Slot:
+        """Start ``job`` on ``seqs`` (two for a CAD request: with and without its context)."""
         p = job.params
-        if job.cancelled.is_set():
-            job._put(Finish("cancelled", len(p.prompt_tokens), 0))
-            self._end(job)
-            return None
+        if p.cad and not p.cad_prompt_tokens:
+            raise ValueError("context-aware decoding needs a non-empty context-free prompt")
         job._mark_started()
         seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-        llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        for seq in seqs:
+            llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
         slot = _Slot(
-            seq,
+            seqs[0],
             job,
             list(p.prompt_tokens),
-            _sampler(self.vocab, p, seed),
+            sampler_chain(self.vocab, p, seed),
             TextStream(p),
-            max_tokens=min(p.max_tokens, self.per_seq_ctx - len(p.prompt_tokens)),
+            max_tokens=min(p.max_tokens, self.per_seq_ctx - p.n_prompt_max),
         )
-        self._reuse_prefix(slot)
+        slot.n_past = self._reuse_prefix(slot.seq, slot.pending)
+        slot.pending = slot.pending[slot.n_past :]
+        if p.cad:
+            free = _Free(seqs[1], list(p.cad_prompt_tokens or []))
+            free.n_past = self._reuse_prefix(free.seq, free.pending)
+            free.pending = free.pending[free.n_past :]
+            slot.cad = free
         return slot
 
-    def _reuse_prefix(self, s: _Slot) -> None:
+    def _reuse_prefix(self, seq: int, toks: list[int]) -> int:
         """Copy the longest chunk-aligned shared prefix (e.g. the system prompt and the RAG
-        template) from the prefix-cache sequence instead of recomputing it."""
+        template) of ``toks`` from the prefix-cache sequence to ``seq`` instead of recomputing
+        it; the number of tokens copied."""
         if not self.prefix_cache or not self.cache_tokens:
-            return
-        toks = s.pending
+            return 0
         n = 0
         limit = min(len(self.cache_tokens), len(toks) - 1)  # keep >= 1 token to get logits
         while n < limit and toks[n] == self.cache_tokens[n]:
             n += 1
         n -= n % self.chunk
         if n <= 0:
-            return
-        llama_cpp.llama_memory_seq_cp(self.mem, self.cache_seq, s.seq, 0, n)
-        s.pending = toks[n:]
-        s.n_past = n
+            return 0
+        llama_cpp.llama_memory_seq_cp(self.mem, self.cache_seq, seq, 0, n)
         self.prefix_hits += 1
         self.prefix_tokens_reused += n
+        return n
 
     def _remember_prefix(self, s: _Slot) -> None:
         """Keep the aligned prompt prefix of a sequence whose prompt is fully evaluated."""
@@ -192,33 +174,47 @@ class BatchEngine(Worker):
     def _end(self, job: Job) -> None:
         self.admission.release(job)
 
+    def _drop(self, s: _Slot) -> None:
+        """Free the KV cells of the request's sequences."""
+        for seq in s.seqs:
+            llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+
     def _finish(self, s: _Slot, reason: str) -> None:
         if reason != "cancelled":
             d = s.text.flush()
             if d is not None:
                 s.job._put(d)
         s.job._put(Finish(reason, len(s.job.params.prompt_tokens), s.n_out))
-        llama_cpp.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+        self._drop(s)
         llama_cpp.llama_sampler_free(s.sampler)
         self._end(s.job)
 
     def _fill_generating(self, slots: list[_Slot]) -> int:
-        """One token per generating sequence."""
+        """One token per generating sequence (two for a CAD request: the same token on the
+        sequence without its context)."""
         n = 0
         for s in slots:
             s.batch_idx = -1
-            if not s.pending:
+            if not s.feeding:
                 self._add(n, s.last, s.n_past, s.seq, True)
                 s.batch_idx = n
                 s.n_past += 1
                 n += 1
+                if s.cad is not None:
+                    self._add(n, s.last, s.cad.n_past, s.cad.seq, True)
+                    s.cad.batch_idx = n
+                    s.cad.n_past += 1
+                    n += 1
         self.batch.n_tokens = n
         return n
 
     def _fill_prompt(self, s: _Slot) -> int:
         """The next prompt chunk of one sequence, alone in its batch: a prompt is evaluated
         exactly as it would be with no other request running (llama.cpp's numerics depend on
-        the batch a token is evaluated in), so batching never changes a greedy answer."""
+        the batch a token is evaluated in), so batching never changes a greedy answer. A CAD
+        request feeds its context-free prompt first."""
+        if s.cad is not None and s.cad.pending:
+            return self._fill_free_prompt(s)
         room = self.chunk - s.n_past % self.chunk  # stop at the next aligned boundary
         take = s.pending[:room]
         s.pending = s.pending[len(take) :]
@@ -232,6 +228,22 @@ class BatchEngine(Worker):
         self.batch.n_tokens = len(take)
         if not s.pending:
             s.remember = True
+        return len(take)
+
+    def _fill_free_prompt(self, s: _Slot) -> int:
+        f = s.cad
+        assert f is not None
+        room = self.chunk - f.n_past % self.chunk
+        take = f.pending[:room]
+        f.pending = f.pending[len(take) :]
+        s.batch_idx = f.batch_idx = -1
+        for i, t in enumerate(take):
+            last = not f.pending and i == len(take) - 1
+            self._add(i, t, f.n_past, f.seq, last)
+            if last:
+                f.batch_idx = i
+            f.n_past += 1
+        self.batch.n_tokens = len(take)
         return len(take)
 
     def _add(self, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
@@ -248,12 +260,22 @@ class BatchEngine(Worker):
             self._finish(s, "cancelled")
             return True
         p = s.job.params
-        tok = llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_idx)
+        logits = None  # plain: the context's own row s.batch_idx
+        if s.cad is None:
+            tok = llama_cpp.llama_sampler_sample(s.sampler, self.ctx, s.batch_idx)
+        else:
+            n_vocab = self.td.n_vocab
+            without = s.cad.logits
+            if without is None:
+                without = logits_at(self.ctx, s.cad.batch_idx, n_vocab)
+            s.cad.logits = None
+            with_ctx = logits_at(self.ctx, s.batch_idx, n_vocab)
+            tok, logits = self.td.sample_cad(s.sampler, with_ctx, without, p.cad_alpha)
         if llama_cpp.llama_vocab_is_eog(self.vocab, tok):
             self._finish(s, "stop")
             return True
         lp = (
-            _logprob_entry(self.llm, tok, p.top_logprobs, self.ctx, s.batch_idx)
+            _logprob_entry(self.llm, tok, p.top_logprobs, self.ctx, s.batch_idx, logits)
             if p.logprobs
             else None
         )
@@ -273,43 +295,70 @@ class BatchEngine(Worker):
     def _run(self) -> None:
         active: dict[int, _Slot] = {}
         free = list(range(self.n_seq))
+        held: Job | None = None  # the head of the queue: a CAD request waiting for two slots
         while True:
             while free:
-                try:
-                    job = self.admission.jobs.get(block=not active, timeout=None)
-                except queue.Empty:
-                    break
+                if held is not None:
+                    job, held = held, None
+                else:
+                    try:
+                        job = self.admission.jobs.get(block=not active, timeout=None)
+                    except queue.Empty:
+                        break
                 if job is None:
                     self._stopped(active)
                     return
+                if job.cancelled.is_set():
+                    self._cancelled(job)
+                    continue
+                need = 2 if job.params.cad else 1
+                if need > self.n_seq:
+                    job._put(ValueError("context-aware decoding needs n_parallel >= 2"))
+                    self._end(job)
+                    continue
+                if need > len(free):
+                    held = job
+                    break
+                seqs, free[:need] = free[:need], []
                 try:
-                    slot = self._admit(job, free[0])
+                    slot = self._admit(job, seqs)
                 except Exception as exc:  # noqa: BLE001
+                    free.extend(seqs)
                     job._put(exc)
                     self._end(job)
                     continue
-                if slot is not None:
-                    active[free.pop(0)] = slot
+                active[slot.seq] = slot
+            if held is not None and held.cancelled.is_set():
+                self._cancelled(held)
+                held = None
             if not active:
                 continue
-            for seq, s in list(active.items()):  # cancelled since the last step: free now
+            for s in list(active.values()):  # cancelled since the last step: free now
                 if s.job.cancelled.is_set():
                     self._finish(s, "cancelled")
-                    del active[seq]
-                    free.append(seq)
+                    self._release(s, active, free)
             if not active:
                 continue
-            gen = [s for s in active.values() if not s.pending]
+            gen = [s for s in active.values() if not s.feeding]
             if gen:
                 self._fill_generating(gen)
                 self._decode_and_sample(gen, active, free)
             budget = self.n_batch  # prompt tokens evaluated per scheduler step
-            for s in [s for s in active.values() if s.pending]:
-                while s.pending and budget > 0 and s.seq in active:
+            for s in [s for s in active.values() if s.feeding]:
+                while s.feeding and budget > 0 and s.seq in active:
                     budget -= self._fill_prompt(s)
                     self._decode_and_sample([s], active, free)
                 if budget <= 0:
                     break
+
+    def _cancelled(self, job: Job) -> None:
+        job._put(Finish("cancelled", len(job.params.prompt_tokens), 0))
+        self._end(job)
+
+    @staticmethod
+    def _release(s: _Slot, active: dict, free: list) -> None:
+        del active[s.seq]
+        free.extend(s.seqs)
 
     def _decode_and_sample(self, slots: list[_Slot], active: dict, free: list) -> None:
         rc = llama_cpp.llama_decode(self.ctx, self.batch)
@@ -317,16 +366,19 @@ class BatchEngine(Worker):
             log.error("llama_decode failed (%d); failing %d requests", rc, len(slots))
             for s in slots:
                 s.job._put(RuntimeError(f"llama_decode failed ({rc})"))
-                llama_cpp.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+                self._drop(s)
                 llama_cpp.llama_sampler_free(s.sampler)
                 self._end(s.job)
-                del active[s.seq]
-                free.append(s.seq)
+                self._release(s, active, free)
             return
         for s in slots:
             if s.remember:  # prompt fully in the KV cache: keep its prefix for later requests
                 s.remember = False
                 self._remember_prefix(s)
+            if s.cad is not None and s.cad.batch_idx >= 0 and s.pending:
+                # the context-free prompt is in; keep its logits until the main one is
+                s.cad.logits = logits_at(self.ctx, s.cad.batch_idx, self.td.n_vocab).copy()
+                s.cad.batch_idx = -1
             if s.batch_idx < 0:  # prompt not fully fed yet
                 continue
             try:
@@ -334,12 +386,11 @@ class BatchEngine(Worker):
             except Exception as exc:  # noqa: BLE001
                 log.exception("sampling failed")
                 s.job._put(exc)
-                llama_cpp.llama_memory_seq_rm(self.mem, s.seq, -1, -1)
+                self._drop(s)
                 self._end(s.job)
                 finished = True
             if finished:
-                del active[s.seq]
-                free.append(s.seq)
+                self._release(s, active, free)
 
     def _stopped(self, active: dict) -> None:
         """Stop requested: end the running sequences as cancelled (close() cancels first)."""

@@ -15,12 +15,14 @@ import os
 import queue
 import threading
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from server.cad import CadRunner
 from server.generation import Delta, Finish, GenParams, generate
 
 log = logging.getLogger(__name__)
@@ -179,10 +181,13 @@ class Worker:
 
 class Engine(Worker):
     """Single-context engine over a llama model's own context: a worker thread serves jobs one
-    at a time, FIFO. It does not own the model (``server.runtime.ModelRuntime`` does)."""
+    at a time, FIFO. Context-aware decoding requests (``GenParams.cad``) run on a small
+    two-sequence context of its own instead (``server.cad.CadRunner``, created on the first
+    one). It does not own the model (``server.runtime.ModelRuntime`` does)."""
 
     def __init__(self, llm: llama_cpp.Llama, max_queue: int):
         self.llm = llm
+        self.cad = CadRunner(llm)
         self._start_worker(max_queue, "docqa-engine")
 
     @property
@@ -199,7 +204,9 @@ class Engine(Worker):
                     job._put(Finish("cancelled", len(job.params.prompt_tokens), 0))
                     continue
                 job._mark_started()
-                for ev in generate(self.llm, job.params, job.cancelled):
+                p = job.params
+                run = self.cad.generate if p.cad else partial(generate, self.llm)
+                for ev in run(p, job.cancelled):
                     job._put(ev)
             except Exception as exc:  # a failing request must not kill the worker
                 log.exception("generation failed")
@@ -208,5 +215,9 @@ class Engine(Worker):
                 self.admission.release(job)
 
     def close(self) -> None:
-        """Stop the worker after the jobs already queued (cancel them first to be quick)."""
-        self._stop_worker()
+        """Stop the worker after the jobs already queued (cancel them first to be quick), then
+        free the CAD context."""
+        if self._stop_worker():
+            self.cad.close()
+        else:
+            log.error("engine worker did not stop; leaking its CAD context rather than freeing it")

@@ -34,6 +34,22 @@ class GenParams:
     grammar: Any = None  # llama_cpp.LlamaGrammar
     logprobs: bool = False
     top_logprobs: int = 0
+    # Context-aware decoding (server.cad): sample from (1+a)*logit(y | prompt_tokens) -
+    # a*logit(y | cad_prompt_tokens), the same request without its context (excerpts). The
+    # engines run it whenever cad_prompt_tokens is set (a=0 then gives plain decoding's
+    # logits through the CAD path); the services set it only for a > 0.
+    cad_alpha: float = 0.0
+    cad_prompt_tokens: list[int] | None = None
+
+    @property
+    def cad(self) -> bool:
+        return self.cad_prompt_tokens is not None
+
+    @property
+    def n_prompt_max(self) -> int:
+        """Context cells the longest of the request's prompts takes (both for CAD)."""
+        n = len(self.prompt_tokens)
+        return max(n, len(self.cad_prompt_tokens)) if self.cad_prompt_tokens is not None else n
 
 
 @dataclass
@@ -82,10 +98,22 @@ def _token_piece(llm: llama_cpp.Llama, tok: int) -> bytes:
     return piece
 
 
-def _logprob_entry(llm: llama_cpp.Llama, tok: int, top_n: int, ctx=None, idx: int = -1):
-    ctx = ctx if ctx is not None else llm._ctx.ctx  # noqa: SLF001
+def logits_at(ctx, idx: int, n_vocab: int) -> np.ndarray:
+    """The logits row ``idx`` of the last decode of ``ctx`` (a view: valid until the next
+    decode)."""
     ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
-    logits = np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).astype(np.float64)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
+
+def _logprob_entry(
+    llm: llama_cpp.Llama, tok: int, top_n: int, ctx=None, idx: int = -1, logits=None
+):
+    """Log-probability of ``tok`` (and the ``top_n`` best) under ``logits``, by default the
+    row ``idx`` of ``ctx``'s last decode."""
+    if logits is None:
+        ctx = ctx if ctx is not None else llm._ctx.ctx  # noqa: SLF001
+        logits = logits_at(ctx, idx, llm.n_vocab())
+    logits = np.asarray(logits, dtype=np.float64)
     m = logits.max()
     lse = m + math.log(np.exp(logits - m).sum())
 
@@ -156,6 +184,69 @@ class TextStream:
         return None
 
 
+def sampler_chain(vocab, p: GenParams, seed: int):
+    """A llama.cpp sampler chain for ``p`` (penalties, grammar, then greedy or top-k/top-p/
+    min-p/temperature/seed); the caller frees it with ``llama_sampler_free``."""
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_penalties(
+                64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+            ),
+        )
+    if p.grammar is not None:
+        g = llama_cpp.llama_sampler_init_grammar(
+            vocab,
+            p.grammar._grammar.encode(),  # noqa: SLF001
+            p.grammar._root.encode(),
+        )  # noqa: SLF001
+        if not g:
+            raise ValueError("invalid grammar")
+        add(chain, g)
+    if p.temperature <= 0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+    else:
+        if p.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
+        add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
+        add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+    return chain
+
+
+class BatchContext:
+    """A llama.cpp context with ``n_seq`` sequences (plus one more: the batch engine's prefix
+    cache, the single engine's context-free CAD sequence) on a unified KV cache, created from a
+    loaded model; owns and frees the context and its batch."""
+
+    def __init__(self, llm: llama_cpp.Llama, n_seq: int, n_batch: int, n_threads: int | None):
+        self.per_seq_ctx = llm.n_ctx()
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
+        cp.n_batch = n_batch
+        cp.n_ubatch = min(n_batch, 512)
+        cp.n_seq_max = n_seq + 1
+        cp.kv_unified = True
+        nt = n_threads or llm.n_threads
+        if nt:
+            cp.n_threads = cp.n_threads_batch = int(nt)
+        self.ctx = llama_cpp.llama_init_from_model(llm._model.model, cp)  # noqa: SLF001
+        if not self.ctx:
+            raise RuntimeError("could not create the batched llama.cpp context")
+        self.mem = llama_cpp.llama_get_memory(self.ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.vocab = llm._model.vocab  # noqa: SLF001
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+
+
 def generate(
     llm: llama_cpp.Llama, p: GenParams, cancel: threading.Event | None = None
 ) -> Iterator[Delta | Finish]:
@@ -166,9 +257,6 @@ def generate(
         llm.set_seed(p.seed & 0xFFFFFFFF)
     else:
         llm.set_seed(int(np.random.randint(0, 2**31 - 1)))
-    ts = TextStream(p)
-    n_out = 0
-    reason = "length"
     gen = llm.generate(
         p.prompt_tokens,
         top_k=p.top_k,
@@ -180,8 +268,32 @@ def generate(
         frequency_penalty=p.frequency_penalty,
         grammar=p.grammar,
     )
+    return token_loop(llm, p, _no_logits(gen), max_tokens, cancel)
+
+
+def _no_logits(gen: Iterator[int]) -> Iterator[tuple[int, None]]:
     try:
-        for tok in gen if max_tokens > 0 else ():
+        for tok in gen:
+            yield tok, None
+    finally:
+        gen.close()
+
+
+def token_loop(
+    llm: llama_cpp.Llama,
+    p: GenParams,
+    tokens: Iterator[tuple[int, np.ndarray | None]],
+    max_tokens: int,
+    cancel: threading.Event | None = None,
+) -> Iterator[Delta | Finish]:
+    """Text deltas and the ``Finish`` of sampled ``(token, logits)`` pairs: the logits the token
+    was sampled from (for logprobs; None: the last decode of ``llm``'s own context). Closes
+    ``tokens`` when it stops."""
+    ts = TextStream(p)
+    n_out = 0
+    reason = "length"
+    try:
+        for tok, logits in tokens if max_tokens > 0 else ():
             if cancel is not None and cancel.is_set():
                 reason = "cancelled"
                 break
@@ -189,7 +301,7 @@ def generate(
                 reason = "stop"
                 break
             n_out += 1
-            lp = _logprob_entry(llm, tok, p.top_logprobs) if p.logprobs else None
+            lp = _logprob_entry(llm, tok, p.top_logprobs, logits=logits) if p.logprobs else None
             d = ts.push(_token_piece(llm, tok), lp)
             if d is not None:
                 yield d
@@ -203,5 +315,7 @@ def generate(
             if d is not None:
                 yield d
     finally:
-        gen.close()
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
     yield Finish(reason, len(p.prompt_tokens), n_out)

@@ -88,6 +88,9 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # docqa extension: force retrieval on/off regardless of the model id.
     rag: bool | None = None
+    # docqa extension: context-aware decoding strength for a grounded answer (None: the
+    # retrieval.cad_alpha setting; 0 = off). Ignored when the answer is not grounded.
+    cad_alpha: float | None = Field(None, ge=0, le=5)
 
 
 class CompletionRequest(_Sampling):

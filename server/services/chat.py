@@ -8,7 +8,7 @@ from server.errors import APIError, bad_request
 from server.generation import GenParams
 from server.runtime import ModelManager, ModelRuntime
 from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.services.generation import Prepared, grammar_for, sampling_params
+from server.services.generation import Prepared, grammar_for, sampling_params, with_cad
 from server.services.rag import RagService
 
 
@@ -40,7 +40,7 @@ class ChatService:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
-        messages = _messages(req)
+        original = messages = _messages(req)
         grounding = None
         if use_rag:
             messages, grounding = await self.rag.augment(rt, messages)
@@ -50,6 +50,9 @@ class ChatService:
         params.grammar = grammar_for(req.response_format, req.grammar)
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
+            alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
+            if grounding.hits and alpha > 0:  # contrast with the chat without the excerpts
+                with_cad(rt, params, self.rag.context_free(rt, original), alpha)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
         params.logprobs = req.logprobs

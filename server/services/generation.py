@@ -91,6 +91,15 @@ def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_toke
     )
 
 
+def with_cad(rt, params: GenParams, context_free: list[dict[str, str]], alpha: float) -> None:
+    """Turn on context-aware decoding for ``params`` (a grounded prompt) when ``alpha`` > 0:
+    the context-free prompt is ``context_free`` (the messages without the retrieved excerpts)
+    formatted by the runtime ``rt``. ``alpha`` 0 leaves ``params`` as they are (plain)."""
+    if alpha > 0:
+        params.cad_alpha = float(alpha)
+        params.cad_prompt_tokens = rt.prompt_tokens(rt.format_chat(context_free))
+
+
 @dataclass
 class Peer:
     """What the writers need of the HTTP exchange (the router makes it from the request):
@@ -124,9 +133,7 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
     if prep.canned is not None:
         return CannedJob(prep.canned, rt, len(prep.params.prompt_tokens))
     try:
-        rt.check_fits(
-            len(prep.params.prompt_tokens), "messages" if prep.kind == "chat" else "prompt"
-        )
+        rt.check_fits(prep.params.n_prompt_max, "messages" if prep.kind == "chat" else "prompt")
     except PromptTooLong as exc:
         raise APIError(
             400,

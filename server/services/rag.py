@@ -111,6 +111,16 @@ class RagService:
         texts = [h.chunk.text for h in hits]
         return select_evidence(question, texts, retriever.idf, self.settings.evidence_units)
 
+    def context_free(
+        self, rt: ModelRuntime, messages: list[dict[str, str]]
+    ) -> list[dict[str, str]]:
+        """The chat that context-aware decoding contrasts a grounded prompt with (the user's
+        ``messages`` without the excerpts): as sent, or the grounded template rendered with
+        no excerpts (``retrieval.cad_context_free``)."""
+        if self.settings.cad_context_free == "template":
+            return self.build_messages(rt, messages, [])[0]
+        return messages
+
     async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
         """-> (messages for the model, Grounding)."""
         if not messages or messages[-1]["role"] != "user":

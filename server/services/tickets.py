@@ -10,6 +10,7 @@ from docqa.settings import Settings
 from retrieval.bm25 import content_words
 from server.generation import Delta, GenParams
 from server.runtime import ModelManager, ModelRuntime
+from server.services.generation import with_cad
 from server.services.rag import RagService
 
 _QUOTED_HEADER = re.compile(
@@ -76,12 +77,24 @@ class Answer:
     reason: str | None = None
 
 
-async def _generate(rt: ModelRuntime, messages, max_tokens: int, stop: list[str]) -> str:
+async def _generate(
+    rt: ModelRuntime,
+    messages,
+    max_tokens: int,
+    stop: list[str],
+    context_free: list[dict[str, str]] | None = None,
+    cad_alpha: float = 0.0,
+) -> str:
+    """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
+    question without the excerpts) when ``cad_alpha`` > 0."""
     tokens = rt.prompt_tokens(rt.format_chat(messages))
-    rt.check_fits(len(tokens), "ticket")
-    job = rt.submit(
-        GenParams(prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop))
+    params = GenParams(
+        prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop)
     )
+    if context_free is not None:
+        with_cad(rt, params, context_free, cad_alpha)
+    rt.check_fits(params.n_prompt_max, "ticket")
+    job = rt.submit(params)
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -113,6 +126,7 @@ async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ti
     lowered = f" {text.lower()} "
     scope_hits = [w for w in cfg.out_of_scope if re.search(rf"\b{re.escape(w)}\b", lowered)]
     answers: list[Answer] = []
+    alpha = settings.retrieval.cad_alpha
     for q in split_questions(text, cfg.max_questions):
         a = Answer(q)
         messages = [{"role": "user", "content": q}]
@@ -122,7 +136,14 @@ async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ti
             a.reason = f"weak retrieval evidence for: {q[:80]}"
             answers.append(a)
             continue
-        a.text = await _generate(rt, new_messages, cfg.max_tokens, settings.retrieval.stop)
+        a.text = await _generate(
+            rt,
+            new_messages,
+            cfg.max_tokens,
+            settings.retrieval.stop,
+            context_free=rag.context_free(rt, messages) if alpha > 0 else None,
+            cad_alpha=alpha,
+        )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
         a.support = support(a.text, " ".join(s["text"] for s in a.sources))
