@@ -1,10 +1,11 @@
 """The grounded-answer prompt, shared by the server and by retrieval-augmented finetuning,
 so the model is trained on exactly the prompt it is served with.
 
-Layout (user turn, from ``retrieval.user_template``): the evidence lines first (the units of
-the excerpts that best match the question, each tagged with its excerpt number), then the
-numbered excerpts, then the question. Excerpt labels are plain ``[n]`` with the section title:
-no file paths or markup a small model might copy into its answer."""
+Layout (user turn, from ``retrieval.user_template``): the numbered excerpts, then the evidence
+lines (the units of the excerpts that best match the question, each tagged with its excerpt
+number: next to the question the 135M model reads them best, docs/benchmarks.md), then the
+question. Excerpt labels are plain ``[n]`` with the section title: no file paths or markup a
+small model might copy into its answer."""
 
 from __future__ import annotations
 
