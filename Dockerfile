@@ -8,6 +8,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY docqa ./docqa
+COPY cli ./cli
 COPY server ./server
 COPY retrieval ./retrieval
 COPY training ./training
