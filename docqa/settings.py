@@ -180,6 +180,9 @@ class RetrievalSettings(_Section):
         description="Extra stop strings for grounded answers: where a small model starts "
         "echoing the prompt's scaffolding, the answer ends.",
     )
+    rerank_max_documents: int = Field(
+        256, ge=1, le=10000, description="Most documents one POST /v1/rerank may score."
+    )
     evidence_units: int = Field(
         3,
         ge=0,

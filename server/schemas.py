@@ -127,3 +127,13 @@ class EmbeddingRequest(_Lenient):
             if len(v) > 2048:
                 raise ValueError("at most 2048 inputs per request")
         return v
+
+
+class RerankRequest(_Lenient):
+    """POST /v1/rerank in the Jina/Cohere shape."""
+
+    model: str | None = None
+    query: str = Field(..., min_length=1)
+    documents: list[str] = Field(..., min_length=1)
+    top_n: int | None = Field(None, ge=1)
+    return_documents: bool = True

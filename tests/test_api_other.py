@@ -224,3 +224,38 @@ def test_admin_reload_swaps_model_without_downtime(small_server):
         model="docqa-published-test", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
     )
     assert out.choices[0].message.content
+
+
+def test_rerank_orders_documents_and_rejects_bad_input(server):
+    docs = [
+        "Bananas are yellow fruit rich in potassium.",
+        "The HTTP API listens on port 7431 by default.",
+        "Set the port in the server section of the config file.",
+    ]
+    r = httpx.post(
+        server.url + "/v1/rerank",
+        json={"query": "Which port does the API listen on?", "documents": docs, "top_n": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert len(res) == 2 and res[0]["index"] == 1 and res[1]["index"] == 2
+    assert all(0.0 <= x["relevance_score"] <= 1.0 for x in res)
+    assert res[0]["relevance_score"] >= res[1]["relevance_score"]
+    assert res[0]["document"]["text"] == docs[1]
+    r = httpx.post(
+        server.url + "/v1/rerank",
+        json={"query": "port", "documents": docs, "return_documents": False},
+        timeout=60,
+    )
+    assert len(r.json()["results"]) == 3 and "document" not in r.json()["results"][0]
+    for bad, param in (
+        ({"query": "q", "documents": []}, "documents"),
+        ({"query": "q", "documents": ["ok", 5]}, "documents"),
+        ({"query": "q", "documents": ["x"] * 300}, "documents"),
+        ({"query": "q", "documents": ["ok", " "]}, "documents"),
+    ):
+        r = httpx.post(server.url + "/v1/rerank", json=bad, timeout=60)
+        err = r.json()["error"]
+        assert r.status_code == 400 and {"message", "type", "param", "code"} <= set(err), r.text
+        assert err["param"].startswith(param), err

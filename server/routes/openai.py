@@ -12,11 +12,17 @@ from server import deps
 from server.auth import require_api_key
 from server.errors import APIError
 from server.runtime import ModelManager, ModelRuntime, RuntimeClosed
-from server.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RerankRequest,
+)
 from server.services import generation as gen
 from server.services.chat import ChatService
 from server.services.embeddings import create_embeddings
 from server.services.models import list_models
+from server.services.rerank import rerank as rerank_documents
 from server.state import Services
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(deps.services)])
@@ -89,6 +95,13 @@ async def embeddings(
     request: Request, body: EmbeddingRequest, s: Services = Depends(deps.services)
 ):
     out = await create_embeddings(s.embedder, s.settings.embedder, body)
+    request.state.usage = out["usage"] | {"completion_tokens": 0}
+    return out
+
+
+@router.post("/rerank")
+async def rerank(request: Request, body: RerankRequest, s: Services = Depends(deps.services)):
+    out = await rerank_documents(s.embedder, s.settings.retrieval.rerank_max_documents, body)
     request.state.usage = out["usage"] | {"completion_tokens": 0}
     return out
 
