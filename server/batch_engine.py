@@ -196,12 +196,12 @@ class BatchEngine(Worker):
         for s in slots:
             s.batch_idx = -1
             if not s.feeding:
-                self._add(n, s.last, s.n_past, s.seq, True)
+                self.bctx.add(n, s.last, s.n_past, s.seq, True)
                 s.batch_idx = n
                 s.n_past += 1
                 n += 1
                 if s.cad is not None:
-                    self._add(n, s.last, s.cad.n_past, s.cad.seq, True)
+                    self.bctx.add(n, s.last, s.cad.n_past, s.cad.seq, True)
                     s.cad.batch_idx = n
                     s.cad.n_past += 1
                     n += 1
@@ -215,44 +215,33 @@ class BatchEngine(Worker):
         request feeds its context-free prompt first."""
         if s.cad is not None and s.cad.pending:
             return self._fill_free_prompt(s)
-        room = self.chunk - s.n_past % self.chunk  # stop at the next aligned boundary
-        take = s.pending[:room]
-        s.pending = s.pending[len(take) :]
-        s.batch_idx = -1
-        for i, t in enumerate(take):
-            last = not s.pending and i == len(take) - 1
-            self._add(i, t, s.n_past, s.seq, last)
-            if last:
-                s.batch_idx = i
-            s.n_past += 1
-        self.batch.n_tokens = len(take)
+        s.pending, n, s.batch_idx = self._fill_chunk(s.pending, s.n_past, s.seq)
+        s.n_past += n
         if not s.pending:
             s.remember = True
-        return len(take)
+        return n
 
     def _fill_free_prompt(self, s: _Slot) -> int:
         f = s.cad
         assert f is not None
-        room = self.chunk - f.n_past % self.chunk
-        take = f.pending[:room]
-        f.pending = f.pending[len(take) :]
-        s.batch_idx = f.batch_idx = -1
-        for i, t in enumerate(take):
-            last = not f.pending and i == len(take) - 1
-            self._add(i, t, f.n_past, f.seq, last)
-            if last:
-                f.batch_idx = i
-            f.n_past += 1
-        self.batch.n_tokens = len(take)
-        return len(take)
+        s.batch_idx = -1
+        f.pending, n, f.batch_idx = self._fill_chunk(f.pending, f.n_past, f.seq)
+        f.n_past += n
+        return n
 
-    def _add(self, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
-        b = self.batch
-        b.token[i] = tok
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
+    def _fill_chunk(self, pending: list[int], n_past: int, seq: int) -> tuple[list[int], int, int]:
+        """The next part of ``pending`` up to the next ``chunk``-aligned position, alone in the
+        batch -> (what is left, tokens put in, batch index of the logits token or -1)."""
+        take = pending[: self.chunk - n_past % self.chunk]  # stop at the next aligned boundary
+        rest = pending[len(take) :]
+        idx = -1
+        for i, t in enumerate(take):
+            last = not rest and i == len(take) - 1
+            self.bctx.add(i, t, n_past + i, seq, last)
+            if last:
+                idx = i
+        self.batch.n_tokens = len(take)
+        return rest, len(take), idx
 
     def _step_slot(self, s: _Slot) -> bool:
         """Sample the next token of ``s``; True when the sequence is finished."""

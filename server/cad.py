@@ -114,7 +114,7 @@ class CadRunner:
             part = tokens[start : start + n_batch]
             last = start + len(part) == len(tokens)
             for i, t in enumerate(part):
-                _add(bctx.batch, i, t, start + i, seq, last and i == len(part) - 1)
+                bctx.add(i, t, start + i, seq, last and i == len(part) - 1)
             bctx.batch.n_tokens = len(part)
             _decode(bctx)
 
@@ -146,7 +146,7 @@ class CadRunner:
                 tok, comb = self.td.sample_cad(chain, with_ctx, without, p.cad_alpha)
                 yield tok, comb
                 for i, seq in enumerate((self.MAIN, self.FREE)):
-                    _add(bctx.batch, i, tok, pos[i], seq, True)
+                    bctx.add(i, tok, pos[i], seq, True)
                     pos[i] += 1
                 bctx.batch.n_tokens = 2
                 _decode(bctx)
@@ -161,14 +161,6 @@ class CadRunner:
         if self.bctx is not None:
             self.bctx.close()
             self.bctx = None
-
-
-def _add(batch, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
-    batch.token[i] = tok
-    batch.pos[i] = pos
-    batch.n_seq_id[i] = 1
-    batch.seq_id[i][0] = seq
-    batch.logits[i] = logits
 
 
 def _decode(bctx: BatchContext) -> None:

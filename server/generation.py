@@ -240,6 +240,15 @@ class BatchContext:
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self.vocab = llm._model.vocab  # noqa: SLF001
 
+    def add(self, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:
+        """Put ``tok`` at ``pos`` of sequence ``seq`` into slot ``i`` of the batch."""
+        b = self.batch
+        b.token[i] = tok
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = seq
+        b.logits[i] = logits
+
     def close(self) -> None:
         if self.ctx is not None:
             llama_cpp.llama_batch_free(self.batch)

@@ -193,10 +193,6 @@ class ModelManager:
         self._lock = threading.Lock()  # guards _current
         self._reload_lock = threading.Lock()  # one reload at a time
 
-    @property
-    def model_settings(self) -> ModelSettings:
-        return self.settings.model
-
     def _load(self, name: str | None) -> ModelRuntime:
         ms = self.settings.model
         if name:

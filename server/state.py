@@ -5,7 +5,6 @@ them. Each resource has one owner: the ``ModelManager`` owns the model runtime, 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from docqa.settings import Settings
@@ -29,7 +28,6 @@ class Services:
     rag: RagService | None
     chat: ChatService
     tickets: TicketService | None
-    started_at: float
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -56,7 +54,7 @@ class Services:
             models.close()
             raise
         chat = ChatService(settings, models, rag)
-        return cls(settings, models, embedder, index, documents, rag, chat, tickets, time.time())
+        return cls(settings, models, embedder, index, documents, rag, chat, tickets)
 
     def close(self) -> None:
         self.models.close()

@@ -51,7 +51,9 @@ class IndexService:
         Call with ``write_lock`` held."""
         if self.index_dir is not None:
             save_index(new, self.index_dir)
-        self._retriever = self._retriever.with_index(new)
+        retriever = self._retriever.with_index(new)
+        retriever.idf  # noqa: B018 - evidence weights built here, not on the first request
+        self._retriever = retriever
 
 
 def open_index(settings: Settings, embedder, tok: Tokenizer) -> IndexService:
@@ -80,5 +82,6 @@ def open_index(settings: Settings, embedder, tok: Tokenizer) -> IndexService:
         )
         index = assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)
     retriever = build_retriever(index, settings, embedder)
+    retriever.idf  # noqa: B018 - evidence weights built at start-up, not on the first request
     log.info("retrieval ready: %d chunks", len(index))
     return IndexService(retriever, Path(r.index_dir) if r.index_dir else None)

@@ -65,15 +65,18 @@ class RagService:
         return self.index.search(query)
 
     def build_messages(
-        self, rt: ModelRuntime, messages: list[dict[str, str]], hits: list[Hit]
+        self,
+        rt: ModelRuntime,
+        messages: list[dict[str, str]],
+        hits: list[Hit],
+        evidence: list[Evidence],
     ) -> tuple[list, list, list[Evidence]]:
         """Replace the last user turn by the template with as many chunks as fit the budget,
-        and the evidence lines of those chunks. -> (messages, hits used, evidence)."""
+        and those chunks' lines of ``evidence``. -> (messages, hits used, evidence kept)."""
         r = self.settings
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
         extra_system = [m["content"] for m in messages if m["role"] == "system"]
-        evidence = self.evidence(fold_query(messages), hits)
 
         def render(blocks: list[str], ev: list[Evidence]) -> list[dict[str, str]]:
             lines = evidence_lines([(e.chunk + 1, e.text) for e in ev])
@@ -118,7 +121,7 @@ class RagService:
         ``messages`` without the excerpts): as sent, or the grounded template rendered with
         no excerpts (``retrieval.cad_context_free``)."""
         if self.settings.cad_context_free == "template":
-            return self.build_messages(rt, messages, [])[0]
+            return self.build_messages(rt, messages, [], [])[0]
         return messages
 
     async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
@@ -131,7 +134,8 @@ class RagService:
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)
             return messages, Grounding([], r.abstain_message, res.best_sim)
-        new_messages, used, evidence = self.build_messages(rt, messages, res.hits)
+        evidence = self.evidence(query, res.hits)
+        new_messages, used, evidence = self.build_messages(rt, messages, res.hits, evidence)
         return new_messages, Grounding(used, None, res.best_sim, evidence)
 
 
