@@ -217,6 +217,19 @@ class RetrievalSettings(_Section):
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
     )
+    kv_cache: bool = Field(
+        False,
+        description="Chunk KV cache (TurboRAG): each excerpt's KV is computed once after the "
+        "system prompt and saved (docqa index kv, or on first use), and a grounded request "
+        "loads the excerpts' KV instead of prefilling them (only the question and scaffolding "
+        "are prefilled). Excerpts then attend to the system prompt and themselves, not to "
+        "each other: answers can differ from plain prefill (docs/benchmarks.md). Bad or "
+        "other-model cache files are logged and ignored (plain prefill).",
+    )
+    kv_cache_dir: Path | None = Field(
+        None,
+        description="Where chunk KV caches are kept (None = beside the index: <index_dir>.kv).",
+    )
 
 
 class TicketSettings(_Section):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+from server import kvcache
 from server.cad import TokenData
 from server.engine import Job, Worker
 from server.generation import (
@@ -34,6 +35,7 @@ from server.generation import (
     logits_at,
     sampler_chain,
 )
+from server.kvcache import KVStore
 
 __all__ = ["BatchContext", "BatchEngine"]
 
@@ -65,6 +67,7 @@ class _Slot:
     max_tokens: int = 0
     remember: bool = False
     cad: _Free | None = None
+    stitched: bool = False  # prompt from chunk KV caches (server.kvcache): only its prefix is plain
 
     @property
     def feeding(self) -> bool:
@@ -89,6 +92,7 @@ class BatchEngine(Worker):
         n_threads: int | None = None,
         chunk: int = 64,
         prefix_cache: bool = True,
+        kv: KVStore | None = None,
     ):
         self.llm = llm
         self.n_seq = n_seq
@@ -102,7 +106,9 @@ class BatchEngine(Worker):
         self.prefix_hits = 0
         self.prefix_tokens_reused = 0
         self.n_batch = n_batch
-        self.bctx = BatchContext(llm, n_seq, n_batch, n_threads)
+        self.kv = kv
+        self.scratch_seq = n_seq + 1  # chunk KV caches are loaded and shifted here
+        self.bctx = BatchContext(llm, n_seq, n_batch, n_threads, extra_seqs=1 if kv else 0)
         self.per_seq_ctx = self.bctx.per_seq_ctx
         self.ctx, self.mem = self.bctx.ctx, self.bctx.mem
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
@@ -132,6 +138,11 @@ class BatchEngine(Worker):
             TextStream(p),
             max_tokens=min(p.max_tokens, self.per_seq_ctx - p.n_prompt_max),
         )
+        if p.kv_plan is not None and self.kv is not None and not p.cad:
+            n_past = self._stitch(slot.seq, p.kv_plan)
+            if n_past is not None:
+                slot.n_past, slot.pending, slot.stitched = n_past, list(p.kv_plan.suffix), True
+                return slot
         slot.n_past = self._reuse_prefix(slot.seq, slot.pending)
         slot.pending = slot.pending[slot.n_past :]
         if p.cad:
@@ -140,6 +151,33 @@ class BatchEngine(Worker):
             free.pending = free.pending[free.n_past :]
             slot.cad = free
         return slot
+
+    def _stitch(self, seq: int, plan) -> int | None:
+        """Put ``plan``'s prefix, labels and cached spans into ``seq`` (the prefix from the
+        prefix cache where it can); -> cells filled, or None for plain prefill (a cache entry
+        is bad, or llama.cpp failed: logged)."""
+        payloads = kvcache.check(self.kv, plan)
+        if payloads is None:
+            return None
+        n_have = self._reuse_prefix(seq, [*plan.prefix, -1])
+        try:
+            done = kvcache.stitch(
+                self.bctx,
+                seq,
+                self.scratch_seq,
+                plan,
+                self.kv,
+                payloads,
+                n_have,
+                self.n_batch,
+                align=self.chunk,
+            )
+        except Exception:  # noqa: BLE001
+            log.exception("stitching chunk KV caches failed: plain prefill")
+            llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.mem, self.scratch_seq, -1, -1)
+            return None
+        return done.n_past
 
     def _reuse_prefix(self, seq: int, toks: list[int]) -> int:
         """Copy the longest chunk-aligned shared prefix (e.g. the system prompt and the RAG
@@ -164,6 +202,8 @@ class BatchEngine(Worker):
         if not self.prefix_cache:
             return
         prompt = s.job.params.prompt_tokens
+        if s.stitched:  # the excerpts' cells are stitched, not a plain prefill: keep none
+            prompt = [*s.job.params.kv_plan.prefix, -1]
         n = (len(prompt) - 1) - (len(prompt) - 1) % self.chunk
         if n <= 0 or self.cache_tokens[:n] == list(prompt[:n]):
             return

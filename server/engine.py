@@ -24,6 +24,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from server.cad import CadRunner
 from server.generation import Delta, Finish, GenParams, generate
+from server.kvcache import KVRunner, KVStore
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,10 @@ class Engine(Worker):
     two-sequence context of its own instead (``server.cad.CadRunner``, created on the first
     one). It does not own the model (``server.runtime.ModelRuntime`` does)."""
 
-    def __init__(self, llm: llama_cpp.Llama, max_queue: int):
+    def __init__(self, llm: llama_cpp.Llama, max_queue: int, kv: KVStore | None = None):
         self.llm = llm
         self.cad = CadRunner(llm)
+        self.kv = KVRunner(llm, kv) if kv is not None else None
         self._start_worker(max_queue, "docqa-engine")
 
     @property
@@ -205,8 +207,13 @@ class Engine(Worker):
                     continue
                 job._mark_started()
                 p = job.params
-                run = self.cad.generate if p.cad else partial(generate, self.llm)
-                for ev in run(p, job.cancelled):
+                events = None
+                if p.kv_plan is not None and self.kv is not None and not p.cad:
+                    events = self.kv.generate(p, job.cancelled)  # None: plain prefill
+                if events is None:
+                    run = self.cad.generate if p.cad else partial(generate, self.llm)
+                    events = run(p, job.cancelled)
+                for ev in events:
                     job._put(ev)
             except Exception as exc:  # a failing request must not kill the worker
                 log.exception("generation failed")
@@ -219,5 +226,7 @@ class Engine(Worker):
         free the CAD context."""
         if self._stop_worker():
             self.cad.close()
+            if self.kv is not None:
+                self.kv.close()
         else:
             log.error("engine worker did not stop; leaking its CAD context rather than freeing it")

@@ -40,6 +40,9 @@ class GenParams:
     # logits through the CAD path); the services set it only for a > 0.
     cad_alpha: float = 0.0
     cad_prompt_tokens: list[int] | None = None
+    # Chunk KV cache (server.kvcache): the grounded prompt cut into prefix, excerpts and
+    # suffix (``prompt_tokens`` is its concatenation); engines with a store stitch it.
+    kv_plan: Any = None
 
     @property
     def cad(self) -> bool:
@@ -222,13 +225,21 @@ class BatchContext:
     cache, the single engine's context-free CAD sequence) on a unified KV cache, created from a
     loaded model; owns and frees the context and its batch."""
 
-    def __init__(self, llm: llama_cpp.Llama, n_seq: int, n_batch: int, n_threads: int | None):
+    def __init__(
+        self,
+        llm: llama_cpp.Llama,
+        n_seq: int,
+        n_batch: int,
+        n_threads: int | None,
+        extra_seqs: int = 0,
+    ):
         self.per_seq_ctx = llm.n_ctx()
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = self.per_seq_ctx * (n_seq + 1)
+        # extra_seqs: scratch sequences (the chunk KV cache's), each with n_ctx cells too
+        cp.n_ctx = self.per_seq_ctx * (n_seq + 1 + extra_seqs)
         cp.n_batch = n_batch
         cp.n_ubatch = min(n_batch, 512)
-        cp.n_seq_max = n_seq + 1
+        cp.n_seq_max = n_seq + 1 + extra_seqs
         cp.kv_unified = True
         nt = n_threads or llm.n_threads
         if nt:

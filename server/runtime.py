@@ -34,7 +34,13 @@ class RuntimeClosed(RuntimeError):
 class ModelRuntime:
     """A loaded model with its engine. Created by ``ModelManager``; closed by it."""
 
-    def __init__(self, resolved: ResolvedModel, ms: ModelSettings, max_queue: int):
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        ms: ModelSettings,
+        max_queue: int,
+        kv_root: Path | None = None,
+    ):
         t0 = time.perf_counter()
         self.id = resolved.id
         self.path: Path = resolved.path
@@ -47,6 +53,12 @@ class ModelRuntime:
             n_gpu_layers=ms.n_gpu_layers,
         )
         try:
+            self.kv = None  # chunk KV caches (server.kvcache), when retrieval.kv_cache is on
+            if kv_root is not None:
+                from server import kvcache
+
+                fp = kvcache.model_fingerprint(resolved.path, kvcache.context_params())
+                self.kv = kvcache.KVStore(kv_root, fp, resolved.id)
             self.formatter = chat_formatter(self.llm)
             self.n_vocab = self.llm.n_vocab()
             self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
@@ -64,9 +76,10 @@ class ModelRuntime:
                     n_seq=ms.n_parallel,
                     n_batch=ms.n_batch,
                     n_threads=ms.n_threads,
+                    kv=self.kv,
                 )
             else:
-                self.engine = Engine(self.llm, max_queue)
+                self.engine = Engine(self.llm, max_queue, kv=self.kv)
         except BaseException:
             self.llm.close()
             raise
@@ -198,7 +211,11 @@ class ModelManager:
         if name:
             ms = ms.model_copy(update={"model": name})
         resolved = ModelStore(ms.store_dir).resolve(ms.model)  # ModelNotFound: nothing changes
-        return ModelRuntime(resolved, ms, self.settings.server.max_queue)
+        from server.kvcache import kv_root
+
+        return ModelRuntime(
+            resolved, ms, self.settings.server.max_queue, kv_root(self.settings.retrieval)
+        )
 
     def start(self) -> ModelRuntime:
         """Load the configured model (blocking)."""

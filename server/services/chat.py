@@ -44,7 +44,8 @@ class ChatService:
         grounding = None
         if use_rag:
             messages, grounding = await self.rag.augment(rt, messages)
-        tokens = rt.prompt_tokens(rt.format_chat(messages))
+        prompt = rt.format_chat(messages)
+        tokens = rt.prompt_tokens(prompt)
         max_tokens = req.max_completion_tokens or req.max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
         params.grammar = grammar_for(req.response_format, req.grammar)
@@ -53,6 +54,8 @@ class ChatService:
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
             if grounding.hits and alpha > 0:  # contrast with the chat without the excerpts
                 with_cad(rt, params, self.rag.context_free(rt, original), alpha)
+            if not params.cad:  # excerpts from chunk KV caches when the runtime keeps them
+                params.kv_plan = self.rag.kv_plan(rt, prompt, tokens, grounding)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
         params.logprobs = req.logprobs

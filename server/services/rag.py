@@ -12,6 +12,7 @@ from retrieval.evidence import select as select_evidence
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, rag_messages
 from retrieval.search import Hit, SearchResult
+from server import kvcache
 from server.runtime import ModelRuntime
 from server.services.index import IndexService
 
@@ -123,6 +124,35 @@ class RagService:
         if self.settings.cad_context_free == "template":
             return self.build_messages(rt, messages, [], [])[0]
         return messages
+
+    def kv_plan(self, rt: ModelRuntime, prompt: str, tokens: list[int], grounding: Grounding):
+        """The grounded ``prompt`` cut for chunk KV caches (``server.kvcache``), or None: no
+        cache on this runtime, no excerpts, a prompt of another shape (history, an extra
+        system message, a trimmed excerpt) or one whose pieces tokenize differently from the
+        whole (the answer must not depend on the cache being there)."""
+        if rt.kv is None or not grounding.hits:
+            return None
+        r = self.settings
+        prefix_text = kvcache.canonical_prefix(
+            lambda mark: rt.format_chat(rag_messages(r.system_prompt, r.user_template, "?", [mark]))
+        )
+        if prefix_text is None:
+            return None
+        blocks = [
+            (h.chunk.id, f"[{i}]", format_block(i, h.chunk))
+            for i, h in enumerate(grounding.hits, 1)
+        ]
+        plan = kvcache.build_plan(
+            prompt,
+            prefix_text,
+            blocks,
+            lambda text: rt.tokenize(text, add_bos=False, special=True),
+            rt.prompt_tokens,
+        )
+        if plan is None or plan.tokens != tokens:
+            log.debug("grounded prompt not cut for chunk KV caches: plain prefill")
+            return None
+        return plan
 
     async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
         """-> (messages for the model, Grounding)."""

@@ -1,0 +1,481 @@
+"""Precomputed chunk KV caches (TurboRAG, EMNLP 2025) for grounded prompts.
+
+A grounded prompt is ``prefix | [1] span_1 | \\n\\n[2] span_2 | ... | suffix``: the prefix is
+the chat template's system turn and the user turn up to the excerpts (the same for every
+grounded request under the same settings), ``span_i`` an excerpt's block without its number
+(`` Heading\\ntext``: the number depends on the order, so it stays outside the cached span),
+and the suffix the evidence lines, the question and the assistant header.
+
+Each chunk's span is evaluated once after the prefix alone (so it attends to the system
+prompt and to itself, not to the other excerpts) and its KV cells are saved per model and
+prefix (``KVStore``). A request then:
+
+1. takes the prefix from the engine's prefix cache (or evaluates it),
+2. for each excerpt: evaluates its label (``[n]``: a few tokens, attending to what precedes),
+   loads the span's saved cells into a scratch sequence, shifts their positions to follow
+   the label (llama.cpp re-applies RoPE to shifted keys) and copies them into the request's
+   sequence,
+3. prefills only the suffix, then samples as usual.
+
+A chunk whose cache entry is missing is computed on the spot (the same work as a plain
+prefill of it) and saved: ingested documents need no rebuild. An entry that is truncated,
+corrupt (sha256), or made for another model or prefix is logged and never loaded: the request
+falls back to plain prefill (``docqa index kv`` rewrites it).
+
+On disk (``<index_dir>.kv/<model fingerprint>-<prefix hash>/``, one mmap-able file per chunk,
+written atomically: temp file + rename)::
+
+    manifest.json        provenance: model, fingerprint, prefix tokens, llama_cpp version
+    <chunk id>.kv        b"DQKV1\\n" | u32 header length | header JSON | llama.cpp sequence state
+
+The header holds the fingerprint, prefix hash, chunk id, span tokens, start position,
+payload size and the payload's sha256.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from docqa.provenance import make_provenance, write_provenance
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DQKV1\n"
+FORMAT_VERSION = 1
+_U8P = ctypes.POINTER(ctypes.c_uint8)
+
+
+# -- keys ----------------------------------------------------------------------------------
+def model_fingerprint(path: str | Path, params: dict | None = None) -> str:
+    """sha256 of the GGUF's size, first and last 4 MiB, the llama.cpp build and the context
+    parameters that shape the KV cells (types, flash attention): the cache's key."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{size}\n{llama_cpp.__version__}\n{FORMAT_VERSION}\n".encode())
+    h.update(json.dumps(params or {}, sort_keys=True).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(4 << 20))
+        if size > 8 << 20:
+            f.seek(size - (4 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def context_params() -> dict:
+    """The context parameters that shape saved KV cells (``BatchContext`` uses the defaults)."""
+    cp = llama_cpp.llama_context_default_params()
+    return {"type_k": cp.type_k, "type_v": cp.type_v, "flash_attn": cp.flash_attn_type}
+
+
+def tokens_hash(tokens: list[int]) -> str:
+    return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
+
+
+def kv_root(retrieval) -> Path | None:
+    """Where chunk caches live for ``RetrievalSettings`` ``retrieval``: ``kv_cache_dir``, else
+    beside the index (``<index_dir>.kv``); None when the cache is off or there is no place."""
+    if not retrieval.kv_cache:
+        return None
+    if retrieval.kv_cache_dir is not None:
+        return Path(retrieval.kv_cache_dir)
+    if retrieval.index_dir is not None:
+        d = Path(retrieval.index_dir)
+        return d.parent / f"{d.name}.kv"
+    log.warning("retrieval.kv_cache is on but there is no index_dir or kv_cache_dir: off")
+    return None
+
+
+# -- the request's plan --------------------------------------------------------------------
+@dataclass
+class KVItem:
+    chunk_id: str
+    label: list[int]  # the separator and "[n]": evaluated per request
+    span: list[int]  # " Heading\ntext": from the cache
+
+
+@dataclass
+class KVPlan:
+    prefix: list[int]
+    items: list[KVItem]
+    suffix: list[int]
+    prefix_hash: str = ""
+
+    def __post_init__(self):
+        self.prefix_hash = self.prefix_hash or tokens_hash(self.prefix)
+
+    @property
+    def tokens(self) -> list[int]:
+        out = list(self.prefix)
+        for it in self.items:
+            out += it.label + it.span
+        return out + self.suffix
+
+
+def canonical_prefix(prompt_for: callable, marker: str = "\x00DOCQA-KV\x00") -> str | None:
+    """The prompt text before the excerpts: ``prompt_for(marker)`` renders the grounded prompt
+    with ``marker`` as the only excerpt block."""
+    text = prompt_for(marker)
+    i = text.find(marker)
+    return text[:i] if i > 0 else None
+
+
+def build_plan(
+    prompt: str,
+    prefix_text: str,
+    blocks: list[tuple[str, str, str]],
+    tokenize,
+    prefix_tokens,
+) -> KVPlan | None:
+    """Cut the rendered ``prompt`` into prefix, (label, span) per block and suffix.
+    ``blocks``: (chunk id, label "[n]", block text "[n] Heading\\ntext"). None when the prompt
+    does not have that shape (another prefix, a trimmed excerpt): plain prefill then."""
+    if not blocks or not prompt.startswith(prefix_text):
+        return None
+    pos = len(prefix_text)
+    items = []
+    for cid, label, text in blocks:
+        at = prompt.find(text, pos)
+        if at < 0 or not text.startswith(label) or (not items and at != pos):
+            return None
+        between = prompt[pos:at]
+        if items and between != "\n\n":
+            return None
+        span = text[len(label) :]
+        items.append(KVItem(cid, tokenize(between + label), tokenize(span)))
+        pos = at + len(text)
+    if any(not it.span for it in items):
+        return None
+    return KVPlan(prefix_tokens(prefix_text), items, tokenize(prompt[pos:]))
+
+
+# -- the store -----------------------------------------------------------------------------
+class BadEntry(ValueError):
+    """A cache file that must not be loaded (truncated, corrupt, another model or prefix)."""
+
+
+class KVStore:
+    """Chunk caches of one model under ``root``; thread-safe (one writer per file via rename)."""
+
+    def __init__(self, root: Path, fingerprint: str, model_id: str = ""):
+        self.root = Path(root)
+        self.fingerprint = fingerprint
+        self.model_id = model_id
+        self._lock = threading.Lock()
+        self._manifests: set[Path] = set()
+        self.loaded = self.computed = self.rejected = 0
+
+    def dir_for(self, prefix_hash: str) -> Path:
+        return self.root / f"{self.fingerprint[:16]}-{prefix_hash[:16]}"
+
+    def path(self, prefix_hash: str, chunk_id: str) -> Path:
+        return self.dir_for(prefix_hash) / f"{chunk_id}.kv"
+
+    def read(self, plan: KVPlan, item: KVItem) -> np.ndarray | None:
+        """The payload of ``item`` (a read-only mmap), None when there is no entry; raises
+        ``BadEntry`` when there is one that must not be loaded."""
+        p = self.path(plan.prefix_hash, item.chunk_id)
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return None
+        try:
+            with open(p, "rb") as f:
+                head = f.read(len(MAGIC) + 4)
+                if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
+                    raise BadEntry("not a docqa KV cache file")
+                (n,) = struct.unpack("<I", head[len(MAGIC) :])
+                raw = f.read(n)
+                if len(raw) != n:
+                    raise BadEntry("truncated header")
+                hdr = json.loads(raw)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise BadEntry(str(exc)) from exc
+        off = len(MAGIC) + 4 + n
+        want = {
+            "fingerprint": self.fingerprint,
+            "prefix_hash": plan.prefix_hash,
+            "chunk_id": item.chunk_id,
+            "start": len(plan.prefix),
+        }
+        for k, v in want.items():
+            if hdr.get(k) != v:
+                raise BadEntry(f"{k} is {str(hdr.get(k))[:20]}, expected {str(v)[:20]}")
+        if hdr.get("tokens") != item.span:
+            raise BadEntry("span tokens differ")
+        if size - off != hdr.get("size"):
+            raise BadEntry(f"payload is {size - off} bytes, header says {hdr.get('size')}")
+        data = np.memmap(p, dtype=np.uint8, mode="r", offset=off, shape=(size - off,))
+        if hashlib.sha256(data).hexdigest() != hdr.get("sha256"):
+            raise BadEntry("checksum mismatch")
+        return data
+
+    def write(self, plan: KVPlan, item: KVItem, payload: bytes) -> Path:
+        d = self.dir_for(plan.prefix_hash)
+        d.mkdir(parents=True, exist_ok=True)
+        self._manifest(d, plan)
+        hdr = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "prefix_hash": plan.prefix_hash,
+            "chunk_id": item.chunk_id,
+            "start": len(plan.prefix),
+            "tokens": item.span,
+            "size": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        raw = json.dumps(hdr).encode()
+        out = self.path(plan.prefix_hash, item.chunk_id)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{out.name}.tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(MAGIC + struct.pack("<I", len(raw)) + raw)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return out
+
+    def _manifest(self, d: Path, plan: KVPlan) -> None:
+        with self._lock:
+            if d in self._manifests or (d / "manifest.json").is_file():
+                self._manifests.add(d)
+                return
+            rec = make_provenance(
+                "kvcache",
+                inputs={"model": self.model_id, "prefix_tokens": plan.prefix},
+                config={"fingerprint": self.fingerprint, "format_version": FORMAT_VERSION},
+                prefix_hash=plan.prefix_hash,
+            )
+            write_provenance(d / "manifest.json", rec)
+            self._manifests.add(d)
+
+
+# -- llama.cpp side ------------------------------------------------------------------------
+def _decode(bctx, tokens: list[int], start: int, seq: int, logits_last: bool, n_batch: int):
+    for a in range(0, len(tokens), n_batch):
+        part = tokens[a : a + n_batch]
+        for i, t in enumerate(part):
+            last = logits_last and a + i == len(tokens) - 1
+            bctx.add(i, t, start + a + i, seq, last)
+        bctx.batch.n_tokens = len(part)
+        rc = llama_cpp.llama_decode(bctx.ctx, bctx.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+
+def compute_span(bctx, src: int, scratch: int, n_prefix: int, span: list[int], n_batch: int):
+    """Evaluate ``span`` on ``scratch`` after the first ``n_prefix`` cells of ``src`` (the
+    prefix); -> the span's cells as llama.cpp sequence state. Leaves the span's cells (only)
+    in ``scratch``."""
+    mem = bctx.mem
+    llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+    llama_cpp.llama_memory_seq_cp(mem, src, scratch, 0, n_prefix)
+    _decode(bctx, span, n_prefix, scratch, False, n_batch)
+    llama_cpp.llama_memory_seq_rm(mem, scratch, 0, n_prefix)
+    n = llama_cpp.llama_state_seq_get_size(bctx.ctx, scratch)
+    buf = (ctypes.c_uint8 * n)()
+    w = llama_cpp.llama_state_seq_get_data(bctx.ctx, buf, n, scratch)
+    if w != n:
+        raise RuntimeError(f"llama_state_seq_get_data wrote {w} of {n} bytes")
+    return bytes(buf)
+
+
+def _load_span(bctx, scratch: int, payload) -> bool:
+    llama_cpp.llama_memory_seq_rm(bctx.mem, scratch, -1, -1)
+    arr = np.ascontiguousarray(payload)
+    r = llama_cpp.llama_state_seq_set_data(bctx.ctx, arr.ctypes.data_as(_U8P), arr.size, scratch)
+    return r == arr.size
+
+
+@dataclass
+class Stitched:
+    n_past: int  # cells of the request's sequence filled (prefix, labels, spans)
+    loaded: int = 0  # spans taken from the cache
+    computed: int = 0  # spans computed now (no entry yet) and saved
+    stats: dict = field(default_factory=dict)
+
+
+def check(store: KVStore, plan: KVPlan) -> list[np.ndarray | None] | None:
+    """Every cached payload of ``plan`` (None where none yet); None when any entry is bad
+    (logged): the request then takes plain prefill, nothing is loaded."""
+    out = []
+    for it in plan.items:
+        try:
+            out.append(store.read(plan, it))
+        except BadEntry as exc:
+            store.rejected += 1
+            log.warning(
+                "chunk KV cache for %s ignored (%s): plain prefill",
+                store.path(plan.prefix_hash, it.chunk_id),
+                exc,
+            )
+            return None
+    return out
+
+
+def stitch(
+    bctx,
+    seq: int,
+    scratch: int,
+    plan: KVPlan,
+    store: KVStore,
+    payloads: list,
+    n_have: int,
+    n_batch: int,
+    align: int = 0,
+) -> Stitched:
+    """Fill ``seq`` with the plan's prefix (its first ``n_have`` cells are there already), its
+    labels and its spans (loaded from ``payloads``, or computed and saved where None); the
+    suffix is left to the caller. ``align`` > 0 evaluates the prefix in pieces that end on
+    multiples of it (the batch engine's bit-exact prefix cache). Raises on a llama.cpp
+    failure (the caller clears ``seq`` and falls back)."""
+    mem = bctx.mem
+    prefix = plan.prefix
+    pos = n_have
+    while pos < len(prefix):
+        end = len(prefix) if align <= 0 else min(len(prefix), pos + align - pos % align)
+        _decode(bctx, prefix[pos:end], pos, seq, False, n_batch)
+        pos = end
+    res = Stitched(len(prefix))
+    for it, payload in zip(plan.items, payloads):
+        _decode(bctx, it.label, res.n_past, seq, False, n_batch)
+        res.n_past += len(it.label)
+        if payload is None:
+            blob = compute_span(bctx, seq, scratch, len(prefix), it.span, n_batch)
+            try:
+                store.write(plan, it, blob)
+            except OSError as exc:
+                log.warning("could not save the KV cache of chunk %s: %s", it.chunk_id, exc)
+            res.computed += 1
+            store.computed += 1
+        else:
+            if not _load_span(bctx, scratch, payload):
+                raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
+            res.loaded += 1
+            store.loaded += 1
+        lo = llama_cpp.llama_memory_seq_pos_min(mem, scratch)
+        hi = llama_cpp.llama_memory_seq_pos_max(mem, scratch)
+        if lo != len(prefix) or hi != len(prefix) + len(it.span) - 1:
+            raise RuntimeError(f"chunk {it.chunk_id}: cells at {lo}..{hi}, expected a span")
+        delta = res.n_past - len(prefix)
+        if delta:
+            llama_cpp.llama_memory_seq_add(mem, scratch, 0, -1, delta)
+        llama_cpp.llama_memory_seq_cp(mem, scratch, seq, -1, -1)
+        llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
+        res.n_past += len(it.span)
+    return res
+
+
+def warm(bctx, seq: int, scratch: int, plan: KVPlan, store: KVStore, n_batch: int) -> int:
+    """Compute and save every span of ``plan`` that has no valid entry (bad ones rewritten);
+    ``seq`` must hold the prefix. -> spans written."""
+    n = 0
+    for it in plan.items:
+        try:
+            if store.read(plan, it) is not None:
+                continue
+        except BadEntry as exc:
+            log.info("rewriting the KV cache of chunk %s (%s)", it.chunk_id, exc)
+        store.write(plan, it, compute_span(bctx, seq, scratch, len(plan.prefix), it.span, n_batch))
+        llama_cpp.llama_memory_seq_rm(bctx.mem, scratch, -1, -1)
+        n += 1
+    return n
+
+
+class KVRunner:
+    """The single engine's stitched path: a context of its own with two sequences (0: the
+    request, 1: scratch), created on the first grounded request with a plan. Sequence 0 keeps
+    the last prefix between requests (prompt reuse). Runs in the engine's worker thread."""
+
+    MAIN, SCRATCH = 0, 1
+
+    def __init__(self, llm, store: KVStore):
+        self.llm = llm
+        self.store = store
+        self.bctx = None
+        self.prefix: list[int] = []
+        self.prefix_reused = 0
+        self._rng = np.random.default_rng()
+
+    def _context(self):
+        if self.bctx is None:
+            from server.generation import BatchContext
+
+            self.bctx = BatchContext(self.llm, 1, self.llm.n_batch, self.llm.n_threads)
+            log.info("chunk-KV context created: %d cells", self.bctx.per_seq_ctx * 2)
+        return self.bctx
+
+    def generate(self, p, cancel=None):
+        """Generation of ``p`` with its ``kv_plan`` stitched; None when the plan's caches are
+        not usable (the caller runs plain prefill)."""
+        from server.generation import token_loop
+
+        payloads = check(self.store, p.kv_plan)
+        if payloads is None:
+            return None
+        bctx = self._context()
+        plan = p.kv_plan
+        n_have = len(plan.prefix) if self.prefix == plan.prefix else 0
+        llama_cpp.llama_memory_seq_rm(bctx.mem, self.MAIN, n_have, -1)
+        llama_cpp.llama_memory_seq_rm(bctx.mem, self.SCRATCH, -1, -1)
+        try:
+            done = stitch(
+                bctx,
+                self.MAIN,
+                self.SCRATCH,
+                plan,
+                self.store,
+                payloads,
+                n_have,
+                self.llm.n_batch,
+            )
+        except Exception:
+            log.exception("stitching chunk KV caches failed: plain prefill")
+            self.prefix = []
+            llama_cpp.llama_memory_seq_rm(bctx.mem, self.MAIN, -1, -1)
+            llama_cpp.llama_memory_seq_rm(bctx.mem, self.SCRATCH, -1, -1)
+            return None
+        self.prefix_reused += n_have
+        self.prefix = list(plan.prefix)
+        max_tokens = min(p.max_tokens, bctx.per_seq_ctx - len(p.prompt_tokens))
+        seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        return token_loop(self.llm, p, self._tokens(bctx, p, done.n_past, seed), max_tokens, cancel)
+
+    def _tokens(self, bctx, p, n_past: int, seed: int):
+        from server.generation import logits_at, sampler_chain
+
+        n_vocab = self.llm.n_vocab()
+        chain = sampler_chain(bctx.vocab, p, seed)
+        try:
+            _decode(bctx, p.kv_plan.suffix, n_past, self.MAIN, True, self.llm.n_batch)
+            pos = n_past + len(p.kv_plan.suffix)
+            while True:
+                tok = llama_cpp.llama_sampler_sample(chain, bctx.ctx, -1)
+                yield tok, (logits_at(bctx.ctx, -1, n_vocab) if p.logprobs else None)
+                _decode(bctx, [tok], pos, self.MAIN, True, 1)
+                pos += 1
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+            # keep the prefix for the next request
+            llama_cpp.llama_memory_seq_rm(bctx.mem, self.MAIN, len(self.prefix), -1)
+
+    def close(self) -> None:
+        if self.bctx is not None:
+            self.bctx.close()
+            self.bctx = None

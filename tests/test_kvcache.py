@@ -1,0 +1,211 @@
+"""Chunk KV caches (issue 19): grounded prompts with precomputed excerpt KV stitched in, on the
+embedded model's real logits, in both engines; bad cache files are detected and ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+
+import pytest
+
+from docqa.settings import load_settings
+from models.store import ModelStore
+from retrieval.chunking import Chunk, chunk_id
+from retrieval.search import Hit
+from server import kvcache
+from server.batch_engine import BatchEngine
+from server.generation import Delta, Finish, GenParams
+from server.runtime import ModelRuntime
+from server.services.rag import Grounding, RagService
+
+DOCS = [
+    (
+        "Ports",
+        "By default Zephyrd listens on port 7431 for its HTTP API and on port 7432 for metrics. "
+        "Change them with the `api_port` and `metrics_port` settings.",
+    ),
+    (
+        "Queue settings",
+        "The `max_parallel_jobs` setting limits how many jobs run at once; its default value is "
+        "4. The `retry_backoff_seconds` setting is the wait between two attempts of a failed job.",
+    ),
+    (
+        "Logging",
+        'Set `log_format = "json"` to write structured logs. Log files rotate every 24 hours.',
+    ),
+]
+QUESTIONS = [
+    "Which port does the Zephyrd HTTP API listen on?",
+    "What is the default value of max_parallel_jobs?",
+]
+
+
+def _chunk(i: int, heading: str, text: str) -> Chunk:
+    return Chunk(chunk_id(f"guide/{i}.md", text), f"guide/{i}.md", heading, text, 40, 0)
+
+
+CHUNKS = [_chunk(i, h, t) for i, (h, t) in enumerate(DOCS)]
+
+
+@pytest.fixture(scope="module")
+def kvdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kv")
+
+
+@pytest.fixture(scope="module")
+def settings(kvdir):
+    return load_settings(
+        model={"n_ctx": 1024, "n_threads": 1},
+        retrieval={"kv_cache": True, "kv_cache_dir": str(kvdir)},
+    )
+
+
+@pytest.fixture(scope="module")
+def rt(settings, kvdir):
+    """The embedded model as the server loads it, with a chunk KV store (single engine)."""
+    ms = settings.model
+    runtime = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 16, kvdir)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def batch(rt):
+    be = BatchEngine(rt.llm, 16, n_seq=4, kv=rt.kv)
+    yield be
+    be.close()
+
+
+@pytest.fixture(scope="module")
+def rag(settings):
+    return RagService(settings.retrieval, index=None)
+
+
+def _params(rt, rag, question: str, order: list[int], plan: bool = True) -> GenParams:
+    hits = [Hit(CHUNKS[i], 1.0) for i in order]
+    messages, used, _ = rag.build_messages(rt, [{"role": "user", "content": question}], hits, [])
+    assert len(used) == len(order)
+    prompt = rt.format_chat(messages)
+    tokens = rt.prompt_tokens(prompt)
+    p = GenParams(tokens, 24, temperature=0.0)
+    if plan:
+        p.kv_plan = rag.kv_plan(rt, prompt, tokens, Grounding(used, None))
+        assert p.kv_plan is not None and p.kv_plan.tokens == tokens
+    return p
+
+
+async def _collect(engine, params: GenParams):
+    text, fin = [], None
+    async for ev in engine.submit(params):
+        if isinstance(ev, Delta):
+            text.append(ev.text)
+        else:
+            fin = ev
+    assert isinstance(fin, Finish)
+    return "".join(text), fin
+
+
+def _run(engine, params):
+    return asyncio.run(_collect(engine, params))
+
+
+def _files(rt, p):
+    return [rt.kv.path(p.kv_plan.prefix_hash, it.chunk_id) for it in p.kv_plan.items]
+
+
+def test_plan_cuts_the_grounded_prompt(rt, rag):
+    """The prompt is prefix | "[1]" span | "\\n\\n[2]" span | ... | suffix, the pieces tokenize
+    to exactly the plain prompt's tokens, and the excerpt number is outside the cached span."""
+    p = _params(rt, rag, QUESTIONS[0], [0, 1, 2])
+    plan = p.kv_plan
+    assert [it.chunk_id for it in plan.items] == [c.id for c in CHUNKS]
+    assert rt.detokenize(plan.items[1].label) == "\n\n[2]"
+    assert rt.detokenize(plan.items[0].span).startswith(" Ports\nBy default")
+    assert "Question: " + QUESTIONS[0] in rt.detokenize(plan.suffix)
+    assert rt.detokenize(plan.prefix).endswith("Documentation excerpts:\n")
+    # an extra system message changes the prefix: no plan (plain prefill)
+    hits = [Hit(c, 1.0) for c in CHUNKS]
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ports?"}]
+    messages, used, _ = rag.build_messages(rt, msgs, hits, [])
+    prompt = rt.format_chat(messages)
+    assert rag.kv_plan(rt, prompt, rt.prompt_tokens(prompt), Grounding(used, None)) is None
+
+
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_cold_then_warm_answers_match_plain(rt, batch, rag, name):
+    """First use computes and saves each excerpt's KV (cold), the next loads it (warm): same
+    answer both times, and at temperature 0 it states what the plain-prefill answer states."""
+    engine = rt.engine if name == "single" else batch
+    for q, order in ((QUESTIONS[0], [0, 1, 2]), (QUESTIONS[1], [1, 0])):
+        plain, _ = _run(engine, _params(rt, rag, q, order, plan=False))
+        p = _params(rt, rag, q, order)
+        computed, loaded = rt.kv.computed, rt.kv.loaded
+        cold, fin = _run(engine, p)
+        warm, _ = _run(engine, _params(rt, rag, q, order))
+        assert all(f.is_file() for f in _files(rt, p))
+        assert rt.kv.loaded - loaded >= len(order)  # the warm request loaded every excerpt
+        assert rt.kv.computed - computed <= len(order)
+        assert fin.prompt_tokens == len(p.prompt_tokens)
+        assert cold == warm
+        fact = "7431" if "port" in q else "4"
+        assert fact in plain and fact in warm, (plain, warm)
+    assert (next(iter(rt.kv.root.iterdir())) / "manifest.json").is_file()
+
+
+def test_both_engines_and_concurrent_requests_agree(rt, batch, rag):
+    """The batch engine, with four stitched requests in flight together, gives each the answer
+    the single engine gives it alone."""
+    cases = [(QUESTIONS[i % 2], order) for i, order in enumerate([[0, 1, 2], [1, 0], [2, 0], [1]])]
+    alone = [_run(rt.engine, _params(rt, rag, q, o))[0] for q, o in cases]
+
+    async def together():
+        return await asyncio.gather(*(_collect(batch, _params(rt, rag, q, o)) for q, o in cases))
+
+    assert [t for t, _ in asyncio.run(together())] == alone
+
+
+def _corrupt(path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:-1000])
+    elif how == "corrupt":
+        b = bytearray(data)
+        b[-500] ^= 0xFF
+        path.write_bytes(bytes(b))
+    else:  # made by another model: a valid file whose header names another fingerprint
+        n0 = len(kvcache.MAGIC) + 4
+        (n,) = struct.unpack("<I", data[len(kvcache.MAGIC) : n0])
+        hdr = json.loads(data[n0 : n0 + n])
+        hdr["fingerprint"] = "f" * 64
+        raw = json.dumps(hdr).encode()
+        path.write_bytes(kvcache.MAGIC + struct.pack("<I", len(raw)) + raw + data[n0 + n :])
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "other-model"])
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_bad_cache_file_falls_back_to_plain_prefill(rt, batch, rag, caplog, how, name):
+    """A truncated, corrupt or other-model cache file is detected, logged and never loaded:
+    the request is answered by plain prefill, exactly as with no cache at all."""
+    engine = rt.engine if name == "single" else batch
+    q, order = QUESTIONS[0], [0, 1, 2]
+    plain, _ = _run(engine, _params(rt, rag, q, order, plan=False))
+    p = _params(rt, rag, q, order)
+    _run(engine, p)  # the entries exist
+    target = _files(rt, p)[1]
+    saved = target.read_bytes()
+    try:
+        _corrupt(target, how)
+        with pytest.raises(kvcache.BadEntry):
+            rt.kv.read(p.kv_plan, p.kv_plan.items[1])
+        rejected, loaded = rt.kv.rejected, rt.kv.loaded
+        with caplog.at_level(logging.WARNING, logger="server.kvcache"):
+            text, _ = _run(engine, _params(rt, rag, q, order))
+        assert rt.kv.rejected == rejected + 1
+        assert rt.kv.loaded == loaded  # nothing was loaded into a sequence
+        assert any("ignored" in r.getMessage() for r in caplog.records)
+        assert text == plain
+    finally:
+        target.write_bytes(saved)
+    assert rt.kv.read(p.kv_plan, p.kv_plan.items[1]) is not None
