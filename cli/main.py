@@ -47,6 +47,42 @@ def serve(
     )
 
 
+def index_kv(
+    index: Path = typer.Argument(..., exists=True, help="Built index directory."),
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = typer.Option(None, help="Model name or GGUF path."),
+    out: Optional[Path] = typer.Option(
+        None, help="Cache directory (default retrieval.kv_cache_dir, else <index>.kv)."
+    ),
+):
+    """Precompute the chunk KV caches of an index for the serving model (retrieval.kv_cache):
+    grounded answers then prefill only the question. Entries already valid are kept."""
+    import json
+
+    from models.store import ModelStore
+    from retrieval.index import load_index
+    from server import kvcache
+    from server.runtime import ModelRuntime
+
+    s = load_settings(
+        config,
+        model={"model": model, "n_parallel": 1},
+        retrieval={"index_dir": index, "kv_cache": True, "kv_cache_dir": out},
+    )
+    setup_logging("INFO")
+    rt = ModelRuntime(
+        ModelStore(s.model.store_dir).resolve(s.model.model),
+        s.model,
+        1,
+        kvcache.kv_root(s.retrieval),
+    )
+    try:
+        figures = kvcache.build_cache(rt, s.retrieval, load_index(index).chunks)
+    finally:
+        rt.close()
+    typer.echo(json.dumps(figures, indent=2))
+
+
 def build_app() -> typer.Typer:
     from eval.cli import app as eval_app
     from retrieval.cli import app as index_app
@@ -59,6 +95,7 @@ def build_app() -> typer.Typer:
         add_completion=False,
     )
     app.command()(serve)
+    index_app.command(name="kv")(index_kv)
     app.add_typer(index_app, name="index")
     app.add_typer(eval_app, name="eval")
     app.add_typer(train_app, name="train")

@@ -124,10 +124,13 @@ class KVPlan:
         return out + self.suffix
 
 
-def canonical_prefix(prompt_for: callable, marker: str = "\x00DOCQA-KV\x00") -> str | None:
-    """The prompt text before the excerpts: ``prompt_for(marker)`` renders the grounded prompt
-    with ``marker`` as the only excerpt block."""
-    text = prompt_for(marker)
+def prefix_text(rt, retrieval, marker: str = "\x00DOCQA-KV\x00") -> str | None:
+    """The grounded prompt's text before the excerpts, for runtime ``rt`` and
+    ``RetrievalSettings`` ``retrieval`` (no history, no extra system message)."""
+    from retrieval.prompting import rag_messages
+
+    r = retrieval
+    text = rt.format_chat(rag_messages(r.system_prompt, r.user_template, "?", [marker]))
     i = text.find(marker)
     return text[:i] if i > 0 else None
 
@@ -159,6 +162,14 @@ def build_plan(
     if any(not it.span for it in items):
         return None
     return KVPlan(prefix_tokens(prefix_text), items, tokenize(prompt[pos:]))
+
+
+def chunk_item(rt, chunk) -> KVItem:
+    """The cached span of ``chunk`` (its block without the number), as ``build_plan`` cuts it."""
+    from retrieval.prompting import block
+
+    span = block(1, chunk)[len("[1]") :]
+    return KVItem(chunk.id, [], rt.tokenize(span, add_bos=False, special=True))
 
 
 # -- the store -----------------------------------------------------------------------------
@@ -245,6 +256,7 @@ class KVStore:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; caches are shared read-only
             os.replace(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -479,3 +491,45 @@ class KVRunner:
         if self.bctx is not None:
             self.bctx.close()
             self.bctx = None
+
+
+def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
+    """Compute and save the KV of every chunk of ``chunks`` that has no valid entry yet, for
+    runtime ``rt`` (its ``kv`` store) and the grounded prefix of ``retrieval``. -> figures."""
+    import time
+
+    from server.generation import BatchContext
+
+    if rt.kv is None:
+        raise ValueError("the runtime has no chunk KV store (retrieval.kv_cache is off)")
+    text = prefix_text(rt, retrieval)
+    if text is None:
+        raise ValueError("the grounded template has no {context}: nothing to cache")
+    prefix = rt.prompt_tokens(text)
+    t0 = time.perf_counter()
+    bctx = BatchContext(rt.llm, 1, rt.llm.n_batch, rt.llm.n_threads)
+    written = tokens = 0
+    try:
+        _decode(bctx, prefix, 0, 0, False, rt.llm.n_batch)
+        it = chunks
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(chunks, desc="chunk KV", unit="chunk")
+        for c in it:
+            item = chunk_item(rt, c)
+            plan = KVPlan(prefix, [item], [])
+            tokens += len(item.span)
+            written += warm(bctx, 0, 1, plan, rt.kv, rt.llm.n_batch)
+    finally:
+        bctx.close()
+    d = rt.kv.dir_for(tokens_hash(prefix))
+    size = sum(f.stat().st_size for f in d.glob("*.kv")) if d.is_dir() else 0
+    return {
+        "dir": str(d),
+        "chunks": len(chunks),
+        "written": written,
+        "span_tokens": tokens,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "bytes": size,
+    }

@@ -132,10 +132,7 @@ class RagService:
         whole (the answer must not depend on the cache being there)."""
         if rt.kv is None or not grounding.hits:
             return None
-        r = self.settings
-        prefix_text = kvcache.canonical_prefix(
-            lambda mark: rt.format_chat(rag_messages(r.system_prompt, r.user_template, "?", [mark]))
-        )
+        prefix_text = kvcache.prefix_text(rt, self.settings)
         if prefix_text is None:
             return None
         blocks = [

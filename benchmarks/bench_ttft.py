@@ -1,0 +1,207 @@
+"""Time to first token: bare vs grounded answers, plain prefill vs chunk KV caches (issue 19).
+
+In process, on the served code path (``ModelRuntime``, its engines, ``RagService`` building
+the grounded prompt with evidence lines, ``server.kvcache``), one run, interleaved per
+question so that a busy machine slows every variant alike:
+
+- TTFT (``max_tokens`` 1) of the bare question, the grounded prompt with plain prefill, and
+  with chunk KV caches cold (no entry: computed and saved) and warm (loaded);
+- prefill tok/s (grounded prompt tokens / plain TTFT) and decode tok/s (bare, 64 tokens);
+- answers/s with 1 (single engine), 4 and 8 clients (batch engine, 8 slots), plain vs cache;
+- KV cache size per 1,000 chunks and the time ``docqa index kv`` adds to an index build.
+
+    DOCQA_MODEL__N_THREADS=2 .venv/bin/python benchmarks/bench_ttft.py [--questions 12]
+        [--index var/nitro-index] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from docqa.settings import load_settings  # noqa: E402
+from eval.metrics import has_facts  # noqa: E402
+from models.store import ModelStore  # noqa: E402
+from retrieval.index import load_index  # noqa: E402
+from retrieval.search import Retriever, SearchConfig  # noqa: E402
+from server import kvcache  # noqa: E402
+from server.batch_engine import BatchEngine  # noqa: E402
+from server.generation import Delta, Finish, GenParams  # noqa: E402
+from server.runtime import ModelRuntime  # noqa: E402
+from server.services.index import IndexService  # noqa: E402
+from server.services.rag import Grounding, RagService  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def _timed(engine, p: GenParams) -> tuple[float, float, int, str]:
+    """-> (seconds to the first token, seconds in all, completion tokens, text)."""
+    t0 = time.perf_counter()
+    first, text, fin = None, [], None
+    async for ev in engine.submit(p):
+        if isinstance(ev, Delta):
+            if first is None:
+                first = time.perf_counter() - t0
+            text.append(ev.text)
+        elif isinstance(ev, Finish):
+            fin = ev
+    total = time.perf_counter() - t0
+    return first if first is not None else total, total, fin.completion_tokens, "".join(text)
+
+
+def run(engine, p):
+    return asyncio.run(_timed(engine, p))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--questions", type=int, default=12)
+    ap.add_argument("--index", type=Path, default=None)
+    ap.add_argument("--clients-answers", type=int, default=8, help="answers per client load")
+    ap.add_argument("--answer-tokens", type=int, default=64, help="plain vs cache answers")
+    ap.add_argument("--build-chunks", type=int, default=30, help="chunks timed for index kv")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    if args.index is None:
+        from retrieval.corpus import nitro_index
+
+        args.index = nitro_index()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
+    s = load_settings(
+        model={"n_parallel": 1},
+        retrieval={"kv_cache": True, "kv_cache_dir": str(tmp / "kv"), "mode": "bm25"},
+    )
+    ms = s.model
+    rt = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64, tmp / "kv")
+    index = load_index(args.index)
+    dummy = types.SimpleNamespace(dim=index.embeddings.shape[1], name="none", fingerprint=None)
+    retriever = Retriever(index, dummy, SearchConfig.from_settings(s.retrieval))
+    rag = RagService(s.retrieval, IndexService(retriever, None))
+    items = yaml.safe_load((ROOT / "eval/data/grounded_facts.yaml").read_text())
+    items = items[: args.questions]
+    qs = [it["q"] for it in items]
+
+    def grounded(q: str, kv: bool, max_tokens: int = 1) -> GenParams:
+        hits = rag.search(q).hits
+        msgs, used, _ = rag.build_messages(
+            rt, [{"role": "user", "content": q}], hits, rag.evidence(q, hits)
+        )
+        prompt = rt.format_chat(msgs)
+        tokens = rt.prompt_tokens(prompt)
+        p = GenParams(tokens, max_tokens, temperature=0.0, stop=list(s.retrieval.stop))
+        if kv:
+            p.kv_plan = rag.kv_plan(rt, prompt, tokens, Grounding(used, None))
+        return p
+
+    def bare(q: str, max_tokens: int = 1) -> GenParams:
+        toks = rt.prompt_tokens(rt.format_chat([{"role": "user", "content": q}]))
+        return GenParams(toks, max_tokens, temperature=0.0)
+
+    single = rt.engine
+    run(single, bare("warm-up"))
+    rows = []
+    n_plan = 0
+    for i, item in enumerate(items):
+        q = item["q"]
+        r = {"q": q}
+        r["bare"] = run(single, bare(q))[0]
+        pp = grounded(q, False, args.answer_tokens)
+        r["n_prompt"] = len(pp.prompt_tokens)
+        r["plain"], _, _, r["plain_answer"] = run(single, pp)
+        pk = grounded(q, True)
+        n_plan += pk.kv_plan is not None
+        r["kv_cold"] = run(single, pk)[0]  # no entries yet for new chunks: computed and saved
+        r["kv_warm"], _, _, r["kv_answer"] = run(single, grounded(q, True, args.answer_tokens))
+        r["plain_ok"] = has_facts(r["plain_answer"], item["facts"])
+        r["kv_ok"] = has_facts(r["kv_answer"], item["facts"])
+        r["same_answer"] = r["plain_answer"] == r["kv_answer"]
+        rows.append(r)
+        print(
+            f"[{i + 1}/{len(qs)}] bare {r['bare']:.3f}s  plain {r['plain']:.3f}s  "
+            f"kv cold {r['kv_cold']:.3f}s  kv warm {r['kv_warm']:.3f}s  ({r['n_prompt']} tok)  "
+            f"facts plain {r['plain_ok']} kv {r['kv_ok']}",
+            flush=True,
+        )
+
+    med = {
+        k: statistics.median(r[k] for r in rows) for k in ("bare", "plain", "kv_cold", "kv_warm")
+    }
+    n_prompt = statistics.median(r["n_prompt"] for r in rows)
+    _, total, n_out, _ = run(single, bare(qs[0], 64))
+    first = run(single, bare(qs[0]))[0]
+    decode = (n_out - 1) / max(1e-9, total - first)
+    prefill = n_prompt / med["plain"]
+
+    # answers/s: 1 client on the single engine, 4 and 8 on an 8-slot batch engine
+    be = BatchEngine(rt.llm, 64, n_seq=8, n_batch=ms.n_batch, n_threads=ms.n_threads, kv=rt.kv)
+    thr = {}
+    n_ans = args.clients_answers
+    work = [qs[i % len(qs)] for i in range(n_ans)]
+    for kv in (False, True):
+        for clients in (1, 4, 8):
+            engine = single if clients == 1 else be
+            params = [grounded(q, kv, 32) for q in work]
+
+            async def load(engine=engine, params=params, clients=clients):
+                sem = asyncio.Semaphore(clients)
+
+                async def one(p):
+                    async with sem:
+                        return await _timed(engine, p)
+
+                return await asyncio.gather(*(one(p) for p in params))
+
+            t0 = time.perf_counter()
+            asyncio.run(load())
+            thr[f"{'kv' if kv else 'plain'}_{clients}"] = n_ans / (time.perf_counter() - t0)
+            print(f"answers/s {'kv' if kv else 'plain'} x{clients}: {thr[list(thr)[-1]]:.3f}")
+    be.close()
+
+    # the index build step: every chunk of the index, into an empty store
+    rt.kv = kvcache.KVStore(tmp / "kv-build", rt.kv.fingerprint, rt.id)
+    sample = index.chunks[: args.build_chunks]
+    build = kvcache.build_cache(rt, s.retrieval, sample, progress=False)
+    rt.close()
+    per_1000 = build["bytes"] / max(1, len(sample)) * 1000
+    out = {
+        "questions": len(qs),
+        "plans": n_plan,
+        "median_prompt_tokens": n_prompt,
+        "ttft_s": med,
+        "ratio_to_bare": {k: v / med["bare"] for k, v in med.items()},
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "answers_per_s": thr,
+        "index_chunks": len(index.chunks),
+        "kv_bytes_per_1000_chunks": per_1000,
+        "kv_build_s": build["seconds"],
+        "kv_build_chunks": len(sample),
+        "kv_build_s_per_1000_chunks": build["seconds"] / max(1, len(sample)) * 1000,
+        "kv_build_span_tokens": build["span_tokens"],
+        "facts_plain": sum(r["plain_ok"] for r in rows),
+        "facts_kv": sum(r["kv_ok"] for r in rows),
+        "facts_plain_only": sum(r["plain_ok"] and not r["kv_ok"] for r in rows),
+        "facts_kv_only": sum(r["kv_ok"] and not r["plain_ok"] for r in rows),
+        "same_answers": sum(r["same_answer"] for r in rows),
+        "rows": rows,
+        "n_threads": ms.n_threads,
+    }
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
