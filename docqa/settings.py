@@ -48,6 +48,19 @@ class ServerSettings(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level."
     )
+    data_dir: Path = Field(
+        Path("var/data"),
+        description="Where the server keeps its own state: the agent page's ticket queue "
+        "(ticket_queue.sqlite3). Relative paths resolve against the working directory.",
+    )
+    max_upload_bytes: int = Field(
+        5 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest file one upload may carry (POST /v1/documents multipart, "
+        "POST /v1/tickets/queue); larger is a 413.",
+    )
+    web_ui: bool = Field(True, description="Serve the support agents' page at '/'.")
 
 
 class ModelSettings(_Section):

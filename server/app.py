@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from docqa.settings import Settings
 from server.errors import install_error_handlers
 from server.middleware import AccessLog
-from server.routes import admin, openai, retrieval, tickets
+from server.routes import admin, openai, retrieval, ticket_queue, tickets, web
 from server.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(retrieval.router)
     app.include_router(tickets.router)
+    app.include_router(ticket_queue.router)
     app.include_router(admin.router)
+    if settings.server.web_ui:
+        app.include_router(web.router)
 
     @app.get("/health")
     async def health():

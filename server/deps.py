@@ -10,6 +10,7 @@ from server.runtime import ModelManager
 from server.services.chat import ChatService
 from server.services.documents import DocumentsService
 from server.services.index import IndexService
+from server.services.ticket_queue import TicketQueue
 from server.services.tickets import TicketService
 from server.state import AppState, Services
 
@@ -62,3 +63,17 @@ def tickets(s: Services = Depends(services)) -> TicketService:
     if s.tickets is None:
         raise _no_index("ticket replies need an index")
     return s.tickets
+
+
+def ticket_queue(s: Services = Depends(services)) -> TicketQueue:
+    if s.queue is None:
+        raise APIError(404, "the ticket queue is not enabled", code="queue_disabled")
+    return s.queue
+
+
+def max_upload_bytes(state: AppState = Depends(app_state)) -> int:
+    return state.settings.server.max_upload_bytes
+
+
+def retry_after(state: AppState = Depends(app_state)) -> int:
+    return state.settings.server.retry_after_s

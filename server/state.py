@@ -13,6 +13,8 @@ from server.services.chat import ChatService
 from server.services.documents import DocumentsService
 from server.services.index import IndexService, open_index
 from server.services.rag import RagService
+from server.services.ticket_queue import FILE_NAME as QUEUE_FILE
+from server.services.ticket_queue import TicketQueue
 from server.services.tickets import TicketService
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class Services:
     rag: RagService | None
     chat: ChatService
     tickets: TicketService | None
+    queue: TicketQueue | None = None  # the agent page's ticket queue (opened on first use)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -54,9 +57,12 @@ class Services:
             models.close()
             raise
         chat = ChatService(settings, models, rag)
-        return cls(settings, models, embedder, index, documents, rag, chat, tickets)
+        queue = TicketQueue(settings.server.data_dir / QUEUE_FILE, tickets)
+        return cls(settings, models, embedder, index, documents, rag, chat, tickets, queue)
 
     def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
         self.models.close()
 
 
