@@ -108,8 +108,9 @@ def browser():
         pytest.skip(
             "Debian's chromium is not installed (apt-get install chromium; make install does it)"
         )
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    with sync_api.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright  # a dev dependency: missing is an error
+
+    with sync_playwright() as p:
         b = p.chromium.launch(
             executable_path=str(CHROMIUM),
             args=[
@@ -163,7 +164,7 @@ def _fits(page) -> bool:
     return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
-def test_page_is_served_offline_and_labelled(web, browser):
+def test_page_is_served_offline_and_labelled(browser, web):
     r = httpx.get(web.url + "/")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "default-src 'self'" in r.headers["content-security-policy"]
@@ -188,7 +189,7 @@ def test_page_is_served_offline_and_labelled(web, browser):
     page.context.close()
 
 
-def test_ask_streams_answer_with_highlighted_evidence(web, browser):
+def test_ask_streams_answer_with_highlighted_evidence(browser, web):
     page = _page(browser, web.url)
     page.goto(web.url + "/")
     # keyboard only: Tab from the top reaches the question box, Enter asks
@@ -263,7 +264,7 @@ TICKETS_JSONL = (
 )
 
 
-def test_tickets_upload_draft_approve_export(web, browser):
+def test_tickets_upload_draft_approve_export(browser, web):
     page = _page(browser, web.url)
     other = _page(browser, web.url)  # a second window on the same queue
     page.goto(web.url + "/#tickets")
@@ -322,6 +323,7 @@ def test_tickets_upload_draft_approve_export(web, browser):
     t3.locator("input").fill("billing: hand to the accounts team")
     t3.locator("button", has_text="Escalate").click()
     page.wait_for_selector(f"#q-{items['t3']['id']}.status-escalated", state="attached")
+    page.evaluate("window.scrollTo(0, 0)")
     _shot(page, "tickets.png")
     # the other window sees the same queue (it polls)
     other.select_option("#queue-filter", "")
@@ -369,14 +371,14 @@ def test_queue_http_errors(web):
     assert httpx.patch(one, json={"note": "a", "version": v}).status_code == 200
     r = httpx.patch(one, json={"note": "b", "version": v})  # a tab that did not reload
     assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict"
-    r = httpx.post(one + "/draft", timeout=120)  # the same record as POST /v1/tickets/reply
+    r = httpx.post(one + "/draft", json={}, timeout=120)  # the same record as POST /v1/tickets/reply
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "review" and r.json()["draft"]["decision"] in ("auto", "human")
-    r = httpx.post(one + "/draft")  # not new any more
+    r = httpx.post(one + "/draft", json={})  # not new any more
     assert r.status_code == 409 and r.json()["error"]["code"] == "not_new"
 
 
-def test_documents_upload_and_delete(web, browser):
+def test_documents_upload_and_delete(browser, web):
     page = _page(browser, web.url)
     page.goto(web.url + "/#documents")
     page.wait_for_selector("#doc-table tbody tr")
@@ -418,7 +420,7 @@ def test_documents_upload_and_delete(web, browser):
     page.context.close()
 
 
-def test_restart_with_api_key_keeps_queue(web, browser):
+def test_restart_with_api_key_keeps_queue(browser, web):
     """The queue survives a restart; with server.api_key set, the page asks for the key once
     and nothing works without it."""
     url = web.url + "/v1/tickets/queue"

@@ -398,7 +398,7 @@ function replaceItem(item) {
 async function draftOne(id, manual = false) {
   try {
     replaceItem({ ...queueItems.find((x) => x.id === id), status: "drafting", version: -1 });
-    replaceItem(await api(`/v1/tickets/queue/${id}/draft`, { method: "POST" }));
+    replaceItem(await api(`/v1/tickets/queue/${id}/draft`, { json: {} }));
     return true;
   } catch (e) {
     if (e.status === 503) { await sleep(1000 * (e.retryAfter || 2)); }
