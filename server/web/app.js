@@ -320,7 +320,7 @@ function queueCard(it) {
   const note = el("input", { id: `note-${it.id}`, value: it.note || "", autocomplete: "off" });
   const msg = el("p", { class: "conflict", role: "status" });
   if (pending && pending.version !== it.version) {
-    msg.textContent = "This ticket changed in another window since you started editing; saving will show the newer version first.";
+    msg.textContent = `Another window changed this ticket (now ${it.status}) while you were editing; your text is kept here. Save again to replace theirs, or Refresh to drop yours.`;
   }
   const act = (status) => () => saveItem(it, ta, note, status, msg);
   const buttons = [];
@@ -441,7 +441,7 @@ async function saveItem(it, ta, note, status, msg) {
     if (card) (card.querySelector("textarea") || card).focus();
   } catch (e) {
     if (e.code === "version_conflict") {
-      msg.textContent = "Another window changed this ticket first; the newer version is shown, your text is kept in the box.";
+      msg.textContent = "Another window changed this ticket first; your text is kept in the box. Save again to replace theirs.";
       await loadQueueQuiet();
       const fresh = queueItems.find((x) => x.id === it.id);
       if (fresh) drafts.set(it.id, { text: ta.value, version: fresh.version });
@@ -570,7 +570,7 @@ async function start() {
     });
   });
   $("#queue-filter").addEventListener("change", () => renderQueue());
-  $("#queue-refresh").addEventListener("click", loadQueue);
+  $("#queue-refresh").addEventListener("click", () => { drafts.clear(); loadQueue(); });
   $("#queue-export").addEventListener("click", async () => {
     try {
       const res = await api("/v1/tickets/queue/export", { raw: true });
