@@ -371,7 +371,7 @@ def test_queue_http_errors(web):
     assert httpx.patch(one, json={"note": "a", "version": v}).status_code == 200
     r = httpx.patch(one, json={"note": "b", "version": v})  # a tab that did not reload
     assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict"
-    r = httpx.post(one + "/draft", json={}, timeout=120)  # the same record as POST /v1/tickets/reply
+    r = httpx.post(one + "/draft", json={}, timeout=120)  # as POST /v1/tickets/reply drafts
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "review" and r.json()["draft"]["decision"] in ("auto", "human")
     r = httpx.post(one + "/draft", json={})  # not new any more
