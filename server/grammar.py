@@ -11,7 +11,8 @@ same tokens, escapes and errors) and then checks what llama.cpp would crash or h
 - every referenced rule is defined (once), and ``root`` is;
 - no left recursion, counting rules that can match the empty string (llama.cpp recurses
   without end on it);
-- repetitions ``{m,n}`` with ``m <= n <= 2000`` (llama.cpp's own cap);
+- repetitions ``{m,n}`` with ``m <= n <= 2000`` (llama.cpp's own cap), groups nested at most
+  1000 deep (llama.cpp's recursive parser overflows its stack on ~30000);
 - every character (in a literal or a class) is a real one: no NUL, no surrogate, nothing above
   U+10FFFF, and every class can match at least one of them;
 - size: bytes, rules and symbols (repetitions expanded) within the ``server.limits`` caps.
@@ -27,6 +28,7 @@ import json
 from dataclasses import dataclass, field
 
 MAX_REPETITION = 2000  # llama.cpp refuses more ("exceeds sane defaults")
+MAX_NESTING = 1000  # nested groups: llama.cpp's recursive parser overflows its stack (~30000)
 _LAST_CHAR = 0x10FFFD  # U+10FFFE/F are noncharacters no token can produce
 _SURROGATES = (0xD800, 0xDFFF)
 
@@ -89,6 +91,7 @@ class _Parser:
         self.defined: list[str] = []
         self.refs: dict[str, int] = {}  # referenced rule -> position of its first use
         self.n_sub = 0
+        self.depth = 0
 
     # -- positions and errors ---------------------------------------------------------
     def err(self, pos: int, msg: str) -> GrammarError:
@@ -155,6 +158,8 @@ class _Parser:
     def parse(self) -> Grammar:
         if len(self.src.encode("utf-8", "surrogatepass")) > self.limits.max_bytes:
             raise GrammarError(f"grammar is longer than {self.limits.max_bytes} bytes")
+        if "\x00" in self.src:  # llama.cpp reads a C string: it would see only the part before
+            raise self.err(self.src.index("\x00"), "NUL character in the grammar")
         pos = self.space(0, True)
         while pos < len(self.src):
             pos = self.rule(pos)
@@ -261,11 +266,15 @@ class _Parser:
                 seq.append(ref)
                 pos = self.space(end, nested)
             elif c == "(":
+                self.depth += 1
+                if self.depth > MAX_NESTING:
+                    raise self.err(pos, f"groups nested more than {MAX_NESTING} deep")
                 pos = self.space(pos + 1, True)
                 pos, alts = self.alternates(pos, name, True)
                 if self.at(pos) != ")":
                     raise self.err(pos, "expecting ')'")
                 seq.append(self.sub_rule(name, alts, pos))
+                self.depth -= 1
                 pos = self.space(pos + 1, nested)
             elif c == ".":
                 seq.append(None)
