@@ -28,13 +28,13 @@ def server_factory(tmp_path_factory):
     unless the config names one, its model store: ``.store``), stopped at the session's end."""
     started: list[ServerProcess] = []
 
-    def make(config: dict, name: str = "server") -> ServerProcess:
+    def make(config: dict, name: str = "server", timeout: float = 120) -> ServerProcess:
         tmp = tmp_path_factory.mktemp(name)
         store = config.setdefault("model", {}).setdefault("store_dir", str(tmp / "store"))
         s = ServerProcess(config, workdir=tmp, name=name, cwd=tmp)
         s.store = Path(store)
         started.append(s.start())
-        s.wait_ready(timeout=120)
+        s.wait_ready(timeout=timeout)
         return s
 
     yield make
@@ -85,4 +85,5 @@ def guarded_server(server_factory) -> ServerProcess:
             "retrieval": {"docs_dir": str(FIXTURES / "docs"), "answer_max_tokens": 7},
         },
         "guarded",
+        timeout=300,  # it indexes the fixture docs at start-up
     )
