@@ -97,7 +97,10 @@ class ServerSettings(_Section):
         "['http://localhost:1420'] for a web UI); empty = none. A write request carrying an "
         "Origin header not in this list is refused (403).",
     )
-    limits: RequestLimits = Field(default_factory=RequestLimits)
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="Request limits: body, messages, documents, grammars (server.limits.*).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level."
     )
