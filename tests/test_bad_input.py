@@ -158,3 +158,13 @@ def test_grounded_answer_max_tokens_default(guarded_server, given, cap):
         assert out["usage"]["completion_tokens"] == cap
     else:
         assert out["usage"]["completion_tokens"] <= cap
+
+
+def test_document_body_not_utf8_is_400(guarded_server):
+    """Found by the schemathesis run: JSON bytes that are not UTF-8 were a 500."""
+    r = httpx.post(
+        guarded_server.url + "/v1/documents",
+        content=b"\xa6\xce+",
+        headers={"Content-Type": "application/json", **H},
+    )
+    assert _err(r, 400)["code"] == "invalid_json"

@@ -74,7 +74,7 @@ class DocumentsService:
     def from_json(self, raw: bytes) -> list[Document]:
         try:
             body = json.loads(raw or b"{}")
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not UTF-8: not JSON either
             raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from exc
         if not isinstance(body, dict):
             raise bad_request("body must be a JSON object")
