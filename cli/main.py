@@ -30,6 +30,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.auth import InsecureSettings
 
     settings = load_settings(
         config,
@@ -38,8 +39,13 @@ def serve(
         retrieval={"index_dir": index, "docs_dir": docs},
     )
     setup_logging(settings.server.log_level)
+    try:
+        app = create_app(settings)
+    except InsecureSettings as exc:
+        typer.echo(f"docqa serve: {exc}", err=True)
+        raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level.lower(),

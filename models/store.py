@@ -95,6 +95,18 @@ class ModelStore:
         known = [m.id for m in self.list()] + list(_EMBEDDED)
         raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(known)}")
 
+    def resolve_id(self, name: str) -> ResolvedModel:
+        """Resolve a model id of the store or the embedded default only: never a path, so a
+        client cannot make the server open a file, nor learn whether one exists."""
+        known = {m.id: m for m in self.list()}
+        if name in known:
+            return known[name]
+        emb = embedded_path(name) if name in _EMBEDDED else None
+        if emb is not None:
+            return ResolvedModel(name, emb, {"kind": "embedded", "package": _EMBEDDED[name][0]})
+        ids = sorted(known) + [n for n in _EMBEDDED if n not in known]
+        raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(ids)}")
+
     def publish(
         self, gguf: str | Path, name: str, provenance: dict[str, Any] | None = None
     ) -> ResolvedModel:

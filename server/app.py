@@ -8,13 +8,16 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 
 from docqa.settings import Settings
-from server.errors import install_error_handlers
-from server.middleware import AccessLog
+from server.auth import check_exposure, require_api_key
+from server.errors import CatchAll, install_error_handlers
+from server.middleware import AccessLog, BodyGuard
+from server.openapi import error_responses
 from server.routes import admin, openai, retrieval, ticket_queue, tickets, web
 from server.state import AppState, Services
 
@@ -48,26 +51,60 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app for ``settings``; raises ``InsecureSettings`` for a server reachable beyond
+    loopback with writes open to anyone (see ``server.auth.check_exposure``)."""
     settings = settings or Settings()
-    app = FastAPI(title="docqa", version="0.1.0", lifespan=lifespan)
+    check_exposure(settings.server)
+    app = FastAPI(
+        title="docqa",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,  # served below, behind the API key like the rest
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.docqa = AppState(settings)
     install_error_handlers(app)
+    # Outermost last: AccessLog > CatchAll > CORS > BodyGuard > routes.
+    app.add_middleware(
+        BodyGuard,
+        max_body_bytes=settings.server.limits.max_body_bytes,
+        origins=settings.server.cors_origins,
+        multipart_paths=["/v1/documents"],
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.server.cors_origins,
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(CatchAll)
     app.add_middleware(AccessLog)
-    app.include_router(openai.router)
-    app.include_router(retrieval.router)
-    app.include_router(tickets.router)
-    app.include_router(ticket_queue.router)
-    app.include_router(admin.router)
+    app.include_router(openai.router, responses=error_responses(400, 401, 404, 413, 415, 503))
+    app.include_router(retrieval.router, responses=error_responses(400, 401, 404, 413, 415, 503))
+    app.include_router(tickets.router, responses=error_responses(400, 401, 404, 413, 415, 503))
+    app.include_router(
+        ticket_queue.router, responses=error_responses(400, 401, 404, 409, 413, 415, 503)
+    )
+    app.include_router(admin.router, responses=error_responses(400, 401, 403, 404, 413, 415, 503))
     if settings.server.web_ui:
         app.include_router(web.router)
 
-    @app.get("/health")
+    keyed = [Depends(require_api_key)]
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=keyed)
+    async def openapi_json():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False, dependencies=keyed)
+    async def swagger():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="docqa API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=keyed)
+    async def redoc():
+        return get_redoc_html(openapi_url="/openapi.json", title="docqa API")
+
+    @app.get("/health", responses=error_responses(503))
     async def health():
         state: AppState = app.state.docqa
         s = state.services
@@ -77,8 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if s.embedder is not None:
                 out["embedder"] = {"name": s.embedder.name, "query_backend": s.embedder.backend}
             return out
-        if state.load_error:
-            return JSONResponse({"status": "error", "error": state.load_error}, 503)
+        if state.load_error:  # the reason is in the server log, not for every caller
+            return JSONResponse({"status": "error"}, 503)
         return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
 
     return app

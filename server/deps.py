@@ -23,7 +23,7 @@ def services(state: AppState = Depends(app_state)) -> Services:
     """The loaded services, or 503 while loading (or after a failed load)."""
     if state.services is None:
         msg = (
-            f"model failed to load: {state.load_error}"
+            "the model failed to load (the reason is in the server log)"
             if state.load_error
             else "model is loading, retry shortly"
         )

@@ -194,10 +194,15 @@ class ModelManager:
         self._reload_lock = threading.Lock()  # one reload at a time
 
     def _load(self, name: str | None) -> ModelRuntime:
+        """The configured model (a name or a path), or ``name``: a store id or the embedded
+        default only (a reload request never names a file)."""
         ms = self.settings.model
+        store = ModelStore(ms.store_dir)
         if name:
             ms = ms.model_copy(update={"model": name})
-        resolved = ModelStore(ms.store_dir).resolve(ms.model)  # ModelNotFound: nothing changes
+            resolved = store.resolve_id(name)  # ModelNotFound: nothing changes
+        else:
+            resolved = store.resolve(ms.model)
         return ModelRuntime(resolved, ms, self.settings.server.max_queue)
 
     def start(self) -> ModelRuntime:

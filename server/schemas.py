@@ -103,6 +103,8 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
+        if v == "" or (isinstance(v, list) and v and v[0] == ""):
+            raise ValueError("prompt must not be empty")
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
@@ -126,6 +128,11 @@ class EmbeddingRequest(_Lenient):
                 raise ValueError("input must not be empty")
             if len(v) > 2048:
                 raise ValueError("at most 2048 inputs per request")
+            ids = v if isinstance(v[0], int) else [i for x in v if isinstance(x, list) for i in x]
+            if any(i < 0 for i in ids):
+                raise ValueError("token ids must not be negative")
+            if any(isinstance(x, list) and not x for x in v):
+                raise ValueError("token id lists must not be empty")
         return v
 
 

@@ -50,7 +50,7 @@ class Services:
                 if embedder is None:
                     raise ValueError("retrieval needs the embedder (embedder.enabled: true)")
                 index = open_index(settings, embedder, rt.chunk_tokenizer())
-                documents = DocumentsService(r, index, models)
+                documents = DocumentsService(r, index, models, settings.server.limits)
                 rag = RagService(r, index)
                 tickets = TicketService(settings, models, rag)
         except BaseException:

@@ -58,7 +58,34 @@ async def list_documents(docs: DocumentsService = Depends(deps.documents)):
     return {"object": "list", "data": docs.list()}
 
 
-@router.post("/documents")
+_DOCUMENT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "description": "Name to store it under."},
+                    "content": {"type": "string", "description": "The document's text."},
+                },
+                "required": ["path"],
+            }
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "path": {"type": "string"},
+                },
+                "required": ["file"],
+            }
+        },
+    },
+}
+
+
+@router.post("/documents", openapi_extra={"requestBody": _DOCUMENT_BODY})
 async def add_documents(
     request: Request,
     docs: DocumentsService = Depends(deps.documents),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from docqa.settings import Settings
 from server.errors import APIError, bad_request
 from server.generation import GenParams
+from server.grammar import GrammarLimits
 from server.runtime import ModelManager, ModelRuntime
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.services.generation import Prepared, grammar_for, sampling_params, with_cad
@@ -17,6 +18,7 @@ class ChatService:
         self.settings = settings
         self.models = models
         self.rag = rag
+        self.grammar_limits = GrammarLimits.from_settings(settings.server.limits)
 
     def resolve_model_id(self, rt: ModelRuntime, requested: str | None) -> tuple[str, bool]:
         """Return (model id to report, use retrieval) or raise 404."""
@@ -40,14 +42,23 @@ class ChatService:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
+        limit = self.settings.server.limits.max_messages
+        if len(req.messages) > limit:
+            raise bad_request(
+                f"at most {limit} messages per request (server.limits.max_messages)",
+                "messages",
+                "too_many_messages",
+            )
         original = messages = _messages(req)
         grounding = None
         if use_rag:
             messages, grounding = await self.rag.augment(rt, messages)
         tokens = rt.prompt_tokens(rt.format_chat(messages))
         max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None and grounding is not None:
+            max_tokens = self.settings.retrieval.answer_max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
-        params.grammar = grammar_for(req.response_format, req.grammar)
+        params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
@@ -81,7 +92,7 @@ class ChatService:
                 raise bad_request(f"prompt token ids must be in [0, {rt.n_vocab})", "prompt")
             text = rt.detokenize(tokens)
         params = sampling_params(req, self.settings.model, tokens, req.max_tokens or 16)
-        params.grammar = grammar_for(req.response_format, req.grammar)
+        params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         if req.logprobs is not None:
             params.logprobs = True
             params.top_logprobs = req.logprobs

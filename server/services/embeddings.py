@@ -19,6 +19,9 @@ def _texts(embedder, inp) -> list[str]:
         return list(inp)
     if inp and isinstance(inp[0], int):
         inp = [inp]
+    n_vocab = len(embedder.tokenizer)
+    if any(not 0 <= t < n_vocab for ids in inp for t in ids):
+        raise bad_request(f"input token ids must be in [0, {n_vocab})", "input")
     return [embedder.tokenizer.decode(ids, skip_special_tokens=True) for ids in inp]
 
 

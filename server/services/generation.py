@@ -17,45 +17,49 @@ from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 from server.engine import Job, PromptTooLong, QueueFull
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
+from server.grammar import GrammarError, GrammarLimits, check_gbnf, json_schema_grammar
 from server.schemas import ResponseFormat, _Sampling
 
 
 @lru_cache(maxsize=64)
-def _grammar(kind: str, schema: str | None) -> LlamaGrammar:
-    if kind == "json_object" or not schema:
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    return LlamaGrammar.from_json_schema(schema, verbose=False)
+def _schema_grammar(schema: str, limits: GrammarLimits) -> LlamaGrammar:
+    return LlamaGrammar.from_string(json_schema_grammar(json.loads(schema), limits))
 
 
 @lru_cache(maxsize=64)
-def _gbnf(text: str) -> LlamaGrammar:
+def _gbnf(text: str, limits: GrammarLimits) -> LlamaGrammar:
+    check_gbnf(text, limits)  # llama.cpp crashes on what this refuses
     return LlamaGrammar.from_string(text, verbose=False)
 
 
-def grammar_for(rf: ResponseFormat | None, gbnf: str | None = None) -> LlamaGrammar | None:
-    if gbnf:
+def grammar_for(
+    rf: ResponseFormat | None, gbnf: str | None = None, limits: GrammarLimits | None = None
+) -> LlamaGrammar | None:
+    """The checked grammar of a request (``grammar`` or ``response_format``), or None; a
+    grammar llama.cpp could not use is a 400 naming the field."""
+    limits = limits or GrammarLimits()
+    if gbnf:  # "" = no grammar, as before
         if rf is not None and rf.type != "text":
             raise bad_request("give either grammar or response_format, not both", "grammar")
         try:
-            return _gbnf(gbnf)
-        except Exception as exc:  # noqa: BLE001
-            raise bad_request(f"invalid GBNF grammar: {exc}", "grammar") from exc
+            return _gbnf(gbnf, limits)
+        except GrammarError as exc:
+            raise bad_request(f"invalid GBNF grammar: {exc}", "grammar", "invalid_grammar") from exc
     if rf is None or rf.type == "text":
         return None
-    schema = None
+    if rf.type == "json_object" and rf.schema_ is None:
+        return _gbnf(JSON_GBNF, limits)
+    spec = rf.schema_
     if rf.type == "json_schema":
         spec = rf.json_schema.schema_ if rf.json_schema else rf.schema_
         if spec is None:
             raise bad_request(
                 "response_format.json_schema.schema is required", "response_format.json_schema"
             )
-        schema = json.dumps(spec, sort_keys=True)
-    elif rf.schema_ is not None:
-        schema = json.dumps(rf.schema_, sort_keys=True)
     try:
-        return _grammar(rf.type, schema)
-    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-        raise bad_request(f"unsupported JSON schema: {exc}", "response_format") from exc
+        return _schema_grammar(json.dumps(spec, sort_keys=True), limits)
+    except GrammarError as exc:
+        raise bad_request(str(exc), "response_format", "invalid_schema") from exc
 
 
 @dataclass
