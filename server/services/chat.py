@@ -4,11 +4,12 @@ step runs on the one runtime the request holds a lease on."""
 from __future__ import annotations
 
 from docqa.settings import Settings
-from server.errors import APIError, bad_request
+from server.errors import bad_request
 from server.generation import GenParams
 from server.runtime import ModelManager, ModelRuntime
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.services.generation import Prepared, grammar_for, sampling_params, with_cad
+from server.services.models import ModelNames
 from server.services.rag import RagService
 
 
@@ -17,24 +18,11 @@ class ChatService:
         self.settings = settings
         self.models = models
         self.rag = rag
+        self.names = ModelNames(settings, rag is not None)
 
     def resolve_model_id(self, rt: ModelRuntime, requested: str | None) -> tuple[str, bool]:
         """Return (model id to report, use retrieval) or raise 404."""
-        rag_id = self.settings.retrieval.rag_model_id
-        has_rag = self.rag is not None
-        if requested is None or requested == "":
-            return (rag_id, True) if has_rag else (rt.id, False)
-        if requested == rt.id:
-            return requested, False
-        if has_rag and requested == rag_id:
-            return requested, True
-        known = [rt.id] + ([rag_id] if has_rag else [])
-        raise APIError(
-            404,
-            f"The model '{requested}' does not exist. Available: {', '.join(known)}",
-            param="model",
-            code="model_not_found",
-        )
+        return self.names.chat(rt, requested)
 
     async def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
