@@ -7,19 +7,34 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
+
+from server.launch import ServerProcess
 
 KEY = "sekrit"
 MSG = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
+def _serve(tmp_path_factory, config: dict, name: str):
+    tmp = tmp_path_factory.mktemp(name)
+    config["model"]["store_dir"] = str(tmp / "store")
+    config["embedder"] = {"query_backend": "eager"}
+    s = ServerProcess(config, workdir=tmp, name=name, cwd=tmp).start()
+    try:
+        s.wait_ready(timeout=400)  # slow on a loaded shared machine
+    except BaseException:
+        s.stop()
+        raise
+    return s
+
+
 @pytest.fixture(scope="module")
-def single(server_factory):
+def single(tmp_path_factory):
     """Single engine; aliases; unknown names served by the default model."""
-    return server_factory(
+    s = _serve(
+        tmp_path_factory,
         {
             "server": {"max_queue": 8, "unknown_model": "default"},
             "model": {
@@ -32,12 +47,15 @@ def single(server_factory):
         },
         "surface-single",
     )
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
-def batched(server_factory):
+def batched(tmp_path_factory):
     """Batch engine (n_parallel 2); unknown names are errors; an API key."""
-    return server_factory(
+    s = _serve(
+        tmp_path_factory,
         {
             "server": {"max_queue": 8, "api_key": KEY},
             "model": {
@@ -48,6 +66,8 @@ def batched(server_factory):
         },
         "surface-batched",
     )
+    yield s
+    s.stop()
 
 
 def _client(s, key="unused") -> OpenAI:

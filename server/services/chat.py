@@ -4,6 +4,7 @@ step runs on the one runtime the request holds a lease on."""
 from __future__ import annotations
 
 from docqa.settings import Settings
+from server import tools
 from server.errors import bad_request
 from server.generation import GenParams
 from server.runtime import ModelManager, ModelRuntime
@@ -28,18 +29,32 @@ class ChatService:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
+        plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+        calling = plan is not None and plan.active
         original = messages = _messages(req)
         grounding = None
-        if use_rag:
+        # a turn answering a tool result is not a new question: no retrieval for it
+        if use_rag and req.messages[-1].role not in ("tool", "function"):
             messages, grounding = await self.rag.augment(rt, messages)
+        if calling:
+            messages = tools.with_system(messages, plan.system_text())
         tokens = rt.prompt_tokens(rt.format_chat(messages))
         max_tokens = req.max_completion_tokens or req.max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
         params.grammar = grammar_for(req.response_format, req.grammar)
+        if calling:
+            if params.grammar is not None:
+                raise bad_request(
+                    "response_format and grammar cannot be combined with tools (unless "
+                    "tool_choice is 'none')",
+                    "tool_choice",
+                )
+            params.grammar = plan.grammar()
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
-            if grounding.hits and alpha > 0:  # contrast with the chat without the excerpts
+            # (not with tools: the context-free prompt would not describe them)
+            if grounding.hits and alpha > 0 and not calling:
                 with_cad(rt, params, self.rag.context_free(rt, original), alpha)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
@@ -52,7 +67,8 @@ class ChatService:
             params,
             include_usage=include_usage,
             grounding=grounding,
-            canned=grounding.abstain if grounding is not None else None,
+            canned=grounding.abstain if grounding is not None and not calling else None,
+            tools=plan if calling else None,
         )
 
     async def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
@@ -80,8 +96,22 @@ class ChatService:
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
+    """The chat as role/content pairs: past tool calls written as the model writes them,
+    tool results as a user turn (consecutive results in one)."""
+    out: list[dict[str, str]] = []
     for m in req.messages:
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": m.text()})
+        role, content = ("system" if m.role == "developer" else m.role), m.text()
+        if role == "assistant" and m.tool_calls:
+            calls = tools.call_text(m.tool_calls)
+            content = f"{content}\n{calls}" if content else calls
+        elif role in ("tool", "function"):
+            content = tools.result_text(content)
+            if out and out[-1].get("tool"):
+                out[-1]["content"] += "\n" + content
+                continue
+            out.append({"role": "user", "content": content, "tool": "1"})
+            continue
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool", None)
     return out

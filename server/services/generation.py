@@ -14,6 +14,7 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
+from server import tools
 from server.engine import Job, PromptTooLong, QueueFull
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
@@ -67,6 +68,7 @@ class Prepared:
     echo: str | None = None
     grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
     canned: str | None = None  # answer without running the model (abstain)
+    tools: Any = None  # server.tools.ToolPlan when the answer may be tool calls
     id: str = ""
     created: int = 0
 
@@ -201,7 +203,7 @@ def _base(prep: Prepared, obj: str) -> dict:
 
 async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
-    consume = asyncio.ensure_future(_drain(job))
+    consume = asyncio.ensure_future(_drain(job, prep.tools is not None))
     try:
         while not consume.done():
             await asyncio.wait({consume}, timeout=0.25)
@@ -220,14 +222,18 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
         else:
             fin = ev
     assert fin is not None
-    peer.record(usage(fin), fin.reason)
     out_text = "".join(text)
+    reason, calls = _tool_finish(prep, out_text, fin.reason)
+    peer.record(usage(fin), reason)
     if prep.kind == "chat":
+        message = {"role": "assistant", "content": out_text, "refusal": None}
+        if calls:
+            message.update(content=None, tool_calls=calls)
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": out_text, "refusal": None},
+            "message": message,
             "logprobs": _chat_logprobs(lps) if prep.params.logprobs else None,
-            "finish_reason": fin.reason,
+            "finish_reason": reason,
         }
         body = _base(prep, "chat.completion")
     else:
@@ -243,8 +249,26 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     return body
 
 
-async def _drain(job: Job) -> list:
-    return [ev async for ev in job]
+async def _drain(job: Job, watch_calls: bool = False) -> list:
+    out, text = [], ""
+    async for ev in job:
+        out.append(ev)
+        if watch_calls and isinstance(ev, Delta):
+            text += ev.text
+            if tools.repeated(text):  # a small model loops on its calls: stop there
+                job.cancel()
+    return out
+
+
+def _tool_finish(prep: Prepared, text: str, reason: str) -> tuple[str, list[dict] | None]:
+    """(finish_reason, tool_calls): an answer of complete tool calls ends with "tool_calls"
+    (also when it was stopped at a repeated call); one cut by max_tokens keeps "length"."""
+    if prep.tools is None or prep.kind != "chat":
+        return reason, None
+    calls = tools.parse_calls(text)
+    if calls and reason in ("stop", "cancelled"):
+        return "tool_calls", calls
+    return reason, None
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -271,6 +295,8 @@ async def stream(
 
     offset = len(prep.echo or "")
     produced: list[str] = []
+    # with tools, the first character tells a call ("<", held back until the end) from text
+    calling: bool | None = None if (chat and prep.tools is not None) else False
     try:
         if chat:
             yield chunk({"role": "assistant", "content": "", "refusal": None})
@@ -289,6 +315,18 @@ async def stream(
                     )
                 offset += len(ev.text)
                 produced.append(ev.text)
+                if calling is None:
+                    head = "".join(produced).lstrip()
+                    if not head:
+                        continue
+                    calling = head.startswith("<")
+                    if not calling:  # plain text: what was held back goes out now
+                        yield chunk({"content": "".join(produced)}, lp)
+                        continue
+                if calling:
+                    if tools.repeated("".join(produced)):
+                        job.cancel()
+                    continue
                 yield chunk({"content": ev.text} if chat else ev.text, lp)
         except Exception as exc:  # noqa: BLE001 - report in-band, the headers are sent
             yield _sse(
@@ -303,8 +341,21 @@ async def stream(
             )
             return
         assert fin is not None
-        peer.record(usage(fin), fin.reason)
-        yield chunk({} if chat else "", None, fin.reason, extra_fields(prep, "".join(produced)))
+        reason, calls = _tool_finish(prep, "".join(produced), fin.reason)
+        peer.record(usage(fin), reason)
+        if calls:
+            for i, c in enumerate(calls):
+                fn = c["function"]
+                head = {"index": i, "id": c["id"], "type": "function"}
+                yield chunk(
+                    {"tool_calls": [head | {"function": {"name": fn["name"], "arguments": ""}}]}
+                )
+                yield chunk(
+                    {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}
+                )
+        elif calling is not False and produced and "".join(produced):
+            yield chunk({"content": "".join(produced)})  # held back, not calls after all
+        yield chunk({} if chat else "", None, reason, extra_fields(prep, "".join(produced)))
         if prep.include_usage:
             final = _base(prep, obj)
             final.update(choices=[], usage=usage(fin))
