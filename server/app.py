@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from docqa.settings import Settings
 from server.errors import install_error_handlers
 from server.middleware import AccessLog
-from server.routes import admin, openai, retrieval, tickets
+from server.routes import admin, metrics, openai, retrieval, tickets
 from server.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(retrieval.router)
     app.include_router(tickets.router)
     app.include_router(admin.router)
+    app.include_router(metrics.router)
 
     @app.get("/health")
     async def health():

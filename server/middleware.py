@@ -1,9 +1,12 @@
-"""Pure ASGI access log: one line per request with latency and token counts (streaming-safe)."""
+"""Pure ASGI access log: one line per request with latency and token counts (streaming-safe),
+and the request counters of /metrics (by route template, never by raw path)."""
 
 from __future__ import annotations
 
 import logging
 import time
+
+from server import metrics
 
 log = logging.getLogger("docqa.access")
 
@@ -28,6 +31,13 @@ class AccessLog:
             await self.app(scope, receive, _send)
         finally:
             usage = scope["state"].get("usage") or {}
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.observe_request(
+                route,
+                status["code"],
+                time.perf_counter() - t0,
+                scope["state"].get("error_code"),
+            )
             log.info(
                 "%s %s %s %.1fms prompt_tokens=%s completion_tokens=%s",
                 scope.get("method"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
@@ -171,3 +172,39 @@ def test_json_schema_cut_by_max_tokens_finishes_with_length(single):
     full = c.chat.completions.create(max_tokens=200, **kw)
     if full.choices[0].finish_reason == "stop":
         assert set(json.loads(full.choices[0].message.content)) >= {"name", "tags"}
+
+
+# -- /metrics ----------------------------------------------------------------------
+def _metric(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(name + (labels or "")) and not line.startswith("#"):
+            rest = line[len(name) :]
+            if labels or rest.startswith(" "):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+def test_metrics_behind_key_in_prometheus_format(batched):
+    c = _client(batched, KEY)
+    c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=8, temperature=0)
+    for _chunk in c.chat.completions.create(
+        model="gpt-4o", messages=MSG, max_tokens=8, temperature=0, stream=True
+    ):
+        pass
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=MSG, max_tokens=2)
+    assert httpx.get(batched.url + "/metrics").status_code == 401
+    r = httpx.get(batched.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    t = r.text
+    chat = '{route="/v1/chat/completions",status="200"}'
+    assert _metric(t, "docqa_requests_total", chat) >= 2
+    assert _metric(t, "docqa_requests_total", chat.replace("200", "404")) >= 1
+    assert _metric(t, "docqa_prompt_tokens_total", '{kind="chat"}') > 20
+    assert _metric(t, "docqa_completion_tokens_total", '{kind="chat"}') >= 2
+    assert _metric(t, "docqa_time_to_first_token_seconds_count") >= 2
+    assert _metric(t, "docqa_decode_seconds_per_token_count") >= 2
+    assert _metric(t, "docqa_queue_depth") == 0
+    assert _metric(t, "docqa_queue_rejections_total") == 0
+    assert _metric(t, "docqa_model_load_seconds", '{model="smollm2-135m-instruct"}') > 0
+    assert "docqa_request_duration_seconds_bucket" in t

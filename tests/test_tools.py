@@ -362,3 +362,21 @@ def test_bad_tool_requests_are_400(tool_server):
         },
     )
     assert r.status_code == 400
+
+
+def test_metrics_count_retrieval_and_index(tool_server, tc):
+    tc.chat.completions.create(
+        model="docqa",
+        messages=[{"role": "user", "content": "What port does Zephyrd use?"}],
+        max_tokens=5,
+        temperature=0,
+    )
+    t = httpx.get(tool_server.url + "/metrics").text  # no api_key: open
+    values = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in t.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert values["docqa_retrieval_seconds_count"] >= 1
+    assert values["docqa_index_documents"] >= 3
+    assert values["docqa_index_chunks"] >= values["docqa_index_documents"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
-from server import tools
+from server import metrics, tools
 from server.engine import Job, PromptTooLong, QueueFull
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
@@ -133,7 +133,7 @@ def extra_fields(prep: Prepared, text: str) -> dict:
 def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
     """Submit ``prep`` to the runtime ``rt`` (a ``server.runtime.ModelRuntime``)."""
     if prep.canned is not None:
-        return CannedJob(prep.canned, rt, len(prep.params.prompt_tokens))
+        return _stamp(CannedJob(prep.canned, rt, len(prep.params.prompt_tokens)))
     try:
         rt.check_fits(prep.params.n_prompt_max, "messages" if prep.kind == "chat" else "prompt")
     except PromptTooLong as exc:
@@ -144,7 +144,7 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
             code="context_length_exceeded",
         ) from exc
     try:
-        return rt.submit(prep.params)
+        return _stamp(rt.submit(prep.params))
     except QueueFull as exc:
         raise APIError(
             503,
@@ -152,6 +152,28 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
             code="server_busy",
             headers={"Retry-After": str(retry_after)},
         ) from exc
+
+
+def _stamp(job):
+    """Note when ``job`` was submitted, and when its first text came (for /metrics)."""
+    job.t_submit = time.perf_counter()
+    job.t_first = None
+    return job
+
+
+def _first_text(job, ev) -> None:
+    if getattr(job, "t_first", 1) is None and isinstance(ev, Delta) and ev.text:
+        job.t_first = time.perf_counter()
+
+
+def _observe(prep: Prepared, job, fin: Finish) -> None:
+    t0, t1 = getattr(job, "t_submit", None), getattr(job, "t_first", None)
+    ttft = decode = None
+    if t0 is not None and t1 is not None:
+        ttft = t1 - t0
+        if fin.completion_tokens > 1:
+            decode = (time.perf_counter() - t1) / (fin.completion_tokens - 1)
+    metrics.observe_generation(prep.kind, fin.prompt_tokens, fin.completion_tokens, ttft, decode)
 
 
 # -- OpenAI object builders ------------------------------------------------------------
@@ -224,6 +246,7 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     assert fin is not None
     out_text = "".join(text)
     reason, calls = _tool_finish(prep, out_text, fin.reason)
+    _observe(prep, job, fin)
     peer.record(usage(fin), reason)
     if prep.kind == "chat":
         message = {"role": "assistant", "content": out_text, "refusal": None}
@@ -252,6 +275,7 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
 async def _drain(job: Job, watch_calls: bool = False) -> list:
     out, text = [], ""
     async for ev in job:
+        _first_text(job, ev)
         out.append(ev)
         if watch_calls and isinstance(ev, Delta):
             text += ev.text
@@ -308,6 +332,7 @@ async def stream(
                 if isinstance(ev, Finish):
                     fin = ev
                     break
+                _first_text(job, ev)
                 lp = None
                 if prep.params.logprobs:
                     lp = (
@@ -342,6 +367,7 @@ async def stream(
             return
         assert fin is not None
         reason, calls = _tool_finish(prep, "".join(produced), fin.reason)
+        _observe(prep, job, fin)
         peer.record(usage(fin), reason)
         if calls:
             for i, c in enumerate(calls):
