@@ -55,6 +55,7 @@ def serve(
 
 def build_app() -> typer.Typer:
     from eval.cli import app as eval_app
+    from models.cli import app as models_app
     from retrieval.cli import app as index_app
     from server.tickets_cli import command as reply_command
     from training.cli import app as train_app
@@ -68,6 +69,7 @@ def build_app() -> typer.Typer:
     app.add_typer(index_app, name="index")
     app.add_typer(eval_app, name="eval")
     app.add_typer(train_app, name="train")
+    app.add_typer(models_app, name="models")
     app.command(name="reply")(reply_command)
     return app
 

@@ -117,6 +117,16 @@ class ServerSettings(_Section):
         "POST /v1/tickets/queue); larger is a 413.",
     )
     web_ui: bool = Field(True, description="Serve the support agents' page at '/'.")
+    unknown_model: Literal["error", "default"] = Field(
+        "error",
+        description="A request naming a model docqa does not serve (e.g. 'gpt-4o'): 'error' "
+        "answers 404 model_not_found listing what is served; 'default' serves it with the "
+        "default model (chat and completions: as if no model was named; embeddings: the "
+        "embedder). GET /v1/models lists only real ids either way.",
+    )
+    metrics: bool = Field(
+        True, description="Serve GET /metrics (Prometheus text format; behind api_key if set)."
+    )
 
 
 class ModelSettings(_Section):
@@ -148,6 +158,12 @@ class ModelSettings(_Section):
     )
     default_max_tokens: int = Field(
         512, ge=1, le=262144, description="max_tokens when a request gives none."
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra model names -> a served id (the model's id, the retrieval id "
+        "'docqa' or the embedder's name), e.g. {'gpt-4o': 'docqa', 'text-embedding-3-small': "
+        "'all-minilm-l6-v2'}, for clients that hard-code OpenAI names.",
     )
 
 

@@ -18,7 +18,7 @@ from server.auth import check_exposure, require_api_key
 from server.errors import CatchAll, install_error_handlers
 from server.middleware import AccessLog, BodyGuard
 from server.openapi import error_responses
-from server.routes import admin, openai, retrieval, ticket_queue, tickets, web
+from server.routes import admin, metrics, openai, retrieval, ticket_queue, tickets, web
 from server.state import AppState, Services
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyGuard,
         max_body_bytes=settings.server.limits.max_body_bytes,
         origins=settings.server.cors_origins,
-        multipart_paths=["/v1/documents"],
+        multipart_paths=["/v1/documents", "/v1/tickets/queue"],
+        multipart_max_bytes=settings.server.max_upload_bytes + 64 * 1024,
     )
     app.add_middleware(
         CORSMiddleware,
@@ -89,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router, responses=error_responses(400, 401, 403, 404, 413, 415, 503))
     if settings.server.web_ui:
         app.include_router(web.router)
+    app.include_router(metrics.router, responses=error_responses(401))
 
     keyed = [Depends(require_api_key)]
 

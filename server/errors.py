@@ -72,7 +72,8 @@ def _loc_to_param(loc: tuple) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError):
+        request.state.error_code = exc.code  # for the access log and /metrics
         return exc.response()
 
     @app.exception_handler(RequestValidationError)

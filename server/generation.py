@@ -264,6 +264,12 @@ def generate(
     max_tokens = min(p.max_tokens, n_ctx - len(p.prompt_tokens))
     if p.seed is not None:
         llm.set_seed(p.seed & 0xFFFFFFFF)
+        # A seeded request starts from an empty KV cache: reusing the previous request's
+        # prefix re-evaluates its last token alone and lays the new cells out differently,
+        # which shifts the logits slightly, enough to change a sampled token at temperature
+        # > 0. A fresh evaluation gives the same text for the same seed and prompt.
+        llm._ctx.kv_cache_clear()  # noqa: SLF001
+        llm.reset()
     else:
         llm.set_seed(int(np.random.randint(0, 2**31 - 1)))
     gen = llm.generate(

@@ -24,6 +24,7 @@ Both raise ``GrammarError`` (a ``ValueError``) with a message naming the line an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -39,13 +40,24 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarLimits:
-    max_bytes: int = 65_536
-    max_rules: int = 1_000
-    max_symbols: int = 20_000
+    """The caps of ``server.limits`` (the settings tree holds the defaults: ``default()``)."""
+
+    max_bytes: int
+    max_rules: int
+    max_symbols: int
 
     @classmethod
     def from_settings(cls, limits) -> GrammarLimits:
         return cls(limits.grammar_max_bytes, limits.grammar_max_rules, limits.grammar_max_symbols)
+
+    @classmethod
+    def default(cls) -> GrammarLimits:
+        from docqa.settings import RequestLimits
+
+        return cls.from_settings(RequestLimits())
+
+    def but(self, **kw) -> GrammarLimits:
+        return dataclasses.replace(self, **kw)
 
 
 @dataclass
@@ -385,7 +397,7 @@ def check_gbnf(text: str, limits: GrammarLimits | None = None) -> Grammar:
     old = sys.getrecursionlimit()  # nested groups and long reference chains recurse
     try:
         sys.setrecursionlimit(max(old, 20_000))
-        return _Parser(text, limits or GrammarLimits()).parse()
+        return _Parser(text, limits or GrammarLimits.default()).parse()
     except RecursionError as exc:
         raise GrammarError("grammar is nested too deeply") from exc
     finally:
@@ -396,7 +408,7 @@ def json_schema_grammar(schema: dict | bool, limits: GrammarLimits | None = None
     """The GBNF grammar of a JSON schema (llama-cpp-python's converter), checked."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    limits = limits or GrammarLimits()
+    limits = limits or GrammarLimits.default()
     text = json.dumps(schema, sort_keys=True)
     if len(text) > limits.max_bytes:
         raise GrammarError(f"JSON schema is longer than {limits.max_bytes} bytes")

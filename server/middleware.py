@@ -1,5 +1,6 @@
 """Pure ASGI middleware: the access log (one line per request with latency and token counts,
-streaming-safe) and the body guard (origin, content type, size, lone surrogates)."""
+streaming-safe; the request counters of /metrics, by route template, never by raw path) and the
+body guard (origin, content type, size, lone surrogates)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import re
 import time
 from urllib.parse import urlsplit
+
+from server import metrics
 
 log = logging.getLogger("docqa.access")
 
@@ -32,6 +35,13 @@ class AccessLog:
             await self.app(scope, receive, _send)
         finally:
             usage = scope["state"].get("usage") or {}
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            metrics.observe_request(
+                route,
+                status["code"],
+                time.perf_counter() - t0,
+                scope["state"].get("error_code"),
+            )
             log.info(
                 "%s %s %s %.1fms prompt_tokens=%s completion_tokens=%s",
                 scope.get("method"),
@@ -80,15 +90,25 @@ class BodyGuard:
     - an ``Origin`` header not in ``server.cors_origins`` -> 403 (a browser page of another
       site; CORS alone does not stop a "simple" POST from being sent and acted on);
     - a body in anything but JSON -> 415 (multipart only where ``multipart_paths`` allow it);
-    - a body over ``max_body_bytes`` -> 413, from Content-Length or while it streams in (the
-      body is never read past the limit);
+    - a body over ``max_body_bytes`` (a multipart upload: ``multipart_max_bytes``) -> 413,
+      from Content-Length or while it streams in (the body is never read past the limit);
     - a JSON body with a lone surrogate escape ("a\\ud800") -> 400.
 
     The body (at most ``max_body_bytes``) is then replayed to the app."""
 
-    def __init__(self, app, *, max_body_bytes: int, origins: list[str], multipart_paths=()):
+    def __init__(
+        self,
+        app,
+        *,
+        max_body_bytes: int,
+        origins: list[str],
+        multipart_paths=(),
+        multipart_max_bytes: int = 0,
+    ):
         self.app = app
         self.max = max_body_bytes
+        # a file upload may be larger than a JSON body (server.max_upload_bytes + form overhead)
+        self.multipart_max = max(max_body_bytes, multipart_max_bytes)
         self.origins = {o.rstrip("/") for o in origins}
         self.multipart = tuple(multipart_paths)
 
@@ -123,8 +143,11 @@ class BodyGuard:
                     f"Content-Type must be {allowed}, not {ctype or '(none)'!r}",
                     "unsupported_media_type",
                 )
-        if length is not None and length.isdigit() and int(length) > self.max:
-            return await self._too_large(scope, receive, send)
+        limit = self.max
+        if ctype.lower().startswith("multipart/form-data") and scope["path"] in self.multipart:
+            limit = self.multipart_max
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(scope, receive, send, limit)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -132,8 +155,8 @@ class BodyGuard:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max:
-                return await self._too_large(scope, receive, send)
+            if size > limit:
+                return await self._too_large(scope, receive, send, limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -174,13 +197,14 @@ class BodyGuard:
             return False
         return True
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, limit):
+        setting = "server.limits.max_body_bytes" if limit == self.max else "server.max_upload_bytes"
         await self._refuse(
             scope,
             receive,
             send,
             413,
-            f"request body is larger than {self.max} bytes (server.limits.max_body_bytes)",
+            f"request body is larger than {limit} bytes ({setting})",
             "request_too_large",
             close=True,  # the rest of the body is never read
         )

@@ -20,6 +20,9 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # assistant turns: the calls it made; tool turns: the call answered (server.tools)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -91,6 +94,10 @@ class ChatCompletionRequest(_Sampling):
     # docqa extension: context-aware decoding strength for a grounded answer (None: the
     # retrieval.cad_alpha setting; 0 = off). Ignored when the answer is not grounded.
     cad_alpha: float | None = Field(None, ge=0, le=5)
+    # Tool calling (server.tools): checked there, so errors name tools[i] and tool_choice.
+    tools: list[Any] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):

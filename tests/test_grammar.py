@@ -88,14 +88,16 @@ def test_messages_and_limits():
     with pytest.raises(GrammarError, match="left recursion: root -> b -> c -> root"):
         check_gbnf('root ::= b "x"\nb ::= c?\nc ::= root')
     with pytest.raises(GrammarError, match="longer than 64 bytes"):
-        check_gbnf('root ::= "' + "a" * 80 + '"', GrammarLimits(max_bytes=64))
+        check_gbnf('root ::= "' + "a" * 80 + '"', GrammarLimits.default().but(max_bytes=64))
     with pytest.raises(GrammarError, match="more than 3 rules"):
-        check_gbnf('root ::= a\na ::= b\nb ::= c\nc ::= "x"', GrammarLimits(max_rules=3))
+        check_gbnf(
+            'root ::= a\na ::= b\nb ::= c\nc ::= "x"', GrammarLimits.default().but(max_rules=3)
+        )
     with pytest.raises(GrammarError, match="more than 100 symbols"):
-        check_gbnf('root ::= "ab"{60}', GrammarLimits(max_symbols=100))
+        check_gbnf('root ::= "ab"{60}', GrammarLimits.default().but(max_symbols=100))
     deep = "root ::= " + "(" * 30_000 + '"a"' + ")" * 30_000  # segfaulted llama.cpp
     with pytest.raises(GrammarError, match="nested more than 1000 deep"):
-        check_gbnf(deep, GrammarLimits(max_bytes=100_000))
+        check_gbnf(deep, GrammarLimits.default().but(max_bytes=100_000))
 
 
 def test_json_schemas():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from retrieval.builder import Tokenizer, build_index
 from retrieval.factory import build_retriever
 from retrieval.index import Index, assemble, load_index, new_manifest, save_index
 from retrieval.search import Retriever, SearchResult
+from server import metrics
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,11 @@ class IndexService:
         path_prefix: str | None = None,
         mode: str | None = None,
     ) -> SearchResult:
-        return self._retriever.search(query, top_k, path_prefix=path_prefix, mode=mode)
+        t0 = time.perf_counter()
+        try:
+            return self._retriever.search(query, top_k, path_prefix=path_prefix, mode=mode)
+        finally:
+            metrics.RETRIEVAL.observe(time.perf_counter() - t0)
 
     def replace(self, new: Index) -> None:
         """Serve ``new``: written to disk first (a failure keeps the old one), then swapped in.
