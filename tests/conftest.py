@@ -58,3 +58,16 @@ def client(server):
 @pytest.fixture(scope="session")
 def model_id(client) -> str:
     return next(m.id for m in client.models.list().data if not m.id.startswith("docqa"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 (``tests/pgserver.py``) for the session; skipped only when its
+    binaries are absent (Debian's postgresql-15 package)."""
+    from tests import pgserver
+
+    if not pgserver.available():
+        pytest.skip(f"PostgreSQL binaries not found in {pgserver.BIN}")
+    pg = pgserver.PostgresServer().init().start()
+    yield pg
+    pg.close()
