@@ -197,6 +197,10 @@ class ModelManager:
         ms = self.settings.model
         if name:
             ms = ms.model_copy(update={"model": name})
+        if ms.endpoints:  # generation on remote OpenAI-compatible servers
+            from server.remote import RemoteRuntime
+
+            return RemoteRuntime(ms, self.settings.server.max_queue)
         resolved = ModelStore(ms.store_dir).resolve(ms.model)  # ModelNotFound: nothing changes
         return ModelRuntime(resolved, ms, self.settings.server.max_queue)
 
