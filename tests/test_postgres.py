@@ -263,12 +263,13 @@ def test_sigkill_during_ingest_leaves_the_store_consistent(replicas, late, postg
 
     t = threading.Thread(target=upload, daemon=True)
     t.start()
-    # the victim holds the write transaction open (idle in transaction while it embeds)
+    # the victim holds the write transaction open: the version row locked FOR UPDATE (a
+    # RowShareLock on docqa_meta, which reads never take) while it embeds
     _wait(
         lambda: (
             postgres.sql(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'docqa' "
-                "AND state LIKE 'idle in transaction%%'"
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE c.relname = 'docqa_meta' AND l.mode = 'RowShareLock' AND l.granted"
             )[0][0]
             > 0
         ),
