@@ -347,6 +347,7 @@ class RemoteRuntime(ModelRuntime):
         self._users = 0
         self._retired = False
         self._closed = False
+        self._warned_cad = False
         log.info(
             "remote model %s on %d endpoints (%d healthy)",
             self.id,
@@ -373,4 +374,7 @@ class RemoteRuntime(ModelRuntime):
     def submit(self, params: GenParams):
         if params.messages is None and params.prompt_text is None:
             params.prompt_text = self.detokenize(params.prompt_tokens)
+        if params.cad and not self._warned_cad:
+            self._warned_cad = True
+            log.warning("context-aware decoding needs local logits: remote answers decode plainly")
         return self.engine.submit(params)
