@@ -73,3 +73,16 @@ eval: install
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache
+
+# -- PostgreSQL 15 for tests/test_postgres.py and benchmarks/bench_store.py (the shared store).
+# The tests start their own server from Debian's binaries (initdb + pg_ctl into a temp folder);
+# here they are installed when missing (CI runs as root on a clean clone).
+PG_BIN ?= /usr/lib/postgresql/15/bin
+.PHONY: postgres
+postgres:
+	@test -x $(PG_BIN)/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; \
+	  else echo "PostgreSQL 15 binaries missing ($(PG_BIN)): tests/test_postgres.py will skip"; fi; }
+test: postgres
+test-fast: postgres

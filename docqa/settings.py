@@ -165,6 +165,26 @@ class ModelSettings(_Section):
         "'docqa' or the embedder's name), e.g. {'gpt-4o': 'docqa', 'text-embedding-3-small': "
         "'all-minilm-l6-v2'}, for clients that hard-code OpenAI names.",
     )
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible base URLs (e.g. http://gpu1:8000/v1) to generate "
+        "through instead of loading a GGUF (vLLM, llama.cpp's server, another docqa); "
+        "requests go to the least busy healthy one. Empty = local model. 'model' then names "
+        "the remote model (the default name: the first id an endpoint lists).",
+    )
+    endpoint_api_key: SecretStr | None = Field(
+        None, description="Bearer key sent to the remote endpoints (None = none)."
+    )
+    endpoint_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest wait for one remote generation request."
+    )
+    endpoint_health_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="How often each remote endpoint is health-checked (GET /models); an "
+        "endpoint that fails a request or a check is skipped until a check passes.",
+    )
 
 
 class EmbedderSettings(_Section):
@@ -309,6 +329,29 @@ class RetrievalSettings(_Section):
     )
     allowed_roots: list[Path] = Field(
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
+    )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:pass@host/db) of a shared store: "
+        "documents, chunks, attached questions and embeddings live there, every replica keeps "
+        "its in-memory BM25 + FAISS structures and refreshes them when the store changes. "
+        "None = the local index_dir.",
+    )
+    db_pool_size: int = Field(
+        4, ge=1, le=256, description="Most connections one server keeps to the shared store."
+    )
+    db_refresh_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Fallback version check of the shared store (besides LISTEN/NOTIFY), "
+        "seconds between checks.",
+    )
+    db_retry_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="Seconds between connection attempts while the shared store is unreachable.",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -28,9 +29,14 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI):
     state: AppState = app.state.docqa
 
+    stop = threading.Event()  # ends a wait for the shared store at shutdown
+
+    def waiting(why: str | None) -> None:
+        state.waiting = why
+
     async def load():
         try:
-            state.services = await asyncio.to_thread(Services.build, state.settings)
+            state.services = await asyncio.to_thread(Services.build, state.settings, stop, waiting)
             log.info("docqa ready")
         except Exception as exc:  # noqa: BLE001
             log.exception("loading failed")
@@ -40,6 +46,7 @@ async def lifespan(app: FastAPI):
     try:
         yield
     finally:
+        stop.set()
         task.cancel()
         try:
             await task
@@ -113,11 +120,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if s is not None:
             rt = s.models.current()
             out = {"status": "ok", "model": rt.id, "busy": rt.busy}
+            endpoints = getattr(rt, "endpoints", None)  # remote generation (server.remote)
+            if endpoints is not None:
+                out["endpoints"] = endpoints
             if s.embedder is not None:
                 out["embedder"] = {"name": s.embedder.name, "query_backend": s.embedder.backend}
             return out
         if state.load_error:  # the reason is in the server log, not for every caller
             return JSONResponse({"status": "error"}, 503)
-        return JSONResponse({"status": "loading"}, 503, headers={"Retry-After": "1"})
+        body = {"status": "loading"}
+        if state.waiting:  # a short reason only (no connection details): see the log
+            body["waiting"] = state.waiting
+        return JSONResponse(body, 503, headers={"Retry-After": "1"})
 
     return app

@@ -40,6 +40,10 @@ class GenParams:
     # logits through the CAD path); the services set it only for a > 0.
     cad_alpha: float = 0.0
     cad_prompt_tokens: list[int] | None = None
+    # What a remote engine (server.remote) sends instead of the tokens: the chat's messages,
+    # or the prompt's text; local engines use prompt_tokens only.
+    messages: list[dict[str, str]] | None = None
+    prompt_text: str | None = None
 
     @property
     def cad(self) -> bool:

@@ -200,6 +200,10 @@ class ModelManager:
         store = ModelStore(ms.store_dir)
         if name:
             ms = ms.model_copy(update={"model": name})
+        if ms.endpoints:  # generation on remote OpenAI-compatible servers
+            from server.remote import RemoteRuntime
+
+            return RemoteRuntime(ms, self.settings.server.max_queue)
             resolved = store.resolve_id(name)  # ModelNotFound: nothing changes
         else:
             resolved = store.resolve(ms.model)

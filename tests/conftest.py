@@ -87,3 +87,16 @@ def guarded_server(server_factory) -> ServerProcess:
         "guarded",
         timeout=300,  # it indexes the fixture docs at start-up
     )
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 (``tests/pgserver.py``) for the session; skipped only when its
+    binaries are absent (Debian's postgresql-15 package)."""
+    from tests import pgserver
+
+    if not pgserver.available():
+        pytest.skip(f"PostgreSQL binaries not found in {pgserver.BIN}")
+    pg = pgserver.PostgresServer().init().start()
+    yield pg
+    pg.close()

@@ -61,6 +61,7 @@ class ChatService:
                     "tool_choice",
                 )
             params.grammar = plan.grammar()
+        params.messages = messages  # what a remote engine sends
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
@@ -97,6 +98,7 @@ class ChatService:
             text = rt.detokenize(tokens)
         params = sampling_params(req, self.settings.model, tokens, req.max_tokens or 16)
         params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
+        params.prompt_text = text  # what a remote engine sends
         if req.logprobs is not None:
             params.logprobs = True
             params.top_logprobs = req.logprobs

@@ -15,7 +15,7 @@ from retrieval.index import Index
 from retrieval.loaders import SUPPORTED, Document, load_file, load_tree
 from server.errors import APIError, bad_request
 from server.runtime import ModelManager
-from server.services.index import IndexService
+from server.services.index import IndexService, StoreUnavailable
 
 
 def doc_id(path: str) -> str:
@@ -131,12 +131,14 @@ class DocumentsService:
     # -- writing (blocking: call in a thread) -----------------------------------------
     def ingest(self, docs: list[Document]) -> tuple[Index, list[dict]]:
         with self.index.write_lock, self.models.lease() as rt:
-            self._check_chunks(docs, rt.chunk_tokenizer())
+            tok = rt.chunk_tokenizer()
+            self._check_chunks(docs, tok)
             try:
-                new = update_index(
-                    self.index.index, self.index.embedder, rt.chunk_tokenizer(), add=docs
+                new = self.index.update(
+                    lambda base: update_index(base, self.index.embedder, tok, add=docs)
                 )
-                self.index.replace(new)
+            except StoreUnavailable as exc:
+                raise _store_down(exc) from exc
             except Exception as exc:  # noqa: BLE001 - the old index keeps serving
                 raise APIError(
                     500,
@@ -162,10 +164,31 @@ class DocumentsService:
 
     def delete(self, ident: str) -> dict:
         with self.index.write_lock, self.models.lease() as rt:
-            index = self.index.index
-            path = next((p for p in index.files if doc_id(p) == ident or p == ident), None)
-            if path is None:
-                raise APIError(404, f"no document {ident}", param="id", code="document_not_found")
-            new = update_index(index, self.index.embedder, rt.chunk_tokenizer(), remove=[path])
-            self.index.replace(new)
+            tok = rt.chunk_tokenizer()
+            found: list[str] = []
+
+            def change(index: Index) -> Index:
+                path = next((p for p in index.files if doc_id(p) == ident or p == ident), None)
+                if path is None:
+                    raise APIError(
+                        404, f"no document {ident}", param="id", code="document_not_found"
+                    )
+                found.append(path)
+                return update_index(index, self.index.embedder, tok, remove=[path])
+
+            try:
+                self.index.update(change)
+            except StoreUnavailable as exc:
+                raise _store_down(exc) from exc
+        path = found[-1]
         return {"object": "document.deleted", "id": doc_id(path), "path": path, "deleted": True}
+
+
+def _store_down(exc: Exception) -> APIError:
+    return APIError(
+        503,
+        f"the shared store is unavailable, the document was not changed (the index in memory "
+        f"is still served): {exc}",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
