@@ -28,6 +28,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
  && docqa index build docs --out /app/var/index \
  && python -c "from retrieval.embedder import Embedder; Embedder().warm()"
 
+# Listening on 0.0.0.0 needs a key: docker run -e DOCQA_SERVER__API_KEY=... (docs/security.md)
 ENV DOCQA_SERVER__HOST=0.0.0.0 \
     DOCQA_SERVER__PORT=8000 \
     DOCQA_RETRIEVAL__INDEX_DIR=/app/var/index \

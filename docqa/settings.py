@@ -20,6 +20,48 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class RequestLimits(_Section):
+    """Bounds on what one request may ask of the server (see docs/security.md)."""
+
+    max_body_bytes: int = Field(
+        1_048_576,
+        ge=1024,
+        le=1_073_741_824,
+        description="Largest request body in bytes; a bigger one is refused with 413 while it "
+        "is still arriving (it is never read whole).",
+    )
+    max_messages: int = Field(
+        256, ge=1, le=100_000, description="Most messages one chat completion request may send."
+    )
+    max_document_bytes: int = Field(
+        524_288,
+        ge=1,
+        le=1_073_741_824,
+        description="Largest document POST /v1/documents accepts (bytes of its text); its "
+        "embedding runs on the request (a 2 MB document took 97 s on 2 cores).",
+    )
+    max_document_chunks: int = Field(
+        500, ge=1, le=1_000_000, description="Most chunks one ingested document may make."
+    )
+    grammar_max_bytes: int = Field(
+        65_536,
+        ge=64,
+        le=10_000_000,
+        description="Largest GBNF grammar (given as 'grammar' or made from a response_format "
+        "JSON schema), in bytes.",
+    )
+    grammar_max_rules: int = Field(
+        1_000, ge=1, le=1_000_000, description="Most rules a grammar may define."
+    )
+    grammar_max_symbols: int = Field(
+        20_000,
+        ge=1,
+        le=10_000_000,
+        description="Most grammar symbols after repetitions are expanded ({m,n} copies its "
+        "item): a bound on the work llama.cpp does to compile it.",
+    )
+
+
 class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 for all).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0 = any free).")
@@ -27,7 +69,14 @@ class ServerSettings(_Section):
         None, description="When set, /v1 requests must send 'Authorization: Bearer <key>'."
     )
     admin_key: SecretStr | None = Field(
-        None, description="Key for /admin endpoints (model reload); defaults to api_key."
+        None,
+        description="Key for /admin endpoints (model reload). Separate from api_key, never "
+        "falls back to it; unset = admin endpoints are off (403).",
+    )
+    allow_insecure_writes: bool = Field(
+        False,
+        description="Start without api_key while listening beyond loopback (anyone who can "
+        "reach the port may then add and delete documents). Off: such a start is refused.",
     )
     max_queue: int = Field(
         16, ge=1, le=4096, description="Requests admitted (running + waiting) before 503."
@@ -43,10 +92,40 @@ class ServerSettings(_Section):
         "take to finish before they are cancelled and the old model is closed.",
     )
     cors_origins: list[str] = Field(
-        default_factory=lambda: ["*"], description="Allowed CORS origins (Jan runs in a webview)."
+        default_factory=list,
+        description="Browser origins allowed to call the API (CORS allow-list, e.g. "
+        "['http://localhost:1420'] for a web UI); empty = none. A write request carrying an "
+        "Origin header not in this list is refused (403).",
+    )
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="Request limits: body, messages, documents, grammars (server.limits.*).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Logging level."
+    )
+    data_dir: Path = Field(
+        Path("var/data"),
+        description="Where the server keeps its own state: the agent page's ticket queue "
+        "(ticket_queue.sqlite3). Relative paths resolve against the working directory.",
+    )
+    max_upload_bytes: int = Field(
+        5 * 1024 * 1024,
+        ge=1024,
+        le=1024**3,
+        description="Largest file one upload may carry (POST /v1/documents multipart, "
+        "POST /v1/tickets/queue); larger is a 413.",
+    )
+    web_ui: bool = Field(True, description="Serve the support agents' page at '/'.")
+    unknown_model: Literal["error", "default"] = Field(
+        "error",
+        description="A request naming a model docqa does not serve (e.g. 'gpt-4o'): 'error' "
+        "answers 404 model_not_found listing what is served; 'default' serves it with the "
+        "default model (chat and completions: as if no model was named; embeddings: the "
+        "embedder). GET /v1/models lists only real ids either way.",
+    )
+    metrics: bool = Field(
+        True, description="Serve GET /metrics (Prometheus text format; behind api_key if set)."
     )
 
 
@@ -79,6 +158,32 @@ class ModelSettings(_Section):
     )
     default_max_tokens: int = Field(
         512, ge=1, le=262144, description="max_tokens when a request gives none."
+    )
+    aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra model names -> a served id (the model's id, the retrieval id "
+        "'docqa' or the embedder's name), e.g. {'gpt-4o': 'docqa', 'text-embedding-3-small': "
+        "'all-minilm-l6-v2'}, for clients that hard-code OpenAI names.",
+    )
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description="OpenAI-compatible base URLs (e.g. http://gpu1:8000/v1) to generate "
+        "through instead of loading a GGUF (vLLM, llama.cpp's server, another docqa); "
+        "requests go to the least busy healthy one. Empty = local model. 'model' then names "
+        "the remote model (the default name: the first id an endpoint lists).",
+    )
+    endpoint_api_key: SecretStr | None = Field(
+        None, description="Bearer key sent to the remote endpoints (None = none)."
+    )
+    endpoint_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="Longest wait for one remote generation request."
+    )
+    endpoint_health_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="How often each remote endpoint is health-checked (GET /models); an "
+        "endpoint that fails a request or a check is skipped until a check passes.",
     )
 
 
@@ -209,6 +314,14 @@ class RetrievalSettings(_Section):
         "with no excerpts and no evidence lines, so that only the excerpts differ (the template's "
         "own words are not amplified; see docs/configuration.md).",
     )
+    answer_max_tokens: int = Field(
+        256,
+        ge=1,
+        le=262144,
+        description="max_tokens of a grounded answer (chat with retrieval) when the request "
+        "gives none: answers quote a few excerpt lines, and 256 tokens bound one request's "
+        "generation time (model.default_max_tokens applies to plain chat).",
+    )
     abstain_message: str = Field(
         "I could not find this in the documentation, so I can't answer it reliably.",
         min_length=1,
@@ -229,6 +342,29 @@ class RetrievalSettings(_Section):
     kv_cache_dir: Path | None = Field(
         None,
         description="Where chunk KV caches are kept (None = beside the index: <index_dir>.kv).",
+    )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://user:pass@host/db) of a shared store: "
+        "documents, chunks, attached questions and embeddings live there, every replica keeps "
+        "its in-memory BM25 + FAISS structures and refreshes them when the store changes. "
+        "None = the local index_dir.",
+    )
+    db_pool_size: int = Field(
+        4, ge=1, le=256, description="Most connections one server keeps to the shared store."
+    )
+    db_refresh_s: float = Field(
+        1.0,
+        gt=0,
+        le=3600,
+        description="Fallback version check of the shared store (besides LISTEN/NOTIFY), "
+        "seconds between checks.",
+    )
+    db_retry_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="Seconds between connection attempts while the shared store is unreachable.",
     )
 
 

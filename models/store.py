@@ -95,6 +95,18 @@ class ModelStore:
         known = [m.id for m in self.list()] + list(_EMBEDDED)
         raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(known)}")
 
+    def resolve_id(self, name: str) -> ResolvedModel:
+        """Resolve a model id of the store or the embedded default only: never a path, so a
+        client cannot make the server open a file, nor learn whether one exists."""
+        known = {m.id: m for m in self.list()}
+        if name in known:
+            return known[name]
+        emb = embedded_path(name) if name in _EMBEDDED else None
+        if emb is not None:
+            return ResolvedModel(name, emb, {"kind": "embedded", "package": _EMBEDDED[name][0]})
+        ids = sorted(known) + [n for n in _EMBEDDED if n not in known]
+        raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(ids)}")
+
     def publish(
         self, gguf: str | Path, name: str, provenance: dict[str, Any] | None = None
     ) -> ResolvedModel:
@@ -122,3 +134,131 @@ class ModelStore:
             raise
         log.info("published %s as %s", src, dest)
         return ResolvedModel(cid, dest, record)
+
+
+# -- pulling from the Hugging Face hub -------------------------------------------------
+class PullError(LookupError):
+    """A pull that cannot go on: a missing repo or file, or an ambiguous choice of GGUF (the
+    message lists the choices)."""
+
+
+def pick_gguf(files: list[str], file: str | None, quant: str | None) -> tuple[str, list[str]]:
+    """The GGUF of a repo to pull -> (file, all GGUF choices): ``file`` when given, the only
+    GGUF, else the one whose name holds ``quant`` (case-insensitive)."""
+    ggufs = sorted(f for f in files if f.lower().endswith(".gguf"))
+    if file is not None:
+        if file not in files:
+            raise PullError(f"no file {file!r} in the repo; GGUF files: {', '.join(ggufs) or '-'}")
+        return file, ggufs
+    if not ggufs:
+        raise PullError(f"the repo has no GGUF file; files: {', '.join(sorted(files)) or '-'}")
+    if len(ggufs) == 1:
+        return ggufs[0], ggufs
+    q = (quant or "").lower()
+    matches = [f for f in ggufs if q and q in Path(f).name.lower()]
+    if len(matches) != 1:
+        why = "none matches" if not matches else f"{len(matches)} match"
+        raise PullError(
+            f"the repo has {len(ggufs)} GGUF files and {why} --quant {quant!r}; pick one with "
+            f"--file or --quant: {', '.join(ggufs)}"
+        )
+    return matches[0], ggufs
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0]
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return (
+        errors.RepositoryNotFoundError,
+        errors.RevisionNotFoundError,
+        errors.EntryNotFoundError,
+        errors.GatedRepoError,
+    )
+
+
+def pull(
+    store: ModelStore,
+    repo: str,
+    *,
+    file: str | None = None,
+    quant: str | None = "Q4_K_M",
+    name: str | None = None,
+    revision: str = "main",
+) -> ResolvedModel:
+    """Download one GGUF of the hub repo ``repo`` into the store as ``<name>.gguf`` (default:
+    the file's clean name) with its provenance (repo, file, commit, sha256). The endpoint and
+    token come from ``HF_ENDPOINT`` and ``HF_TOKEN`` as for every huggingface_hub client.
+    Partial downloads stay in ``<store>/.downloads`` (an interrupted pull resumes there); the
+    model appears in the store only once it is complete and checked."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.utils import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        files = api.list_repo_files(repo, revision=revision)
+    except _hub_errors() as exc:
+        raise PullError(f"{repo}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    except HfHubHTTPError as exc:
+        raise PullError(f"{repo}: cannot list the repo: {str(exc).splitlines()[0]}") from exc
+    chosen, choices = pick_gguf(files, file, quant)
+    if len(choices) > 1:
+        log.info("GGUF files in %s: %s; pulling %s", repo, ", ".join(choices), chosen)
+    cid = clean_id(name or chosen)
+    store.root.mkdir(parents=True, exist_ok=True)
+    staging = store.root / ".downloads" / re.sub(r"[^A-Za-z0-9._-]+", "--", repo)
+    try:
+        meta = api.get_hf_file_metadata(url=f"{api.endpoint}/{repo}/resolve/{revision}/{chosen}")
+        local = Path(hf_hub_download(repo, chosen, revision=revision, local_dir=staging))
+    except _hub_errors() as exc:
+        raise PullError(f"{repo}/{chosen}: {type(exc).__name__}: {_first_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - network errors of any kind: resume next time
+        raise PullError(
+            f"{repo}/{chosen}: download failed ({type(exc).__name__}: {_first_line(exc)}); "
+            "run the same pull again to resume"
+        ) from exc
+    digest = sha256_file(local)
+    etag = (meta.etag or "").strip('"')
+    if re.fullmatch(r"[0-9a-f]{64}", etag) and etag != digest:
+        local.unlink(missing_ok=True)
+        raise PullError(f"{repo}/{chosen}: sha256 {digest} does not match the hub's {etag}")
+    dest = store.root / f"{cid}.gguf"
+    record = make_provenance(
+        "gguf",
+        inputs={"source": f"hf://{repo}/{chosen}"},
+        sha256=digest,
+        size_bytes=local.stat().st_size,
+        published_as=cid,
+        hub={
+            "endpoint": api.endpoint,
+            "repo": repo,
+            "file": chosen,
+            "revision": revision,
+            "commit": meta.commit_hash,
+            "etag": etag or None,
+            "choices": choices,
+        },
+    )
+    write_provenance(provenance_path(dest), record)
+    os.replace(local, dest)  # same filesystem: the complete file appears at once
+    shutil.rmtree(staging, ignore_errors=True)
+    log.info("pulled %s/%s as %s (sha256 %s)", repo, chosen, dest, digest)
+    return ResolvedModel(cid, dest, record)
+
+
+def remove(store: ModelStore, name: str) -> list[Path]:
+    """Delete the store model ``name`` (GGUF and provenance) -> the paths removed."""
+    cid = clean_id(name)
+    gguf = store.root / f"{cid}.gguf"
+    if not gguf.is_file():
+        known = ", ".join(m.id for m in store.list()) or "-"
+        raise ModelNotFound(f"no model {name!r} in {store.root}; in the store: {known}")
+    removed = []
+    for p in (gguf, provenance_path(gguf)):
+        if p.exists():
+            p.unlink()
+            removed.append(p)
+    return removed

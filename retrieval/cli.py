@@ -66,10 +66,22 @@ def build(
         report=report,
         questions=pairs,
     )
-    save_index(idx, out)
+    if s.retrieval.database_url:  # the shared store: one transaction replaces its contents
+        from retrieval.pgstore import PgStore, redact
+
+        store = PgStore(s.retrieval.database_url, pool_size=1).open()
+        try:
+            store.migrate()
+            version = store.save(idx)
+        finally:
+            store.close()
+        where = f"{redact(s.retrieval.database_url)} (version {version})"
+    else:
+        save_index(idx, out)
+        where = str(out)
     for path, why in report.skipped:
         console.print(f"[yellow]skipped[/] {path}: {why}")
-    console.print(f"[green]index[/] {out}: {len(report.loaded)} files, {len(idx)} chunks")
+    console.print(f"[green]index[/] {where}: {len(report.loaded)} files, {len(idx)} chunks")
     if idx.questions is not None:
         n = idx.questions.n_attached
         console.print(f"[green]questions[/] {n} of {len(idx.questions)} attached to chunks")

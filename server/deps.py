@@ -10,6 +10,7 @@ from server.runtime import ModelManager
 from server.services.chat import ChatService
 from server.services.documents import DocumentsService
 from server.services.index import IndexService
+from server.services.ticket_queue import TicketQueue
 from server.services.tickets import TicketService
 from server.state import AppState, Services
 
@@ -22,7 +23,7 @@ def services(state: AppState = Depends(app_state)) -> Services:
     """The loaded services, or 503 while loading (or after a failed load)."""
     if state.services is None:
         msg = (
-            f"model failed to load: {state.load_error}"
+            "the model failed to load (the reason is in the server log)"
             if state.load_error
             else "model is loading, retry shortly"
         )
@@ -62,3 +63,17 @@ def tickets(s: Services = Depends(services)) -> TicketService:
     if s.tickets is None:
         raise _no_index("ticket replies need an index")
     return s.tickets
+
+
+def ticket_queue(s: Services = Depends(services)) -> TicketQueue:
+    if s.queue is None:
+        raise APIError(404, "the ticket queue is not enabled", code="queue_disabled")
+    return s.queue
+
+
+def max_upload_bytes(state: AppState = Depends(app_state)) -> int:
+    return state.settings.server.max_upload_bytes
+
+
+def retry_after(state: AppState = Depends(app_state)) -> int:
+    return state.settings.server.retry_after_s

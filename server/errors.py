@@ -19,6 +19,7 @@ _TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     500: "server_error",
     503: "server_overloaded",
@@ -71,7 +72,8 @@ def _loc_to_param(loc: tuple) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
+    async def _api_error(request: Request, exc: APIError):
+        request.state.error_code = exc.code  # for the access log and /metrics
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
@@ -97,9 +99,36 @@ def install_error_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return APIError(exc.status_code, str(exc.detail), code=code).response()
 
-    @app.exception_handler(Exception)
-    async def _unhandled(_: Request, exc: Exception):
-        log.exception("unhandled error")
-        return APIError(
-            500, f"internal error: {type(exc).__name__}", code="internal_error"
-        ).response()
+    # No exception_handler(Exception): Starlette runs that one in its outermost middleware,
+    # which re-raises after answering, and the server then drops the keep-alive connection
+    # (the client's next request on its pool fails). ``CatchAll`` answers instead.
+
+
+class CatchAll:
+    """Pure ASGI: an exception no handler turned into a response becomes a 500 in OpenAI's
+    shape, and the exchange ends normally, so the keep-alive connection stays usable. Once a
+    response has started (a stream) nothing can be sent: the error propagates and the server
+    closes the connection, the only honest end for a cut stream."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def _send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            err = APIError(500, f"internal error: {type(exc).__name__}", code="internal_error")
+            await err.response()(scope, receive, send)

@@ -43,6 +43,10 @@ class GenParams:
     # Chunk KV cache (server.kvcache): the grounded prompt cut into prefix, excerpts and
     # suffix (``prompt_tokens`` is its concatenation); engines with a store stitch it.
     kv_plan: Any = None
+    # What a remote engine (server.remote) sends instead of the tokens: the chat's messages,
+    # or the prompt's text; local engines use prompt_tokens only.
+    messages: list[dict[str, str]] | None = None
+    prompt_text: str | None = None
 
     @property
     def cad(self) -> bool:
@@ -275,6 +279,12 @@ def generate(
     max_tokens = min(p.max_tokens, n_ctx - len(p.prompt_tokens))
     if p.seed is not None:
         llm.set_seed(p.seed & 0xFFFFFFFF)
+        # A seeded request starts from an empty KV cache: reusing the previous request's
+        # prefix re-evaluates its last token alone and lays the new cells out differently,
+        # which shifts the logits slightly, enough to change a sampled token at temperature
+        # > 0. A fresh evaluation gives the same text for the same seed and prompt.
+        llm._ctx.kv_cache_clear()  # noqa: SLF001
+        llm.reset()
     else:
         llm.set_seed(int(np.random.randint(0, 2**31 - 1)))
     gen = llm.generate(

@@ -207,10 +207,20 @@ class ModelManager:
         self._reload_lock = threading.Lock()  # one reload at a time
 
     def _load(self, name: str | None) -> ModelRuntime:
+        """The configured model (a name or a path), or ``name``: a store id or the embedded
+        default only (a reload request never names a file)."""
         ms = self.settings.model
+        store = ModelStore(ms.store_dir)
         if name:
             ms = ms.model_copy(update={"model": name})
-        resolved = ModelStore(ms.store_dir).resolve(ms.model)  # ModelNotFound: nothing changes
+        if ms.endpoints:  # generation on remote OpenAI-compatible servers
+            from server.remote import RemoteRuntime
+
+            return RemoteRuntime(ms, self.settings.server.max_queue)
+        if name:
+            resolved = store.resolve_id(name)  # ModelNotFound: nothing changes
+        else:
+            resolved = store.resolve(ms.model)
         from server.kvcache import kv_root
 
         return ModelRuntime(

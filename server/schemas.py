@@ -20,6 +20,9 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    # assistant turns: the calls it made; tool turns: the call answered (server.tools)
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -91,6 +94,10 @@ class ChatCompletionRequest(_Sampling):
     # docqa extension: context-aware decoding strength for a grounded answer (None: the
     # retrieval.cad_alpha setting; 0 = off). Ignored when the answer is not grounded.
     cad_alpha: float | None = Field(None, ge=0, le=5)
+    # Tool calling (server.tools): checked there, so errors name tools[i] and tool_choice.
+    tools: list[Any] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -103,6 +110,8 @@ class CompletionRequest(_Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
+        if v == "" or (isinstance(v, list) and v and v[0] == ""):
+            raise ValueError("prompt must not be empty")
         if isinstance(v, list):
             if not v:
                 raise ValueError("prompt must not be empty")
@@ -126,6 +135,11 @@ class EmbeddingRequest(_Lenient):
                 raise ValueError("input must not be empty")
             if len(v) > 2048:
                 raise ValueError("at most 2048 inputs per request")
+            ids = v if isinstance(v[0], int) else [i for x in v if isinstance(x, list) for i in x]
+            if any(i < 0 for i in ids):
+                raise ValueError("token ids must not be negative")
+            if any(isinstance(x, list) and not x for x in v):
+                raise ValueError("token id lists must not be empty")
         return v
 
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import email
-import email.policy
 import json
 import logging
 from pathlib import Path
@@ -14,39 +12,26 @@ import httpx
 import typer
 from tqdm.auto import tqdm
 
+from server.ticket_files import ticket_from_mail, tickets_from_jsonl
+
 log = logging.getLogger(__name__)
 
 
 def read_tickets(src: Path) -> list[dict]:
     """JSONL of {id, subject, body, ...}, or a folder of .txt/.eml files (id = file name).
-    A line that is not valid JSON becomes a ticket with an error, never a crash."""
+    A line that is not valid JSON becomes a ticket with an error, never a crash. The same
+    readers parse the files uploaded to the agent page's queue."""
     out: list[dict] = []
     if src.is_dir():
         for f in sorted(p for p in src.iterdir() if p.suffix.lower() in (".txt", ".eml")):
             try:
-                raw = f.read_bytes()
-                if f.suffix.lower() == ".eml":
-                    msg = email.message_from_bytes(raw, policy=email.policy.default)
-                    part = msg.get_body(preferencelist=("plain",))
-                    body = part.get_content() if part is not None else ""
-                    out.append({"id": f.name, "subject": str(msg.get("subject", "")), "body": body})
-                else:
-                    out.append({"id": f.name, "subject": "", "body": raw.decode("utf-8")})
+                out.append(ticket_from_mail(f.name, f.read_bytes()))
             except Exception as exc:  # noqa: BLE001
                 out.append({"id": f.name, "_error": f"unreadable: {exc}"})
         return out
-    for n, line in enumerate(src.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            t = json.loads(line)
-            if not isinstance(t, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            out.append({"id": f"line-{n}", "_error": f"unreadable: {exc}"})
-            continue
-        t.setdefault("id", f"line-{n}")
-        out.append(t)
+    text = src.read_text(encoding="utf-8", errors="replace")
+    for n, t in tickets_from_jsonl(text):
+        out.append({"id": f"line-{n}", "_error": f"unreadable: {t}"} if isinstance(t, str) else t)
     return out
 
 

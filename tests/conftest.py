@@ -28,13 +28,13 @@ def server_factory(tmp_path_factory):
     unless the config names one, its model store: ``.store``), stopped at the session's end."""
     started: list[ServerProcess] = []
 
-    def make(config: dict, name: str = "server") -> ServerProcess:
+    def make(config: dict, name: str = "server", timeout: float = 120) -> ServerProcess:
         tmp = tmp_path_factory.mktemp(name)
         store = config.setdefault("model", {}).setdefault("store_dir", str(tmp / "store"))
         s = ServerProcess(config, workdir=tmp, name=name, cwd=tmp)
         s.store = Path(store)
         started.append(s.start())
-        s.wait_ready(timeout=120)
+        s.wait_ready(timeout=timeout)
         return s
 
     yield make
@@ -58,3 +58,45 @@ def client(server):
 @pytest.fixture(scope="session")
 def model_id(client) -> str:
     return next(m.id for m in client.models.list().data if not m.id.startswith("docqa"))
+
+
+KEY, ADMIN_KEY, UI_ORIGIN = "k-17", "adm-17", "http://ui.example"
+
+
+@pytest.fixture(scope="session")
+def guarded_server(server_factory) -> ServerProcess:
+    """A server with an index (tests/fixtures/docs), an API key, a separate admin key, a CORS
+    allow-list and small request limits (issue 17: bad input and browser safety)."""
+    return server_factory(
+        {
+            "server": {
+                "api_key": KEY,
+                "admin_key": ADMIN_KEY,
+                "cors_origins": [UI_ORIGIN],
+                "max_queue": 8,
+                "limits": {
+                    "max_body_bytes": 65536,
+                    "max_messages": 8,
+                    "max_document_bytes": 4000,
+                    "max_document_chunks": 2,
+                },
+            },
+            "model": {"n_ctx": 1024},
+            "retrieval": {"docs_dir": str(FIXTURES / "docs"), "answer_max_tokens": 7},
+        },
+        "guarded",
+        timeout=300,  # it indexes the fixture docs at start-up
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL 15 (``tests/pgserver.py``) for the session; skipped only when its
+    binaries are absent (Debian's postgresql-15 package)."""
+    from tests import pgserver
+
+    if not pgserver.available():
+        pytest.skip(f"PostgreSQL binaries not found in {pgserver.BIN}")
+    pg = pgserver.PostgresServer().init().start()
+    yield pg
+    pg.close()

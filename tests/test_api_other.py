@@ -155,7 +155,12 @@ def test_disconnect_frees_engine(server, model_id):
 def small_server(server_factory):
     return server_factory(
         {
-            "server": {"max_queue": 1, "api_key": "sekret", "retry_after_s": 3},
+            "server": {
+                "max_queue": 1,
+                "api_key": "sekret",
+                "admin_key": "adm-sekret",
+                "retry_after_s": 3,
+            },
             "embedder": {"enabled": False},
             "model": {"n_ctx": 1024},
         },
@@ -207,8 +212,11 @@ def test_admin_reload_swaps_model_without_downtime(small_server):
     store = ModelStore(small_server.store)
     src = store.resolve("smollm2-135m-instruct").path
     store.publish(src, "docqa-published-test", {"note": "test"})
-    h = {"Authorization": "Bearer sekret"}
+    h = {"Authorization": "Bearer adm-sekret"}
     assert httpx.post(small_server.url + "/admin/reload", json={"model": "x"}).status_code == 401
+    api = {"Authorization": "Bearer sekret"}  # the API key is not an admin key
+    r = httpx.post(small_server.url + "/admin/reload", headers=api, json={"model": "x"})
+    assert r.status_code == 401
     r = httpx.post(small_server.url + "/admin/reload", headers=h, json={"model": "nope"})
     assert r.status_code == 404
     r = httpx.post(

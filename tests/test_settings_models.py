@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from docqa.settings import Settings, load_settings
 from models.store import ModelNotFound, ModelStore, clean_id
@@ -50,9 +50,13 @@ def test_bounds_and_unknown_keys(tmp_path):
 
 
 def test_every_field_is_described():
-    for section in Settings.model_fields.values():
-        for name, field in section.annotation.model_fields.items():
-            assert field.description, f"{section.annotation.__name__}.{name} lacks a description"
+    sections = [s.annotation for s in Settings.model_fields.values()]
+    while sections:
+        model = sections.pop()
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} lacks a description"
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                sections.append(field.annotation)  # nested sections (server.limits)
 
 
 def test_model_resolution(tmp_path):

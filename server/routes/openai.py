@@ -94,7 +94,7 @@ async def completions(
 async def embeddings(
     request: Request, body: EmbeddingRequest, s: Services = Depends(deps.services)
 ):
-    out = await create_embeddings(s.embedder, s.settings.embedder, body)
+    out = await create_embeddings(s.embedder, s.settings.embedder, body, s.chat.names)
     request.state.usage = out["usage"] | {"completion_tokens": 0}
     return out
 
@@ -109,3 +109,9 @@ async def rerank(request: Request, body: RerankRequest, s: Services = Depends(de
 @router.get("/models")
 async def models(s: Services = Depends(deps.services)):
     return list_models(s.settings, s.models, s.rag is not None)
+
+
+@router.get("/models/{model_id:path}")
+async def model(model_id: str, s: Services = Depends(deps.services)):
+    embedder = s.embedder.name if s.embedder is not None else None
+    return s.chat.names.model_object(s.models.current(), model_id, embedder)

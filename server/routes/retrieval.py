@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server import deps
 from server.auth import require_api_key
-from server.errors import bad_request
+from server.errors import APIError, bad_request
 from server.services.documents import DocumentsService
 from server.services.index import IndexService
 
@@ -58,15 +58,54 @@ async def list_documents(docs: DocumentsService = Depends(deps.documents)):
     return {"object": "list", "data": docs.list()}
 
 
-@router.post("/documents")
-async def add_documents(request: Request, docs: DocumentsService = Depends(deps.documents)):
+_DOCUMENT_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string", "description": "Name to store it under."},
+                    "content": {"type": "string", "description": "The document's text."},
+                },
+                "required": ["path"],
+            }
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "path": {"type": "string"},
+                },
+                "required": ["file"],
+            }
+        },
+    },
+}
+
+
+@router.post("/documents", openapi_extra={"requestBody": _DOCUMENT_BODY})
+async def add_documents(
+    request: Request,
+    docs: DocumentsService = Depends(deps.documents),
+    cap: int = Depends(deps.max_upload_bytes),
+):
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if upload is None or not hasattr(upload, "read"):
             raise bad_request("multipart upload needs a 'file' field", "file")
         name = str(form.get("path") or upload.filename or "upload.md")
-        parsed = docs.from_upload(name, await upload.read())
+        data = await upload.read(cap + 1)
+        if len(data) > cap:
+            raise APIError(
+                413,
+                f"{name} is over {cap} bytes (server.max_upload_bytes)",
+                param="file",
+                code="file_too_large",
+            )
+        parsed = docs.from_upload(name, data)
     else:
         parsed = await asyncio.to_thread(docs.from_json, await request.body())
     index, data = await asyncio.to_thread(docs.ingest, parsed)

@@ -4,11 +4,14 @@ step runs on the one runtime the request holds a lease on."""
 from __future__ import annotations
 
 from docqa.settings import Settings
-from server.errors import APIError, bad_request
+from server import tools
+from server.errors import bad_request
 from server.generation import GenParams
+from server.grammar import GrammarLimits
 from server.runtime import ModelManager, ModelRuntime
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.services.generation import Prepared, grammar_for, sampling_params, with_cad
+from server.services.models import ModelNames
 from server.services.rag import RagService
 
 
@@ -17,44 +20,56 @@ class ChatService:
         self.settings = settings
         self.models = models
         self.rag = rag
+        self.grammar_limits = GrammarLimits.from_settings(settings.server.limits)
+        self.names = ModelNames(settings, rag is not None)
 
     def resolve_model_id(self, rt: ModelRuntime, requested: str | None) -> tuple[str, bool]:
         """Return (model id to report, use retrieval) or raise 404."""
-        rag_id = self.settings.retrieval.rag_model_id
-        has_rag = self.rag is not None
-        if requested is None or requested == "":
-            return (rag_id, True) if has_rag else (rt.id, False)
-        if requested == rt.id:
-            return requested, False
-        if has_rag and requested == rag_id:
-            return requested, True
-        known = [rt.id] + ([rag_id] if has_rag else [])
-        raise APIError(
-            404,
-            f"The model '{requested}' does not exist. Available: {', '.join(known)}",
-            param="model",
-            code="model_not_found",
-        )
+        return self.names.chat(rt, requested)
 
     async def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
+        limit = self.settings.server.limits.max_messages
+        if len(req.messages) > limit:
+            raise bad_request(
+                f"at most {limit} messages per request (server.limits.max_messages)",
+                "messages",
+                "too_many_messages",
+            )
+        plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls, self.grammar_limits)
+        calling = plan is not None and plan.active
         original = messages = _messages(req)
         grounding = None
-        if use_rag:
+        # a turn answering a tool result is not a new question: no retrieval for it
+        if use_rag and req.messages[-1].role not in ("tool", "function"):
             messages, grounding = await self.rag.augment(rt, messages)
+        if calling:
+            messages = tools.with_system(messages, plan.system_text())
         prompt = rt.format_chat(messages)
         tokens = rt.prompt_tokens(prompt)
         max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None and grounding is not None:
+            max_tokens = self.settings.retrieval.answer_max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
-        params.grammar = grammar_for(req.response_format, req.grammar)
+        params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
+        if calling:
+            if params.grammar is not None:
+                raise bad_request(
+                    "response_format and grammar cannot be combined with tools (unless "
+                    "tool_choice is 'none')",
+                    "tool_choice",
+                )
+            params.grammar = plan.grammar()
+        params.messages = messages  # what a remote engine sends
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
-            if grounding.hits and alpha > 0:  # contrast with the chat without the excerpts
+            # (not with tools: the context-free prompt would not describe them)
+            if grounding.hits and alpha > 0 and not calling:
                 with_cad(rt, params, self.rag.context_free(rt, original), alpha)
-            if not params.cad:  # excerpts from chunk KV caches when the runtime keeps them
+            if not params.cad and not calling:  # excerpts from chunk KV caches, if kept
                 params.kv_plan = self.rag.kv_plan(rt, prompt, tokens, grounding)
         if req.top_logprobs and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
@@ -67,7 +82,8 @@ class ChatService:
             params,
             include_usage=include_usage,
             grounding=grounding,
-            canned=grounding.abstain if grounding is not None else None,
+            canned=grounding.abstain if grounding is not None and not calling else None,
+            tools=plan if calling else None,
         )
 
     async def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
@@ -84,7 +100,8 @@ class ChatService:
                 raise bad_request(f"prompt token ids must be in [0, {rt.n_vocab})", "prompt")
             text = rt.detokenize(tokens)
         params = sampling_params(req, self.settings.model, tokens, req.max_tokens or 16)
-        params.grammar = grammar_for(req.response_format, req.grammar)
+        params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
+        params.prompt_text = text  # what a remote engine sends
         if req.logprobs is not None:
             params.logprobs = True
             params.top_logprobs = req.logprobs
@@ -95,8 +112,22 @@ class ChatService:
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    out = []
+    """The chat as role/content pairs: past tool calls written as the model writes them,
+    tool results as a user turn (consecutive results in one)."""
+    out: list[dict[str, str]] = []
     for m in req.messages:
-        role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": m.text()})
+        role, content = ("system" if m.role == "developer" else m.role), m.text()
+        if role == "assistant" and m.tool_calls:
+            calls = tools.call_text(m.tool_calls)
+            content = f"{content}\n{calls}" if content else calls
+        elif role in ("tool", "function"):
+            content = tools.result_text(content)
+            if out and out[-1].get("tool"):
+                out[-1]["content"] += "\n" + content
+                continue
+            out.append({"role": "user", "content": content, "tool": "1"})
+            continue
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("tool", None)
     return out

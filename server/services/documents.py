@@ -9,13 +9,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from docqa.settings import RetrievalSettings
-from retrieval.builder import update_index
+from docqa.settings import RequestLimits, RetrievalSettings
+from retrieval.builder import chunk_documents, update_index
 from retrieval.index import Index
 from retrieval.loaders import SUPPORTED, Document, load_file, load_tree
 from server.errors import APIError, bad_request
 from server.runtime import ModelManager
-from server.services.index import IndexService
+from server.services.index import IndexService, StoreUnavailable
 
 
 def doc_id(path: str) -> str:
@@ -34,10 +34,17 @@ def doc_record(index: Index, path: str) -> dict:
 
 
 class DocumentsService:
-    def __init__(self, settings: RetrievalSettings, index: IndexService, models: ModelManager):
+    def __init__(
+        self,
+        settings: RetrievalSettings,
+        index: IndexService,
+        models: ModelManager,
+        limits: RequestLimits | None = None,
+    ):
         self.settings = settings
         self.index = index
         self.models = models
+        self.limits = limits or RequestLimits()
 
     # -- reading --------------------------------------------------------------------
     def list(self) -> list[dict]:
@@ -46,12 +53,28 @@ class DocumentsService:
 
     def from_upload(self, filename: str, data: bytes) -> list[Document]:
         name = Path(filename or "upload.md").as_posix().lstrip("/")
-        return [self._load_upload(name, data)]
+        return self._sized([self._load_upload(name, data)])
+
+    def _sized(self, docs: list[Document]) -> list[Document]:
+        """413 for a document over ``limits.max_document_bytes`` (its embedding would hold the
+        request for minutes)."""
+        cap = self.limits.max_document_bytes
+        for d in docs:
+            n = len(d.text.encode("utf-8", "replace"))
+            if n > cap:
+                raise APIError(
+                    413,
+                    f"document {d.path} has {n} bytes of text, more than {cap} "
+                    "(server.limits.max_document_bytes)",
+                    param="content",
+                    code="document_too_large",
+                )
+        return docs
 
     def from_json(self, raw: bytes) -> list[Document]:
         try:
             body = json.loads(raw or b"{}")
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not UTF-8: not JSON either
             raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from exc
         if not isinstance(body, dict):
             raise bad_request("body must be a JSON object")
@@ -63,12 +86,12 @@ class DocumentsService:
                 d.path = (base / d.path).relative_to(root).as_posix()
             if not docs:
                 raise bad_request(f"no loadable documents at {body['path']}", "path")
-            return docs
+            return self._sized(docs)
         if "content" in body:
             name = str(body.get("path") or body.get("filename") or "").lstrip("/")
             if not name:
                 raise bad_request("give 'path' (name to store the document under)", "path")
-            return [self._load_upload(name, str(body["content"]).encode())]
+            return self._sized([self._load_upload(name, str(body["content"]).encode())])
         raise bad_request("give a multipart 'file', or JSON {'path'} or {'path','content'}")
 
     def _under_allowed(self, raw: str) -> tuple[Path, Path]:
@@ -108,11 +131,14 @@ class DocumentsService:
     # -- writing (blocking: call in a thread) -----------------------------------------
     def ingest(self, docs: list[Document]) -> tuple[Index, list[dict]]:
         with self.index.write_lock, self.models.lease() as rt:
+            tok = rt.chunk_tokenizer()
+            self._check_chunks(docs, tok)
             try:
-                new = update_index(
-                    self.index.index, self.index.embedder, rt.chunk_tokenizer(), add=docs
+                new = self.index.update(
+                    lambda base: update_index(base, self.index.embedder, tok, add=docs)
                 )
-                self.index.replace(new)
+            except StoreUnavailable as exc:
+                raise _store_down(exc) from exc
             except Exception as exc:  # noqa: BLE001 - the old index keeps serving
                 raise APIError(
                     500,
@@ -121,12 +147,48 @@ class DocumentsService:
                 ) from exc
         return new, [doc_record(new, d.path) for d in docs]
 
+    def _check_chunks(self, docs: list[Document], tok) -> None:
+        cfg = self.index.index.manifest.get("config", {})
+        size, overlap = cfg.get("chunk_tokens", 300), cfg.get("chunk_overlap", 30)
+        cap = self.limits.max_document_chunks
+        for d in docs:
+            n = len(chunk_documents([d], tok, size, overlap))
+            if n > cap:
+                raise APIError(
+                    413,
+                    f"document {d.path} makes {n} chunks, more than {cap} "
+                    "(server.limits.max_document_chunks)",
+                    param="content",
+                    code="document_too_large",
+                )
+
     def delete(self, ident: str) -> dict:
         with self.index.write_lock, self.models.lease() as rt:
-            index = self.index.index
-            path = next((p for p in index.files if doc_id(p) == ident or p == ident), None)
-            if path is None:
-                raise APIError(404, f"no document {ident}", param="id", code="document_not_found")
-            new = update_index(index, self.index.embedder, rt.chunk_tokenizer(), remove=[path])
-            self.index.replace(new)
+            tok = rt.chunk_tokenizer()
+            found: list[str] = []
+
+            def change(index: Index) -> Index:
+                path = next((p for p in index.files if doc_id(p) == ident or p == ident), None)
+                if path is None:
+                    raise APIError(
+                        404, f"no document {ident}", param="id", code="document_not_found"
+                    )
+                found.append(path)
+                return update_index(index, self.index.embedder, tok, remove=[path])
+
+            try:
+                self.index.update(change)
+            except StoreUnavailable as exc:
+                raise _store_down(exc) from exc
+        path = found[-1]
         return {"object": "document.deleted", "id": doc_id(path), "path": path, "deleted": True}
+
+
+def _store_down(exc: Exception) -> APIError:
+    return APIError(
+        503,
+        f"the shared store is unavailable, the document was not changed (the index in memory "
+        f"is still served): {exc}",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )

@@ -19,17 +19,25 @@ def _texts(embedder, inp) -> list[str]:
         return list(inp)
     if inp and isinstance(inp[0], int):
         inp = [inp]
+    n_vocab = len(embedder.tokenizer)
+    if any(not 0 <= t < n_vocab for ids in inp for t in ids):
+        raise bad_request(f"input token ids must be in [0, {n_vocab})", "input")
     return [embedder.tokenizer.decode(ids, skip_special_tokens=True) for ids in inp]
 
 
-async def create_embeddings(embedder, es: EmbedderSettings, body: EmbeddingRequest) -> dict:
-    """-> the OpenAI embeddings object (its ``usage`` also goes to the access log)."""
+async def create_embeddings(
+    embedder, es: EmbedderSettings, body: EmbeddingRequest, names=None
+) -> dict:
+    """-> the OpenAI embeddings object (its ``usage`` also goes to the access log). ``names``
+    (``server.services.models.ModelNames``) accepts aliases and the unknown-model policy."""
     if embedder is None:
         raise APIError(
             404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found"
         )
-    allowed = {None, "", embedder.name, es.model}
-    if body.model not in allowed:
+    allowed = {embedder.name, es.model}
+    if names is not None:
+        names.embedding(body.model, allowed)
+    elif body.model not in allowed | {None, ""}:
         raise APIError(
             404,
             f"The model '{body.model}' does not exist. Available: {embedder.name}",

@@ -14,48 +14,53 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
+from server import metrics, tools
 from server.engine import Job, PromptTooLong, QueueFull
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
+from server.grammar import GrammarError, GrammarLimits, check_gbnf, json_schema_grammar
 from server.schemas import ResponseFormat, _Sampling
 
 
 @lru_cache(maxsize=64)
-def _grammar(kind: str, schema: str | None) -> LlamaGrammar:
-    if kind == "json_object" or not schema:
-        return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-    return LlamaGrammar.from_json_schema(schema, verbose=False)
+def _schema_grammar(schema: str, limits: GrammarLimits) -> LlamaGrammar:
+    return LlamaGrammar.from_string(json_schema_grammar(json.loads(schema), limits))
 
 
 @lru_cache(maxsize=64)
-def _gbnf(text: str) -> LlamaGrammar:
+def _gbnf(text: str, limits: GrammarLimits) -> LlamaGrammar:
+    check_gbnf(text, limits)  # llama.cpp crashes on what this refuses
     return LlamaGrammar.from_string(text, verbose=False)
 
 
-def grammar_for(rf: ResponseFormat | None, gbnf: str | None = None) -> LlamaGrammar | None:
-    if gbnf:
+def grammar_for(
+    rf: ResponseFormat | None, gbnf: str | None = None, limits: GrammarLimits | None = None
+) -> LlamaGrammar | None:
+    """The checked grammar of a request (``grammar`` or ``response_format``), or None; a
+    grammar llama.cpp could not use is a 400 naming the field."""
+    limits = limits or GrammarLimits.default()
+    if gbnf:  # "" = no grammar, as before
         if rf is not None and rf.type != "text":
             raise bad_request("give either grammar or response_format, not both", "grammar")
         try:
-            return _gbnf(gbnf)
-        except Exception as exc:  # noqa: BLE001
-            raise bad_request(f"invalid GBNF grammar: {exc}", "grammar") from exc
+            return _gbnf(gbnf, limits)
+        except GrammarError as exc:
+            raise bad_request(f"invalid GBNF grammar: {exc}", "grammar", "invalid_grammar") from exc
     if rf is None or rf.type == "text":
         return None
-    schema = None
+    if rf.type == "json_object" and rf.schema_ is None:
+        return _gbnf(JSON_GBNF, limits)
+    spec = rf.schema_
     if rf.type == "json_schema":
         spec = rf.json_schema.schema_ if rf.json_schema else rf.schema_
         if spec is None:
             raise bad_request(
                 "response_format.json_schema.schema is required", "response_format.json_schema"
             )
-        schema = json.dumps(spec, sort_keys=True)
-    elif rf.schema_ is not None:
-        schema = json.dumps(rf.schema_, sort_keys=True)
     try:
-        return _grammar(rf.type, schema)
-    except Exception as exc:  # noqa: BLE001 - the converter raises many kinds
-        raise bad_request(f"unsupported JSON schema: {exc}", "response_format") from exc
+        return _schema_grammar(json.dumps(spec, sort_keys=True), limits)
+    except GrammarError as exc:
+        raise bad_request(str(exc), "response_format", "invalid_schema") from exc
 
 
 @dataclass
@@ -67,6 +72,7 @@ class Prepared:
     echo: str | None = None
     grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
     canned: str | None = None  # answer without running the model (abstain)
+    tools: Any = None  # server.tools.ToolPlan when the answer may be tool calls
     id: str = ""
     created: int = 0
 
@@ -131,7 +137,7 @@ def extra_fields(prep: Prepared, text: str) -> dict:
 def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
     """Submit ``prep`` to the runtime ``rt`` (a ``server.runtime.ModelRuntime``)."""
     if prep.canned is not None:
-        return CannedJob(prep.canned, rt, len(prep.params.prompt_tokens))
+        return _stamp(CannedJob(prep.canned, rt, len(prep.params.prompt_tokens)))
     try:
         rt.check_fits(prep.params.n_prompt_max, "messages" if prep.kind == "chat" else "prompt")
     except PromptTooLong as exc:
@@ -142,7 +148,7 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
             code="context_length_exceeded",
         ) from exc
     try:
-        return rt.submit(prep.params)
+        return _stamp(rt.submit(prep.params))
     except QueueFull as exc:
         raise APIError(
             503,
@@ -150,6 +156,28 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
             code="server_busy",
             headers={"Retry-After": str(retry_after)},
         ) from exc
+
+
+def _stamp(job):
+    """Note when ``job`` was submitted, and when its first text came (for /metrics)."""
+    job.t_submit = time.perf_counter()
+    job.t_first = None
+    return job
+
+
+def _first_text(job, ev) -> None:
+    if getattr(job, "t_first", 1) is None and isinstance(ev, Delta) and ev.text:
+        job.t_first = time.perf_counter()
+
+
+def _observe(prep: Prepared, job, fin: Finish) -> None:
+    t0, t1 = getattr(job, "t_submit", None), getattr(job, "t_first", None)
+    ttft = decode = None
+    if t0 is not None and t1 is not None:
+        ttft = t1 - t0
+        if fin.completion_tokens > 1:
+            decode = (time.perf_counter() - t1) / (fin.completion_tokens - 1)
+    metrics.observe_generation(prep.kind, fin.prompt_tokens, fin.completion_tokens, ttft, decode)
 
 
 # -- OpenAI object builders ------------------------------------------------------------
@@ -201,7 +229,7 @@ def _base(prep: Prepared, obj: str) -> dict:
 
 async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
-    consume = asyncio.ensure_future(_drain(job))
+    consume = asyncio.ensure_future(_drain(job, prep.tools is not None))
     try:
         while not consume.done():
             await asyncio.wait({consume}, timeout=0.25)
@@ -220,14 +248,19 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
         else:
             fin = ev
     assert fin is not None
-    peer.record(usage(fin), fin.reason)
     out_text = "".join(text)
+    reason, calls = _tool_finish(prep, out_text, fin.reason)
+    _observe(prep, job, fin)
+    peer.record(usage(fin), reason)
     if prep.kind == "chat":
+        message = {"role": "assistant", "content": out_text, "refusal": None}
+        if calls:
+            message.update(content=None, tool_calls=calls)
         choice = {
             "index": 0,
-            "message": {"role": "assistant", "content": out_text, "refusal": None},
+            "message": message,
             "logprobs": _chat_logprobs(lps) if prep.params.logprobs else None,
-            "finish_reason": fin.reason,
+            "finish_reason": reason,
         }
         body = _base(prep, "chat.completion")
     else:
@@ -243,8 +276,27 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     return body
 
 
-async def _drain(job: Job) -> list:
-    return [ev async for ev in job]
+async def _drain(job: Job, watch_calls: bool = False) -> list:
+    out, text = [], ""
+    async for ev in job:
+        _first_text(job, ev)
+        out.append(ev)
+        if watch_calls and isinstance(ev, Delta):
+            text += ev.text
+            if tools.repeated(text):  # a small model loops on its calls: stop there
+                job.cancel()
+    return out
+
+
+def _tool_finish(prep: Prepared, text: str, reason: str) -> tuple[str, list[dict] | None]:
+    """(finish_reason, tool_calls): an answer of complete tool calls ends with "tool_calls"
+    (also when it was stopped at a repeated call); one cut by max_tokens keeps "length"."""
+    if prep.tools is None or prep.kind != "chat":
+        return reason, None
+    calls = tools.parse_calls(text)
+    if calls and reason in ("stop", "cancelled"):
+        return "tool_calls", calls
+    return reason, None
 
 
 def _sse(obj: dict | str) -> bytes:
@@ -271,6 +323,8 @@ async def stream(
 
     offset = len(prep.echo or "")
     produced: list[str] = []
+    # with tools, the first character tells a call ("<", held back until the end) from text
+    calling: bool | None = None if (chat and prep.tools is not None) else False
     try:
         if chat:
             yield chunk({"role": "assistant", "content": "", "refusal": None})
@@ -282,6 +336,7 @@ async def stream(
                 if isinstance(ev, Finish):
                     fin = ev
                     break
+                _first_text(job, ev)
                 lp = None
                 if prep.params.logprobs:
                     lp = (
@@ -289,6 +344,18 @@ async def stream(
                     )
                 offset += len(ev.text)
                 produced.append(ev.text)
+                if calling is None:
+                    head = "".join(produced).lstrip()
+                    if not head:
+                        continue
+                    calling = head.startswith("<")
+                    if not calling:  # plain text: what was held back goes out now
+                        yield chunk({"content": "".join(produced)}, lp)
+                        continue
+                if calling:
+                    if tools.repeated("".join(produced)):
+                        job.cancel()
+                    continue
                 yield chunk({"content": ev.text} if chat else ev.text, lp)
         except Exception as exc:  # noqa: BLE001 - report in-band, the headers are sent
             yield _sse(
@@ -303,8 +370,22 @@ async def stream(
             )
             return
         assert fin is not None
-        peer.record(usage(fin), fin.reason)
-        yield chunk({} if chat else "", None, fin.reason, extra_fields(prep, "".join(produced)))
+        reason, calls = _tool_finish(prep, "".join(produced), fin.reason)
+        _observe(prep, job, fin)
+        peer.record(usage(fin), reason)
+        if calls:
+            for i, c in enumerate(calls):
+                fn = c["function"]
+                head = {"index": i, "id": c["id"], "type": "function"}
+                yield chunk(
+                    {"tool_calls": [head | {"function": {"name": fn["name"], "arguments": ""}}]}
+                )
+                yield chunk(
+                    {"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]}
+                )
+        elif calling is not False and produced and "".join(produced):
+            yield chunk({"content": "".join(produced)})  # held back, not calls after all
+        yield chunk({} if chat else "", None, reason, extra_fields(prep, "".join(produced)))
         if prep.include_usage:
             final = _base(prep, obj)
             final.update(choices=[], usage=usage(fin))

@@ -130,7 +130,7 @@ class RagService:
         cache on this runtime, no excerpts, a prompt of another shape (history, an extra
         system message, a trimmed excerpt) or one whose pieces tokenize differently from the
         whole (the answer must not depend on the cache being there)."""
-        if rt.kv is None or not grounding.hits:
+        if getattr(rt, "kv", None) is None or not grounding.hits:  # (a remote runtime: none)
             return None
         prefix_text = kvcache.prefix_text(rt, self.settings)
         if prefix_text is None:

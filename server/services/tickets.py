@@ -91,6 +91,7 @@ async def _generate(
     params = GenParams(
         prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop)
     )
+    params.messages = messages  # what a remote engine sends
     if context_free is not None:
         with_cad(rt, params, context_free, cad_alpha)
     rt.check_fits(params.n_prompt_max, "ticket")

@@ -1,0 +1,380 @@
+"""Generation on remote OpenAI-compatible servers (``model.endpoints``: vLLM, llama.cpp's
+server, another docqa) instead of a local GGUF.
+
+``RemoteRuntime`` is a ``ModelRuntime`` whose engine is an ``EndpointPool``: prompts are still
+built and measured here (the embedded model's tokenizer and chat template count tokens, so the
+context budget, chunking and ``check_fits`` work as with a local model; ``n_ctx`` comes from
+``model.n_ctx``), and each job is sent to the least busy healthy endpoint as a streamed
+``/chat/completions`` (the request's messages) or ``/completions`` (a raw prompt). An endpoint
+that fails (connection error, 5xx, 429) before the first token is marked unhealthy and the job
+is retried on another; a background check (``GET /models`` every ``endpoint_health_s``) marks
+endpoints healthy again. With none healthy, ``submit`` answers 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+
+from docqa.settings import ModelSettings
+from models.store import ModelStore, ResolvedModel
+from server.engine import QueueFull, chat_formatter
+from server.errors import APIError
+from server.generation import Delta, Finish, GenParams
+from server.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+EMBEDDED = ModelSettings.model_fields["model"].default  # the tokenizer used to count tokens
+
+
+@dataclass
+class Endpoint:
+    base: str  # .../v1
+    healthy: bool = False
+    busy: int = 0
+    served: int = 0
+    models: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "url": self.base,
+            "healthy": self.healthy,
+            "busy": self.busy,
+            "served": self.served,
+            "error": self.error,
+        }
+
+
+class NoEndpoint(APIError):
+    def __init__(self, why: str, retry_after: int):
+        super().__init__(
+            503,
+            f"no generation endpoint is available ({why}); retry later",
+            code="endpoints_unavailable",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
+class EndpointPool:
+    """The remote endpoints: health, least-busy choice, and the ``engine`` interface
+    (``submit``, ``busy``, ``n_ctx``, ``cancel_all``, ``close``) for ``ModelRuntime``."""
+
+    def __init__(self, ms: ModelSettings, model: str | None, max_queue: int, tokenize):
+        self.endpoints = [Endpoint(u.rstrip("/")) for u in ms.endpoints]
+        self.n_ctx = ms.n_ctx
+        self.timeout = ms.endpoint_timeout_s
+        self.interval = ms.endpoint_health_s
+        self.retry_after = max(1, round(ms.endpoint_health_s))
+        key = ms.endpoint_api_key.get_secret_value() if ms.endpoint_api_key else None
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.model = model
+        self.max_queue = max_queue
+        self.tokenize = tokenize
+        self._lock = threading.Lock()
+        self._jobs: set[RemoteJob] = set()
+        self._next = 0
+        self._stop = threading.Event()
+        self._clients: dict[int, httpx.AsyncClient] = {}
+        self.check_all()
+        self._thread = threading.Thread(target=self._watch, name="docqa-endpoints", daemon=True)
+        self._thread.start()
+
+    # -- health ---------------------------------------------------------------------------
+    def check(self, ep: Endpoint) -> None:
+        try:
+            r = httpx.get(ep.base + "/models", headers=self.headers, timeout=min(5, self.timeout))
+            r.raise_for_status()
+            # a docqa endpoint also lists its retrieval model: not a base model to generate with
+            ep.models = [
+                m["id"]
+                for m in r.json().get("data", [])
+                if not (m.get("meta") or {}).get("retrieval")
+            ]
+            if not ep.healthy:
+                log.info("endpoint %s healthy (%s)", ep.base, ", ".join(ep.models))
+            ep.healthy, ep.error = True, None
+        except Exception as exc:  # noqa: BLE001
+            self.mark_down(ep, f"health check: {exc}")
+
+    def check_all(self) -> None:
+        for ep in self.endpoints:
+            self.check(ep)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check_all()
+
+    def mark_down(self, ep: Endpoint, why: str) -> None:
+        if ep.healthy or ep.error is None:
+            log.warning("endpoint %s unhealthy: %s", ep.base, why)
+        ep.healthy, ep.error = False, why
+
+    def pick(self, tried: set[str]) -> Endpoint | None:
+        """The healthy endpoint with the fewest requests in flight (ties: round robin)."""
+        with self._lock:
+            ok = [e for e in self.endpoints if e.healthy and e.base not in tried]
+            if not ok:
+                return None
+            self._next += 1
+            n = len(self.endpoints)
+            order = {e.base: (i - self._next) % n for i, e in enumerate(self.endpoints)}
+            ep = min(ok, key=lambda e: (e.busy, order[e.base]))
+            ep.busy += 1
+            return ep
+
+    def done(self, ep: Endpoint) -> None:
+        with self._lock:
+            ep.busy -= 1
+
+    def client(self) -> httpx.AsyncClient:
+        loop = id(asyncio.get_running_loop())
+        c = self._clients.get(loop)
+        if c is None:
+            c = self._clients[loop] = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout, connect=5.0), headers=self.headers
+            )
+        return c
+
+    # -- engine interface -------------------------------------------------------------------
+    def submit(self, params: GenParams) -> RemoteJob:
+        if not any(e.healthy for e in self.endpoints):
+            why = "; ".join(f"{e.base}: {e.error}" for e in self.endpoints)
+            raise NoEndpoint(why, self.retry_after)
+        with self._lock:
+            if len(self._jobs) >= self.max_queue:
+                raise QueueFull(f"{len(self._jobs)} requests in flight")
+            job = RemoteJob(self, params)
+            self._jobs.add(job)
+        return job
+
+    def _finished(self, job: RemoteJob) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
+    @property
+    def busy(self) -> int:
+        return len(self._jobs)
+
+    def cancel_all(self) -> int:
+        with self._lock:
+            jobs = list(self._jobs)
+        for j in jobs:
+            j.cancel()
+        return len(jobs)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._clients.clear()  # their connections close with the loop
+
+
+def _body(params: GenParams, model: str | None) -> tuple[str, dict]:
+    body: dict = {
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    if params.seed is not None:
+        body["seed"] = params.seed
+    if params.stop:
+        body["stop"] = params.stop
+    if params.presence_penalty:
+        body["presence_penalty"] = params.presence_penalty
+    if params.frequency_penalty:
+        body["frequency_penalty"] = params.frequency_penalty
+    if params.grammar is not None:  # GBNF: llama.cpp's server and docqa take it as is
+        body["grammar"] = params.grammar._grammar  # noqa: SLF001
+    if params.messages is not None:
+        return "/chat/completions", {**body, "messages": params.messages}
+    return "/completions", {**body, "prompt": params.prompt_text}
+
+
+class _Retry(Exception):
+    pass
+
+
+class RemoteJob:
+    """One remote generation with the interface of an engine ``Job``: an async iterator of
+    ``Delta`` events ending with a ``Finish``, and ``cancel()``."""
+
+    def __init__(self, pool: EndpointPool, params: GenParams):
+        self.pool = pool
+        self.params = params
+        self.cancelled = threading.Event()
+        self.endpoint: str | None = None
+        self._started = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if not self._started:  # never iterated (the client left first): free its admission
+            self.pool._finished(self)  # noqa: SLF001
+
+    async def __aiter__(self) -> AsyncIterator[Delta | Finish]:
+        pool = self.pool
+        tried: set[str] = set()
+        self._started = True
+        try:
+            while True:
+                ep = pool.pick(tried)
+                if ep is None:
+                    why = "; ".join(f"{e.base}: {e.error}" for e in pool.endpoints)
+                    raise NoEndpoint(why, pool.retry_after)
+                tried.add(ep.base)
+                self.endpoint = ep.base
+                try:
+                    async for ev in self._run(ep):
+                        yield ev
+                    ep.served += 1
+                    return
+                except _Retry:
+                    continue  # nothing was streamed yet: another endpoint
+                finally:
+                    pool.done(ep)
+        finally:
+            pool._finished(self)  # noqa: SLF001
+
+    async def _run(self, ep: Endpoint) -> AsyncIterator[Delta | Finish]:
+        pool = self.pool
+        path, body = _body(self.params, pool.model)
+        started = False
+        text: list[str] = []
+        usage = None
+        reason = "stop"
+        t0 = time.perf_counter()
+        try:
+            async with pool.client().stream("POST", ep.base + path, json=body) as r:
+                if r.status_code >= 500 or r.status_code == 429:
+                    detail = (await r.aread()).decode(errors="replace")[:300]
+                    pool.mark_down(ep, f"HTTP {r.status_code}: {detail}")
+                    raise _Retry
+                if r.status_code >= 400:  # the request's own fault: no other endpoint will do
+                    raise _remote_error(r.status_code, (await r.aread()).decode(errors="replace"))
+                async for line in r.aiter_lines():
+                    if self.cancelled.is_set():
+                        reason = "cancelled"
+                        break
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    obj = json.loads(data)
+                    if "error" in obj:
+                        raise RuntimeError(f"{ep.base}: {obj['error'].get('message')}")
+                    usage = obj.get("usage") or usage
+                    for ch in obj.get("choices") or []:
+                        piece = (ch.get("delta") or {}).get("content") if "delta" in ch else None
+                        if piece is None:
+                            piece = ch.get("text")
+                        if piece:
+                            started = True
+                            text.append(piece)
+                            yield Delta(piece, [])
+                        if ch.get("finish_reason"):
+                            reason = ch["finish_reason"]
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            pool.mark_down(ep, f"{type(exc).__name__}: {exc}")
+            if started:  # the client has part of the answer: the failure is reported in-band
+                raise RuntimeError(f"endpoint {ep.base} failed mid-answer: {exc}") from exc
+            raise _Retry from exc
+        n_prompt = (usage or {}).get("prompt_tokens") or len(self.params.prompt_tokens)
+        n_out = (usage or {}).get("completion_tokens")
+        if n_out is None:
+            n_out = len(pool.tokenize("".join(text)))
+        log.debug("%s: %d tokens in %.2fs", ep.base, n_out, time.perf_counter() - t0)
+        yield Finish(
+            reason if reason in ("stop", "length", "cancelled") else "stop", n_prompt, n_out
+        )
+
+
+def _remote_error(status: int, text: str) -> APIError:
+    try:
+        err = json.loads(text)["error"]
+        return APIError(
+            status, err.get("message", text), param=err.get("param"), code=err.get("code")
+        )
+    except (ValueError, KeyError, TypeError):
+        return APIError(status, text[:500], code="remote_error")
+
+
+class RemoteRuntime(ModelRuntime):
+    """A runtime that generates on ``model.endpoints``; tokenizes with the embedded model's
+    vocabulary (vocab only: no weights, no context)."""
+
+    def __init__(self, ms: ModelSettings, max_queue: int):
+        import llama_cpp
+
+        t0 = time.perf_counter()
+        store = ModelStore(ms.store_dir)
+        try:
+            counter: ResolvedModel = store.resolve(ms.model)
+        except Exception:  # noqa: BLE001 - a remote-only name: count with the embedded model
+            counter = store.resolve(EMBEDDED)
+        self.path = counter.path
+        self.provenance = {"kind": "remote", "endpoints": list(ms.endpoints)}
+        self.llm = llama_cpp.Llama(str(counter.path), vocab_only=True, verbose=False)
+        try:
+            self.formatter = chat_formatter(self.llm)
+            self.n_vocab = self.llm.n_vocab()
+            self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
+            self._bos_text = (
+                self.llm._model.token_get_text(self.llm.token_bos())  # noqa: SLF001
+                if self._add_bos
+                else ""
+            )
+            self.engine = EndpointPool(ms, None, max_queue, self.tokenize)
+            self.id = self.engine.model = self._model_name(ms)
+        except BaseException:
+            if getattr(self, "engine", None) is not None:
+                self.engine.close()
+            self.llm.close()
+            raise
+        self.n_ctx = ms.n_ctx
+        self.loaded_at = time.time()
+        self.load_seconds = time.perf_counter() - t0
+        self._cond = threading.Condition()
+        self._users = 0
+        self._retired = False
+        self._closed = False
+        self._warned_cad = False
+        log.info(
+            "remote model %s on %d endpoints (%d healthy)",
+            self.id,
+            len(ms.endpoints),
+            sum(e.healthy for e in self.engine.endpoints),
+        )
+
+    def _model_name(self, ms: ModelSettings) -> str:
+        listed = [m for e in self.engine.endpoints for m in e.models]
+        if ms.model in listed or (ms.model != EMBEDDED and not listed):
+            return ms.model
+        if ms.model == EMBEDDED and listed:
+            return listed[0]  # the default name: the first id an endpoint lists
+        if not listed:
+            return ms.model  # none reachable yet: the configured name, checked when one is
+        raise ValueError(
+            f"model {ms.model!r} is not served by the endpoints (they list {', '.join(listed)})"
+        )
+
+    @property
+    def endpoints(self) -> list[dict]:
+        return [e.to_dict() for e in self.engine.endpoints]
+
+    def submit(self, params: GenParams):
+        if params.messages is None and params.prompt_text is None:
+            params.prompt_text = self.detokenize(params.prompt_tokens)
+        if params.cad and not self._warned_cad:
+            self._warned_cad = True
+            log.warning("context-aware decoding needs local logits: remote answers decode plainly")
+        return self.engine.submit(params)

@@ -1,0 +1,341 @@
+"""The support agents' ticket queue: tickets read from uploads or pasted, their draft replies
+(from ``TicketService``), the agent's edits and decisions, stored in one SQLite file in the
+server's data directory (``server.data_dir``) so that the queue survives a restart and every
+browser tab sees the same one.
+
+An item moves ``new`` -> ``drafting`` -> ``review`` -> ``approved`` | ``escalated`` (an agent
+may move it back to ``review``). ``drafting`` is a claim: one caller drafts an item at a time,
+and a claim left by a server that stopped mid-draft is released when the queue is opened.
+Every change bumps the item's ``version``; an update that names an older version is refused
+(409), so one tab cannot silently overwrite what another tab saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from server.engine import PromptTooLong
+from server.errors import APIError
+from server.services.tickets import TicketService
+from server.ticket_files import ticket_from_mail, tickets_from_jsonl
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("new", "drafting", "review", "approved", "escalated")
+AGENT_STATUSES = ("review", "approved", "escalated")
+TICKET_SUFFIXES = (".jsonl", ".ndjson", ".json", ".txt", ".eml")
+FILE_NAME = "ticket_queue.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    ticket  TEXT NOT NULL,
+    origin  TEXT NOT NULL DEFAULT '',
+    status  TEXT NOT NULL DEFAULT 'new',
+    draft   TEXT,
+    reply   TEXT NOT NULL DEFAULT '',
+    note    TEXT NOT NULL DEFAULT '',
+    version INTEGER NOT NULL DEFAULT 1,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+"""
+
+
+# -- uploads --------------------------------------------------------------------------
+def parse_upload(name: str, data: bytes, max_bytes: int) -> tuple[list[dict], list[dict]]:
+    """Tickets in one uploaded file -> (tickets, line errors ``{"line", "message"}``). A file
+    that is too large, not text or of another type is an ``APIError`` (the whole file)."""
+    suffix = Path(name).suffix.lower()
+    if len(data) > max_bytes:
+        raise APIError(
+            413,
+            f"{name} is {len(data)} bytes; the limit is {max_bytes} (server.max_upload_bytes)",
+            param="file",
+            code="file_too_large",
+        )
+    if suffix not in TICKET_SUFFIXES:
+        raise APIError(
+            400,
+            f"{name}: unsupported ticket file type {suffix or '(none)'}; "
+            f"use {', '.join(TICKET_SUFFIXES)}",
+            param="file",
+            code="unsupported_file_type",
+        )
+    if b"\x00" in data:
+        raise APIError(400, f"{name} is not a text file", param="file", code="not_text")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise APIError(
+            400, f"{name} is not UTF-8 text: {exc}", param="file", code="not_text"
+        ) from exc
+    if suffix in (".txt", ".eml"):
+        return [ticket_from_mail(name, data)], []
+    tickets, errors = [], []
+    for n, t in tickets_from_jsonl(text):
+        if isinstance(t, str):
+            errors.append({"line": n, "message": t})
+        else:
+            tickets.append(t)
+    return tickets, errors
+
+
+# -- the queue ----------------------------------------------------------------------------
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+def _item(row: sqlite3.Row) -> dict:
+    return {
+        "object": "ticket.queue_item",
+        "id": row["id"],
+        "ticket": json.loads(row["ticket"]),
+        "origin": row["origin"],
+        "status": row["status"],
+        "draft": json.loads(row["draft"]) if row["draft"] else None,
+        "reply": row["reply"],
+        "note": row["note"],
+        "version": row["version"],
+        "created": _iso(row["created"]),
+        "updated": _iso(row["updated"]),
+    }
+
+
+class TicketQueue:
+    """The queue in ``path`` (opened on first use); ``tickets`` drafts replies."""
+
+    def __init__(self, path: Path, tickets: TicketService | None):
+        self.path = Path(path)
+        self.tickets = tickets
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    # -- storage ---------------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                db.executescript(_SCHEMA)
+                # a draft that was running when the server stopped is drafted again
+                db.execute(
+                    "UPDATE queue SET status='new', version=version+1 WHERE status='drafting'"
+                )
+            except (OSError, sqlite3.Error) as exc:
+                raise APIError(
+                    500,
+                    f"the ticket queue {self.path} cannot be opened: {exc}",
+                    code="queue_unavailable",
+                ) from exc
+            self._db = db
+            log.info("ticket queue: %s", self.path)
+        return self._db
+
+    def _row(self, db: sqlite3.Connection, qid: int) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM queue WHERE id=?", (qid,)).fetchone()
+        if row is None:
+            raise APIError(404, f"no queue item {qid}", param="id", code="queue_item_not_found")
+        return row
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    # -- reading ---------------------------------------------------------------------
+    def list(self, status: str | None = None) -> list[dict]:
+        if status is not None and status not in STATUSES:
+            raise APIError(
+                400,
+                f"status must be one of {', '.join(STATUSES)}",
+                param="status",
+                code="invalid_value",
+            )
+        with self._lock:
+            db = self._conn()
+            if status is None:
+                rows = db.execute("SELECT * FROM queue ORDER BY id").fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT * FROM queue WHERE status=? ORDER BY id", (status,)
+                ).fetchall()
+        return [_item(r) for r in rows]
+
+    def get(self, qid: int) -> dict:
+        with self._lock:
+            return _item(self._row(self._conn(), qid))
+
+    def export(self) -> list[dict]:
+        """One record per approved item, as ``docqa reply`` writes them, with the agent's
+        reply, whether it was edited, and the ticket's extra fields."""
+        out = []
+        for it in self.list("approved"):
+            t, d = it["ticket"], it["draft"] or {}
+            rec = {
+                "id": str(t.get("id", it["id"])),
+                "reply": it["reply"],
+                "sources": d.get("sources", []),
+                "confidence": d.get("confidence"),
+                "decision": d.get("decision"),
+                "reason": d.get("reason"),
+                "edited": it["reply"] != d.get("reply"),
+                "queue_id": it["id"],
+                "approved_at": it["updated"],
+            }
+            extras = {k: v for k, v in t.items() if k not in ("subject", "body") and k not in rec}
+            out.append(rec | extras)
+        return out
+
+    # -- writing ---------------------------------------------------------------------
+    def add(self, tickets: list[dict], origin: str = "") -> list[dict]:
+        """Append tickets (``{"id"?, "subject", "body", ...}``) as ``new`` items, in one
+        transaction; a ticket without an id is named after its queue item."""
+        now = time.time()
+        with self._lock:
+            db = self._conn()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                ids = []
+                for t in tickets:
+                    cur = db.execute(
+                        "INSERT INTO queue (ticket, origin, status, created, updated) "
+                        "VALUES (?, ?, 'new', ?, ?)",
+                        (json.dumps(t, ensure_ascii=False), origin, now, now),
+                    )
+                    qid = cur.lastrowid
+                    if t.get("id") in (None, ""):
+                        t = {**t, "id": f"web-{qid}"}
+                        db.execute(
+                            "UPDATE queue SET ticket=? WHERE id=?",
+                            (json.dumps(t, ensure_ascii=False), qid),
+                        )
+                    ids.append(qid)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return [_item(self._row(db, q)) for q in ids]
+
+    def update(
+        self,
+        qid: int,
+        *,
+        reply: str | None = None,
+        status: str | None = None,
+        note: str | None = None,
+        version: int | None = None,
+    ) -> dict:
+        """The agent's edit and decision; ``version``, when given, must be the item's."""
+        with self._lock:
+            db = self._conn()
+            row = self._row(db, qid)
+            if version is not None and version != row["version"]:
+                raise APIError(
+                    409,
+                    f"queue item {qid} changed since version {version} (now {row['version']}); "
+                    "reload it",
+                    param="version",
+                    code="version_conflict",
+                )
+            if row["status"] == "drafting":
+                raise APIError(
+                    409, f"queue item {qid} is being drafted", param="id", code="drafting"
+                )
+            if status is not None and status not in AGENT_STATUSES:
+                raise APIError(
+                    400,
+                    f"status must be one of {', '.join(AGENT_STATUSES)}",
+                    param="status",
+                    code="invalid_value",
+                )
+            new_reply = row["reply"] if reply is None else reply
+            if status == "approved" and not new_reply.strip():
+                raise APIError(
+                    400, "an approved item needs a reply", param="reply", code="empty_reply"
+                )
+            db.execute(
+                "UPDATE queue SET reply=?, status=?, note=?, version=version+1, updated=? "
+                "WHERE id=?",
+                (
+                    new_reply,
+                    status or row["status"],
+                    row["note"] if note is None else note,
+                    time.time(),
+                    qid,
+                ),
+            )
+            return _item(self._row(db, qid))
+
+    def _claim(self, qid: int) -> dict:
+        with self._lock:
+            db = self._conn()
+            cur = db.execute(
+                "UPDATE queue SET status='drafting', version=version+1, updated=? "
+                "WHERE id=? AND status='new'",
+                (time.time(), qid),
+            )
+            row = self._row(db, qid)
+            if cur.rowcount == 0:
+                raise APIError(
+                    409,
+                    f"queue item {qid} is {row['status']}; only new items are drafted",
+                    param="id",
+                    code="not_new",
+                )
+            return _item(row)
+
+    def _finish(self, qid: int, record: dict | None) -> dict:
+        """Store a draft (status ``review``), or release the claim (``record`` None)."""
+        with self._lock:
+            db = self._conn()
+            if record is None:
+                db.execute(
+                    "UPDATE queue SET status='new', version=version+1, updated=? WHERE id=?",
+                    (time.time(), qid),
+                )
+            else:
+                db.execute(
+                    "UPDATE queue SET status='review', draft=?, reply=?, version=version+1, "
+                    "updated=? WHERE id=?",
+                    (
+                        json.dumps(record, ensure_ascii=False),
+                        record.get("reply", ""),
+                        time.time(),
+                        qid,
+                    ),
+                )
+            return _item(self._row(db, qid))
+
+    async def draft(self, qid: int) -> dict:
+        """Draft the reply of a ``new`` item with the ticket service: the same record
+        ``POST /v1/tickets/reply`` returns. A busy or reloading model releases the claim and
+        raises (the caller retries); a ticket that does not fit the context is drafted as an
+        error record for a human."""
+        if self.tickets is None:
+            raise APIError(
+                404,
+                "ticket replies need an index: start docqa with --index or --docs",
+                code="retrieval_disabled",
+            )
+        item = self._claim(qid)
+        try:
+            try:
+                record = await self.tickets.reply(item["ticket"])
+            except PromptTooLong as exc:
+                record = {"id": str(item["ticket"].get("id")), "error": str(exc)}
+                record["decision"] = "human"
+        except BaseException:
+            self._finish(qid, None)
+            raise
+        return self._finish(qid, record)

@@ -1,0 +1,465 @@
+"""The support agents' page (server/web) in a real browser (Debian's Chromium driven by
+Playwright) against a real server with the embedded model and the fixture docs; plus the ticket
+queue's storage and HTTP endpoints. Screenshots of the three views go to docs/img/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.errors import APIError
+from server.launch import ServerProcess
+from server.services.ticket_queue import TicketQueue, parse_upload
+
+from .conftest import FIXTURES, ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+IMG = ROOT / "docs" / "img"
+KEY = "desk-key-20"
+CAP = 4096  # server.max_upload_bytes for the browser server: small, to test the cap
+
+
+# -- the queue's storage (no model) --------------------------------------------------------
+def test_queue_storage_roundtrip(tmp_path):
+    db = tmp_path / "data" / "q.sqlite3"
+    q = TicketQueue(db, None)
+    a, b = q.add(
+        [
+            {"id": "t1", "subject": "Port", "body": "Which port?", "customer": "acme"},
+            {"subject": "", "body": "no id here"},
+        ],
+        "x.jsonl",
+    )
+    assert (a["status"], b["ticket"]["id"]) == ("new", f"web-{b['id']}")
+    with pytest.raises(APIError) as e:
+        q.update(a["id"], status="approved")  # no reply yet
+    assert e.value.status == 400 and e.value.param == "reply"
+    a2 = q.update(a["id"], reply="Port 7431.", status="approved", version=a["version"])
+    assert a2["version"] == a["version"] + 1
+    with pytest.raises(APIError) as e:  # a stale tab
+        q.update(a["id"], reply="other", version=a["version"])
+    assert e.value.status == 409 and e.value.code == "version_conflict"
+    with pytest.raises(APIError) as e:
+        q.update(999, reply="x")
+    assert e.value.status == 404
+    q._claim(b["id"])  # a draft was running when the server stopped
+    q.close()
+    q = TicketQueue(db, None)  # reopened: the same queue, the claim released
+    items = {it["id"]: it for it in q.list()}
+    assert items[a["id"]]["reply"] == "Port 7431." and items[b["id"]]["status"] == "new"
+    [rec] = q.export()
+    assert rec["id"] == "t1" and rec["reply"] == "Port 7431." and rec["customer"] == "acme"
+    assert rec["edited"] is True  # no draft: the reply is the agent's own
+    q.close()
+
+
+def test_parse_upload_reports_bad_input():
+    ok = b'{"id": "a", "body": "Which port?"}\n\n{broken\n[1, 2]\n{"subject": "Hi"}\n'
+    tickets, errors = parse_upload("t.jsonl", ok, 10_000)
+    assert [t["id"] for t in tickets] == ["a", "line-5"]
+    assert [e["line"] for e in errors] == [3, 4]
+    [t], _ = parse_upload("m.eml", b"Subject: Ports\n\nWhich port is used?\n", 10_000)
+    assert t == {"id": "m.eml", "subject": "Ports", "body": "Which port is used?\n"}
+    for name, data, status, code in [
+        ("big.txt", b"x" * 101, 413, "file_too_large"),
+        ("bin.txt", b"abc\x00def", 400, "not_text"),
+        ("latin.txt", "café".encode("latin-1"), 400, "not_text"),
+        ("logo.png", b"png", 400, "unsupported_file_type"),
+    ]:
+        with pytest.raises(APIError) as e:
+            parse_upload(name, data, 100)
+        assert (e.value.status, e.value.code, e.value.param) == (status, code, "file")
+
+
+# -- a real server and a real browser -----------------------------------------------------
+def _config(docs: Path, data: Path, key: str | None = None) -> dict:
+    return {
+        "server": {"data_dir": str(data), "max_upload_bytes": CAP, "api_key": key},
+        "model": {"n_ctx": 1024, "default_max_tokens": 48},
+        "retrieval": {
+            "docs_dir": str(docs),
+            "index_dir": str(docs.parent / "web-index"),
+            "chunk_tokens": 120,
+            "chunk_overlap": 20,
+            "top_k": 3,
+        },
+        # as in test_tickets: the tiny fixture docs sit near the default similarity line
+        "tickets": {"max_tokens": 48, "min_similarity": 0.3},
+    }
+
+
+@pytest.fixture(scope="module")
+def web(server_factory, tmp_path_factory):
+    docs = tmp_path_factory.mktemp("webdocs")
+    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
+    data = tmp_path_factory.mktemp("webdata")
+    s = server_factory(_config(docs, data), "web")
+    s.docs, s.data = docs, data
+    return s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        pytest.skip(
+            "Debian's chromium is not installed (apt-get install chromium; make install does it)"
+        )
+    from playwright.sync_api import sync_playwright  # a dev dependency: missing is an error
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],
+        )
+        yield b
+        b.close()
+
+
+def expect(locator):
+    from playwright.sync_api import expect as pw_expect
+
+    pw_expect.set_options(timeout=120_000)
+    return pw_expect(locator)
+
+
+def _page(browser, url: str, width: int = 1280, height: int = 800):
+    """A fresh page (own storage) that records every request leaving the server."""
+    ctx = browser.new_context(viewport={"width": width, "height": height}, accept_downloads=True)
+    ctx.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+    page = ctx.new_page()
+    page.outside = []
+    page.console_errors = []
+    page.on(
+        "request",
+        lambda r: None if r.url.startswith((url, "blob:", "data:")) else page.outside.append(r.url),
+    )
+    page.on("pageerror", lambda e: page.console_errors.append(str(e)))
+    page.set_default_timeout(120_000)
+    return page
+
+
+def _shot(page, name: str) -> None:
+    IMG.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMG / name), full_page=False)
+
+
+UNLABELLED_JS = """() => [...document.querySelectorAll(
+    'main input, main textarea, main select, main button')]
+  .filter(e => e.offsetParent !== null && !(e.labels && e.labels.length)
+    && !e.getAttribute('aria-label') && !e.textContent.trim())
+  .map(e => e.id || e.outerHTML)"""
+
+
+def _fits(page) -> bool:
+    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+
+
+def test_page_is_served_offline_and_labelled(browser, web):
+    r = httpx.get(web.url + "/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert httpx.get(web.url + "/web/../app.py").status_code == 404
+    cfg = httpx.get(web.url + "/web/config.json").json()
+    assert (
+        cfg["auth"] is False and cfg["max_upload_bytes"] == CAP and ".md" in cfg["document_types"]
+    )
+    page = _page(browser, web.url)
+    page.goto(web.url + "/")
+    for view in ("ask", "tickets", "documents"):
+        page.goto(f"{web.url}/#{view}")
+        page.wait_for_selector(f"#view-{view}:not([hidden])")
+        unlabelled = page.evaluate(UNLABELLED_JS)
+        assert unlabelled == [], view
+        assert _fits(page), f"{view} overflows at 1280 px"
+    page.set_viewport_size({"width": 380, "height": 800})
+    for view in ("ask", "tickets", "documents"):
+        page.goto(f"{web.url}/#{view}")
+        assert _fits(page), f"{view} overflows at 380 px"
+    assert page.outside == [] and page.console_errors == []
+    page.context.close()
+
+
+def test_ask_streams_answer_with_highlighted_evidence(browser, web):
+    page = _page(browser, web.url)
+    page.goto(web.url + "/")
+    # keyboard only: Tab from the top reaches the question box, Enter asks
+    order = []
+    for _ in range(8):
+        page.keyboard.press("Tab")
+        order.append(page.evaluate("document.activeElement.id"))
+        if order[-1] == "question":
+            break
+    assert order[-1] == "question", order
+    assert order.index("nav-ask") < order.index("nav-tickets") < order.index("question")
+    page.keyboard.type("Which port does the Zephyrd HTTP API listen on?")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#answer-box.answered", timeout=120_000)
+    assert page.inner_text("#answer").strip()
+    assert page.inner_text("#answer-kind").startswith("Grounded in")
+    paths = page.eval_on_selector_all("#sources .path", "els => els.map(e => e.textContent)")
+    assert "guide/install.md" in paths
+    marks = page.eval_on_selector_all(
+        "#sources details[open] mark", "els => els.map(e => e.textContent)"
+    )
+    all_marks = page.eval_on_selector_all("#sources mark", "els => els.map(e => e.textContent)")
+    assert marks and any("7431" in m for m in all_marks), all_marks
+    # every source opens (keyboard: its summary is focusable) to its excerpt
+    n = page.locator("#sources summary").count()
+    for i in range(n):
+        page.locator("#sources summary").nth(i).focus()
+        if not page.locator("#sources details").nth(i).evaluate("d => d.open"):
+            page.keyboard.press("Enter")
+        assert page.locator("#sources details").nth(i).evaluate("d => d.open")
+    for i in range(1, n):  # back to the first excerpt only, for the screenshot
+        page.locator("#sources summary").nth(i).focus()
+        page.keyboard.press("Enter")
+    page.focus("#question")
+    page.evaluate("window.scrollTo(0, 0)")
+    _shot(page, "ask.png")
+    page.focus("#copy-md")
+    page.keyboard.press("Enter")
+    expect(page.locator("#copy-status")).not_to_be_empty()
+    md = page.evaluate("navigator.clipboard.readText()")
+    assert md.startswith("**Question:** Which port") and "**Sources**" in md
+    assert "[1] `" in md and "guide/install.md" in md and "7431" in md
+    # an answer the docs do not hold is shown as an abstention, not as an answer
+    page.fill("#question", "What is a good recipe for chocolate cake?")
+    page.click("#ask-btn")
+    page.wait_for_selector("#answer-box.abstained", timeout=120_000)
+    assert page.inner_text("#answer-kind") == "Not in the documentation"
+    assert page.is_visible("#sources-empty") and page.locator("#sources li").count() == 0
+    assert page.outside == [] and page.console_errors == []
+    page.context.close()
+
+
+TICKETS_JSONL = (
+    json.dumps(
+        {
+            "id": "t1",
+            "subject": "Port question",
+            "customer": "acme",
+            "body": "Hi team,\n\nWhich port does the Zephyrd HTTP API listen on by default?",
+        }
+    )
+    + "\n{this line is not json\n"
+    + json.dumps(
+        {
+            "id": "t3",
+            "subject": "Refund",
+            "customer": "initech",
+            "body": "I was charged twice on my invoice. Please refund my credit card.",
+        }
+    )
+    + "\n"
+)
+
+
+def test_tickets_upload_draft_approve_export(browser, web):
+    page = _page(browser, web.url)
+    other = _page(browser, web.url)  # a second window on the same queue
+    page.goto(web.url + "/#tickets")
+    other.goto(web.url + "/#tickets")
+    page.select_option("#queue-filter", "")  # all, not only the open ones
+    page.set_input_files(
+        "#ticket-files",
+        [
+            {
+                "name": "batch.jsonl",
+                "mimeType": "application/x-ndjson",
+                "buffer": TICKETS_JSONL.encode(),
+            },
+            {"name": "scan.txt", "mimeType": "text/plain", "buffer": b"%PDF\x00\x01\x02binary"},
+            {"name": "huge.txt", "mimeType": "text/plain", "buffer": b"word " * CAP},
+            {
+                "name": "mail.eml",
+                "mimeType": "message/rfc822",
+                "buffer": b"Subject: Config file\n\nWhere does the configuration file live?\n",
+            },
+        ],
+    )
+    page.click("#ticket-upload-form button[type=submit]")
+    res = page.locator("#ticket-upload-results")
+    expect(res.locator("li[data-file]")).to_have_count(4)
+    expect(res.locator("li[data-file]", has_text="uploading")).to_have_count(0)
+    rows = {li.get_attribute("data-file"): li for li in res.locator("li[data-file]").all()}
+    assert "2 tickets added" in rows["batch.jsonl"].inner_text()
+    assert "line 2" in rows["batch.jsonl"].inner_text()
+    assert "not a text file" in rows["scan.txt"].inner_text()
+    assert rows["scan.txt"].get_attribute("class") == "err"
+    assert "too large" in rows["huge.txt"].inner_text()
+    assert "1 ticket added" in rows["mail.eml"].inner_text()
+    # every ticket gets a draft with confidence, decision and reason
+    expect(page.locator("#queue .qitem")).to_have_count(3)
+    expect(page.locator("#queue .qitem.status-review")).to_have_count(3, timeout=180_000)
+    items = {
+        it["ticket"]["id"]: it for it in httpx.get(web.url + "/v1/tickets/queue").json()["data"]
+    }
+    assert set(items) == {"t1", "t3", "mail.eml"}
+    assert (
+        items["t3"]["draft"]["decision"] == "human"
+        and "out of scope" in items["t3"]["draft"]["reason"]
+    )
+    t1 = items["t1"]
+    card = page.locator(f"#q-{t1['id']}")
+    assert "confidence" in card.inner_text() and "decision:" in card.inner_text()
+    assert "Why:" in card.inner_text()
+    # the agent edits and approves t1 (keyboard), escalates t3
+    edited = "Zephyrd's HTTP API listens on port 7431 by default. [edited by agent]"
+    card.locator("textarea").fill(edited)
+    card.locator("button", has_text="Approve").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector(f"#q-{t1['id']}.status-approved", state="attached")
+    t3 = page.locator(f"#q-{items['t3']['id']}")
+    t3.locator("input").fill("billing: hand to the accounts team")
+    t3.locator("button", has_text="Escalate").click()
+    page.wait_for_selector(f"#q-{items['t3']['id']}.status-escalated", state="attached")
+    page.evaluate("window.scrollTo(0, 0)")
+    _shot(page, "tickets.png")
+    # the other window sees the same queue (it polls)
+    other.select_option("#queue-filter", "")
+    other.wait_for_selector(f"#q-{t1['id']}.status-approved", state="attached", timeout=15_000)
+    assert other.locator(f"#q-{t1['id']} textarea").input_value() == edited
+    other.wait_for_selector(f"#q-{items['t3']['id']}.status-escalated", state="attached")
+    # export: the approved reply, as edited
+    with page.expect_download() as dl:
+        page.click("#queue-export")
+    lines = Path(dl.value.path()).read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert [r["id"] for r in recs] == ["t1"]
+    assert recs[0]["reply"] == edited and recs[0]["edited"] is True
+    assert recs[0]["customer"] == "acme" and recs[0]["decision"] in ("auto", "human")
+    assert page.outside == [] and page.console_errors == [] and other.console_errors == []
+    page.context.close()
+    other.context.close()
+
+
+def test_queue_http_errors(web):
+    url = web.url + "/v1/tickets/queue"
+    item = httpx.post(url, json={"subject": "Stale", "body": "Which port?"}).json()["data"][0]
+    one = f"{url}/{item['id']}"
+    bad = [
+        (httpx.patch(url + "/999999", json={"reply": "x"}), 404, "id"),
+        (httpx.patch(one, json={"status": "sent"}), 400, "status"),
+        (httpx.patch(one, json={"version": 0}), 400, "version"),
+        (httpx.patch(one, json={"status": "approved"}), 400, "reply"),
+        (httpx.get(url, params={"status": "nope"}), 400, "status"),
+        (httpx.post(url, json={"tickets": []}), 400, "tickets"),
+        (httpx.post(url, json={"tickets": [{"body": "  "}]}), 400, "tickets.0"),
+        (httpx.post(url, files={"file": ("x.png", b"png", "image/png")}), 400, "file"),
+        (httpx.post(url, files={"file": ("x.txt", b"a" * (CAP + 1), "text/plain")}), 413, "file"),
+        (
+            httpx.post(web.url + "/v1/documents", files={"file": ("x.md", b"a" * (CAP + 1))}),
+            413,
+            "file",
+        ),
+    ]
+    for r, status, param in bad:
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    v = item["version"]
+    assert httpx.patch(one, json={"note": "a", "version": v}).status_code == 200
+    r = httpx.patch(one, json={"note": "b", "version": v})  # a tab that did not reload
+    assert r.status_code == 409 and r.json()["error"]["code"] == "version_conflict"
+    r = httpx.post(one + "/draft", json={}, timeout=120)  # as POST /v1/tickets/reply drafts
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "review" and r.json()["draft"]["decision"] in ("auto", "human")
+    r = httpx.post(one + "/draft", json={})  # not new any more
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_new"
+
+
+def test_documents_upload_and_delete(browser, web):
+    page = _page(browser, web.url)
+    page.goto(web.url + "/#documents")
+    page.wait_for_selector("#doc-table tbody tr")
+    before = page.locator("#doc-table tbody tr").count()
+    page.set_input_files(
+        "#doc-files",
+        [
+            {
+                "name": "flux.md",
+                "mimeType": "text/markdown",
+                "buffer": b"# Flux module\n\nThe flux capacitor of Zephyrd needs exactly "
+                b"1.21 gigawatts, set with `flux_power_gw`.\n",
+            },
+            {"name": "logo.md", "mimeType": "text/markdown", "buffer": b"\x89PNG\x00\x00binary"},
+            {"name": "big.md", "mimeType": "text/markdown", "buffer": b"# Big\n" + b"words " * CAP},
+        ],
+    )
+    page.focus("#doc-upload-form button[type=submit]")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#doc-table tbody tr[data-path='flux.md']")
+    rows = {
+        li.get_attribute("data-file"): li.inner_text()
+        for li in page.locator("#doc-upload-results li").all()
+    }
+    assert "indexed as flux.md" in rows["flux.md"]
+    assert "binary" in rows["logo.md"] and "too large" in rows["big.md"]
+    assert page.locator("#doc-table tbody tr").count() == before + 1
+    chunks = page.inner_text("#doc-table tbody tr[data-path='flux.md'] td.num")
+    assert int(chunks) >= 1
+    _shot(page, "documents.png")
+    # delete with the keyboard: Enter arms the button, Enter again deletes
+    page.focus("button[aria-label='Delete flux.md']")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("button[aria-label='Confirm delete flux.md']")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#doc-table tbody tr[data-path='flux.md']", state="detached")
+    assert "flux.md" not in [d["path"] for d in httpx.get(web.url + "/v1/documents").json()["data"]]
+    assert page.outside == [] and page.console_errors == []
+    page.context.close()
+
+
+def test_restart_with_api_key_keeps_queue(browser, web):
+    """The queue survives a restart; with server.api_key set, the page asks for the key once
+    and nothing works without it."""
+    url = web.url + "/v1/tickets/queue"
+    [kept] = httpx.post(url, json={"id": "r1", "body": "Where is the config file?"}).json()["data"]
+    httpx.patch(f"{url}/{kept['id']}", json={"reply": "In /etc/zephyrd.", "status": "approved"})
+    before = httpx.get(url).json()["data"]
+    web.stop()
+    s = ServerProcess(
+        _config(web.docs, web.data, KEY), workdir=web.workdir, name="web-key", cwd=web.cwd
+    )
+    s.start()
+    try:
+        s.wait_ready(timeout=120)
+        assert httpx.get(s.url + "/v1/tickets/queue").status_code == 401
+        page = _page(browser, s.url)
+        page.goto(s.url + "/#tickets")
+        dialog = page.locator("#key-dialog")
+        dialog.wait_for(state="visible")
+        assert page.evaluate("document.activeElement.id") == "key-input"
+        assert page.locator("#queue .qitem").count() == 0  # nothing without the key
+        page.keyboard.type("wrong-key")
+        page.keyboard.press("Enter")
+        expect(page.locator("#key-error")).to_contain_text("refused")
+        page.fill("#key-input", KEY)
+        page.keyboard.press("Enter")
+        dialog.wait_for(state="hidden")
+        page.select_option("#queue-filter", "")
+        expect(page.locator("#queue .qitem")).to_have_count(len(before))
+        approved = [it for it in before if it["status"] == "approved"]
+        assert kept["id"] in [it["id"] for it in approved]
+        for it in approved:
+            assert (
+                page.locator(f"#q-{it['id']}.status-approved textarea").input_value() == it["reply"]
+            )
+        # asked once: the other views work with the stored key, no second prompt
+        page.goto(s.url + "/#documents")
+        page.wait_for_selector("#doc-table tbody tr")
+        assert not dialog.is_visible()
+        assert page.outside == [] and page.console_errors == []
+        page.context.close()
+    finally:
+        s.stop()
