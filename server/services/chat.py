@@ -1,5 +1,7 @@
 """Prepare chat and text completion requests: model check, prompt, RAG, sampling. Every
-step runs on the one runtime the request holds a lease on."""
+step runs on the one runtime the request holds a lease on. Preparation is blocking work
+(retrieval, chat template, tokenization): the router runs it in a worker thread, after the
+request has its place in the engine's queue."""
 
 from __future__ import annotations
 
@@ -36,14 +38,14 @@ class ChatService:
             code="model_not_found",
         )
 
-    async def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
         original = messages = _messages(req)
         grounding = None
         if use_rag:
-            messages, grounding = await self.rag.augment(rt, messages)
+            messages, grounding = self.rag.augment(rt, messages)
         tokens = rt.prompt_tokens(rt.format_chat(messages))
         max_tokens = req.max_completion_tokens or req.max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
@@ -67,7 +69,7 @@ class ChatService:
             canned=grounding.abstain if grounding is not None else None,
         )
 
-    async def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
+    def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
         model_id, _ = self.resolve_model_id(rt, req.model)
         if isinstance(req.prompt, str):
             text = req.prompt
