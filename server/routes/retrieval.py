@@ -66,7 +66,7 @@ async def add_documents(request: Request, docs: DocumentsService = Depends(deps.
         if upload is None or not hasattr(upload, "read"):
             raise bad_request("multipart upload needs a 'file' field", "file")
         name = str(form.get("path") or upload.filename or "upload.md")
-        parsed = docs.from_upload(name, await upload.read())
+        parsed = docs.from_upload(name, await upload.read(), "path" if form.get("path") else "file")
     else:
         parsed = await asyncio.to_thread(docs.from_json, await request.body())
     index, data = await asyncio.to_thread(docs.ingest, parsed)
