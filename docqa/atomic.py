@@ -8,8 +8,14 @@ temporary folder is removed and ``target`` is left as it was.
 
 A process that dies between the two renames leaves no ``target`` but a complete backup:
 ``resolve(target)`` returns that backup, so readers keep working, and the next successful write
-removes it. Leftovers of writers that are no longer running are swept by the next write;
-those of a live process (another writer at work) are never touched.
+removes it. Leftovers of writers that are no longer running are swept by the next write,
+and by ``recover(target, marker)``, which a reader that owns ``target`` (the server, at start)
+calls: it puts a complete backup back in place when ``target`` is missing, and removes the
+leftovers only once ``target`` is whole. Those of a live process (another writer at work) are
+never touched.
+
+Between its steps the writer calls ``_step(name)`` (a no-op): tests replace it to kill the
+writer in each window of the swap (``STEPS``), the way a crash would.
 """
 
 from __future__ import annotations
@@ -26,6 +32,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SWAP_TRIES = 10  # rounds lost to concurrent writers of the same target before giving up
+
+# The windows of a write, in order: a crash test stops the writer at each (``_step``).
+STEPS = (
+    "written",  # the temporary folder is complete; nothing renamed yet
+    "aside",  # the previous target renamed to its backup; the new one not in place yet
+    "swapped",  # the new target in place; the backup not removed yet
+    "cleaned",  # the backup removed; the last sweep not run yet
+)
+
+
+def _step(name: str) -> None:
+    """A hook between the steps of a write (see ``STEPS``); tests replace it."""
 
 
 def _prefix(target: Path, kind: str) -> str:
@@ -95,6 +113,29 @@ def resolve(target: str | Path, marker: str | None = None) -> Path:
     return target
 
 
+def recover(target: str | Path, marker: str) -> Path:
+    """Put ``target`` back in order after a crash, for the process that owns it (at start):
+    when ``target`` is missing and a backup holding ``marker`` exists (a writer died between
+    its two renames), the newest such backup is renamed into place; then, once ``target``
+    holds ``marker``, the leftovers of writers that are no longer running are removed. With
+    no whole copy anywhere nothing is touched (someone may want to look). -> ``resolve``'s
+    answer afterwards."""
+    target = Path(target)
+    if not target.exists():
+        for backup in _siblings(target, "old"):
+            if (backup / marker).exists() and _stale(backup, target, "old"):
+                try:
+                    os.rename(backup, target)
+                except OSError as exc:  # another process got there first: fine
+                    log.warning("could not restore %s from %s: %s", target, backup, exc)
+                else:
+                    log.warning("%s was missing: restored from its backup %s", target, backup)
+                break
+    if (target / marker).exists():
+        _sweep(target)
+    return resolve(target, marker)
+
+
 def _swap(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``, moving what was there aside first and removing it after.
     A folder another writer puts in place between the two renames is moved aside too (the last
@@ -106,6 +147,7 @@ def _swap(tmp: Path, target: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.rename(target, backup)
             aside.append(backup)
+        _step("aside")
         try:
             os.rename(tmp, target)
             break
@@ -118,8 +160,10 @@ def _swap(tmp: Path, target: Path) -> None:
             for p in aside:
                 shutil.rmtree(p, ignore_errors=True)
             raise
+    _step("swapped")
     for p in aside:
         shutil.rmtree(p, ignore_errors=True)
+    _step("cleaned")
 
 
 @contextlib.contextmanager
@@ -133,6 +177,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
+        _step("written")
         _swap(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,10 +14,10 @@ def nitro_index(out: Path | None = None, questions: bool = False) -> Path:
     from docqa.data import DEFAULT_DOCS, load_qa, split_qa
     from retrieval.builder import build_index, default_tokenizer
     from retrieval.embedder import Embedder
-    from retrieval.index import save_index
+    from retrieval.index import find_index, save_index
 
     out = out or VAR / ("nitro-index-q" if questions else "nitro-index")
-    if not (out / "manifest.json").is_file():
+    if find_index(out) is None:
         pairs = split_qa(load_qa(duplicates=True))[0] if questions else None
         idx = build_index(
             DEFAULT_DOCS, Embedder(), default_tokenizer(), progress=False, questions=pairs

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from docqa.atomic import atomic_dir, resolve
+from docqa.atomic import atomic_dir, recover, resolve
 from docqa.provenance import make_provenance, write_provenance
 from retrieval.bm25 import BM25, tokenize
 from retrieval.chunking import Chunk
@@ -29,6 +29,7 @@ from retrieval.questions import Questions
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # written last: an index folder holding it is complete
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _write_into(index: Index, d: Path) -> None:
             for r in index.questions.rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         np.save(d / "question_embeddings.npy", index.questions.embeddings)
-    write_provenance(d / "manifest.json", index.manifest)  # last: marks the dir complete
+    write_provenance(d / MANIFEST, index.manifest)  # last: marks the dir complete
 
 
 def save_index(index: Index, out: str | Path) -> Path:
@@ -127,11 +128,29 @@ def check_embedder(index: Index, embedder) -> None:
         )
 
 
+def find_index(path: str | Path) -> Path | None:
+    """The complete index ``load_index(path)`` reads: ``path``, or its backup when a save died
+    between its two renames (``docqa.atomic.resolve``); None when there is neither."""
+    found = resolve(path, MANIFEST)
+    return found if (found / MANIFEST).is_file() else None
+
+
+def recover_index(path: str | Path) -> Path | None:
+    """For the process that owns the index folder ``path`` (the server, at start): a backup
+    left by a crash is put back in place, and leftover temporary folders and backups are
+    removed once ``path`` holds a complete index (``docqa.atomic.recover``). -> ``find_index``."""
+    recover(path, MANIFEST)
+    return find_index(path)
+
+
 def load_index(path: str | Path, mmap: bool = True) -> Index:
-    path = resolve(path, "manifest.json")  # the backup, when a save died mid-swap
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"no index at {path} (missing manifest.json)")
-    manifest = json.loads((path / "manifest.json").read_text())
+    """Read the index at ``path`` (or its backup: ``find_index``); ``FileNotFoundError`` when
+    there is none."""
+    found = find_index(path)
+    if found is None:
+        raise FileNotFoundError(f"no index at {path} (missing {MANIFEST})")
+    path = found
+    manifest = json.loads((path / MANIFEST).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"index {path} has format {manifest.get('format_version')}, "

@@ -1,8 +1,9 @@
 """Generation engines. An engine runs jobs on a worker thread; requests wait in a bounded
 queue (``Admission``) and a full queue is refused at once (503 + Retry-After).
 
-Interface (both engines; the runtime in ``server.runtime`` holds one): ``submit(params) ->
-Job`` (raises ``QueueFull``), ``busy``, ``n_ctx``, ``cancel_all()``, ``close()``. A ``Job``
+Interface (both engines; the runtime in ``server.runtime`` holds one): ``reserve() -> Slot``
+(raises ``QueueFull``; ``Slot.submit(params) -> Job``), ``submit(params) -> Job`` (both at
+once), ``busy``, ``n_ctx``, ``cancel_all()``, ``close()``. A ``Job``
 is an async iterator of ``Delta``/``Finish`` events with ``cancel()``. Tokenization and chat
 formatting belong to the model, not the engine: see ``server.runtime.ModelRuntime``.
 """
@@ -53,6 +54,7 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue[Any] = asyncio.Queue()
         self.started = asyncio.Event()
+        self.slot: Slot | None = None  # its place in the admission queue
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -102,9 +104,37 @@ def chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
     )
 
 
+class Slot:
+    """A place in an engine's admission queue, reserved before a request does any work
+    (retrieval, templating, tokenization) and turned into a ``Job`` by ``submit``. The owner
+    calls ``release`` when it no longer needs the place (idempotent); the place is freed once
+    the owner has released it and its job, if any, has ended. A slot runs one job at a time
+    and may run several in turn (a ticket answers its questions one after the other)."""
+
+    def __init__(self, admission: Admission):
+        self._admission = admission
+        self.job: Job | None = None  # the running job, if any
+        self.released = False
+        self.freed = False
+
+    def submit(self, params: GenParams) -> Job:
+        return self._admission._submit(self, params)  # noqa: SLF001
+
+    def release(self) -> None:
+        self._admission._release_slot(self)  # noqa: SLF001
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Admission:
     """Bounded admission and the FIFO hand-off to an engine's worker thread: at most
-    ``max_queue`` requests admitted (running + waiting); more are refused at once."""
+    ``max_queue`` places (``Slot``: reserved, running or waiting) at once; more are refused at
+    once with ``QueueFull``. A request reserves its place first, then prepares its prompt, then
+    submits it."""
 
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
@@ -114,23 +144,58 @@ class Admission:
         self._live: set[Job] = set()
         self._stopped = False
 
-    def submit(self, params: GenParams) -> Job:
+    def reserve(self) -> Slot:
+        """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
             if self.admitted >= self.max_queue:
                 raise QueueFull(f"server busy: {self.admitted} requests admitted")
             self.admitted += 1
+            return Slot(self)
+
+    def submit(self, params: GenParams) -> Job:
+        """Reserve and submit at once; the place is freed when the job ends."""
+        slot = self.reserve()
+        try:
+            return slot.submit(params)
+        finally:
+            slot.release()
+
+    def _submit(self, slot: Slot, params: GenParams) -> Job:
+        with self._lock:
+            if slot.released or slot.job is not None:
+                raise RuntimeError("slot released or already running a job")
+            if self._stopped:  # checked with the put under one lock: never behind the stop
+                raise EngineStopped("the model is being replaced")
             job = Job(params, asyncio.get_running_loop())
+            job.slot = slot
+            slot.job = job
             self._live.add(job)
-        self.jobs.put(job)
+            self.jobs.put(job)
         return job
 
-    def release(self, job: Job) -> None:
-        """The job is over: free its place and end its event stream."""
-        with self._lock:
+    def _free(self, slot: Slot) -> None:  # with the lock held
+        if not slot.freed:
+            slot.freed = True
             self.admitted -= 1
+
+    def _release_slot(self, slot: Slot) -> None:
+        with self._lock:
+            slot.released = True
+            if slot.job is None:
+                self._free(slot)
+
+    def release(self, job: Job) -> None:
+        """The job is over: end its event stream, and free its place unless its owner keeps
+        it for another job."""
+        with self._lock:
             self._live.discard(job)
+            slot = job.slot
+            if slot is not None and slot.job is job:
+                slot.job = None
+                if slot.released:
+                    self._free(slot)
         job._put(_END)
 
     def cancel_all(self) -> int:
@@ -145,7 +210,7 @@ class Admission:
         """No more submissions; the worker ends after the jobs already queued."""
         with self._lock:
             self._stopped = True
-        self.jobs.put(None)
+            self.jobs.put(None)
 
 
 class Worker:
@@ -172,6 +237,10 @@ class Worker:
     @property
     def busy(self) -> int:
         return self.admission.admitted
+
+    def reserve(self) -> Slot:
+        """A place in the queue for a request about to prepare its prompt (``QueueFull``)."""
+        return self.admission.reserve()
 
     def submit(self, params: GenParams) -> Job:
         return self.admission.submit(params)

@@ -80,6 +80,7 @@ class EndpointPool:
         self.tokenize = tokenize
         self._lock = threading.Lock()
         self._jobs: set[RemoteJob] = set()
+        self._reserved = 0  # places taken by requests still preparing (RemoteSlot)
         self._next = 0
         self._stop = threading.Event()
         self._clients: dict[int, httpx.AsyncClient] = {}
@@ -144,12 +145,31 @@ class EndpointPool:
         return c
 
     # -- engine interface -------------------------------------------------------------------
-    def submit(self, params: GenParams) -> RemoteJob:
+    def _check_healthy(self) -> None:
         if not any(e.healthy for e in self.endpoints):
             why = "; ".join(f"{e.base}: {e.error}" for e in self.endpoints)
             raise NoEndpoint(why, self.retry_after)
+
+    def reserve(self) -> int:
+        """Take a place before the request prepares its prompt (admission before work, as the
+        local engines do): ``QueueFull`` when in-flight jobs and reserved places fill
+        ``max_queue``; 503 at once when no endpoint is healthy."""
+        self._check_healthy()
         with self._lock:
-            if len(self._jobs) >= self.max_queue:
+            taken = len(self._jobs) + self._reserved
+            if taken >= self.max_queue:
+                raise QueueFull(f"{taken} requests in flight")
+            self._reserved += 1
+        return self._reserved
+
+    def unreserve(self) -> None:
+        with self._lock:
+            self._reserved -= 1
+
+    def submit(self, params: GenParams, reserved: bool = False) -> RemoteJob:
+        self._check_healthy()
+        with self._lock:
+            if not reserved and len(self._jobs) + self._reserved >= self.max_queue:
                 raise QueueFull(f"{len(self._jobs)} requests in flight")
             job = RemoteJob(self, params)
             self._jobs.add(job)
@@ -371,10 +391,41 @@ class RemoteRuntime(ModelRuntime):
     def endpoints(self) -> list[dict]:
         return [e.to_dict() for e in self.engine.endpoints]
 
-    def submit(self, params: GenParams):
+    def reserve(self) -> RemoteSlot:
+        """A place taken before the request prepares its prompt (``server.engine.Slot``'s
+        interface)."""
+        self.engine.reserve()
+        return RemoteSlot(self)
+
+    def submit(self, params: GenParams, reserved: bool = False):
         if params.messages is None and params.prompt_text is None:
             params.prompt_text = self.detokenize(params.prompt_tokens)
         if params.cad and not self._warned_cad:
             self._warned_cad = True
             log.warning("context-aware decoding needs local logits: remote answers decode plainly")
-        return self.engine.submit(params)
+        return self.engine.submit(params, reserved)
+
+
+class RemoteSlot:
+    """``server.engine.Slot`` for a remote runtime: a reserved place in the endpoint pool's
+    bound, freed when its owner releases it (a submitted job counts on its own until it ends)."""
+
+    def __init__(self, rt: RemoteRuntime):
+        self.rt = rt
+        self.job = None
+        self.released = False
+
+    def submit(self, params: GenParams):
+        self.job = self.rt.submit(params, reserved=True)
+        return self.job
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.rt.engine.unreserve()
+
+    def __enter__(self) -> RemoteSlot:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -123,6 +123,11 @@ class ModelRuntime:
         return Tokenizer.from_llama(self.llm, self.id)
 
     # -- generation -------------------------------------------------------------------
+    def reserve(self):
+        """A place in the engine's admission queue (``server.engine.Slot``), taken before the
+        request prepares its prompt; ``QueueFull`` when there is none."""
+        return self.engine.reserve()
+
     def submit(self, params: GenParams):
         return self.engine.submit(params)
 

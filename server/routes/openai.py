@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
+import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -51,24 +52,33 @@ async def respond(
     request: Request,
     chat: ChatService,
     stream: bool,
-    prepare: Callable[[ModelRuntime], Awaitable[gen.Prepared]],
+    prepare: Callable[[ModelRuntime], gen.Prepared],
 ):
-    """Prepare, submit and write one request, all on one leased model runtime; the lease is
-    released when the answer (or the stream) ends."""
+    """Admit, prepare, submit and write one request, all on one leased model runtime. A place
+    in the engine's queue is reserved first (503 + Retry-After when there is none, before any
+    work); the preparation (retrieval, chat template, tokenization) then runs in a worker
+    thread, off the event loop, and the place becomes the job (or is freed on any error). The
+    lease is released when the answer (or the stream) ends."""
     retry_after = chat.settings.server.retry_after_s
     held = acquire(chat.models, retry_after)
     try:
-        prep = await prepare(held.runtime)
-        job = gen.submit(held.runtime, prep, retry_after)
+        with gen.reserve(held.runtime, retry_after) as slot:
+            prep = await anyio.to_thread.run_sync(prepare, held.runtime)
+            job = gen.submit(slot, held.runtime, prep)
     except BaseException:
         held.release()
         raise
     if stream:
+
+        def closed() -> None:  # also when the stream never started (client gone before)
+            job.cancel()
+            held.release()
+
         return StreamingResponse(
             gen.stream(peer(request), prep, job, on_close=held.release),
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
-            background=BackgroundTask(held.release),  # also when the stream never started
+            background=BackgroundTask(closed),
         )
     try:
         return await gen.whole(peer(request), prep, job)

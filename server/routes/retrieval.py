@@ -105,7 +105,7 @@ async def add_documents(
                 param="file",
                 code="file_too_large",
             )
-        parsed = docs.from_upload(name, data)
+        parsed = docs.from_upload(name, data, "path" if form.get("path") else "file")
     else:
         parsed = await asyncio.to_thread(docs.from_json, await request.body())
     index, data = await asyncio.to_thread(docs.ingest, parsed)

@@ -1,5 +1,7 @@
 """Prepare chat and text completion requests: model check, prompt, RAG, sampling. Every
-step runs on the one runtime the request holds a lease on."""
+step runs on the one runtime the request holds a lease on. Preparation is blocking work
+(retrieval, chat template, tokenization): the router runs it in a worker thread, after the
+request has its place in the engine's queue."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class ChatService:
         """Return (model id to report, use retrieval) or raise 404."""
         return self.names.chat(rt, requested)
 
-    async def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
+    def prepare_chat(self, rt: ModelRuntime, req: ChatCompletionRequest) -> Prepared:
         model_id, use_rag = self.resolve_model_id(rt, req.model)
         if req.rag is not None:
             use_rag = req.rag and self.rag is not None
@@ -44,7 +46,7 @@ class ChatService:
         grounding = None
         # a turn answering a tool result is not a new question: no retrieval for it
         if use_rag and req.messages[-1].role not in ("tool", "function"):
-            messages, grounding = await self.rag.augment(rt, messages)
+            messages, grounding = self.rag.augment(rt, messages)
         if calling:
             messages = tools.with_system(messages, plan.system_text())
         prompt = rt.format_chat(messages)
@@ -86,7 +88,7 @@ class ChatService:
             tools=plan if calling else None,
         )
 
-    async def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
+    def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
         model_id, _ = self.resolve_model_id(rt, req.model)
         if isinstance(req.prompt, str):
             text = req.prompt

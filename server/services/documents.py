@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,32 @@ from retrieval.loaders import SUPPORTED, Document, load_file, load_tree
 from server.errors import APIError, bad_request
 from server.runtime import ModelManager
 from server.services.index import IndexService, StoreUnavailable
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def normalize_path(raw: str, param: str = "path") -> str:
+    """The name a document is stored (and identified) under: relative, ``/``-separated (a
+    ``\\`` counts as one), with no ``.`` segment and no repeated separator, so ``./guide.md``,
+    ``guide.md`` and ``.//guide.md`` are one document. A 400 naming ``param`` for a name that
+    is empty, holds a NUL or control character or a lone surrogate, is absolute, or climbs
+    out with ``..``."""
+    if _CONTROL.search(raw):
+        raise bad_request(f"document path {raw!r} holds a control character", param)
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: no file name, no id
+        raise bad_request(f"document path {raw!r} is not valid Unicode", param) from exc
+    name = raw.replace("\\", "/")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise bad_request(f"document path {raw!r} must be relative, not absolute", param)
+    if ".." in name.split("/"):
+        raise bad_request(f"document path {raw!r} must not contain '..'", param)
+    name = posixpath.normpath(name) if name else ""
+    if name in ("", "."):
+        raise bad_request("document path is empty", param)
+    return name
 
 
 def doc_id(path: str) -> str:
@@ -51,8 +79,8 @@ class DocumentsService:
         index = self.index.index
         return [doc_record(index, p) for p in sorted(index.files)]
 
-    def from_upload(self, filename: str, data: bytes) -> list[Document]:
-        name = Path(filename or "upload.md").as_posix().lstrip("/")
+    def from_upload(self, filename: str, data: bytes, param: str = "file") -> list[Document]:
+        name = normalize_path(filename or "upload.md", param)
         return self._sized([self._load_upload(name, data)])
 
     def _sized(self, docs: list[Document]) -> list[Document]:
@@ -88,9 +116,11 @@ class DocumentsService:
                 raise bad_request(f"no loadable documents at {body['path']}", "path")
             return self._sized(docs)
         if "content" in body:
-            name = str(body.get("path") or body.get("filename") or "").lstrip("/")
+            param = "path" if body.get("path") else "filename"
+            name = str(body.get("path") or body.get("filename") or "")
             if not name:
                 raise bad_request("give 'path' (name to store the document under)", "path")
+            name = normalize_path(name, param)
             return self._sized([self._load_upload(name, str(body["content"]).encode())])
         raise bad_request("give a multipart 'file', or JSON {'path'} or {'path','content'}")
 
@@ -167,8 +197,12 @@ class DocumentsService:
             tok = rt.chunk_tokenizer()
             found: list[str] = []
 
-            def change(index: Index) -> Index:
-                path = next((p for p in index.files if doc_id(p) == ident or p == ident), None)
+            name = ident if ident.startswith("doc_") else normalize_path(ident, "id")
+
+            def change(index: Index) -> Index:  # looked up under the write lock: one delete wins
+                path = next(
+                    (p for p in index.files if doc_id(p) == ident or p in (ident, name)), None
+                )
                 if path is None:
                     raise APIError(
                         404, f"no document {ident}", param="id", code="document_not_found"

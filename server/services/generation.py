@@ -15,7 +15,7 @@ from typing import Any
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from server import metrics, tools
-from server.engine import Job, PromptTooLong, QueueFull
+from server.engine import Job, PromptTooLong, QueueFull, Slot
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
 from server.grammar import GrammarError, GrammarLimits, check_gbnf, json_schema_grammar
@@ -134,8 +134,31 @@ def extra_fields(prep: Prepared, text: str) -> dict:
     return prep.grounding.finalize(text) if prep.grounding is not None else {}
 
 
-def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
-    """Submit ``prep`` to the runtime ``rt`` (a ``server.runtime.ModelRuntime``)."""
+def busy(exc: QueueFull, retry_after: int) -> APIError:
+    """The 503 a full queue answers (``Retry-After`` says when to try again)."""
+    return APIError(
+        503,
+        f"{exc}; retry later",
+        code="server_busy",
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+def reserve(rt, retry_after: int) -> Slot:
+    """A place in the admission queue of the runtime ``rt``, taken before the request does any
+    work; 503 + ``Retry-After`` when the queue is full. Use it as a context manager around the
+    preparation and ``submit``: it is released on any error, and a submitted job keeps it until
+    the job ends."""
+    try:
+        return rt.reserve()
+    except QueueFull as exc:
+        raise busy(exc, retry_after) from exc
+
+
+def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
+    """Turn the reserved ``slot`` into the job of ``prep`` on the runtime ``rt`` (a
+    ``server.runtime.ModelRuntime``); a canned answer needs no job (the slot is freed when its
+    owner releases it)."""
     if prep.canned is not None:
         return _stamp(CannedJob(prep.canned, rt, len(prep.params.prompt_tokens)))
     try:
@@ -147,15 +170,7 @@ def submit(rt, prep: Prepared, retry_after: int) -> Job | CannedJob:
             param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
-    try:
-        return _stamp(rt.submit(prep.params))
-    except QueueFull as exc:
-        raise APIError(
-            503,
-            f"{exc}; retry later",
-            code="server_busy",
-            headers={"Retry-After": str(retry_after)},
-        ) from exc
+    return _stamp(slot.submit(prep.params))
 
 
 def _stamp(job):

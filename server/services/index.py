@@ -15,7 +15,14 @@ import numpy as np
 from docqa.settings import Settings
 from retrieval.builder import Tokenizer, build_index
 from retrieval.factory import build_retriever
-from retrieval.index import Index, assemble, load_index, new_manifest, save_index
+from retrieval.index import (
+    Index,
+    assemble,
+    load_index,
+    new_manifest,
+    recover_index,
+    save_index,
+)
 from retrieval.pgstore import PgStore, StoreUnavailable, Watcher, redact
 from retrieval.search import Retriever, SearchResult
 from server import metrics
@@ -116,10 +123,12 @@ class IndexService:
 
 
 def open_index(settings: Settings, embedder, tok: Tokenizer) -> IndexService:
-    """The index ``settings.retrieval`` names: loaded from ``index_dir``, else built from
-    ``docs_dir`` (and saved to ``index_dir`` when given), else an empty one to ingest into."""
+    """The index ``settings.retrieval`` names: loaded from ``index_dir`` (by ``load_index``:
+    its backup when a save died mid-swap, put back in place and leftovers removed first), else
+    built from ``docs_dir`` (and saved to ``index_dir`` when given), else an empty one to
+    ingest into."""
     r = settings.retrieval
-    if r.index_dir is not None and (Path(r.index_dir) / "manifest.json").is_file():
+    if r.index_dir is not None and recover_index(r.index_dir) is not None:
         index = load_index(r.index_dir)
     elif r.docs_dir is not None:
         index = build_index(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 
@@ -151,12 +150,13 @@ class RagService:
             return None
         return plan
 
-    async def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
-        """-> (messages for the model, Grounding)."""
+    def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
+        """-> (messages for the model, Grounding). Blocking (retrieval, tokenization): call it
+        in a worker thread."""
         if not messages or messages[-1]["role"] != "user":
             return messages, Grounding([], None)
         query = fold_query(messages)
-        res = await asyncio.to_thread(self.search, query)
+        res = self.search(query)
         r = self.settings
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)

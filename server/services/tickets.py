@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import anyio
+
 from docqa.settings import Settings
 from retrieval.bm25 import content_words
+from server.engine import Slot
 from server.generation import Delta, GenParams
 from server.runtime import ModelManager, ModelRuntime
 from server.services.generation import with_cad
@@ -77,16 +80,15 @@ class Answer:
     reason: str | None = None
 
 
-async def _generate(
+def _params(
     rt: ModelRuntime,
     messages,
     max_tokens: int,
     stop: list[str],
     context_free: list[dict[str, str]] | None = None,
     cad_alpha: float = 0.0,
-) -> str:
-    """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
-    question without the excerpts) when ``cad_alpha`` > 0."""
+) -> GenParams:
+    """Greedy generation of an answer to ``messages`` (blocking: templating, tokenization)."""
     tokens = rt.prompt_tokens(rt.format_chat(messages))
     params = GenParams(
         prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop)
@@ -95,7 +97,25 @@ async def _generate(
     if context_free is not None:
         with_cad(rt, params, context_free, cad_alpha)
     rt.check_fits(params.n_prompt_max, "ticket")
-    job = rt.submit(params)
+    return params
+
+
+async def _generate(
+    rt: ModelRuntime,
+    messages,
+    max_tokens: int,
+    stop: list[str],
+    context_free: list[dict[str, str]] | None = None,
+    cad_alpha: float = 0.0,
+    slot: Slot | None = None,
+) -> str:
+    """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
+    question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
+    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one."""
+    params = await anyio.to_thread.run_sync(
+        _params, rt, messages, max_tokens, stop, context_free, cad_alpha
+    )
+    job = slot.submit(params) if slot is not None else rt.submit(params)
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -110,18 +130,24 @@ class TicketService:
         self.rag = rag
 
     async def reply(self, ticket: dict) -> dict:
-        """One ticket in, one reply record out, all on one model runtime."""
+        """One ticket in, one reply record out, all on one model runtime and one place in its
+        queue, reserved before any work (``QueueFull`` at once when there is none); the
+        ticket's questions are answered one after the other in that place."""
         held = self.models.acquire()
         try:
-            return await reply_ticket(self.settings, self.rag, held.runtime, ticket)
+            with held.runtime.reserve() as slot:
+                return await reply_ticket(self.settings, self.rag, held.runtime, ticket, slot)
         finally:
             held.release()
 
 
-async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ticket: dict) -> dict:
+async def reply_ticket(
+    settings: Settings, rag: RagService, rt: ModelRuntime, ticket: dict, slot: Slot | None = None
+) -> dict:
     cfg = settings.tickets
     tid = str(ticket.get("id", ""))
-    text = clean_ticket(str(ticket.get("subject") or ""), str(ticket.get("body") or ""))
+    subject, body = str(ticket.get("subject") or ""), str(ticket.get("body") or "")
+    text = await anyio.to_thread.run_sync(clean_ticket, subject, body)
     if not re.search(r"[A-Za-z]{3,}", text):
         return {"id": tid, "error": "empty or unreadable ticket", "decision": "human"}
     lowered = f" {text.lower()} "
@@ -131,7 +157,7 @@ async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ti
     for q in split_questions(text, cfg.max_questions):
         a = Answer(q)
         messages = [{"role": "user", "content": q}]
-        new_messages, grounding = await rag.augment(rt, messages)
+        new_messages, grounding = await anyio.to_thread.run_sync(rag.augment, rt, messages)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
         if grounding.abstain is not None or a.similarity < cfg.min_similarity:
             a.reason = f"weak retrieval evidence for: {q[:80]}"
@@ -144,6 +170,7 @@ async def reply_ticket(settings: Settings, rag: RagService, rt: ModelRuntime, ti
             settings.retrieval.stop,
             context_free=rag.context_free(rt, messages) if alpha > 0 else None,
             cad_alpha=alpha,
+            slot=slot,
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
