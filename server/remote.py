@@ -25,7 +25,7 @@ import httpx
 
 from docqa.settings import ModelSettings
 from models.store import ModelStore, ResolvedModel
-from server.engine import QueueFull, chat_formatter
+from server.engine import QueueFull
 from server.errors import APIError
 from server.generation import Delta, Finish, GenParams
 from server.runtime import ModelRuntime
@@ -345,14 +345,7 @@ class RemoteRuntime(ModelRuntime):
         self.provenance = {"kind": "remote", "endpoints": list(ms.endpoints)}
         self.llm = llama_cpp.Llama(str(counter.path), vocab_only=True, verbose=False)
         try:
-            self.formatter = chat_formatter(self.llm)
-            self.n_vocab = self.llm.n_vocab()
-            self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
-            self._bos_text = (
-                self.llm._model.token_get_text(self.llm.token_bos())  # noqa: SLF001
-                if self._add_bos
-                else ""
-            )
+            self._read_vocab()
             self.engine = EndpointPool(ms, None, max_queue, self.tokenize)
             self.id = self.engine.model = self._model_name(ms)
         except BaseException:

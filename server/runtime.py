@@ -59,14 +59,7 @@ class ModelRuntime:
 
                 fp = kvcache.model_fingerprint(resolved.path, kvcache.context_params())
                 self.kv = kvcache.KVStore(kv_root, fp, resolved.id)
-            self.formatter = chat_formatter(self.llm)
-            self.n_vocab = self.llm.n_vocab()
-            self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
-            self._bos_text = (
-                self.llm._model.token_get_text(self.llm.token_bos())  # noqa: SLF001
-                if self._add_bos
-                else ""
-            )
+            self._read_vocab()
             if ms.n_parallel > 1:
                 from server.batch_engine import BatchEngine
 
@@ -121,6 +114,18 @@ class ModelRuntime:
         from retrieval.builder import Tokenizer
 
         return Tokenizer.from_llama(self.llm, self.id)
+
+    def _read_vocab(self) -> None:
+        """Chat formatter, vocabulary size and BOS handling of ``self.llm`` (a full model, or a
+        vocabulary-only one for a remote runtime)."""
+        self.formatter = chat_formatter(self.llm)
+        self.n_vocab = self.llm.n_vocab()
+        self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
+        self._bos_text = (
+            self.llm._model.token_get_text(self.llm.token_bos())  # noqa: SLF001
+            if self._add_bos
+            else ""
+        )
 
     # -- generation -------------------------------------------------------------------
     def reserve(self):
