@@ -58,6 +58,11 @@ class Embedder:
     Runtime, int8 weights; see ``retrieval.query_encoder``), ``torchscript`` or ``eager``
     (fp32); ``auto`` picks onnx-int8 on CPU when ONNX Runtime is installed and falls back to
     torchscript, then eager, when a backend cannot be built.
+
+    Light start: when the int8 encoder is already in the cache (with the embedding size it
+    recorded), queries run on it with the folder's ``tokenizer.json`` and sentence-transformers
+    (with torch: seconds of imports) is loaded only when something needs it, e.g. the first
+    ``embed`` of documents. A server with a built index then starts without importing torch.
     """
 
     def __init__(
@@ -71,32 +76,94 @@ class Embedder:
     ):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from sentence_transformers import SentenceTransformer
-
         if query_backend not in QUERY_BACKENDS:
             raise ValueError(
                 f"query_backend must be one of {QUERY_BACKENDS}, not {query_backend!r}"
             )
         self.name = name
         self.path = resolve_embedder(name)
+        self.device = device
         self.batch_size = batch_size
-        self.model = SentenceTransformer(str(self.path), device=device)
-        get_dim = (
-            getattr(self.model, "get_embedding_dimension", None)
-            or self.model.get_sentence_embedding_dimension
-        )
-        self.dim = int(get_dim())
-        self.max_seq_length = int(self.model.max_seq_length)
-        self._lock = threading.Lock()
-        self._fast = self._fast_path()
+        self._lock = threading.Lock()  # one encode at a time
+        self._load_lock = threading.Lock()  # one sentence-transformers load
+        self._model = None
+        self._fast = None
         self.query_backend = query_backend
         self.query_threads = query_threads or min(4, os.cpu_count() or 1)
         self.cache_dir = cache_dir
         self.backend: str | None = None  # the backend in use, set on first query
         self._encoder = None
+        self._query_tok = None  # a tokenizers.Tokenizer on a light start
         self._fingerprint: str | None = None
         self._on_cpu = str(device).startswith("cpu")
-        log.info("embedder %s loaded from %s (dim %d)", name, self.path, self.dim)
+        if self._light_start():
+            log.info(
+                "embedder %s: cached int8 query encoder (dim %d); sentence-transformers "
+                "loads on first use",
+                name,
+                self.dim,
+            )
+        else:
+            self._load()
+
+    def _light_start(self) -> bool:
+        """Serve queries from the cached int8 encoder without sentence-transformers; False
+        (load it now, as before) when that encoder is not the first choice or not cached."""
+        if not self._on_cpu or self._wanted()[0] != "onnx-int8":
+            return False
+        tok_file = self.path / "tokenizer.json"
+        if not tok_file.is_file():
+            return False
+        from retrieval import query_encoder as qe
+
+        try:
+            found = qe.cached_onnx_int8(self.path, self.fingerprint, self.cache_dir)
+            if found is None:
+                return False
+            model_path, shape = found
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_file))
+            tok.no_padding()
+            tok.enable_truncation(int(shape["max_seq_length"]))
+            encoder = qe.OnnxInt8Encoder(model_path, self.query_threads)
+        except Exception as e:  # noqa: BLE001 - any failure: the full load, as before
+            log.warning("light start of embedder %s failed (%s); loading it", self.name, e)
+            return False
+        self.dim = int(shape["dim"])
+        self.max_seq_length = int(shape["max_seq_length"])
+        self._query_tok, self._encoder, self.backend = tok, encoder, "onnx-int8"
+        log.info("query embedding backend: onnx-int8 (cached)")
+        return True
+
+    def _load(self):
+        """Load sentence-transformers (once; any thread)."""
+        with self._load_lock:
+            if self._model is not None:
+                return self._model
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(self.path), device=self.device)
+            get_dim = (
+                getattr(model, "get_embedding_dimension", None)
+                or model.get_sentence_embedding_dimension
+            )
+            dim, max_len = int(get_dim()), int(model.max_seq_length)
+            if self._query_tok is not None and (dim, max_len) != (self.dim, self.max_seq_length):
+                raise RuntimeError(
+                    f"embedder {self.name}: the cached query encoder says dim {self.dim}, max "
+                    f"length {self.max_seq_length}; the model says {dim}, {max_len}"
+                )
+            self.dim, self.max_seq_length = dim, max_len
+            self._fast = self._fast_path(model)
+            self._model = model
+            log.info("embedder %s loaded from %s (dim %d)", self.name, self.path, self.dim)
+            return model
+
+    @property
+    def model(self):
+        """The sentence-transformers model (loaded on first use after a light start)."""
+        return self._model if self._model is not None else self._load()
 
     @property
     def fingerprint(self) -> str:
@@ -126,11 +193,12 @@ class Embedder:
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(self.tokenizer(t, add_special_tokens=True)["input_ids"]) for t in texts)
 
-    def _fast_path(self):
+    @staticmethod
+    def _fast_path(model):
         """(transformer, tokenizer) when the pipeline is Transformer -> mean Pooling ->
         Normalize (all-MiniLM, bge with mean pooling...): one short query then skips
         sentence-transformers' batching machinery, about a third of its latency."""
-        mods = list(self.model)
+        mods = list(model)
         if len(mods) != 3 or type(mods[2]).__name__ != "Normalize":
             return None
         pool = mods[1]
@@ -171,6 +239,7 @@ class Embedder:
                         self.fingerprint,
                         self._embed_fp32,
                         self.cache_dir,
+                        {"dim": self.dim, "max_seq_length": self.max_seq_length},
                     )
                     self._encoder = qe.OnnxInt8Encoder(path, self.query_threads)
                 elif backend == "torchscript":
@@ -192,6 +261,13 @@ class Embedder:
     def embed_query(self, text: str) -> np.ndarray:
         """[1, dim] embedding of one query: equal to ``embed([text])`` to float precision
         with the fp32 backends, within cosine 0.98 with onnx-int8."""
+        if self._query_tok is not None:  # light start: the cached int8 encoder
+            enc = self._query_tok.encode(text)
+            ids = np.array([enc.ids], dtype=np.int64)
+            mask = np.array([enc.attention_mask], dtype=np.int64)
+            with self._lock:
+                vec = self._encoder(ids, mask)
+            return np.ascontiguousarray(vec, dtype=np.float32)
         if self._fast is None or not self._on_cpu:
             return self.embed([text])
         import torch

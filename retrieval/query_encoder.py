@@ -13,12 +13,15 @@ normalize as a single graph.
 The ONNX model is built once per (weights, versions) and cached under ``cache_dir`` with a
 provenance JSON beside it; it is written into a temporary folder and renamed into place
 (``docqa.atomic``), so a crash mid-export never leaves a half model that a later start would
-load.
+load. The provenance also records the embedding size and the query token limit, so a later
+start can find and run the cached model (``cached_onnx_int8``) with ONNX Runtime and the
+model folder's ``tokenizer.json`` alone, without importing torch or sentence-transformers.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -121,25 +124,59 @@ def _export(model, tokenizer, out: Path) -> None:
     fp32.unlink()
 
 
+def _entry(model_dir: Path, fingerprint: str, cache_dir: Path | None) -> Path:
+    """The cache folder for (weights, format, torch and ONNX Runtime versions). The torch
+    version is read from the installed package's metadata (the same string as
+    ``torch.__version__``): finding a cached model imports no torch."""
+    import onnxruntime
+
+    torch_version = importlib.metadata.version("torch")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key_src = json.dumps([FORMAT, fingerprint, torch_version, onnxruntime.__version__])
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    return cache_dir / f"{model_dir.parent.name}-{model_dir.name}-{key}"
+
+
+def _cached(final: Path) -> dict | None:
+    prov = read_provenance(final / "provenance.json")
+    if (final / "model.int8.onnx").is_file() and prov and prov.get("kind") == "query-encoder":
+        return prov
+    return None
+
+
+def cached_onnx_int8(
+    model_dir: Path, fingerprint: str, cache_dir: Path | None = None
+) -> tuple[Path, dict] | None:
+    """(model path, export config) of the cached int8 encoder when there is one that records
+    the embedding size (``dim``) and query token limit (``max_seq_length``), else None.
+    Imports neither torch nor sentence-transformers."""
+    final = _entry(model_dir, fingerprint, cache_dir)
+    prov = _cached(final)
+    config = (prov or {}).get("config") or {}
+    if prov is None or not {"dim", "max_seq_length"} <= set(config):
+        return None
+    return final / "model.int8.onnx", config
+
+
 def build_onnx_int8(
-    model, tokenizer, model_dir: Path, fingerprint: str, reference, cache_dir: Path | None = None
+    model,
+    tokenizer,
+    model_dir: Path,
+    fingerprint: str,
+    reference,
+    cache_dir: Path | None = None,
+    shape: dict | None = None,
 ) -> Path:
     """Path of the cached int8 ONNX query encoder for ``model``, exported when missing.
 
     ``fingerprint``: the embedder's weights hash (``Embedder.fingerprint``, also what index
     manifests record), part of the cache key. ``reference(texts) -> np.ndarray`` gives the
-    fp32 vectors the export is checked against.
+    fp32 vectors the export is checked against. ``shape``: ``dim`` and ``max_seq_length``,
+    recorded in the provenance's config for ``cached_onnx_int8``.
     """
-    import onnxruntime
-    import torch
-
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key_src = json.dumps([FORMAT, fingerprint, torch.__version__, onnxruntime.__version__])
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    final = cache_dir / f"{model_dir.parent.name}-{model_dir.name}-{key}"
+    final = _entry(model_dir, fingerprint, cache_dir)
     model_path = final / "model.int8.onnx"
-    prov = read_provenance(final / "provenance.json")
-    if model_path.is_file() and prov and prov.get("kind") == "query-encoder":
+    if _cached(final) is not None:
         return model_path
 
     with atomic_dir(final) as tmp:  # replaces a stale entry; a failed export leaves none
@@ -155,7 +192,12 @@ def build_onnx_int8(
         record = make_provenance(
             "query-encoder",
             inputs={"model_dir": str(model_dir), "weights_sha256": fingerprint},
-            config={"format": FORMAT, "opset": 17, "quantization": "dynamic int8 per-channel"},
+            config={
+                "format": FORMAT,
+                "opset": 17,
+                "quantization": "dynamic int8 per-channel",
+                **(shape or {}),
+            },
             metrics={"probe_min_cosine_vs_fp32": min(cos), "probes": len(PROBES)},
         )  # versions (torch, onnxruntime, onnx...) are recorded by make_provenance
         write_provenance(tmp / "provenance.json", record)

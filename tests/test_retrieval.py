@@ -273,6 +273,34 @@ def test_int8_query_encoder_close_to_fp32_and_cached(embedder, built, tmp_path):
     again = Embedder(cache_dir=tmp_path)
     assert again.warm() == "onnx-int8" and list(tmp_path.iterdir()) == [entry]
     assert (entry / "model.int8.onnx").stat().st_mtime_ns == mtime
+    # ... on a light start: the cached model and tokenizer.json, no sentence-transformers
+    # until documents are embedded; the same query vectors, then the same document vectors
+    assert prov["config"]["dim"] == 384 and prov["config"]["max_seq_length"] == emb.max_seq_length
+    assert again._model is None and again.dim == 384
+    for q in [*QUERIES, "", "x " * 2000, "Ünïcödé ß 日本語 🙂"]:  # long: truncated alike
+        assert np.array_equal(again.embed_query(q), emb.embed_query(q)), q
+    assert again._model is None
+    np.testing.assert_array_equal(again.embed(QUERIES), emb.embed(QUERIES))
+    assert again._model is not None and again.embed_query(QUERIES[0]).shape == (1, 384)
+
+
+def test_light_start_imports_no_torch(tmp_path):
+    """With the int8 query encoder cached, an embedder (what a server with a built index
+    loads at start) answers queries without importing torch or sentence-transformers."""
+    import subprocess
+    import sys
+
+    Embedder(cache_dir=tmp_path).warm()  # the export, in this process
+    code = (
+        "import sys; from retrieval.embedder import Embedder; "
+        f"e = Embedder(cache_dir={str(tmp_path)!r}); assert e.warm() == 'onnx-int8'; "
+        "assert e.embed_query('How do I install it?').shape == (1, 384); "
+        "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') "
+        "if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_query_backend_falls_back_when_export_fails(tmp_path, monkeypatch):
