@@ -12,8 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# grounded prompt layouts (retrieval.user_template): the evidence lines alone (the default), or
+# the numbered excerpts with the evidence lines after them (needed by chunk KV caches)
+EVIDENCE_TEMPLATE = "Documentation excerpts:\n{evidence}\n\nQuestion: {question}"
+EXCERPTS_TEMPLATE = (
+    "Documentation excerpts:\n{context}\n\nMost relevant lines:\n{evidence}\n\nQuestion: {question}"
+)
 
 
 class _Section(BaseModel):
@@ -274,11 +281,14 @@ class RetrievalSettings(_Section):
         description="System prompt for answers with retrieval.",
     )
     user_template: str = Field(
-        "Documentation excerpts:\n{context}\n\nMost relevant lines:\n{evidence}\n\n"
-        "Question: {question}",
+        EVIDENCE_TEMPLATE,
         min_length=1,
-        description="User turn with retrieval; must contain {context} and {question}; "
-        "{evidence} is replaced by the evidence lines (see evidence_units).",
+        description="User turn with retrieval; must contain {question} and {context} or "
+        "{evidence}. {context} is replaced by the numbered excerpts (as many as fit the "
+        "context), {evidence} by the evidence lines picked from them (see evidence_units), each "
+        "tagged [n] with its excerpt's number. Without {context} the model reads the evidence "
+        "lines alone (the 'evidence' layout: short prompts, which the 135M model answers best "
+        "from; docs/benchmarks.md) and the excerpts are only returned as sources.",
     )
     stop: list[str] = Field(
         default_factory=lambda: ["\nQuestion:", "Documentation excerpts:", "Most relevant lines:"],
@@ -366,6 +376,19 @@ class RetrievalSettings(_Section):
         le=600,
         description="Seconds between connection attempts while the shared store is unreachable.",
     )
+
+    @field_validator("user_template")
+    @classmethod
+    def _template_fields(cls, v: str) -> str:
+        if "{question}" not in v or ("{context}" not in v and "{evidence}" not in v):
+            raise ValueError("must contain {question} and {context} or {evidence}")
+        return v
+
+    @property
+    def shows_excerpts(self) -> bool:
+        """Whether grounded prompts carry the excerpts themselves ({context}), or only their
+        evidence lines."""
+        return "{context}" in self.user_template
 
 
 class TicketSettings(_Section):

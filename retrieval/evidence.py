@@ -211,6 +211,22 @@ def select(
     return [e for e in cands[:max_units] if e.score >= min_share * best]
 
 
+def for_reader(
+    question: str, chunk_texts: list[str], idf: Callable[[str], float], max_units: int
+) -> list[Evidence]:
+    """The evidence lines a grounded prompt shows: ``select``'s, or, when no unit shares a
+    content word with the question, the first units of the best-ranked chunk (a prompt made of
+    evidence lines alone must never be empty)."""
+    ev = select(question, chunk_texts, idf, max_units) if max_units else []
+    if ev or not max_units or not chunk_texts:
+        return ev
+    text = chunk_texts[0]
+    lead = [u for u in units(text) if u.kind != "heading"][:max_units]
+    return [
+        Evidence(0, u.start, u.end, text[u.start : u.end], 0.0, u.kind, u.context) for u in lead
+    ]
+
+
 def idf_from_bm25(bm25) -> Callable[[str], float]:
     """IDF of a (stemmed) term from an index's BM25 postings; unknown terms count as rare."""
     n = max(1, bm25.n_docs)

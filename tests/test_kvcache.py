@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from docqa.settings import load_settings
+from docqa.settings import EXCERPTS_TEMPLATE, load_settings
 from models.store import ModelStore
 from retrieval.chunking import Chunk, chunk_id
 from retrieval.search import Hit
@@ -59,7 +59,11 @@ def kvdir(tmp_path_factory):
 def settings(kvdir):
     return load_settings(
         model={"n_ctx": 1024, "n_threads": 1},
-        retrieval={"kv_cache": True, "kv_cache_dir": str(kvdir)},
+        retrieval={
+            "kv_cache": True,
+            "kv_cache_dir": str(kvdir),
+            "user_template": EXCERPTS_TEMPLATE,  # excerpts in the prompt: what the cache holds
+        },
     )
 
 
@@ -230,7 +234,12 @@ def test_real_server_writes_and_reuses_chunk_caches(server_factory, tmp_path_fac
         {
             "model": {"n_ctx": 1024, "n_parallel": 2, "n_threads": 1},
             "embedder": {"query_backend": "eager"},  # no encoder export: a quicker start
-            "retrieval": {"docs_dir": str(docs), "index_dir": str(index_dir), "kv_cache": True},
+            "retrieval": {
+                "docs_dir": str(docs),
+                "index_dir": str(index_dir),
+                "kv_cache": True,
+                "user_template": EXCERPTS_TEMPLATE,
+            },
         },
         "kvserver",
     )

@@ -61,7 +61,19 @@ class LoraCfg(_Cfg):
 
 
 class TrainCommon(_Cfg):
-    lora: LoraCfg = Field(default_factory=LoraCfg)
+    lora: LoraCfg | None = Field(
+        default_factory=LoraCfg,
+        description="LoRA adapter settings; null = full finetuning (every weight of the trained "
+        "layers; for a small model on CPU it learns more per step at about the same cost).",
+    )
+    train_layers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Full finetuning only: train the top N transformer layers and the final "
+        "norm, freezing the embeddings and the layers below (no backward pass through them: "
+        "faster on CPU). None = every layer.",
+    )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, le=100, description="Epochs (ignored when max_steps set).")
     max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1 = epochs).")
@@ -69,6 +81,20 @@ class TrainCommon(_Cfg):
     grad_accum: int = Field(1, ge=1, le=1024, description="Gradient accumulation steps.")
     max_length: int = Field(1024, ge=32, le=65536, description="Max tokens per example.")
     seed: int = Field(0, description="Random seed.")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads torch uses for training (None = torch's default, one per core). "
+        "On a machine shared with other work, fewer threads than cores avoids spin-waiting: on "
+        "2 cores with another process busy, 2 threads trained at 10 tok/s and 1 at 148 "
+        "(docs/benchmarks.md).",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in the backward pass (saves memory, costs ~20% "
+        "more compute; small models on CPU do not need it).",
+    )
     warmup_ratio: float = Field(0.03, ge=0, le=0.5, description="Warm-up share of steps.")
 
 

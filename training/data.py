@@ -123,7 +123,7 @@ class RagExamples:
     ) -> dict | None:
         """One RAFT example, or None when ``target`` is "grounded" and the reference names no
         identifier its gold chunk holds (such pairs teach paraphrase, not grounding)."""
-        from retrieval.evidence import select
+        from retrieval.evidence import for_reader
         from retrieval.prompting import block, evidence_lines, rag_messages
 
         item = self.labeler.label(pair)
@@ -136,20 +136,29 @@ class RagExamples:
             ctx.insert(rng.randrange(len(ctx) + 1), gold)
         else:
             ctx = hits[:k] if gold is None else [c for c in hits if c.id not in gold_ids][:k]
-        ev = []
-        if self.settings.evidence_units:  # the evidence lines exactly as the server picks them
-            texts = [c.text for c in ctx]
-            ev = select(pair.question, texts, self.retriever.idf, self.settings.evidence_units)
+        texts = [c.text for c in ctx]
+        # the evidence lines exactly as the server picks them
+        ev = for_reader(pair.question, texts, self.retriever.idf, self.settings.evidence_units)
+        shown = [block(i, c) for i, c in enumerate(ctx, 1)] if self.settings.shows_excerpts else []
         msgs = rag_messages(
             self.settings.system_prompt,
             self.settings.user_template,
             pair.question,
-            [block(i, c) for i, c in enumerate(ctx, 1)],
+            shown,
             evidence=evidence_lines([(e.chunk + 1, e.text) for e in ev]),
         )
         short = grounded_answer(gold.text, pair.answer) if gold is not None else None
         if target == "grounded" and short is None:
             return None
+        if not missing and not self.settings.shows_excerpts:
+            # the evidence layout: the model reads the lines, not the gold excerpt; an answer
+            # naming what no line shows would teach it to invent, so the gold counts as
+            # missing unless the lines hold every identifier the answer names
+            seen = " ".join(e.text for e in ev if ctx[e.chunk] is gold)
+            if not all(i in seen for i in identifiers(short or pair.answer, gold.text)):
+                if target == "grounded":
+                    return None
+                missing = True
         if missing:
             # RAFT: the gold is gone; still answer from what the model has learned
             answer = short or pair.answer

@@ -13,6 +13,9 @@ log = logging.getLogger(__name__)
 
 
 def _peft(cfg: TrainCommon):
+    """The LoRA config, or None for full finetuning (``lora: null``)."""
+    if cfg.lora is None:
+        return None
     from peft import LoraConfig
 
     return LoraConfig(
@@ -22,6 +25,38 @@ def _peft(cfg: TrainCommon):
         target_modules=cfg.lora.target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def set_threads(cfg: TrainCommon) -> None:
+    if cfg.threads and device() != "cuda":
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+
+
+def freeze_lower(model, cfg: TrainCommon) -> dict:
+    """Full finetuning of the top ``cfg.train_layers`` layers (and the final norm) only: the
+    embeddings and the layers below keep ``requires_grad=False``, so autograd never walks
+    back through them. -> trainable/total parameter counts."""
+    if cfg.lora is None and cfg.train_layers:
+        layers = model.model.layers
+        keep = set(range(max(0, len(layers) - cfg.train_layers), len(layers)))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for i in keep:
+            for p in layers[i].parameters():
+                p.requires_grad_(True)
+        for p in model.model.norm.parameters():
+            p.requires_grad_(True)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable_params": trainable, "total_params": total}
+
+
+def _finish(trainer):
+    """The trained model: LoRA adapters merged in, or the fully finetuned model as it is."""
+    m = trainer.model
+    return m.merge_and_unload() if hasattr(m, "merge_and_unload") else m
 
 
 def _common_args(cfg: TrainCommon, out: Path) -> dict:
@@ -42,6 +77,7 @@ def _common_args(cfg: TrainCommon, out: Path) -> dict:
         bf16=gpu,
         max_length=cfg.max_length,
         lr_scheduler_type="cosine",
+        gradient_checkpointing=cfg.gradient_checkpointing,
         disable_tqdm=False,
     )
 
@@ -69,8 +105,8 @@ def _result(trainer, n_examples: int, t0: float) -> dict:
 
 
 def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
-    """LoRA SFT with loss on the assistant turn only (prompt/completion data). Returns the
-    merged model and metrics."""
+    """SFT (LoRA, or full finetuning with ``lora: null``) with loss on the assistant turn only
+    (prompt/completion data). Returns the merged model and metrics."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -83,16 +119,17 @@ def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
         packing=False,
         include_num_input_tokens_seen=True,
     )
+    set_threads(cfg)
+    params = freeze_lower(model, cfg)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(cfg)
     )
     t0 = time.time()
     trainer.train()
-    metrics = _result(trainer, len(examples), t0)
-    adapter = work / "adapter"
-    trainer.model.save_pretrained(adapter)
-    merged = trainer.model.merge_and_unload()
-    return merged, metrics
+    metrics = _result(trainer, len(examples), t0) | params
+    if cfg.lora is not None:
+        trainer.model.save_pretrained(work / "adapter")
+    return _finish(trainer), metrics
 
 
 def train_dpo(model, tok, pairs: list[dict], cfg: DPOStep, work: Path):
@@ -101,11 +138,14 @@ def train_dpo(model, tok, pairs: list[dict], cfg: DPOStep, work: Path):
 
     ds = Dataset.from_list(pairs)
     args = DPOConfig(**_common_args(cfg, work), beta=cfg.beta)
+    set_threads(cfg)
+    params = freeze_lower(model, cfg)
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(cfg)
     )
     t0 = time.time()
     trainer.train()
-    metrics = _result(trainer, len(pairs), t0)
-    trainer.model.save_pretrained(work / "adapter")
-    return trainer.model.merge_and_unload(), metrics
+    metrics = _result(trainer, len(pairs), t0) | params
+    if cfg.lora is not None:
+        trainer.model.save_pretrained(work / "adapter")
+    return _finish(trainer), metrics

@@ -6,8 +6,7 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
-from retrieval.evidence import Evidence
-from retrieval.evidence import select as select_evidence
+from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, rag_messages
 from retrieval.search import Hit, SearchResult
@@ -87,6 +86,10 @@ class RagService:
         def n_tokens(msgs) -> int:
             return len(rt.prompt_tokens(rt.format_chat(msgs)))
 
+        if not r.shows_excerpts:
+            # the evidence layout: the lines alone, tagged [n] by the excerpt they come from;
+            # the excerpts themselves are the answer's sources, not part of the prompt
+            return render([], evidence), list(hits), evidence
         budget = rt.n_ctx - min(r.answer_reserve, rt.n_ctx // 4)
         room = budget - n_tokens(render([], evidence))
         blocks: list[str] = []
@@ -112,7 +115,7 @@ class RagService:
             return []
         retriever = self.index.retriever
         texts = [h.chunk.text for h in hits]
-        return select_evidence(question, texts, retriever.idf, self.settings.evidence_units)
+        return for_reader(question, texts, retriever.idf, self.settings.evidence_units)
 
     def context_free(
         self, rt: ModelRuntime, messages: list[dict[str, str]]
