@@ -295,6 +295,17 @@ class RetrievalSettings(_Section):
         description="Extra stop strings for grounded answers: where a small model starts "
         "echoing the prompt's scaffolding, the answer ends.",
     )
+    loop_repeats: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Loop guard for grounded answers (chat with retrieval, ticket replies): "
+        "the answer ends where its text becomes one piece repeated this many times in a row "
+        "('/v1/v1/v1', 'The answer is: The answer is: ...') or a run of four citations "
+        "('[4] [1] [5] [2]'), keeping the first copy; a small model's loops end there instead "
+        "of at max_tokens. Streamed answers are held back by up to 48 x this many characters "
+        "so that a loop can still be cut. 0 = off.",
+    )
     rerank_max_documents: int = Field(
         256, ge=1, le=10000, description="Most documents one POST /v1/rerank may score."
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import math
+import re
 import threading
 import weakref
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ class GenParams:
     # logits through the CAD path); the services set it only for a > 0.
     cad_alpha: float = 0.0
     cad_prompt_tokens: list[int] | None = None
+    # Loop guard (grounded answers, retrieval.loop_repeats): the answer stops where its text
+    # turns into one piece repeated this many times, or a run of citations; 0 = off.
+    loop_repeats: int = 0
     # Chunk KV cache (server.kvcache): the grounded prompt cut into prefix, excerpts and
     # suffix (``prompt_tokens`` is its concatenation); engines with a store stitch it.
     kv_plan: Any = None
@@ -148,6 +152,35 @@ def _held_back(text: str, stops: list[str]) -> int:
     return best
 
 
+LOOP_MAX_PERIOD = 48  # longest repeated piece (characters) the loop guard looks for
+_CITE_RUN = re.compile(r"\[\d{1,3}\](?:\s*\[\d{1,3}\]){3,}\s*$")
+
+
+def loop_cut(text: str, repeats: int, max_period: int = LOOP_MAX_PERIOD) -> int | None:
+    """Where ``text`` should end if it ends in a loop: one piece of three or more characters,
+    a letter among them (so "1000000" and "0.0.0.0" are not loops), repeated ``repeats`` times
+    in a row ("/v1/v1/v1", "The answer is: The answer is: ..."), cut
+    after its first copy; or a run of four or more citations ("[4] [1] [5] [2]"), cut after
+    the first. None when it does not."""
+    m = _CITE_RUN.search(text)
+    if m:
+        first = re.match(r"\[\d{1,3}\]", text[m.start() :])
+        return m.start() + first.end()
+    n = len(text)
+    for p in range(3, max_period + 1):
+        if p * repeats > n:
+            break
+        piece = text[n - p :]
+        if not any(c.isalpha() for c in piece):
+            continue
+        if all(text[n - (k + 1) * p : n - k * p] == piece for k in range(1, repeats)):
+            i = n - repeats * p
+            while i >= p and text[i - p : i] == piece:
+                i -= p
+            return i + p
+    return None
+
+
 class TextStream:
     """Turns sampled tokens into text deltas: UTF-8 safe, holds back a possible stop-string
     prefix, cuts at a stop string. Shared by the single and the batched engine."""
@@ -165,6 +198,14 @@ class TextStream:
         if lp is not None:
             self.pending_lp.append(lp)
         self.full += self.decoder.decode(piece)
+        if p.loop_repeats:
+            cut = loop_cut(self.full, p.loop_repeats)
+            if cut is not None:  # a loop: the answer ends after its first copy
+                self.full = self.full[: max(cut, self.sent)].rstrip() or self.full[: self.sent]
+                self.stop_hit = True
+                d = Delta(self.full[self.sent :], self.pending_lp)
+                self.pending_lp, self.sent = [], max(self.sent, len(self.full))
+                return d if (d.text or d.logprobs) else None
         if p.stop:
             window = max(0, self.sent - max(len(s) for s in p.stop))
             hits = [i for i in (self.full.find(s, window) for s in p.stop) if i >= 0]
@@ -177,6 +218,8 @@ class TextStream:
                     return d
                 return None
         end = len(self.full) - _held_back(self.full, p.stop) if p.stop else len(self.full)
+        if p.loop_repeats:  # hold back what a loop found later may cut
+            end = max(self.sent, min(end, len(self.full) - LOOP_MAX_PERIOD * p.loop_repeats))
         if end > self.sent or self.pending_lp:
             d = Delta(self.full[self.sent : end], self.pending_lp)
             self.pending_lp, self.sent = [], end

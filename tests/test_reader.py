@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from eval.metrics import has_facts, scaffolding
-from retrieval.evidence import select, terms, units
+from retrieval.evidence import for_reader, select, terms, units
+from server.generation import GenParams, TextStream, loop_cut
 
 CHUNK = """## Load model
 
@@ -70,3 +73,64 @@ def test_scaffolding_check_flags_echoes_and_keeps_clean_answers():
     # a fact found only inside echoed scaffolding does not count
     assert not has_facts("(features/load-unload.md > Load model)", ["load-unload"])
     assert has_facts("Use `ctx_len` [1].", ["ctx_len"])
+
+
+def test_reader_evidence_is_never_empty():
+    # no unit shares a word with the question: the first units of the best chunk stand in
+    ev = for_reader("Quelle est la réponse ?", [CHUNK, "Other."], _idf, 2)
+    assert len(ev) == 2 and all(e.chunk == 0 for e in ev)
+    assert all(CHUNK[e.start : e.end] == e.text for e in ev)
+    assert for_reader("Which parameter sets the context length?", [CHUNK], _idf, 0) == []
+
+
+def test_evidence_layout_setting():
+    from docqa.settings import EXCERPTS_TEMPLATE, load_settings
+
+    assert not load_settings().retrieval.shows_excerpts  # the default: evidence lines alone
+    assert load_settings(retrieval={"user_template": EXCERPTS_TEMPLATE}).retrieval.shows_excerpts
+    with pytest.raises(ValueError, match="question"):
+        load_settings(retrieval={"user_template": "Lines: {evidence}"})
+    with pytest.raises(ValueError, match="context"):
+        load_settings(retrieval={"user_template": "Q: {question}"})
+
+
+@pytest.mark.parametrize(
+    "text, kept",
+    [
+        ("The path is /v1/embeddings/v1/v1/v1", "The path is /v1/embeddings/v1"),
+        ("Set `ngl` [1] [2] [3] [4]", "Set `ngl` [1]"),
+        ("The answer is: The answer is: The answer is: ", "The answer is: "),
+        ("Listen on 0.0.0.0", None),  # numbers and addresses are not loops
+        ("A million is 1000000", None),
+        ("|---|---|---|", None),  # a table rule has no letter
+        ("Use `ctx_len` [1] [2]", None),
+    ],
+)
+def test_loop_cut(text, kept):
+    cut = loop_cut(text, 3)
+    assert (text[:cut] if cut is not None else None) == kept
+
+
+def _stream(pieces: list[str], repeats: int) -> tuple[str, bool]:
+    ts = TextStream(GenParams([1], 64, loop_repeats=repeats))
+    out = []
+    for piece in pieces:
+        d = ts.push(piece.encode(), None)
+        if d is not None:
+            out.append(d.text)
+        if ts.stop_hit:
+            break
+    d = ts.flush()
+    if d is not None:
+        out.append(d.text)
+    return "".join(out), ts.stop_hit
+
+
+def test_loop_guard_cuts_a_streamed_loop_after_its_first_copy():
+    pieces = ["The", " endpoint", " is", " `/v1/embeddings"] + ["/v1"] * 30
+    text, stopped = _stream(pieces, 3)
+    assert stopped and text == "The endpoint is `/v1/embeddings/v1"
+    # off: the loop runs on; a clean answer is streamed whole either way
+    assert _stream(pieces, 0)[0] == "".join(pieces)
+    clean = ["Set", " `ctx_len`", " when", " loading", " the", " model", " [1]."]
+    assert _stream(clean, 3) == ("".join(clean), False)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from docqa.settings import Settings
+from docqa.settings import RetrievalSettings, Settings
 from retrieval.bm25 import content_words
 from server.engine import Slot
 from server.generation import Delta, GenParams
@@ -84,14 +84,19 @@ def _params(
     rt: ModelRuntime,
     messages,
     max_tokens: int,
-    stop: list[str],
+    r: RetrievalSettings,
     context_free: list[dict[str, str]] | None = None,
     cad_alpha: float = 0.0,
 ) -> GenParams:
-    """Greedy generation of an answer to ``messages`` (blocking: templating, tokenization)."""
+    """Greedy generation of a grounded answer to ``messages``, with the stop strings and loop
+    guard of ``r`` (blocking: templating, tokenization)."""
     tokens = rt.prompt_tokens(rt.format_chat(messages))
     params = GenParams(
-        prompt_tokens=tokens, max_tokens=max_tokens, temperature=0.0, stop=list(stop)
+        prompt_tokens=tokens,
+        max_tokens=max_tokens,
+        temperature=0.0,
+        stop=list(r.stop),
+        loop_repeats=r.loop_repeats,
     )
     params.messages = messages  # what a remote engine sends
     if context_free is not None:
@@ -104,7 +109,7 @@ async def _generate(
     rt: ModelRuntime,
     messages,
     max_tokens: int,
-    stop: list[str],
+    r: RetrievalSettings,
     context_free: list[dict[str, str]] | None = None,
     cad_alpha: float = 0.0,
     slot: Slot | None = None,
@@ -113,7 +118,7 @@ async def _generate(
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
     thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one."""
     params = await anyio.to_thread.run_sync(
-        _params, rt, messages, max_tokens, stop, context_free, cad_alpha
+        _params, rt, messages, max_tokens, r, context_free, cad_alpha
     )
     job = slot.submit(params) if slot is not None else rt.submit(params)
     out = []
@@ -167,7 +172,7 @@ async def reply_ticket(
             rt,
             new_messages,
             cfg.max_tokens,
-            settings.retrieval.stop,
+            settings.retrieval,
             context_free=rag.context_free(rt, messages) if alpha > 0 else None,
             cad_alpha=alpha,
             slot=slot,
