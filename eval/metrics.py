@@ -132,3 +132,18 @@ def welch(a: list[float], b: list[float]) -> dict:
     va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if va + vb > 0 else np.nan
     return {"t": float(res.statistic), "p": float(res.pvalue), "df": float(df)}
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> dict:
+    """Exact McNemar test of two systems' per-question correctness on the same questions:
+    ``only_a``/``only_b`` count the discordant questions; ``p`` is the two-sided binomial
+    probability of a split at least this uneven if neither system were better."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError("paired results of different lengths")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    n = only_a + only_b
+    p = 1.0 if n == 0 else float(min(1.0, 2 * stats.binom.cdf(min(only_a, only_b), n, 0.5)))
+    return {"n": len(a), "only_a": only_a, "only_b": only_b, "p": p}

@@ -38,6 +38,8 @@ def evaluate_model(
             f = run_facts(t, load_facts()[: cfg.facts_limit], progress=progress)
             out["facts_accuracy"] = f["accuracy"]
             out["facts_doc_in_sources"] = f["doc_in_sources"]
+            out["facts_unclean"] = f["unclean"]
+            out["facts_correct"] = [r["correct"] for r in f["per_question"]]  # paired tests
         if cfg.qa_limit:
             q = run_qa(t, pairs, gold_map(index, pairs) if index else None, progress=progress)
             out.update(

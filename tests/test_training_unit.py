@@ -90,6 +90,23 @@ def test_gate_decision():
     assert decide(worse, pub, 0.2)["passed"]
 
 
+def test_gate_requires_a_significant_facts_gain_when_asked():
+    base = [True] * 10 + [False] * 24
+    pub = {"facts_accuracy": 10 / 34, "facts_correct": base}
+    # 8 questions only the candidate answers, none lost: McNemar p = 2 * 0.5**8 < 0.05
+    won = [True] * 18 + [False] * 16
+    d = decide({"facts_accuracy": 18 / 34, "facts_correct": won}, pub, 0.02, 0.15)
+    assert d["passed"] and d["beats"] and d["facts_paired"]["only_a"] == 8
+    assert d["facts_paired"]["p"] < 0.05 and "beats" in d["verdict"]
+    # 6 wins and 1 loss (+0.147) misses the gain and the test: the published model is kept
+    mixed = [True] * 9 + [False] + [True] * 6 + [False] * 18
+    d = decide({"facts_accuracy": 15 / 34, "facts_correct": mixed}, pub, 0.02, 0.15)
+    assert not d["passed"] and not d["beats"] and "kept" in d["verdict"]
+    assert d["facts_paired"]["only_a"] == 6 and d["facts_paired"]["only_b"] == 1
+    # without min_gain, no worse than the margin is enough
+    assert decide({"facts_accuracy": 15 / 34, "facts_correct": mixed}, pub, 0.02)["passed"]
+
+
 def test_identifiers_are_the_exact_names_the_chunk_holds():
     from training.data import identifiers
 

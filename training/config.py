@@ -14,7 +14,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-STEPS = ("base", "synth", "merge", "dpo", "sft", "export", "gate", "publish", "embedder")
+STEPS = (
+    "base",
+    "synth",
+    "merge",
+    "dpo",
+    "sft",
+    "export",
+    "gate",
+    "publish",
+    "embedder",
+    "reranker",
+)
 
 
 class _Cfg(BaseModel):
@@ -147,6 +158,21 @@ class GateStep(_Cfg):
     facts: bool = Field(True, description="Grounded-fact accuracy in the gate.")
     facts_limit: int | None = Field(None, ge=1, description="Use only the first N fact questions.")
     enforce: bool = Field(True, description="Refuse to publish when the gate fails.")
+    min_gain: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Grounded-fact gain the candidate must show over the published model, "
+        "significant by an exact McNemar test over the same questions (p < alpha); None = the "
+        "candidate only has to be no worse than the margin. When it does not beat the published "
+        "model, the published model is kept and the gate says so.",
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level of min_gain's test.")
+    mcq_loglik: bool = Field(
+        False,
+        description="Also score the dev MCQ by the log-likelihood protocol (each option's mean "
+        "token log-probability after the question and its retrieved excerpts; deterministic).",
+    )
 
 
 class PublishStep(_Cfg):
@@ -179,6 +205,49 @@ class EmbedderStep(_Cfg):
     evaluate: bool = Field(True, description="Measure held-out recall before and after.")
 
 
+class RerankerStep(_Cfg):
+    """Cross-encoder reranker finetuning on the train pairs (training.reranker)."""
+
+    base: str = Field(
+        "all-minilm-l6-v2",
+        min_length=1,
+        description="Model to start from: the shipped embedder's BERT (a one-logit head is "
+        "added) or a cross-encoder folder.",
+    )
+    embedder: str = Field(
+        "all-minilm-l6-v2",
+        min_length=1,
+        description="Embedder of the index whose fused order gives the hard negatives and the "
+        "held-out comparison (the served one).",
+    )
+    docs: str | None = Field(None, description="Corpus the pairs are about (None = Nitro docs).")
+    chunk_tokens: int = Field(300, ge=16, le=8192, description="Chunk size, as the index uses.")
+    chunk_overlap: int = Field(30, ge=0, le=4096, description="Chunk overlap, as the index uses.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many train pairs.")
+    limit_examples: int | None = Field(
+        None, ge=1, description="Train on at most this many labelled examples (a random sample)."
+    )
+    negatives: int = Field(
+        3, ge=1, le=64, description="Hard negatives per question: best-ranked non-gold fused."
+    )
+    epochs: float = Field(1.0, gt=0, le=100, description="Epochs (ignored when max_steps set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many steps (-1 = epochs).")
+    batch_size: int = Field(8, ge=1, le=1024, description="Questions per step.")
+    learning_rate: float = Field(3e-5, gt=0, le=1, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.1, ge=0, le=0.5, description="Linear warm-up share of steps.")
+    max_length: int = Field(
+        256, ge=16, le=512, description="Word pieces per (question, chunk) pair (chunk cut)."
+    )
+    candidates: int = Field(
+        10, ge=1, le=200, description="Fused candidates reranked in the held-out comparison."
+    )
+    threads: int | None = Field(
+        1, ge=1, le=1024, description="torch CPU threads (None = torch's default)."
+    )
+    seed: int = Field(0, description="Random seed.")
+    evaluate: bool = Field(True, description="Compare fused and reranked held-out order.")
+
+
 class Recipe(_Cfg):
     name: str
     description: str = ""
@@ -197,6 +266,7 @@ class Recipe(_Cfg):
     gate: GateStep = Field(default_factory=GateStep)
     publish: PublishStep = Field(default_factory=PublishStep)
     embedder: EmbedderStep = Field(default_factory=EmbedderStep)
+    reranker: RerankerStep = Field(default_factory=RerankerStep)
 
 
 RECIPES = Path(__file__).resolve().parent / "recipes"

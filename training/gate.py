@@ -1,5 +1,7 @@
 """The gate: the candidate GGUF against the published one, both with RAG, on the dev split
-(grounded facts, held-out QA F1, dev MCQ). Worse by more than the margin on any → refuse."""
+(grounded facts, held-out QA F1, dev MCQ). Worse by more than the margin on any → refuse; with
+``min_gain``, the candidate must also beat the published model on grounded facts by that much,
+significantly (exact McNemar over the same questions), or the published model is kept."""
 
 from __future__ import annotations
 
@@ -9,7 +11,15 @@ from training.config import GateStep
 METRICS = ("facts_accuracy", "qa_f1", "mcq_accuracy")
 
 
-def decide(candidate: dict, published: dict, margin: float) -> dict:
+def decide(
+    candidate: dict,
+    published: dict,
+    margin: float,
+    min_gain: float | None = None,
+    alpha: float = 0.05,
+) -> dict:
+    from eval.metrics import mcnemar, welch
+
     rows, passed = {}, True
     for m in METRICS:
         c, p = candidate.get(m), published.get(m)
@@ -18,7 +28,44 @@ def decide(candidate: dict, published: dict, margin: float) -> dict:
         ok = c >= p - margin
         passed &= ok
         rows[m] = {"candidate": c, "published": p, "delta": c - p, "ok": ok}
-    return {"passed": bool(passed and rows), "margin": margin, "metrics": rows}
+    out: dict = {"margin": margin, "metrics": rows}
+    a, b = candidate.get("facts_correct"), published.get("facts_correct")
+    if a is not None and b is not None:
+        out["facts_paired"] = mcnemar(a, b)  # only_a: questions only the candidate gets
+    ra, rb = candidate.get("mcq_rounds"), published.get("mcq_rounds")
+    if ra and rb and len(ra) > 1 and len(rb) > 1:
+        out["mcq_welch"] = welch(ra, rb)
+    if min_gain is not None:
+        gain = rows.get("facts_accuracy", {}).get("delta")
+        p = out.get("facts_paired", {}).get("p")
+        beats = gain is not None and p is not None and gain >= min_gain and p < alpha
+        out["beats"] = beats
+        passed &= beats
+        out["verdict"] = (
+            f"candidate beats the published model on grounded facts by {gain:+.3f} (McNemar "
+            f"p={p:.3g} < {alpha})"
+            if beats
+            else "the published model is kept: the candidate does not beat it on grounded facts "
+            f"by {min_gain:.2f} with McNemar p < {alpha} ("
+            + (f"gain {gain:+.3f}, p={p:.3g}" if gain is not None and p is not None else "no facts")
+            + ")"
+        )
+    out["passed"] = bool(passed and rows)
+    return out
+
+
+def _loglik(model: str, index: str, cfg: GateStep) -> dict:
+    from docqa.settings import load_settings
+    from eval.mcq import read_mcq, run_loglik
+    from eval.resources import dev_mcq
+    from models.store import ModelStore
+    from retrieval.factory import build_retriever
+
+    s = load_settings()
+    path = model if model.endswith(".gguf") else ModelStore(s.model.store_dir).resolve(model).path
+    items = read_mcq(dev_mcq())[: cfg.mcq_limit]
+    res = run_loglik(path, items, build_retriever(index, s), progress=False)
+    return {"mcq_loglik": res.accuracy[0]}
 
 
 def compare(candidate_gguf: str, cfg: GateStep) -> dict:
@@ -35,4 +82,10 @@ def compare(candidate_gguf: str, cfg: GateStep) -> dict:
     )
     cand = evaluate_model(candidate_gguf, rag=True, index=index, cfg=suite, progress=False)
     pub = evaluate_model(cfg.against, rag=True, index=index, cfg=suite, progress=False)
-    return decide(cand, pub, cfg.margin) | {"candidate": cand, "published": pub}
+    if cfg.mcq_loglik and cfg.mcq_limit:
+        cand |= _loglik(candidate_gguf, index, cfg)
+        pub |= _loglik(cfg.against, index, cfg)
+    return decide(cand, pub, cfg.margin, cfg.min_gain, cfg.alpha) | {
+        "candidate": cand,
+        "published": pub,
+    }
