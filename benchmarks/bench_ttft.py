@@ -1,11 +1,13 @@
-"""Time to first token: bare vs grounded answers, plain prefill vs chunk KV caches (issue 19).
+"""Time to first token: bare vs grounded answers, plain prefill vs chunk KV caches (issue 19),
+and the evidence layout (issue 16: the prompt holds the evidence lines, not the excerpts).
 
 In process, on the served code path (``ModelRuntime``, its engines, ``RagService`` building
 the grounded prompt with evidence lines, ``server.kvcache``), one run, interleaved per
 question so that a busy machine slows every variant alike:
 
-- TTFT (``max_tokens`` 1) of the bare question, the grounded prompt with plain prefill, and
-  with chunk KV caches cold (no entry: computed and saved) and warm (loaded);
+- TTFT (``max_tokens`` 1) of the bare question, the grounded prompt in the evidence layout
+  (the default template), and in the excerpts layout with plain prefill, and with chunk KV
+  caches cold (no entry: computed and saved) and warm (loaded);
 - prefill tok/s (grounded prompt tokens / plain TTFT) and decode tok/s (bare, 64 tokens);
 - answers/s with 1 (single engine), 4 and 8 clients (batch engine, 8 slots), plain vs cache;
 - KV cache size per 1,000 chunks and the time ``docqa index kv`` adds to an index build.
@@ -30,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from docqa.settings import load_settings  # noqa: E402
+from docqa.settings import EXCERPTS_TEMPLATE, load_settings  # noqa: E402
 from eval.metrics import has_facts  # noqa: E402
 from models.store import ModelStore  # noqa: E402
 from retrieval.index import load_index  # noqa: E402
@@ -81,26 +83,40 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
     s = load_settings(
         model={"n_parallel": 1},
-        retrieval={"kv_cache": True, "kv_cache_dir": str(tmp / "kv"), "mode": "bm25"},
+        retrieval={
+            "kv_cache": True,
+            "kv_cache_dir": str(tmp / "kv"),
+            "mode": "bm25",
+            "user_template": EXCERPTS_TEMPLATE,  # what chunk KV caches hold
+        },
     )
+    s_ev = load_settings(model={"n_parallel": 1}, retrieval={"mode": "bm25"})  # the default
     ms = s.model
     rt = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64, tmp / "kv")
     index = load_index(args.index)
     dummy = types.SimpleNamespace(dim=index.embeddings.shape[1], name="none", fingerprint=None)
     retriever = Retriever(index, dummy, SearchConfig.from_settings(s.retrieval))
     rag = RagService(s.retrieval, IndexService(retriever, None))
+    rag_ev = RagService(s_ev.retrieval, IndexService(retriever, None))
     items = yaml.safe_load((ROOT / "eval/data/grounded_facts.yaml").read_text())
     items = items[: args.questions]
     qs = [it["q"] for it in items]
 
-    def grounded(q: str, kv: bool, max_tokens: int = 1) -> GenParams:
-        hits = rag.search(q).hits
-        msgs, used, _ = rag.build_messages(
-            rt, [{"role": "user", "content": q}], hits, rag.evidence(q, hits)
+    def grounded(q: str, kv: bool, max_tokens: int = 1, evidence: bool = False) -> GenParams:
+        svc = rag_ev if evidence else rag
+        hits = svc.search(q).hits
+        msgs, used, _ = svc.build_messages(
+            rt, [{"role": "user", "content": q}], hits, svc.evidence(q, hits)
         )
         prompt = rt.format_chat(msgs)
         tokens = rt.prompt_tokens(prompt)
-        p = GenParams(tokens, max_tokens, temperature=0.0, stop=list(s.retrieval.stop))
+        p = GenParams(
+            tokens,
+            max_tokens,
+            temperature=0.0,
+            stop=list(s.retrieval.stop),
+            loop_repeats=s.retrieval.loop_repeats,
+        )
         if kv:
             p.kv_plan = rag.kv_plan(rt, prompt, tokens, Grounding(used, None))
         return p
@@ -117,6 +133,10 @@ def main() -> None:
         q = item["q"]
         r = {"q": q}
         r["bare"] = run(single, bare(q))[0]
+        pe = grounded(q, False, args.answer_tokens, evidence=True)
+        r["n_prompt_ev"] = len(pe.prompt_tokens)
+        r["evidence"], _, _, r["ev_answer"] = run(single, pe)
+        r["ev_ok"] = has_facts(r["ev_answer"], item["facts"])
         pp = grounded(q, False, args.answer_tokens)
         r["n_prompt"] = len(pp.prompt_tokens)
         r["plain"], _, _, r["plain_answer"] = run(single, pp)
@@ -129,16 +149,20 @@ def main() -> None:
         r["same_answer"] = r["plain_answer"] == r["kv_answer"]
         rows.append(r)
         print(
-            f"[{i + 1}/{len(qs)}] bare {r['bare']:.3f}s  plain {r['plain']:.3f}s  "
+            f"[{i + 1}/{len(qs)}] bare {r['bare']:.3f}s  evidence {r['evidence']:.3f}s "
+            f"({r['n_prompt_ev']} tok)  plain {r['plain']:.3f}s  "
             f"kv cold {r['kv_cold']:.3f}s  kv warm {r['kv_warm']:.3f}s  ({r['n_prompt']} tok)  "
             f"facts plain {r['plain_ok']} kv {r['kv_ok']}",
             flush=True,
         )
 
     med = {
-        k: statistics.median(r[k] for r in rows) for k in ("bare", "plain", "kv_cold", "kv_warm")
+        k: statistics.median(r[k] for r in rows)
+        for k in ("bare", "evidence", "plain", "kv_cold", "kv_warm")
     }
+    per_q_ev = statistics.median(r["evidence"] / r["bare"] for r in rows)
     n_prompt = statistics.median(r["n_prompt"] for r in rows)
+    n_prompt_ev = statistics.median(r["n_prompt_ev"] for r in rows)
     _, total, n_out, _ = run(single, bare(qs[0], 64))
     first = run(single, bare(qs[0]))[0]
     decode = (n_out - 1) / max(1e-9, total - first)
@@ -149,10 +173,10 @@ def main() -> None:
     thr = {}
     n_ans = args.clients_answers
     work = [qs[i % len(qs)] for i in range(n_ans)]
-    for kv in (False, True):
+    for kv in ("evidence", False, True):
         for clients in (1, 4, 8):
             engine = single if clients == 1 else be
-            params = [grounded(q, kv, 32) for q in work]
+            params = [grounded(q, kv is True, 32, evidence=kv == "evidence") for q in work]
 
             async def load(engine=engine, params=params, clients=clients):
                 sem = asyncio.Semaphore(clients)
@@ -165,8 +189,9 @@ def main() -> None:
 
             t0 = time.perf_counter()
             asyncio.run(load())
-            thr[f"{'kv' if kv else 'plain'}_{clients}"] = n_ans / (time.perf_counter() - t0)
-            print(f"answers/s {'kv' if kv else 'plain'} x{clients}: {thr[list(thr)[-1]]:.3f}")
+            name = "evidence" if kv == "evidence" else ("kv" if kv else "plain")
+            thr[f"{name}_{clients}"] = n_ans / (time.perf_counter() - t0)
+            print(f"answers/s {name} x{clients}: {thr[list(thr)[-1]]:.3f}")
     be.close()
 
     # the index build step: every chunk of the index, into an empty store
@@ -179,8 +204,10 @@ def main() -> None:
         "questions": len(qs),
         "plans": n_plan,
         "median_prompt_tokens": n_prompt,
+        "median_prompt_tokens_evidence": n_prompt_ev,
         "ttft_s": med,
         "ratio_to_bare": {k: v / med["bare"] for k, v in med.items()},
+        "evidence_to_bare_per_question_median": per_q_ev,
         "prefill_tok_s": prefill,
         "decode_tok_s": decode,
         "answers_per_s": thr,
@@ -190,6 +217,7 @@ def main() -> None:
         "kv_build_chunks": len(sample),
         "kv_build_s_per_1000_chunks": build["seconds"] / max(1, len(sample)) * 1000,
         "kv_build_span_tokens": build["span_tokens"],
+        "facts_evidence": sum(r["ev_ok"] for r in rows),
         "facts_plain": sum(r["plain_ok"] for r in rows),
         "facts_kv": sum(r["kv_ok"] for r in rows),
         "facts_plain_only": sum(r["plain_ok"] and not r["kv_ok"] for r in rows),

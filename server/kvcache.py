@@ -89,6 +89,12 @@ def kv_root(retrieval) -> Path | None:
     beside the index (``<index_dir>.kv``); None when the cache is off or there is no place."""
     if not retrieval.kv_cache:
         return None
+    if not retrieval.shows_excerpts:
+        log.warning(
+            "retrieval.kv_cache is on but retrieval.user_template has no {context} (the "
+            "evidence layout): prompts hold no excerpts to cache: off"
+        )
+        return None
     if retrieval.kv_cache_dir is not None:
         return Path(retrieval.kv_cache_dir)
     if retrieval.index_dir is not None:
