@@ -105,3 +105,41 @@ def test_gguf_hf_gguf_roundtrip(smoke_run, tmp_path):
     qa = quantize(first, tmp_path / "a.q8.gguf", "Q8_0")
     qb = quantize(second, tmp_path / "b.q8.gguf", "Q8_0")
     assert greedy(qa) == greedy(qb)
+
+
+def test_full_finetune_of_the_top_layers(smoke_run, tmp_path):
+    """The smollm2-reader recipe's SFT in small: full finetuning (``lora: null``) of the top
+    two layers on evidence-layout examples with one torch thread: the loss falls, the top
+    layers change, the embeddings and the layers below do not."""
+    import torch
+
+    from training.config import SFTStep
+    from training.data import sft_examples, train_pairs
+    from training.hf import load_causal_lm
+    from training.lora import train_sft
+
+    _, out, _, _ = smoke_run
+    pairs = train_pairs(limit=60, seed=1)
+    ex = sft_examples(pairs, rag=True, k=2, p_missing=0.0, target="grounded", limit=3)
+    assert ex and ex[0]["prompt"][-1]["content"].startswith("Documentation excerpts:\n")
+    cfg = SFTStep(
+        lora=None,
+        train_layers=2,
+        threads=1,
+        max_steps=6,
+        batch_size=1,
+        learning_rate=3e-4,
+        warmup_ratio=0.0,
+        max_length=512,
+    )
+    model, tok = load_causal_lm(out / "base" / "hf")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained, m = train_sft(model, tok, ex, cfg, tmp_path)
+    assert m["loss_last3"] < m["loss_first3"]
+    assert m["trainable_params"] < m["total_params"] / 5
+    last = len(trained.model.layers) - 1
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith(f"model.layers.{last}.") for n in changed)
+    allowed = (f"model.layers.{last - 1}.", f"model.layers.{last}.", "model.norm.")
+    assert all(n.startswith(allowed) for n in changed), sorted(changed)[:5]
+    assert not (tmp_path / "adapter").exists()  # no adapter: the weights themselves changed
