@@ -1,10 +1,11 @@
 """Ticket auto-reply on realistic Nitro support tickets (eval/data/nitro_tickets.jsonl).
 
 Prints the share routed auto vs human, the share of auto replies whose sources contain the
-expected document, routing accuracy on the tickets that must go to a human, and tickets/minute
-on CPU with the embedded model.
+expected document, the wrong automatic replies (an automatic reply whose sources miss the
+expected document, or to a ticket that must go to a human), routing accuracy on the tickets
+that must go to a human, and tickets/minute on CPU with the embedded model.
 
-    .venv/bin/python benchmarks/bench_tickets.py [--model NAME]
+    .venv/bin/python benchmarks/bench_tickets.py [--model NAME] [--out replies.jsonl]
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ TICKETS = Path(__file__).resolve().parents[1] / "eval" / "data" / "nitro_tickets
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--out", type=Path, help="keep the replies here (JSONL)")
     args = ap.parse_args()
     tickets = read_tickets(TICKETS)
-    out = Path(tempfile.mkdtemp()) / "replies.jsonl"
+    out = args.out or Path(tempfile.mkdtemp()) / "replies.jsonl"
+    out.unlink(missing_ok=True)
     with local_server(args.model, str(nitro_index())) as url:
         t0 = time.time()
         reply_all(tickets, out, url, progress=False)
@@ -43,6 +46,7 @@ def main() -> None:
         for t in auto
         if t["expected_doc"] and t["expected_doc"] in [s["path"] for s in recs[t["id"]]["sources"]]
     ]
+    wrong = [t for t in auto if t not in right]
     must_human = [t for t in tickets if t["expected"] == "human"]
     caught = [t for t in must_human if recs[t["id"]]["decision"] == "human"]
     answerable = [t for t in tickets if t["expected"] == "answer"]
@@ -56,6 +60,7 @@ def main() -> None:
     print(f"| routed auto | {len(auto) / len(tickets):.2f} ({len(auto)}) |")
     print(f"| routed human | {len(human) / len(tickets):.2f} ({len(human)}) |")
     print(f"| auto replies citing the expected doc | {len(right) / max(1, len(auto)):.2f} |")
+    print(f"| wrong automatic replies | {len(wrong)} {[t['id'] for t in wrong]} |")
     print(f"| out-of-scope/off-topic tickets sent to a human | {len(caught)}/{len(must_human)} |")
     print(
         f"| answerable tickets with the expected doc in sources | "

@@ -404,10 +404,11 @@ class RetrievalSettings(_Section):
 
 class TicketSettings(_Section):
     min_similarity: float = Field(
-        0.35,
+        0.3,
         ge=-1,
         le=1,
-        description="Below this best dense similarity a question goes to a human.",
+        description="Below this best dense similarity a question goes to a human (0.3: the "
+        "evidence checks below decide the rest; 0.35 before them).",
     )
     min_support: float = Field(
         0.5,
@@ -444,6 +445,40 @@ class TicketSettings(_Section):
     )
     max_tokens: int = Field(200, ge=16, le=4096, description="Tokens per answer.")
     max_questions: int = Field(4, ge=1, le=20, description="Questions answered per ticket.")
+    context_sentences: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="A question inside a ticket that leans on what comes before it (short, "
+        "or with a pronoun: 'We run Nitro behind a proxy. Which address should it be?') or "
+        "finds nothing alone (best similarity under min_similarity) is retrieved, and read by "
+        "the model, with the ticket's subject and this many sentences before it; its evidence "
+        "lines are picked for that text too. 0 = every question alone.",
+    )
+    fuse_dense: bool = Field(
+        True,
+        description="Retrieve a ticket question by the reciprocal rank fusion (retrieval.rrf_k, "
+        "retrieval.candidates per list) of the hybrid ranking and the dense-only ranking: "
+        "tickets use the customer's words ('describe an uploaded picture'), which the dense "
+        "match finds where BM25 matches stray words. Only with retrieval.mode 'hybrid' and no "
+        "reranker.",
+    )
+    min_evidence_coverage: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="An automatic reply needs evidence lines that speak to its question: the "
+        "IDF-weighted share of the question's content words (with its ticket context) found "
+        "in the lines picked for it. Below this the ticket goes to a human.",
+    )
+    min_evidence_support: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="An automatic reply needs its content words in its evidence lines (not "
+        "just anywhere in the excerpts): the share found there, below which the ticket goes "
+        "to a human. Every identifier, path or number the reply names must be in them too.",
+    )
 
 
 class Settings(BaseSettings):

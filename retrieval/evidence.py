@@ -227,6 +227,20 @@ def for_reader(
     ]
 
 
+def coverage(question: str, evidence: list[Evidence], idf: Callable[[str], float]) -> float:
+    """How much of ``question`` the ``evidence`` lines speak to: the IDF-weighted share of its
+    content terms (question words such as "which", "how" left out) found in the lines or their
+    table headers. 0 when the question has no content term."""
+    q_terms = {w for w in terms(question) if w not in _QUESTION_NOISE}
+    total = sum(idf(w) for w in q_terms)
+    if not total:
+        return 0.0
+    found: set[str] = set()
+    for e in evidence:
+        found |= set(terms(e.text + " " + e.context))
+    return sum(idf(w) for w in q_terms & found) / total
+
+
 def idf_from_bm25(bm25) -> Callable[[str], float]:
     """IDF of a (stemmed) term from an index's BM25 postings; unknown terms count as rare."""
     n = max(1, bm25.n_docs)

@@ -8,7 +8,17 @@ import shutil
 import httpx
 import pytest
 
-from server.services.tickets import clean_ticket, split_questions, support
+from docqa.settings import TicketSettings
+from retrieval.evidence import Evidence
+from server.services.tickets import (
+    Answer,
+    check_reply,
+    clean_ticket,
+    split_questions,
+    support,
+    ticket_query,
+    unsupported_names,
+)
 from server.tickets_cli import read_tickets, reply_all
 
 from .conftest import FIXTURES
@@ -38,6 +48,56 @@ def test_split_questions():
 def test_support_score():
     assert support("uses port 7431", "Zephyrd listens on port 7431") == pytest.approx(2 / 3)
     assert support("", "x") == 0.0
+
+
+def test_ticket_query_reads_a_question_in_its_ticket():
+    subject = "Jobs pile up"
+    text = clean_ticket(subject, "Our box runs many jobs. Memory runs out. Anything I can do?")
+    q = split_questions(text, 4)[-1]
+    assert q == "Anything I can do?"
+    # the subject and the two sentences before the question, the subject once
+    assert ticket_query(subject, text, q, 2) == (
+        "Jobs pile up Our box runs many jobs. Memory runs out. Anything I can do?"
+    )
+    assert ticket_query(subject, text, q, 1) == "Jobs pile up Memory runs out. Anything I can do?"
+    assert ticket_query(subject, text, q, 0) == q
+
+
+CONFIG_LINE = (
+    "The `max_parallel_jobs` setting limits how many jobs run at once; its default value is 4."
+)
+CONFIG_DOC = (
+    CONFIG_LINE + " The `retry_backoff_seconds` setting is the wait between two attempts of a "
+    "failed job."
+)
+
+
+def _checked(asked: str, reply: str, line: str = CONFIG_LINE, doc: str = CONFIG_DOC) -> Answer:
+    ev = [Evidence(0, 0, len(line), line, 5.0, "sentence")]
+    a = Answer(asked, text=reply, sources=[{"text": doc}])
+    return check_reply(a, asked, ev, lambda w: 1.0, TicketSettings())
+
+
+def test_reply_must_be_in_its_evidence_lines():
+    asked = "Too many jobs run at the same time. How do I limit them?"
+    ok = _checked(asked, "Set `max_parallel_jobs`: it limits how many jobs run at once [1].")
+    assert ok.reason is None and ok.evidence_support > 0.8
+    # every word is in the sources, but the reply's setting is not in the evidence line
+    bad = _checked(asked, "Set `retry_backoff_seconds` to limit the jobs [1].")
+    assert bad.support >= TicketSettings().min_support
+    assert bad.reason and "evidence lines" in bad.reason
+    assert unsupported_names("use `max_jobs` = 8 [1]", CONFIG_LINE) == ["max_jobs", "8"]
+    assert unsupported_names("1. Set `max_parallel_jobs`.\n2. Restart.", CONFIG_LINE) == []
+
+
+def test_evidence_that_misses_the_question_goes_to_a_human():
+    # "address" leans on the sentence before it: stickers, not a server address
+    asked = "Stickers Could you mail a few stickers to our office in Berlin? Which address?"
+    line = "Zephyrd listens on address 0.0.0.0 and port 7431."
+    a = _checked(asked, "Zephyrd listens on address 0.0.0.0 and port 7431 [1].", line, line)
+    assert a.support == 1.0 and a.evidence_support == 1.0
+    assert a.coverage < TicketSettings().min_evidence_coverage
+    assert a.reason and "cover little" in a.reason
 
 
 def test_read_tickets_handles_bad_lines(tmp_path):
@@ -114,3 +174,21 @@ def test_batch_decisions_and_resume(ticket_server, tmp_path):
     paths7 = {s["path"] for s in by["t7"]["sources"]}
     assert {"guide/config.md", "api/openapi.yaml"} & paths7
     assert by["line-8"]["decision"] == "human" and "error" in by["line-8"]
+
+
+def test_leaning_question_is_retrieved_with_its_ticket(ticket_server):
+    """A last question that leans on the sentence before it ("Anything I can do about it?")
+    is retrieved with the ticket's subject and that sentence, and finds the page."""
+    r = httpx.post(
+        ticket_server.url + "/v1/tickets/reply",
+        timeout=120,
+        json={
+            "id": "lean",
+            "subject": "Jobs pile up",
+            "body": "Our Zephyrd box runs too many jobs in parallel and runs out of memory. "
+            "Anything I can do about it?",
+        },
+    )
+    rec = r.json()
+    assert r.status_code == 200, rec
+    assert "guide/config.md" in [s["path"] for s in rec["sources"]], rec

@@ -159,7 +159,13 @@ class RagService:
         if not messages or messages[-1]["role"] != "user":
             return messages, Grounding([], None)
         query = fold_query(messages)
-        res = self.search(query)
+        return self.ground(rt, messages, self.search(query), query)
+
+    def ground(
+        self, rt: ModelRuntime, messages: list[dict[str, str]], res: SearchResult, query: str
+    ):
+        """``augment`` for a search already made: the prompt for ``messages`` grounded on
+        ``res``, with the evidence lines picked for ``query`` (or the abstain decision)."""
         r = self.settings
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)

@@ -4,17 +4,19 @@ decide whether the draft can go out ("auto") or a human must look ("human")."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 
-from docqa.settings import RetrievalSettings, Settings
+from docqa.settings import RetrievalSettings, Settings, TicketSettings
 from retrieval.bm25 import content_words
+from retrieval.evidence import Evidence, coverage
+from retrieval.search import SearchResult, rrf
 from server.engine import Slot
 from server.generation import Delta, GenParams
 from server.runtime import ModelManager, ModelRuntime
 from server.services.generation import with_cad
-from server.services.rag import RagService
+from server.services.rag import _FOLLOWUP, RagService
 
 _QUOTED_HEADER = re.compile(
     r"^\s*(On .{3,200}wrote:|-----\s*Original Message\s*-----|From: .+)$", re.I | re.M
@@ -30,6 +32,8 @@ _GREETING = re.compile(
     re.I,
 )
 _SENT = re.compile(r"(?<=[.!?])\s+")
+_CITE_MARK = re.compile(r"\[\d{1,3}\]")
+_LIST_MARK = re.compile(r"^\s*\d{1,2}[.)]\s", re.M)
 
 
 def clean_ticket(subject: str, body: str) -> str:
@@ -53,13 +57,33 @@ def clean_ticket(subject: str, body: str) -> str:
     )
 
 
+def sentences(text: str) -> list[str]:
+    flat = " ".join(text.split())
+    return [s.strip() for s in _SENT.split(flat) if s.strip()]
+
+
 def split_questions(text: str, limit: int) -> list[str]:
     flat = " ".join(text.split())
-    sents = [s.strip() for s in _SENT.split(flat) if s.strip()]
+    sents = sentences(flat)
     qs = [s for s in sents if s.endswith("?")]
     if not qs:
         return [flat] if flat else []
     return qs[:limit]
+
+
+def ticket_query(subject: str, text: str, question: str, n_before: int) -> str:
+    """``question`` as retrieved inside its ticket (``text``, cleaned): the ticket's subject and
+    the ``n_before`` sentences before it, then the question itself; 0: the question alone."""
+    if n_before <= 0:
+        return question
+    sents = sentences(text)
+    i = sents.index(question) if question in sents else len(sents)
+    before = sents[max(0, i - n_before) : i]
+    subject = re.sub(r"^\s*((re|fwd?|aw)\s*:\s*)+", "", subject or "", flags=re.I).strip()
+    parts = [*before, question]
+    if subject and subject.lower() not in " ".join(parts).lower():
+        parts.insert(0, subject)
+    return " ".join(parts)
 
 
 def support(answer: str, sources_text: str) -> float:
@@ -70,6 +94,50 @@ def support(answer: str, sources_text: str) -> float:
     return len(words & src) / len(words)
 
 
+_NAMED = re.compile(r"`([^`\n]{1,80})`|[A-Za-z0-9_.:/-]*(?:[_/]|\d)[A-Za-z0-9_.:/-]*")
+
+
+def named(answer: str) -> list[str]:
+    """What a reply names exactly: code spans, identifiers, paths, URLs and numbers
+    (citation marks left out)."""
+    out = []
+    for m in _NAMED.finditer(_LIST_MARK.sub(" ", _CITE_MARK.sub(" ", answer))):
+        tok = (m.group(1) or m.group(0)).strip().strip(".,:;-/")
+        if tok and tok not in out:
+            out.append(tok)
+    return out
+
+
+def leans(question: str) -> bool:
+    """A question that leans on what comes before it: short, or with a pronoun."""
+    return len(question.split()) < 6 or bool(_FOLLOWUP.search(question))
+
+
+def unsupported_names(answer: str, evidence_text: str) -> list[str]:
+    """The names in ``answer`` (``named``) that its evidence lines (with the question they were
+    picked for) do not contain."""
+    low = evidence_text.lower()
+    return [n for n in named(answer) if n.lower() not in low]
+
+
+def search_ticket(
+    rag: RagService, query: str, r: RetrievalSettings, fuse_dense: bool
+) -> SearchResult:
+    """The top ``r.top_k`` chunks for a ticket question: the retriever's ranking, or (with
+    ``fuse_dense``, a hybrid retriever and no reranker) the reciprocal rank fusion of its
+    hybrid and dense-only rankings of ``r.candidates`` chunks each. Blocking."""
+    if not fuse_dense or r.mode != "hybrid" or r.reranker:
+        return rag.search(query)
+    hyb = rag.index.search(query, r.candidates)
+    dense = rag.index.search(query, r.candidates, mode="dense")
+    by_id = {h.chunk.id: h for h in dense.hits + hyb.hits}
+    fused = rrf(
+        [[h.chunk.id for h in hyb.hits], [h.chunk.id for h in dense.hits]], [1.0, 1.0], r.rrf_k
+    )
+    hits = [replace(by_id[cid], score=score) for cid, score in fused[: r.top_k]]
+    return SearchResult(hits, hyb.best_sim, hyb.timings_ms)
+
+
 @dataclass
 class Answer:
     question: str
@@ -77,7 +145,33 @@ class Answer:
     sources: list = field(default_factory=list)
     similarity: float = -1.0
     support: float = 0.0
+    coverage: float = 0.0  # of the question by its evidence lines
+    evidence_support: float = 0.0  # of the reply by its evidence lines
     reason: str | None = None
+
+
+def check_reply(
+    a: Answer, asked: str, evidence: list[Evidence], idf, cfg: TicketSettings
+) -> Answer:
+    """Whether ``a`` (its text and sources set) may go out automatically: its words are in its
+    sources (``min_support``), the evidence lines picked for ``asked`` (the question with its
+    ticket context) speak to it (``min_evidence_coverage``), and the reply's words and every
+    name it gives are in those lines (``min_evidence_support``). Sets ``a``'s figures and, on a
+    failed check, its ``reason``."""
+    ev_text = " ".join(f"{e.context} {e.text}" for e in evidence)
+    a.support = support(a.text, " ".join(s["text"] for s in a.sources))
+    a.coverage = coverage(asked, evidence, idf)
+    a.evidence_support = support(a.text, ev_text)
+    missing = unsupported_names(a.text, f"{ev_text} {asked}")
+    if a.support < cfg.min_support:
+        a.reason = f"reply not supported by its sources ({a.support:.2f})"
+    elif a.coverage < cfg.min_evidence_coverage:
+        a.reason = f"the evidence lines cover little of the question ({a.coverage:.2f})"
+    elif a.evidence_support < cfg.min_evidence_support:
+        a.reason = f"reply not supported by its evidence lines ({a.evidence_support:.2f})"
+    elif missing:
+        a.reason = f"reply names what its evidence lines do not: {', '.join(missing[:3])}"
+    return a
 
 
 def _params(
@@ -161,8 +255,21 @@ async def reply_ticket(
     alpha = settings.retrieval.cad_alpha
     for q in split_questions(text, cfg.max_questions):
         a = Answer(q)
-        messages = [{"role": "user", "content": q}]
-        new_messages, grounding = await anyio.to_thread.run_sync(rag.augment, rt, messages)
+
+        def ground(q=q):
+            """A question that stands alone is retrieved and read alone; one that leans on its
+            ticket ("Which address should it be?"), or finds nothing alone, is retrieved and
+            read with the ticket's subject and the sentences before it."""
+            res = rag.search(q)
+            asked = q
+            if leans(q) or res.best_sim < cfg.min_similarity:
+                asked = ticket_query(subject, text, q, cfg.context_sentences)
+                if asked != q:
+                    res = search_ticket(rag, asked, settings.retrieval, cfg.fuse_dense)
+            messages = [{"role": "user", "content": asked}]
+            return asked, messages, *rag.ground(rt, messages, res, asked)
+
+        asked, messages, new_messages, grounding = await anyio.to_thread.run_sync(ground)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
         if grounding.abstain is not None or a.similarity < cfg.min_similarity:
             a.reason = f"weak retrieval evidence for: {q[:80]}"
@@ -179,9 +286,7 @@ async def reply_ticket(
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
-        a.support = support(a.text, " ".join(s["text"] for s in a.sources))
-        if a.support < cfg.min_support:
-            a.reason = f"reply not supported by its sources ({a.support:.2f})"
+        check_reply(a, asked, grounding.evidence, rag.index.retriever.idf, cfg)
         answers.append(a)
     answered = [a for a in answers if a.text]
     reply = "\n\n".join(a.text for a in answered) or settings.retrieval.abstain_message
