@@ -261,7 +261,18 @@ class RetrievalSettings(_Section):
         "flat", description="FAISS index type (flat inner product; HNSW/IVF for big corpora)."
     )
     reranker: str | None = Field(
-        None, description="Local cross-encoder path for reranking (None = off)."
+        None,
+        description="Local cross-encoder folder that reorders the fused candidates before the "
+        "top_k cut, and scores POST /v1/rerank (None = off: fused order, and /v1/rerank by the "
+        "embedder's cosine). Made by `docqa train rebuild --recipe reranker-nitro` (its "
+        "reranker/model folder); not shipped, so off by default (docs/benchmarks.md).",
+    )
+    rerank_candidates: int = Field(
+        10,
+        ge=1,
+        le=200,
+        description="Fused candidates the reranker scores per query (the top_k are kept; never "
+        "fewer than top_k). Each costs one cross-encoder forward pass on the query's path.",
     )
     abstain_threshold: float = Field(
         0.25,

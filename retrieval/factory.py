@@ -39,12 +39,15 @@ def index_embedder(index: Index, es: EmbedderSettings):
     return load_embedder(es, built_with(index))
 
 
-def load_reranker(settings: Settings):
-    if not settings.retrieval.reranker:
+def load_reranker(settings: Settings, path: str | Path | None = None):
+    """The cross-encoder ``retrieval.reranker`` names (``path`` overrides it), or None when
+    reranking is off. Loaded once by its owner (``Services``) and shared by its retrievers."""
+    path = path or settings.retrieval.reranker
+    if not path:
         return None
-    from sentence_transformers import CrossEncoder
+    from retrieval.reranker import CrossEncoderReranker
 
-    return CrossEncoder(settings.retrieval.reranker, device=settings.embedder.device)
+    return CrossEncoderReranker(path, device=settings.embedder.device)
 
 
 def build_retriever(
@@ -52,13 +55,15 @@ def build_retriever(
 ) -> Retriever:
     """A retriever over ``index`` (an ``Index`` or its directory) searching as
     ``settings.retrieval`` says. ``embedder`` defaults to the index's own; the reranker to the
-    configured one (pass one to share it between retrievers)."""
+    configured one (pass one to share it between retrievers; False: none, the fused order)."""
     if not isinstance(index, Index):
         index = load_index(index)
     if embedder is None:
         embedder = index_embedder(index, settings.embedder)
     if reranker is None:
         reranker = load_reranker(settings)
+    elif reranker is False:
+        reranker = None
     return Retriever(
         index, embedder, SearchConfig.from_settings(settings.retrieval), reranker=reranker
     )

@@ -1,5 +1,6 @@
 """Hybrid search: BM25 + FAISS dense, merged on stable chunk ids by weighted score fusion or
-reciprocal rank fusion, optionally reranked by a local cross-encoder. When the index carries
+reciprocal rank fusion, optionally reranked by a local cross-encoder (retrieval.reranker: the
+top ``rerank_candidates`` fused candidates, before the ``top_k`` cut). When the index carries
 attached questions, a chunk's dense score is the best of its own vector and its questions'."""
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class SearchConfig:
     question_dense_weight: float
     mode: str
     faiss_index: str
+    rerank_candidates: int = 10
 
     @classmethod
     def from_settings(cls, r: RetrievalSettings) -> SearchConfig:
@@ -52,6 +54,7 @@ class SearchConfig:
             question_dense_weight=r.question_dense_weight,
             mode=r.mode,
             faiss_index=r.faiss_index,
+            rerank_candidates=r.rerank_candidates,
         )
 
     def weights(self, has_questions: bool) -> tuple[float, float]:
@@ -178,6 +181,10 @@ class Retriever:
         """A retriever over another index with the same embedder, config and reranker."""
         return Retriever(index, self.embedder, self.config, reranker=self.reranker)
 
+    def with_reranker(self, reranker) -> Retriever:
+        """The same index and config with another reranker (None: the fused order)."""
+        return Retriever(self.index, self.embedder, self.config, reranker=reranker)
+
     def with_config(self, **changes) -> Retriever:
         """The same index searched with some config fields changed (benchmarks, ablations)."""
         cfg = dataclasses.replace(self.config, **changes)
@@ -272,10 +279,14 @@ class Retriever:
             for cid, score in fused
         ]
         if self.reranker is not None and hits:
-            pool = hits[: max(top_k * 3, top_k)]
+            # the top rerank_candidates of the fused order, reordered by the cross-encoder
+            # (score: its relevance, 0..1; ties keep the fused order)
+            t3 = time.perf_counter()
+            pool = hits[: max(cfg.rerank_candidates, top_k)]
             scores = self.reranker.predict([(query, h.chunk.search_text) for h in pool])
             for h, s in zip(pool, scores):
                 h.score = float(s)
             hits = sorted(pool, key=lambda h: -h.score)
+            tm["rerank"] = (time.perf_counter() - t3) * 1000
         tm["total"] = (time.perf_counter() - t0) * 1000
         return SearchResult(hits[:top_k], best_sim, tm)

@@ -33,6 +33,7 @@ class Services:
     chat: ChatService
     tickets: TicketService | None
     queue: TicketQueue | None = None  # the agent page's ticket queue (opened on first use)
+    reranker: object | None = None  # retrieval.reranker.CrossEncoderReranker (retrieval.reranker)
 
     @classmethod
     def build(
@@ -54,15 +55,20 @@ class Services:
                 embedder.warm()  # the query encoder is built (or read from cache) now
             index = documents = rag = tickets = None
             r = settings.retrieval
+            reranker = None
+            if r.reranker:
+                from retrieval.factory import load_reranker
+
+                reranker = load_reranker(settings)  # one for the retrievers and /v1/rerank
             if r.index_dir is not None or r.docs_dir is not None or r.database_url:
                 if embedder is None:
                     raise ValueError("retrieval needs the embedder (embedder.enabled: true)")
                 if r.database_url:
                     index = open_shared_index(
-                        settings, embedder, rt.chunk_tokenizer(), stop, on_wait
+                        settings, embedder, rt.chunk_tokenizer(), stop, on_wait, reranker
                     )
                 else:
-                    index = open_index(settings, embedder, rt.chunk_tokenizer())
+                    index = open_index(settings, embedder, rt.chunk_tokenizer(), reranker)
                 documents = DocumentsService(r, index, models, settings.server.limits)
                 rag = RagService(r, index)
                 tickets = TicketService(settings, models, rag)
@@ -71,7 +77,9 @@ class Services:
             raise
         chat = ChatService(settings, models, rag)
         queue = TicketQueue(settings.server.data_dir / QUEUE_FILE, tickets)
-        return cls(settings, models, embedder, index, documents, rag, chat, tickets, queue)
+        return cls(
+            settings, models, embedder, index, documents, rag, chat, tickets, queue, reranker
+        )
 
     def close(self) -> None:
         if self.queue is not None:

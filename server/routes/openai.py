@@ -111,7 +111,8 @@ async def embeddings(
 
 @router.post("/rerank")
 async def rerank(request: Request, body: RerankRequest, s: Services = Depends(deps.services)):
-    out = await rerank_documents(s.embedder, s.settings.retrieval.rerank_max_documents, body)
+    cap = s.settings.retrieval.rerank_max_documents
+    out = await rerank_documents(s.embedder, cap, body, s.reranker)
     request.state.usage = out["usage"] | {"completion_tokens": 0}
     return out
 

@@ -122,7 +122,7 @@ class IndexService:
             self.store.close()
 
 
-def open_index(settings: Settings, embedder, tok: Tokenizer) -> IndexService:
+def open_index(settings: Settings, embedder, tok: Tokenizer, reranker=None) -> IndexService:
     """The index ``settings.retrieval`` names: loaded from ``index_dir`` (by ``load_index``:
     its backup when a save died mid-swap, put back in place and leftovers removed first), else
     built from ``docs_dir`` (and saved to ``index_dir`` when given), else an empty one to
@@ -149,7 +149,7 @@ def open_index(settings: Settings, embedder, tok: Tokenizer) -> IndexService:
             {"name": embedder.name},
         )
         index = assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)
-    retriever = build_retriever(index, settings, embedder)
+    retriever = build_retriever(index, settings, embedder, reranker=reranker)
     retriever.idf  # noqa: B018 - evidence weights built at start-up, not on the first request
     log.info("retrieval ready: %d chunks", len(index))
     return IndexService(retriever, Path(r.index_dir) if r.index_dir else None)
@@ -161,6 +161,7 @@ def open_shared_index(
     tok: Tokenizer,
     stop: threading.Event | None = None,
     on_wait: Callable[[str | None], None] | None = None,
+    reranker=None,
 ) -> IndexService:
     """The index in the shared store ``retrieval.database_url``: connects (retrying every
     ``db_retry_s`` while the database is unreachable, logging why; ``on_wait`` hears the
@@ -206,7 +207,7 @@ def open_shared_index(
                         index = _empty(settings, embedder, tok)
                     tx.apply(None, index)
             version = tx.version
-        retriever = build_retriever(index, settings, embedder)
+        retriever = build_retriever(index, settings, embedder, reranker=reranker)
         retriever.idf  # noqa: B018 - evidence weights built at start-up
         service = IndexService(retriever, None, store=store, version=version)
         service.watcher = Watcher(r.database_url, service.refresh, r.db_refresh_s, r.db_retry_s)

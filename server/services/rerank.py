@@ -1,5 +1,7 @@
 """POST /v1/rerank (Jina/Cohere shape): documents ordered by relevance to a query, scores in
-0..1. Scored by the embedder's cosine similarity, mapped from [-1, 1] to [0, 1]."""
+0..1. Scored by the cross-encoder ``retrieval.reranker`` names when one is configured (its
+relevance probability), else by the embedder's cosine similarity mapped from [-1, 1] to
+[0, 1]."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from server.errors import APIError, bad_request
 from server.schemas import RerankRequest
 
 
-async def rerank(embedder, max_documents: int, body: RerankRequest) -> dict:
-    if embedder is None:
+async def rerank(embedder, max_documents: int, body: RerankRequest, reranker=None) -> dict:
+    if embedder is None and reranker is None:
         raise APIError(
             404, "no embedder is loaded (embedder.enabled is false)", code="model_not_found"
         )
@@ -23,9 +25,14 @@ async def rerank(embedder, max_documents: int, body: RerankRequest) -> dict:
         )
     if any(not d.strip() for d in body.documents):
         raise bad_request("documents must not contain empty strings", "documents")
-    q = await asyncio.to_thread(embedder.embed_query, body.query)
-    docs = await asyncio.to_thread(embedder.embed, body.documents)
-    sims = np.clip((docs @ np.asarray(q)[0] + 1.0) / 2.0, 0.0, 1.0)
+    if reranker is not None:
+        sims = await asyncio.to_thread(reranker.score, body.query, body.documents)
+        scorer = reranker
+    else:
+        q = await asyncio.to_thread(embedder.embed_query, body.query)
+        docs = await asyncio.to_thread(embedder.embed, body.documents)
+        sims = np.clip((docs @ np.asarray(q)[0] + 1.0) / 2.0, 0.0, 1.0)
+        scorer = embedder
     order = sorted(range(len(body.documents)), key=lambda i: (-float(sims[i]), i))
     top = order[: body.top_n] if body.top_n else order
     results = []
@@ -34,10 +41,10 @@ async def rerank(embedder, max_documents: int, body: RerankRequest) -> dict:
         if body.return_documents:
             r["document"] = {"text": body.documents[i]}
         results.append(r)
-    n_tok = embedder.count_tokens([body.query, *body.documents])
+    n_tok = scorer.count_tokens([body.query, *body.documents])
     return {
         "object": "list",
-        "model": embedder.name,
+        "model": scorer.name,
         "results": results,
         "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok},
     }
