@@ -49,6 +49,11 @@ def _summary(m: dict) -> tuple[str, str]:
         )
     for k, v in (m.get("after") or {}).items():
         info += f" {k}: {m['before'].get(k)} -> {v}"
+    held = m.get("heldout") or {}
+    if "fused" in held and "reranked" in held:  # the reranker step: fused vs reranked order
+        info += " " + ", ".join(
+            f"{k}: {held['fused'][k]} -> {held['reranked'][k]}" for k in ("recall@1", "mrr")
+        )
     return loss, info
 
 

@@ -22,6 +22,7 @@ from training.config import (
     GateStep,
     MergeStep,
     PublishStep,
+    RerankerStep,
     SFTStep,
     SynthStep,
 )
@@ -200,6 +201,27 @@ def run_embedder(ctx: StepContext) -> dict:
         return finish(
             tmp,
             "embedder",
+            cfg,
+            inputs={"base": cfg.base, "docs": cfg.docs, "csv": ctx.csv, "pairs": len(pairs)},
+            metrics=metrics,
+        )
+
+
+@register("reranker", RerankerStep, needs=(PAIRS,), produces={"reranker": "model"})
+def run_reranker(ctx: StepContext) -> dict:
+    """Finetune a cross-encoder reranker; the step's ``model/`` is a CrossEncoder folder (set
+    ``retrieval.reranker`` to it)."""
+    from docqa.data import DEFAULT_QA, load_qa, split_qa
+    from training.reranker import finetune_reranker
+
+    cfg: RerankerStep = ctx.config
+    pairs = train_pairs_for(ctx, cfg.limit, cfg.seed)
+    heldout = split_qa(load_qa(ctx.csv or DEFAULT_QA, duplicates=True))[1]
+    with step_dir(ctx.out, ctx.name) as tmp:
+        metrics = finetune_reranker(cfg, pairs, heldout, tmp / "model")
+        return finish(
+            tmp,
+            "reranker",
             cfg,
             inputs={"base": cfg.base, "docs": cfg.docs, "csv": ctx.csv, "pairs": len(pairs)},
             metrics=metrics,
