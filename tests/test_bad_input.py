@@ -9,16 +9,8 @@ import socket
 import httpx
 import pytest
 
-from tests.conftest import KEY
-
-H = {"Authorization": f"Bearer {KEY}"}
-
-
-def _err(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    return err
+from tests.conftest import KEY, H
+from tests.conftest import api_error as _err
 
 
 def _raw(url: str, path: str, body: str, headers: dict | None = None) -> httpx.Response:

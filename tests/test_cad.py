@@ -172,7 +172,7 @@ def test_ticket_answer_uses_cad(rt):
 
 # -- the HTTP field --------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cad_server(server_factory, tmp_path_factory):
+def cad_server(server_factory, tmp_path_factory, fixture_index):
     """Fixture docs plus a page with a made-up setting; two batched sequences; CAD on by
     default (retrieval.cad_alpha 0.5, contrasted with the template without excerpts) so ticket
     replies use it."""
@@ -186,8 +186,7 @@ def cad_server(server_factory, tmp_path_factory):
         {
             "model": {"n_ctx": 1024, "n_parallel": 2, "n_threads": 1},
             "retrieval": {
-                "docs_dir": str(docs),
-                "index_dir": str(docs.parent / "cad-index"),
+                "index_dir": str(fixture_index(docs, 120, 20)),  # built in this process
                 "chunk_tokens": 120,
                 "chunk_overlap": 20,
                 "answer_reserve": 256,

@@ -24,6 +24,7 @@ from retrieval.index import assemble, find_index, load_index, new_manifest, reco
 from retrieval.index import save_index as save
 
 from .conftest import FIXTURES
+from .conftest import api_error as _error
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS = ("block", *STEPS)  # "block": the temporary folder half written
@@ -127,13 +128,6 @@ def _paths(url: str) -> list[str]:
 
 def _add(url: str, path: str, text: str = "# Notes\n\nThe quux valve opens at 7 bar.\n"):
     return httpx.post(url + "/v1/documents", json={"path": path, "content": text}, timeout=120)
-
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    return err
 
 
 def test_document_paths_are_normalized_before_they_are_ids(docs_server):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import struct
 
 import pytest
@@ -219,23 +218,17 @@ def test_bad_cache_file_falls_back_to_plain_prefill(rt, batch, rag, caplog, how,
     assert rt.kv.read(p.kv_plan, p.kv_plan.items[1]) is not None
 
 
-def test_real_server_writes_and_reuses_chunk_caches(server_factory, tmp_path_factory):
+def test_real_server_writes_and_reuses_chunk_caches(server_factory, fixture_index):
     """``docqa serve`` with ``retrieval.kv_cache`` and continuous batching: the first grounded
     answer saves its excerpts' caches beside the index (with a manifest), the second loads
     them and answers the same; a corrupt file there does not break the answer."""
     from openai import OpenAI
 
-    from .conftest import FIXTURES
-
-    docs = tmp_path_factory.mktemp("kvdocs")
-    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
-    index_dir = docs.parent / "kv-index"
+    index_dir = fixture_index()  # the fixture docs at the default chunking, built once
     s = server_factory(
         {
             "model": {"n_ctx": 1024, "n_parallel": 2, "n_threads": 1},
-            "embedder": {"query_backend": "eager"},  # no encoder export: a quicker start
             "retrieval": {
-                "docs_dir": str(docs),
                 "index_dir": str(index_dir),
                 "kv_cache": True,
                 "user_template": EXCERPTS_TEMPLATE,

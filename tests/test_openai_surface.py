@@ -12,31 +12,20 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from server.launch import ServerProcess
+from .conftest import serving
 
 KEY = "sekrit"
 MSG = [{"role": "user", "content": "Write a short poem about the sea."}]
 
 
-def _serve(tmp_path_factory, config: dict, name: str):
-    tmp = tmp_path_factory.mktemp(name)
-    config["model"]["store_dir"] = str(tmp / "store")
-    config["embedder"] = {"query_backend": "eager"}
-    s = ServerProcess(config, workdir=tmp, name=name, cwd=tmp).start()
-    try:
-        s.wait_ready(timeout=400)  # slow on a loaded shared machine
-    except BaseException:
-        s.stop()
-        raise
-    return s
-
-
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    """Single engine; aliases; unknown names served by the default model."""
-    s = _serve(
-        tmp_path_factory,
-        {
+def surface(tmp_path_factory):
+    """Two servers, started together. ``single``: the single engine, aliases, unknown names
+    served by the default model. ``batched``: the batch engine (n_parallel 2), unknown names
+    are errors, an API key. (The default query backend: the int8 encoder from the run's
+    cache, no torch at start.)"""
+    configs = {
+        "surface-single": {
             "server": {"max_queue": 8, "unknown_model": "default"},
             "model": {
                 "n_ctx": 1024,
@@ -46,18 +35,7 @@ def single(tmp_path_factory):
                 },
             },
         },
-        "surface-single",
-    )
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def batched(tmp_path_factory):
-    """Batch engine (n_parallel 2); unknown names are errors; an API key."""
-    s = _serve(
-        tmp_path_factory,
-        {
+        "surface-batched": {
             "server": {"max_queue": 8, "api_key": KEY},
             "model": {
                 "n_ctx": 1024,
@@ -65,10 +43,19 @@ def batched(tmp_path_factory):
                 "aliases": {"gpt-4o": "smollm2-135m-instruct"},
             },
         },
-        "surface-batched",
-    )
-    yield s
-    s.stop()
+    }
+    with serving(tmp_path_factory, configs, timeout=400) as servers:  # a loaded machine: slow
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def single(surface):
+    return surface[0]
+
+
+@pytest.fixture(scope="module")
+def batched(surface):
+    return surface[1]
 
 
 def _client(s, key="unused") -> OpenAI:

@@ -21,7 +21,7 @@ from retrieval.loaders import Document
 from retrieval.pgstore import PgStore, StoreUnavailable
 from server.launch import ServerProcess
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, serving
 
 DOCS = FIXTURES / "docs"
 QUERIES = [
@@ -136,17 +136,9 @@ def _cfg(url: str, **retrieval) -> dict:
 def replicas(postgres, tmp_path_factory):
     """Two replicas (started together) on a fresh database; the first fills it from DOCS."""
     postgres.reset()
-    servers = [
-        ServerProcess(_cfg(postgres.url), workdir=tmp_path_factory.mktemp(n), name=n).start()
-        for n in ("replica-a", "replica-b")
-    ]
-    try:
-        for s in servers:
-            s.wait_ready(300)
+    configs = {n: _cfg(postgres.url) for n in ("replica-a", "replica-b")}
+    with serving(tmp_path_factory, configs) as servers:
         yield servers
-    finally:
-        for s in servers:
-            s.stop()
 
 
 @pytest.fixture(scope="module")

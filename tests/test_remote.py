@@ -11,34 +11,23 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from server.launch import ServerProcess
-
-from .conftest import FIXTURES
-
-DOCS = FIXTURES / "docs"
+from .conftest import serving
 
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
-    servers = [
-        ServerProcess(
-            {"server": {"max_queue": 8}, "model": {"n_ctx": 2048, "n_threads": 1}},
-            workdir=tmp_path_factory.mktemp(n),
-            name=n,
-        ).start()
+    """Two bare servers (the tests kill them: not shared with other modules)."""
+    configs = {
+        n: {"server": {"max_queue": 8}, "model": {"n_ctx": 2048, "n_threads": 1}}
         for n in ("backend-1", "backend-2")
-    ]
-    try:
-        for s in servers:
-            s.wait_ready(300)
+    }
+    with serving(tmp_path_factory, configs) as servers:
         yield servers
-    finally:
-        for s in servers:
-            s.stop()
 
 
 @pytest.fixture(scope="module")
-def front(backends, tmp_path_factory):
+def front(backends, tmp_path_factory, fixture_index):
+    index = fixture_index(chunk_tokens=120, chunk_overlap=20)  # the fixture docs, built once
     cfg = {
         "server": {"max_queue": 8},
         "model": {
@@ -46,16 +35,11 @@ def front(backends, tmp_path_factory):
             "endpoints": [b.url + "/v1" for b in backends],
             "endpoint_health_s": 0.5,
         },
-        "embedder": {"query_backend": "eager"},
-        "retrieval": {"docs_dir": str(DOCS), "chunk_tokens": 120, "chunk_overlap": 20},
+        "retrieval": {"index_dir": str(index), "chunk_tokens": 120, "chunk_overlap": 20},
         "tickets": {"max_tokens": 40, "min_similarity": 0.3},
     }
-    s = ServerProcess(cfg, workdir=tmp_path_factory.mktemp("front"), name="front").start()
-    try:
-        s.wait_ready(300)
+    with serving(tmp_path_factory, {"front": cfg}) as (s,):
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-from tests.conftest import KEY
+from tests.conftest import H
 
-H = {"Authorization": f"Bearer {KEY}"}
 EXAMPLES = 10  # per operation and mode
 
 

@@ -22,16 +22,8 @@ import uvicorn
 from docqa.settings import Settings
 from server.auth import InsecureSettings
 from server.launch import DOCQA, free_port
-from tests.conftest import ADMIN_KEY, KEY, UI_ORIGIN
-
-H = {"Authorization": f"Bearer {KEY}"}
-
-
-def _err(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}, err
-    return err
+from tests.conftest import ADMIN_KEY, KEY, UI_ORIGIN, H
+from tests.conftest import api_error as _err
 
 
 class _Uvicorn:

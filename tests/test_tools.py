@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import httpx
 import jsonschema_rs
@@ -15,9 +14,8 @@ from openai import AsyncOpenAI, OpenAI
 
 from server import tools
 from server.errors import APIError
-from server.launch import ServerProcess
 
-from .conftest import FIXTURES
+from .conftest import serving
 
 WEATHER = {
     "type": "function",
@@ -98,22 +96,18 @@ def test_parse_calls_and_repeats():
 
 # -- a real server ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tool_server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tools")
-    docs = tmp / "docs"
-    shutil.copytree(FIXTURES / "docs", docs)
+def tool_server(tmp_path_factory, fixture_index):
     config = {
         "server": {"max_queue": 8},
-        "model": {"n_ctx": 2048, "store_dir": str(tmp / "store")},
-        "embedder": {"query_backend": "eager"},
-        "retrieval": {"docs_dir": str(docs), "chunk_tokens": 120, "top_k": 2},
+        "model": {"n_ctx": 2048},
+        "retrieval": {
+            "index_dir": str(fixture_index(chunk_tokens=120)),  # the fixture docs
+            "chunk_tokens": 120,
+            "top_k": 2,
+        },
     }
-    s = ServerProcess(config, workdir=tmp, name="tools", cwd=tmp).start()
-    try:
-        s.wait_ready(timeout=400)  # a loaded shared machine builds the index slowly
+    with serving(tmp_path_factory, {"tools": config}, timeout=400) as (s,):  # a loaded machine
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")
