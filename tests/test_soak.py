@@ -8,15 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
-
-from .conftest import FIXTURES
 
 CLIENTS = 64
 WARM_S = 8
@@ -32,14 +29,13 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def soak_server(server_factory, tmp_path_factory):
-    docs = tmp_path_factory.mktemp("docs")
-    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
+def soak_server(server_factory, fixture_index):
+    index = fixture_index(chunk_tokens=120, chunk_overlap=20)  # the fixture docs, built once
     return server_factory(
         {
             "server": {"max_queue": 4, "retry_after_s": 1, "log_level": "WARNING"},
             "model": {"n_ctx": 1024},
-            "retrieval": {"docs_dir": str(docs), "chunk_tokens": 120, "chunk_overlap": 20},
+            "retrieval": {"index_dir": str(index), "chunk_tokens": 120, "chunk_overlap": 20},
         },
         "soak",
     )
