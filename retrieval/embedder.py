@@ -297,5 +297,6 @@ class Embedder:
         return np.ascontiguousarray(vecs, dtype=np.float32)
 
     def embed(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        self.model  # noqa: B018 - a lazy load happens outside the lock: queries go on meanwhile
         with self._lock:
             return self._embed_fp32(texts, progress)
