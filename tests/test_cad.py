@@ -161,8 +161,10 @@ def test_ticket_answer_uses_cad(rt):
     grounded = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": EXCERPTS}]
     bare = [{"role": "user", "content": QUESTION}]
 
+    r = load_settings(retrieval={"stop": [], "loop_repeats": 0}).retrieval
+
     def answer(alpha: float, context_free=bare) -> str:
-        return asyncio.run(_generate(rt, grounded, 24, [], context_free, alpha))
+        return asyncio.run(_generate(rt, grounded, 24, r, context_free, alpha))
 
     plain = answer(0.0, None)
     assert answer(0.0) == plain
