@@ -189,20 +189,20 @@ def run_loglik(
             ctx = "\n\n".join(f"[{i}] {h.chunk.text}" for i, h in enumerate(hits, 1))
             user = f"Documentation excerpts:\n{ctx}\n\nQuestion: {it.question}"
         prompt = fmt(messages=[{"role": "user", "content": user}]).prompt
-        p_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        p_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)[: n_ctx - 64]
+        n_p = len(p_ids)
+        llm.reset()
+        llm.eval(p_ids)  # the prompt once: each option is evaluated after its cached cells
         best, best_lp = None, -1e9
         for L, text in it.options.items():
             o_ids = llm.tokenize(text.encode(), add_bos=False, special=False)
-            ids = (p_ids + o_ids)[: n_ctx - 1]
-            llm.reset()
-            llm.eval(ids)
-            scores = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
-            n_p = min(len(p_ids), len(ids) - 1)
-            rows = scores[n_p - 1 : len(ids) - 1]
-            rows = rows - rows.max(axis=1, keepdims=True)
+            o_ids = o_ids[: n_ctx - 1 - n_p]
+            llm.n_tokens = n_p  # drop the previous option (eval removes cells from here on)
+            llm.eval(o_ids)
+            scores = np.asarray(llm.scores[n_p - 1 : n_p - 1 + len(o_ids)], dtype=np.float64)
+            rows = scores - scores.max(axis=1, keepdims=True)
             logp = rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
-            toks = ids[n_p:]
-            lp = float(np.mean(logp[np.arange(len(toks)), toks])) if toks else -1e9
+            lp = float(np.mean(logp[np.arange(len(o_ids)), o_ids])) if o_ids else -1e9
             if lp > best_lp:
                 best, best_lp = L, lp
         answers.append(best)
