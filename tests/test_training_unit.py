@@ -147,12 +147,14 @@ def test_grounded_rag_examples_quote_their_cited_excerpt():
         cited = re.search(r"\[(\d)\]$", answer)
         assert cited and e["gold_in_context"], answer
         n = int(cited.group(1))
-        context = user.split("\n\nMost relevant lines:")[0]  # the excerpts, not the evidence
-        starts = [m.start() for m in re.finditer(r"(?m)^\[\d\]", context)] + [len(context)]
-        excerpt = context[starts[n - 1] : starts[n]]
-        assert excerpt.startswith(f"[{n}]")
+        # the evidence layout: the prompt's lines, each tagged [k] with its excerpt's number
+        assert user.startswith("Documentation excerpts:\n") and "\n\nQuestion: " in user
+        block = user[len("Documentation excerpts:\n") : user.rindex("\n\nQuestion: ")]
+        lines = re.findall(r"(.*?) \[(\d)\](?:\n|$)", block, re.S)
+        tagged = " ".join(text for text, k in lines if int(k) == n)
         quoted = re.findall(r"`([^`]+)`", answer)
-        assert quoted and all(q in excerpt for q in quoted), (answer, excerpt[:200])
+        # the answer names what the lines of the excerpt it cites show
+        assert tagged and quoted and all(q in tagged for q in quoted), (answer, block[:300])
 
 
 # --- the step registry and recipe plans (no model is loaded by any of these) ---------------
