@@ -67,7 +67,8 @@ class ChatService:
         params.messages = messages  # what a remote engine sends
         if grounding is not None:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
-            params.loop_repeats = self.settings.retrieval.loop_repeats
+            if params.grammar is None:  # never cut a tool call or a structured output
+                params.loop_repeats = self.settings.retrieval.loop_repeats
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
             # (not with tools: the context-free prompt would not describe them)
             if grounding.hits and alpha > 0 and not calling:
