@@ -101,18 +101,24 @@ def train_contrastive(model, texts: list[str], examples: list[Example], cfg, pro
         logits = logits.masked_fill(mask.to(logits.device), -1e4)
         target = torch.tensor([cols.index(e.positive) for e in batch], device=logits.device)
         loss = F.cross_entropy(logits, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if len(losses) % 10 == 0:
-            log.info("embedder step %d/%d loss %.4f", len(losses), total, losses[-1])
+        optimizer_step(loss, opt, sched, losses, bar, "embedder", total)
     bar.close()
     model.eval()
     return losses
+
+
+def optimizer_step(loss, opt, sched, losses: list[float], bar, name: str, total: int) -> None:
+    """One step of a hand-written training loop (the embedder's, the reranker's): backward,
+    optimizer and schedule, then the loss into ``losses``, the progress bar and the log."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(float(loss.detach()))
+    bar.update(1)
+    bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if len(losses) % 10 == 0:
+        log.info("%s step %d/%d loss %.4f", name, len(losses), total, losses[-1])
 
 
 def dev_recall(index, embedder, items, k: int = 3) -> dict[str, float]:
@@ -132,7 +138,7 @@ def dev_recall(index, embedder, items, k: int = 3) -> dict[str, float]:
     return out
 
 
-def _param_delta(before: dict, model) -> float:
+def param_delta(before: dict, model) -> float:
     after = model.state_dict()
     return max(float((after[k].float() - v).abs().max()) for k, v in before.items())
 
@@ -174,7 +180,7 @@ def finetune_embedder(cfg, pairs, heldout, out_dir: Path, progress: bool = True)
         "loss_last": losses[-1],
         "loss_first3": float(np.mean(losses[:3])),
         "loss_last3": float(np.mean(losses[-3:])),
-        "weight_delta": _param_delta(initial, tuned.model),
+        "weight_delta": param_delta(initial, tuned.model),
         "dev_questions": len(items),
         "before": before,
         "after": after,

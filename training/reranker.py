@@ -72,6 +72,8 @@ def train_listwise(ce, texts: list[str], examples: list[RerankExample], cfg, pro
     import torch
     import torch.nn.functional as F
 
+    from training.embedder import optimizer_step
+
     if not examples:
         raise ValueError("no training examples: no Q&A pair's answer is held by a chunk")
     torch.manual_seed(cfg.seed)
@@ -114,23 +116,10 @@ def train_listwise(ce, texts: list[str], examples: list[RerankExample], cfg, pro
             logits[r, : len(g)] = flat[j : j + len(g)]
             j += len(g)
         loss = F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        if len(losses) % 10 == 0:
-            log.info("reranker step %d/%d loss %.4f", len(losses), total, losses[-1])
+        optimizer_step(loss, opt, sched, losses, bar, "reranker", total)
     bar.close()
     model.eval()
     return losses
-
-
-def _param_delta(before: dict, model) -> float:
-    after = model.state_dict()
-    return max(float((after[k].float() - v).abs().max()) for k, v in before.items())
 
 
 def finetune_reranker(cfg, pairs, heldout, out_dir: Path, progress: bool = True) -> dict:
@@ -147,6 +136,7 @@ def finetune_reranker(cfg, pairs, heldout, out_dir: Path, progress: bool = True)
     from retrieval.factory import build_retriever
     from retrieval.questions import retrieval_devset
     from retrieval.reranker import CrossEncoderReranker
+    from training.embedder import param_delta
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -181,7 +171,7 @@ def finetune_reranker(cfg, pairs, heldout, out_dir: Path, progress: bool = True)
         "loss_last": losses[-1],
         "loss_first3": float(np.mean(losses[:3])),
         "loss_last3": float(np.mean(losses[-3:])),
-        "weight_delta": _param_delta(initial, tuned.model.model),
+        "weight_delta": param_delta(initial, tuned.model.model),
         "train_s": round(train_s, 1),
         "dev_questions": len(items),
         "candidates": cfg.candidates,
