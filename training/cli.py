@@ -39,7 +39,15 @@ def _summary(m: dict) -> tuple[str, str]:
         loss = f"{m['loss_first3']:.3f} → {m['loss_last3']:.3f}"
     keys = [
         k
-        for k in ("tokens_per_s", "examples", "size_bytes", "passed", "pairs", "weight_delta")
+        for k in (
+            "tokens_per_s",
+            "examples",
+            "size_bytes",
+            "passed",
+            "pairs",
+            "weight_delta",
+            "chosen",
+        )
         if k in m
     ]
     info = ", ".join(f"{k}={m[k]}" for k in keys)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 STEPS = (
     "base",
@@ -21,6 +21,7 @@ STEPS = (
     "dpo",
     "sft",
     "export",
+    "quant_select",
     "gate",
     "publish",
     "embedder",
@@ -175,8 +176,43 @@ class GateStep(_Cfg):
     )
 
 
+class QuantSelectStep(_Cfg):
+    """Several llama.cpp quants of one model, measured and chosen: quality first, then prefill
+    speed (training.quants)."""
+
+    quants: list[str] = Field(
+        default_factory=lambda: ["Q8_0", "Q4_0"],
+        min_length=1,
+        description="llama.cpp quantizations to export and measure (Q8_0, Q4_0, Q4_K_M, ...).",
+    )
+    quality: GateStep = Field(
+        default_factory=lambda: GateStep(mcq_limit=0),
+        description="The gate evaluation of each quant against the reference (``against``, the "
+        "published model, whose speed is measured too): a quant keeps quality when no metric "
+        "is worse by more than ``margin`` and its grounded facts are not significantly worse "
+        "(McNemar p < ``alpha``). ``min_gain`` must stay null: a quant is not asked to beat it.",
+    )
+    prompt_tokens: int = Field(
+        256, ge=8, le=8192, description="Prompt prefilled per speed round (a grounded prompt)."
+    )
+    decode_tokens: int = Field(32, ge=1, le=4096, description="Tokens decoded per speed round.")
+    rounds: int = Field(3, ge=1, le=50, description="Speed rounds; the medians are kept.")
+    threads: int | None = Field(
+        None, ge=1, le=512, description="llama.cpp threads (None = the settings' model.n_threads)."
+    )
+
+    @model_validator(mode="after")
+    def _no_min_gain(self) -> QuantSelectStep:
+        if self.quality.min_gain is not None:
+            raise ValueError("quant_select.quality.min_gain must be null (quants keep quality)")
+        return self
+
+
 class PublishStep(_Cfg):
     store_dir: str = Field("models/store", description="Model store directory.")
+    name: str | None = Field(
+        None, description="Store name; None = the export step's ``name``.", min_length=1
+    )
     server: str | None = Field(None, description="Running docqa URL to hot-reload.")
     admin_key_env: str = Field("DOCQA_ADMIN_KEY", description="Env var with the admin key.")
 
@@ -263,6 +299,7 @@ class Recipe(_Cfg):
     dpo: DPOStep = Field(default_factory=DPOStep)
     sft: SFTStep = Field(default_factory=SFTStep)
     export: ExportStep = Field(default_factory=ExportStep)
+    quant_select: QuantSelectStep = Field(default_factory=QuantSelectStep)
     gate: GateStep = Field(default_factory=GateStep)
     publish: PublishStep = Field(default_factory=PublishStep)
     embedder: EmbedderStep = Field(default_factory=EmbedderStep)

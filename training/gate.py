@@ -68,7 +68,9 @@ def _loglik(model: str, index: str, cfg: GateStep) -> dict:
     return {"mcq_loglik": res.accuracy[0]}
 
 
-def compare(candidate_gguf: str, cfg: GateStep) -> dict:
+def evaluate(model: str, cfg: GateStep) -> dict:
+    """The gate's evaluation of one model (a GGUF path or a store name) with RAG on the Nitro
+    index: the figures :func:`decide` compares."""
     from retrieval.corpus import nitro_index
 
     index = str(nitro_index())
@@ -80,11 +82,15 @@ def compare(candidate_gguf: str, cfg: GateStep) -> dict:
         mcq_limit=cfg.mcq_limit,
         mcq_rounds=cfg.mcq_rounds,
     )
-    cand = evaluate_model(candidate_gguf, rag=True, index=index, cfg=suite, progress=False)
-    pub = evaluate_model(cfg.against, rag=True, index=index, cfg=suite, progress=False)
+    out = evaluate_model(model, rag=True, index=index, cfg=suite, progress=False)
     if cfg.mcq_loglik and cfg.mcq_limit:
-        cand |= _loglik(candidate_gguf, index, cfg)
-        pub |= _loglik(cfg.against, index, cfg)
+        out |= _loglik(model, index, cfg)
+    return out
+
+
+def compare(candidate_gguf: str, cfg: GateStep) -> dict:
+    cand = evaluate(candidate_gguf, cfg)
+    pub = evaluate(cfg.against, cfg)
     return decide(cand, pub, cfg.margin, cfg.min_gain, cfg.alpha) | {
         "candidate": cand,
         "published": pub,

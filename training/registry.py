@@ -32,7 +32,8 @@ Recipe = Any
 log = logging.getLogger(__name__)
 
 GIVEN = "inputs"  # source name of an artifact given in the recipe's ``inputs`` section
-BUILTIN = ("training.steps", "training.export")  # modules whose import registers the steps
+# modules whose import registers the steps
+BUILTIN = ("training.steps", "training.export", "training.quants")
 
 
 class RecipeError(ValueError):

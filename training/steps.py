@@ -273,9 +273,11 @@ def run_publish(ctx: StepContext) -> dict:
             raise GateRefused("publish needs a gate result: run the gate step first")
         if not gate_prov.get("passed"):
             raise GateRefused("the gate refused this model; the published model stays")
+    # the provenance of the step that made the GGUF (export, or quant_select: its choice table)
     upstream = {"export": read_provenance(gguf.parent / PROV), "gate": gate_prov}
     with step_dir(ctx.out, ctx.name) as tmp:
-        resolved = ModelStore(cfg.store_dir).publish(gguf, ctx.recipe.export.name, upstream)
+        name = cfg.name or ctx.recipe.export.name
+        resolved = ModelStore(cfg.store_dir).publish(gguf, name, upstream)
         reloaded = notify_server(cfg, resolved.id)
         shutil.copyfile(resolved.path.with_suffix(".json"), tmp / "published.json")
         return finish(
