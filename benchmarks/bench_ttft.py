@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--answer-tokens", type=int, default=64, help="plain vs cache answers")
     ap.add_argument("--build-chunks", type=int, default=30, help="chunks timed for index kv")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--no-excerpts", action="store_true", help="skip the excerpts layout (plain and kv)"
+    )
     args = ap.parse_args()
 
     if args.index is None:
@@ -91,6 +94,10 @@ def main() -> None:
         },
     )
     s_ev = load_settings(model={"n_parallel": 1}, retrieval={"mode": "bm25"})  # the default
+    s_evkv = load_settings(  # the default layout with its evidence units cached
+        model={"n_parallel": 1},
+        retrieval={"mode": "bm25", "kv_cache": True, "kv_cache_dir": str(tmp / "kv")},
+    )
     ms = s.model
     rt = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64, tmp / "kv")
     index = load_index(args.index)
@@ -98,14 +105,15 @@ def main() -> None:
     retriever = Retriever(index, dummy, SearchConfig.from_settings(s.retrieval))
     rag = RagService(s.retrieval, IndexService(retriever, None))
     rag_ev = RagService(s_ev.retrieval, IndexService(retriever, None))
+    rag_evkv = RagService(s_evkv.retrieval, IndexService(retriever, None))
     items = yaml.safe_load((ROOT / "eval/data/grounded_facts.yaml").read_text())
     items = items[: args.questions]
     qs = [it["q"] for it in items]
 
     def grounded(q: str, kv: bool, max_tokens: int = 1, evidence: bool = False) -> GenParams:
-        svc = rag_ev if evidence else rag
+        svc = (rag_evkv if kv else rag_ev) if evidence else rag
         hits = svc.search(q).hits
-        msgs, used, _ = svc.build_messages(
+        msgs, used, ev = svc.build_messages(
             rt, [{"role": "user", "content": q}], hits, svc.evidence(q, hits)
         )
         prompt = rt.format_chat(msgs)
@@ -118,7 +126,7 @@ def main() -> None:
             loop_repeats=s.retrieval.loop_repeats,
         )
         if kv:
-            p.kv_plan = rag.kv_plan(rt, prompt, tokens, Grounding(used, None))
+            p.kv_plan = svc.kv_plan(rt, prompt, tokens, Grounding(used, None, 1.0, ev))
         return p
 
     def bare(q: str, max_tokens: int = 1) -> GenParams:
@@ -128,15 +136,37 @@ def main() -> None:
     single = rt.engine
     run(single, bare("warm-up"))
     rows = []
-    n_plan = 0
+    n_plan = n_plan_ev = 0
     for i, item in enumerate(items):
         q = item["q"]
         r = {"q": q}
+        prev = qs[i - 1] if i else "warm-up"
+        # each TTFT with the prompt's shared prefix cached, as on a server answering a stream
+        # of such requests: the previous question's prompt of the same kind runs first
+        run(single, bare(prev))
         r["bare"] = run(single, bare(q))[0]
+        run(single, grounded(prev, False, evidence=True))
         pe = grounded(q, False, args.answer_tokens, evidence=True)
         r["n_prompt_ev"] = len(pe.prompt_tokens)
         r["evidence"], _, _, r["ev_answer"] = run(single, pe)
         r["ev_ok"] = has_facts(r["ev_answer"], item["facts"])
+        pu = grounded(q, True, evidence=True)
+        n_plan_ev += pu.kv_plan is not None
+        r["n_units"] = len(pu.kv_plan.items) if pu.kv_plan else 0
+        r["ev_kv_cold"] = run(single, pu)[0]  # units not seen yet: computed and saved
+        pu = grounded(q, True, args.answer_tokens, evidence=True)
+        r["ev_kv_warm"], _, _, r["ev_kv_answer"] = run(single, pu)
+        r["ev_kv_ok"] = has_facts(r["ev_kv_answer"], item["facts"])
+        if args.no_excerpts:
+            rows.append(r)
+            print(
+                f"[{i + 1}/{len(qs)}] bare {r['bare']:.3f}s  evidence {r['evidence']:.3f}s "
+                f"({r['n_prompt_ev']} tok)  units cold {r['ev_kv_cold']:.3f}s warm "
+                f"{r['ev_kv_warm']:.3f}s ({r['n_units']} units)  facts evidence {r['ev_ok']} "
+                f"units {r['ev_kv_ok']}",
+                flush=True,
+            )
+            continue
         pp = grounded(q, False, args.answer_tokens)
         r["n_prompt"] = len(pp.prompt_tokens)
         r["plain"], _, _, r["plain_answer"] = run(single, pp)
@@ -156,27 +186,31 @@ def main() -> None:
             flush=True,
         )
 
-    med = {
-        k: statistics.median(r[k] for r in rows)
-        for k in ("bare", "evidence", "plain", "kv_cold", "kv_warm")
-    }
-    per_q_ev = statistics.median(r["evidence"] / r["bare"] for r in rows)
-    n_prompt = statistics.median(r["n_prompt"] for r in rows)
+    keys = ["bare", "evidence", "ev_kv_cold", "ev_kv_warm"]
+    if not args.no_excerpts:
+        keys += ["plain", "kv_cold", "kv_warm"]
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    per_q = {k: statistics.median(r[k] / r["bare"] for r in rows) for k in keys}
     n_prompt_ev = statistics.median(r["n_prompt_ev"] for r in rows)
+    n_prompt = statistics.median(r["n_prompt"] for r in rows) if not args.no_excerpts else None
     _, total, n_out, _ = run(single, bare(qs[0], 64))
     first = run(single, bare(qs[0]))[0]
     decode = (n_out - 1) / max(1e-9, total - first)
-    prefill = n_prompt / med["plain"]
+    prefill = statistics.median(r["n_prompt_ev"] / r["evidence"] for r in rows)
 
     # answers/s: 1 client on the single engine, 4 and 8 on an 8-slot batch engine
     be = BatchEngine(rt.llm, 64, n_seq=8, n_batch=ms.n_batch, n_threads=ms.n_threads, kv=rt.kv)
     thr = {}
     n_ans = args.clients_answers
     work = [qs[i % len(qs)] for i in range(n_ans)]
-    for kv in ("evidence", False, True):
+    variants = ["evidence", "units"] + ([] if args.no_excerpts else ["plain", "kv"])
+    for name in variants:
         for clients in (1, 4, 8):
             engine = single if clients == 1 else be
-            params = [grounded(q, kv is True, 32, evidence=kv == "evidence") for q in work]
+            params = [
+                grounded(q, name in ("units", "kv"), 32, evidence=name in ("evidence", "units"))
+                for q in work
+            ]
 
             async def load(engine=engine, params=params, clients=clients):
                 sem = asyncio.Semaphore(clients)
@@ -189,7 +223,6 @@ def main() -> None:
 
             t0 = time.perf_counter()
             asyncio.run(load())
-            name = "evidence" if kv == "evidence" else ("kv" if kv else "plain")
             thr[f"{name}_{clients}"] = n_ans / (time.perf_counter() - t0)
             print(f"answers/s {name} x{clients}: {thr[list(thr)[-1]]:.3f}")
     be.close()
@@ -198,17 +231,21 @@ def main() -> None:
     rt.kv = kvcache.KVStore(tmp / "kv-build", rt.kv.fingerprint, rt.id)
     sample = index.chunks[: args.build_chunks]
     build = kvcache.build_cache(rt, s.retrieval, sample, progress=False)
+    rt.kv = kvcache.KVStore(tmp / "kv-build-units", rt.kv.fingerprint, rt.id)
+    build_u = kvcache.build_cache(rt, s_evkv.retrieval, sample, progress=False)
     rt.close()
     per_1000 = build["bytes"] / max(1, len(sample)) * 1000
     out = {
         "questions": len(qs),
         "plans": n_plan,
+        "unit_plans": n_plan_ev,
+        "median_units": statistics.median(r["n_units"] for r in rows),
         "median_prompt_tokens": n_prompt,
         "median_prompt_tokens_evidence": n_prompt_ev,
         "ttft_s": med,
         "ratio_to_bare": {k: v / med["bare"] for k, v in med.items()},
-        "evidence_to_bare_per_question_median": per_q_ev,
-        "prefill_tok_s": prefill,
+        "ratio_to_bare_per_question_median": per_q,
+        "prefill_tok_s_evidence": prefill,
         "decode_tok_s": decode,
         "answers_per_s": thr,
         "index_chunks": len(index.chunks),
@@ -217,12 +254,25 @@ def main() -> None:
         "kv_build_chunks": len(sample),
         "kv_build_s_per_1000_chunks": build["seconds"] / max(1, len(sample)) * 1000,
         "kv_build_span_tokens": build["span_tokens"],
+        "unit_kv_bytes_per_1000_chunks": build_u["bytes"] / max(1, len(sample)) * 1000,
+        "unit_kv_build_s_per_1000_chunks": build_u["seconds"] / max(1, len(sample)) * 1000,
+        "unit_kv_spans": build_u["spans"],
         "facts_evidence": sum(r["ev_ok"] for r in rows),
-        "facts_plain": sum(r["plain_ok"] for r in rows),
-        "facts_kv": sum(r["kv_ok"] for r in rows),
-        "facts_plain_only": sum(r["plain_ok"] and not r["kv_ok"] for r in rows),
-        "facts_kv_only": sum(r["kv_ok"] and not r["plain_ok"] for r in rows),
-        "same_answers": sum(r["same_answer"] for r in rows),
+        "facts_units": sum(r["ev_kv_ok"] for r in rows),
+        "facts_evidence_only": sum(r["ev_ok"] and not r["ev_kv_ok"] for r in rows),
+        "facts_units_only": sum(r["ev_kv_ok"] and not r["ev_ok"] for r in rows),
+        "same_answers_units": sum(r["ev_answer"] == r["ev_kv_answer"] for r in rows),
+        **(
+            {}
+            if args.no_excerpts
+            else {
+                "facts_plain": sum(r["plain_ok"] for r in rows),
+                "facts_kv": sum(r["kv_ok"] for r in rows),
+                "facts_plain_only": sum(r["plain_ok"] and not r["kv_ok"] for r in rows),
+                "facts_kv_only": sum(r["kv_ok"] and not r["plain_ok"] for r in rows),
+                "same_answers": sum(r["same_answer"] for r in rows),
+            }
+        ),
         "rows": rows,
         "n_threads": ms.n_threads,
     }

@@ -17,13 +17,15 @@ def block(i: int, chunk: Chunk, text: str | None = None) -> str:
     return f"[{i}]{title}\n{chunk.text if text is None else text}"
 
 
+def evidence_text(text: str) -> str:
+    """An evidence unit as the prompt shows it: whitespace collapsed (code kept as written)."""
+    return " ".join(text.split()) if "```" not in text else text.strip()
+
+
 def evidence_lines(evidence: list[tuple[int, str]]) -> str:
-    """``(excerpt number, text)`` pairs as the prompt's evidence block."""
-    out = []
-    for n, text in evidence:
-        flat = " ".join(text.split()) if "```" not in text else text.strip()
-        out.append(f"{flat} [{n}]")
-    return "\n".join(out)
+    """``(excerpt number, text)`` pairs as the prompt's evidence block: each line is the
+    unit's ``evidence_text`` then its tag `` [n]``."""
+    return "\n".join(f"{evidence_text(text)} [{n}]" for n, text in evidence)
 
 
 def rag_messages(

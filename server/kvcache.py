@@ -30,6 +30,13 @@ written atomically: temp file + rename)::
 
 The header holds the fingerprint, prefix hash, chunk id, span tokens, start position,
 payload size and the payload's sha256.
+
+The evidence layout (``retrieval.user_template`` without ``{context}``, the default) has no
+excerpts in the prompt but evidence lines, ``prefix | unit_1 | [n]\\n unit_2 | ... | [n] suffix``:
+there the cached spans are the evidence units (sentences, list items, code blocks of the
+chunks, as ``retrieval.evidence.units`` cuts them and ``retrieval.prompting.evidence_text``
+shows them), keyed by a hash of their text (``unit_id``); the label before a unit is the
+previous line's tag. ``docqa index kv`` computes every unit of every chunk.
 """
 
 from __future__ import annotations
@@ -89,10 +96,10 @@ def kv_root(retrieval) -> Path | None:
     beside the index (``<index_dir>.kv``); None when the cache is off or there is no place."""
     if not retrieval.kv_cache:
         return None
-    if not retrieval.shows_excerpts:
+    if not retrieval.shows_excerpts and not retrieval.evidence_units:
         log.warning(
-            "retrieval.kv_cache is on but retrieval.user_template has no {context} (the "
-            "evidence layout): prompts hold no excerpts to cache: off"
+            "retrieval.kv_cache is on but the prompt holds neither excerpts ({context}) nor "
+            "evidence lines (evidence_units 0): nothing to cache: off"
         )
         return None
     if retrieval.kv_cache_dir is not None:
@@ -131,14 +138,52 @@ class KVPlan:
 
 
 def prefix_text(rt, retrieval, marker: str = "\x00DOCQA-KV\x00") -> str | None:
-    """The grounded prompt's text before the excerpts, for runtime ``rt`` and
-    ``RetrievalSettings`` ``retrieval`` (no history, no extra system message)."""
+    """The grounded prompt's text before the excerpts (the evidence lines in the evidence
+    layout), for runtime ``rt`` and ``RetrievalSettings`` ``retrieval`` (no history, no extra
+    system message)."""
     from retrieval.prompting import rag_messages
 
     r = retrieval
-    text = rt.format_chat(rag_messages(r.system_prompt, r.user_template, "?", [marker]))
+    if r.shows_excerpts:
+        msgs = rag_messages(r.system_prompt, r.user_template, "?", [marker])
+    else:
+        msgs = rag_messages(r.system_prompt, r.user_template, "?", [], evidence=marker)
+    text = rt.format_chat(msgs)
     i = text.find(marker)
     return text[:i] if i > 0 else None
+
+
+def unit_id(text: str) -> str:
+    """The cache key of an evidence unit shown as ``text`` (``evidence_text``)."""
+    return "u-" + hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def build_unit_plan(
+    prompt: str,
+    prefix_text: str,
+    lines: list[tuple[str, str]],
+    tokenize,
+    prefix_tokens,
+) -> KVPlan | None:
+    """Cut the rendered ``prompt`` (evidence layout) into prefix, (label, unit) per evidence
+    line and suffix. ``lines``: (unit text as shown, its tag " [n]"), in prompt order; a
+    unit's label is the previous line's tag and newline (nothing for the first). None when
+    the prompt does not have that shape."""
+    if not lines or not prompt.startswith(prefix_text):
+        return None
+    pos = len(prefix_text)
+    items, between = [], ""
+    for text, tag in lines:
+        if not prompt.startswith(between + text, pos) or not text:
+            return None
+        items.append(KVItem(unit_id(text), tokenize(between) if between else [], tokenize(text)))
+        pos += len(between) + len(text)
+        between = tag + "\n"
+    if not lines or not prompt.startswith(lines[-1][1], pos):
+        return None
+    if any(not it.span for it in items):
+        return None
+    return KVPlan(prefix_tokens(prefix_text), items, tokenize(prompt[pos:]))
 
 
 def build_plan(
@@ -176,6 +221,21 @@ def chunk_item(rt, chunk) -> KVItem:
 
     span = block(1, chunk)[len("[1]") :]
     return KVItem(chunk.id, [], rt.tokenize(span, add_bos=False, special=True))
+
+
+def unit_items(rt, chunk) -> list[KVItem]:
+    """The cached spans of ``chunk``'s evidence units, as ``build_unit_plan`` cuts them."""
+    from retrieval.evidence import units
+    from retrieval.prompting import evidence_text
+
+    out = []
+    for u in units(chunk.text):
+        if u.kind == "heading":
+            continue
+        text = evidence_text(chunk.text[u.start : u.end])
+        if text:
+            out.append(KVItem(unit_id(text), [], rt.tokenize(text, add_bos=False, special=True)))
+    return out
 
 
 # -- the store -----------------------------------------------------------------------------
@@ -510,20 +570,27 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
         raise ValueError("the runtime has no chunk KV store (retrieval.kv_cache is off)")
     text = prefix_text(rt, retrieval)
     if text is None:
-        raise ValueError("the grounded template has no {context}: nothing to cache")
+        raise ValueError("the grounded template has neither {context} nor {evidence}")
     prefix = rt.prompt_tokens(text)
+    if retrieval.shows_excerpts:
+        items = [chunk_item(rt, c) for c in chunks]
+    else:  # the evidence layout: every unit of every chunk, once
+        seen: dict[str, KVItem] = {}
+        for c in chunks:
+            for it in unit_items(rt, c):
+                seen.setdefault(it.chunk_id, it)
+        items = list(seen.values())
     t0 = time.perf_counter()
     bctx = BatchContext(rt.llm, 1, rt.llm.n_batch, rt.llm.n_threads)
     written = tokens = 0
     try:
         _decode(bctx, prefix, 0, 0, False, rt.llm.n_batch)
-        it = chunks
+        it = items
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(chunks, desc="chunk KV", unit="chunk")
-        for c in it:
-            item = chunk_item(rt, c)
+            it = tqdm(items, desc="chunk KV", unit="span")
+        for item in it:
             plan = KVPlan(prefix, [item], [])
             tokens += len(item.span)
             written += warm(bctx, 0, 1, plan, rt.kv, rt.llm.n_batch)
@@ -534,6 +601,7 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     return {
         "dir": str(d),
         "chunks": len(chunks),
+        "spans": len(items),
         "written": written,
         "span_tokens": tokens,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -257,3 +257,85 @@ def test_real_server_writes_and_reuses_chunk_caches(server_factory, fixture_inde
     files[0].write_bytes(files[0].read_bytes()[:-10])  # truncated: plain prefill, still 200
     assert ask()
     assert "ignored" in s.log_tail(20000)
+
+
+# -- the evidence layout (the default template): evidence units are the cached spans ----------
+@pytest.fixture(scope="module")
+def ev_rag(kvdir):
+    s = load_settings(
+        model={"n_ctx": 1024, "n_threads": 1},
+        retrieval={"kv_cache": True, "kv_cache_dir": str(kvdir), "evidence_units": 3},
+    )
+    assert not s.retrieval.shows_excerpts and kvcache.kv_root(s.retrieval) is not None
+    return RagService(s.retrieval, index=None)
+
+
+def _ev_params(rt, rag, question: str, order: list[int], plan: bool = True) -> GenParams:
+    from retrieval.evidence import for_reader
+
+    hits = [Hit(CHUNKS[i], 1.0) for i in order]
+    ev = for_reader(question, [h.chunk.text for h in hits], lambda w: 1.0, 3)
+    assert ev
+    messages, used, ev = rag.build_messages(rt, [{"role": "user", "content": question}], hits, ev)
+    prompt = rt.format_chat(messages)
+    tokens = rt.prompt_tokens(prompt)
+    p = GenParams(tokens, 24, temperature=0.0)
+    if plan:
+        p.kv_plan = rag.kv_plan(rt, prompt, tokens, Grounding(used, None, 1.0, ev))
+        assert p.kv_plan is not None and p.kv_plan.tokens == tokens
+    return p
+
+
+def test_unit_plan_cuts_the_evidence_prompt(rt, ev_rag):
+    """In the evidence layout the cached spans are the evidence units: the prompt is prefix |
+    unit | " [n]\\n" unit | ... | " [n]" + question, and the pieces tokenize to the plain
+    prompt's tokens; a unit's cache key is its text, whatever excerpt number it gets."""
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    p = _ev_params(rt, ev_rag, both, [0, 1, 2])
+    plan = p.kv_plan
+    assert rt.detokenize(plan.prefix).endswith("Documentation excerpts:\n")
+    assert plan.items[0].label == []
+    spans = [rt.detokenize(it.span) for it in plan.items]
+    assert any("7431" in t for t in spans) and any("max_parallel_jobs" in t for t in spans)
+    assert not any("[1]" in t or "[2]" in t for t in spans)
+    assert len(plan.items) >= 2  # a second line's label is the first line's tag
+    assert rt.detokenize(plan.items[1].label).strip().startswith("[")
+    assert "Question: " + both in rt.detokenize(plan.suffix)
+    q = _ev_params(rt, ev_rag, both, [1, 0, 2])  # the same unit under another number
+    ids = {it.chunk_id for it in plan.items}
+    assert ids & {it.chunk_id for it in q.kv_plan.items}
+    assert all(i.startswith("u-") for i in ids)
+
+
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_unit_caches_cold_then_warm_state_the_fact(rt, batch, ev_rag, name):
+    """Evidence units computed and saved on first use (cold), loaded on the next (warm): the
+    same answer both times, and it states the fact the plain-prefill answer states."""
+    engine = rt.engine if name == "single" else batch
+    for q, order, fact in ((QUESTIONS[0], [0, 1, 2], "7431"), (QUESTIONS[1], [1, 0], "4")):
+        plain, _ = _run(engine, _ev_params(rt, ev_rag, q, order, plan=False))
+        p = _ev_params(rt, ev_rag, q, order)
+        loaded = rt.kv.loaded
+        cold, fin = _run(engine, p)
+        warm, _ = _run(engine, _ev_params(rt, ev_rag, q, order))
+        assert all(f.is_file() for f in _files(rt, p))
+        assert rt.kv.loaded - loaded >= len(p.kv_plan.items)
+        assert fin.prompt_tokens == len(p.prompt_tokens)
+        assert cold == warm
+        assert fact in plain and fact in warm, (plain, warm)
+
+
+def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
+    """``docqa index kv`` in the evidence layout saves one entry per evidence unit of every
+    chunk (units shared by two chunks once); a second run writes nothing."""
+    store, rt.kv = rt.kv, kvcache.KVStore(tmp_path, rt.kv.fingerprint, rt.id)
+    try:
+        n_units = len({it.chunk_id for c in CHUNKS for it in kvcache.unit_items(rt, c)})
+        first = kvcache.build_cache(rt, ev_rag.settings, CHUNKS, progress=False)
+        assert first["spans"] == n_units and first["written"] == n_units > len(CHUNKS)
+        assert len(list(tmp_path.glob("*/u-*.kv"))) == n_units
+        assert kvcache.build_cache(rt, ev_rag.settings, CHUNKS, progress=False)["written"] == 0
+        p = _ev_params(rt, ev_rag, QUESTIONS[1], [1, 0])
+        assert all(rt.kv.read(p.kv_plan, it) is not None for it in p.kv_plan.items)
+    finally:
+        rt.kv = store

@@ -8,7 +8,7 @@ import re
 from docqa.settings import RetrievalSettings
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
-from retrieval.prompting import evidence_lines, rag_messages
+from retrieval.prompting import evidence_lines, evidence_text, rag_messages
 from retrieval.search import Hit, SearchResult
 from server import kvcache
 from server.runtime import ModelRuntime
@@ -137,17 +137,19 @@ class RagService:
         prefix_text = kvcache.prefix_text(rt, self.settings)
         if prefix_text is None:
             return None
-        blocks = [
-            (h.chunk.id, f"[{i}]", format_block(i, h.chunk))
-            for i, h in enumerate(grounding.hits, 1)
-        ]
-        plan = kvcache.build_plan(
-            prompt,
-            prefix_text,
-            blocks,
-            lambda text: rt.tokenize(text, add_bos=False, special=True),
-            rt.prompt_tokens,
-        )
+
+        def tokenize(text: str) -> list[int]:
+            return rt.tokenize(text, add_bos=False, special=True)
+
+        if self.settings.shows_excerpts:
+            blocks = [
+                (h.chunk.id, f"[{i}]", format_block(i, h.chunk))
+                for i, h in enumerate(grounding.hits, 1)
+            ]
+            plan = kvcache.build_plan(prompt, prefix_text, blocks, tokenize, rt.prompt_tokens)
+        else:
+            lines = [(evidence_text(e.text), f" [{e.chunk + 1}]") for e in grounding.evidence]
+            plan = kvcache.build_unit_plan(prompt, prefix_text, lines, tokenize, rt.prompt_tokens)
         if plan is None or plan.tokens != tokens:
             log.debug("grounded prompt not cut for chunk KV caches: plain prefill")
             return None
