@@ -50,7 +50,12 @@ def test_the_fastest_quant_that_keeps_quality_is_chosen():
     # a quant that keeps quality but prefills slower than the reference: the reference stays
     slow = {REF: _fig(172, _facts(20)), "Q8_0": _fig(150, _facts(21))}
     out = choose(slow, REF, margin=0.02, alpha=0.05)
-    assert out["chosen"] == REF and "prefill no faster" in out["verdict"]
+    assert out["chosen"] == REF and "prefills 0% faster" in out["verdict"]
+    # faster by less than min_speedup is noise: the reference stays; by more, the quant wins
+    near = {REF: _fig(300, _facts(20)), "Q8_0": _fig(310, _facts(20))}
+    out = choose(near, REF, margin=0.02, alpha=0.05, min_speedup=0.05)
+    assert out["chosen"] == REF and "not 5% faster" in out["table"][1]["why"]
+    assert choose(near, REF, margin=0.02, alpha=0.05, min_speedup=0.03)["chosen"] == "Q8_0"
 
 
 def test_no_quant_keeps_quality_keeps_the_reference_and_says_why():

@@ -197,6 +197,14 @@ class QuantSelectStep(_Cfg):
     )
     decode_tokens: int = Field(32, ge=1, le=4096, description="Tokens decoded per speed round.")
     rounds: int = Field(3, ge=1, le=50, description="Speed rounds; the medians are kept.")
+    min_speedup: float = Field(
+        0.05,
+        ge=0,
+        le=10,
+        description="A quant that keeps quality replaces the published model only when it "
+        "prefills faster by at least this share (0.05 = 5%): a smaller gap is measurement noise "
+        "on a shared machine.",
+    )
     threads: int | None = Field(
         None, ge=1, le=512, description="llama.cpp threads (None = the settings' model.n_threads)."
     )

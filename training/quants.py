@@ -105,15 +105,22 @@ def keeps_quality(cand: dict, ref: dict, margin: float, alpha: float) -> dict:
     return out
 
 
-def choose(figures: dict[str, dict], reference: str, margin: float, alpha: float) -> dict:
+def choose(
+    figures: dict[str, dict],
+    reference: str,
+    margin: float,
+    alpha: float,
+    min_speedup: float = 0.0,
+) -> dict:
     """Pick the model to serve: quality first, then prefill speed.
 
     ``figures``: name -> ``{"prefill_tok_s", "decode_tok_s", "size_bytes"}`` and the gate's
     figures (``facts_accuracy``, ``facts_correct``, ``qa_f1``, ...), the reference among them.
     Of the reference and the quants that keep its quality (:func:`keeps_quality`), the fastest
-    prefill wins (decode speed breaks a tie). -> ``{"chosen", "verdict", "table"}``, the table
-    a row per model (the reference first) with its figures, ``keeps_quality``, ``chosen`` and
-    ``why``."""
+    prefill wins (decode speed breaks a tie); a quant must prefill at least ``min_speedup``
+    (a share) faster than the reference to replace it. -> ``{"chosen", "verdict", "table"}``,
+    the table a row per model (the reference first) with its figures, ``keeps_quality``,
+    ``chosen`` and ``why``."""
     if reference not in figures:
         raise ValueError(f"no figures for the reference {reference!r}")
     ref = figures[reference]
@@ -123,8 +130,9 @@ def choose(figures: dict[str, dict], reference: str, margin: float, alpha: float
     def speed(n: str) -> tuple[float, float]:
         return figures[n].get("prefill_tok_s") or 0.0, figures[n].get("decode_tok_s") or 0.0
 
-    chosen = max(keepers, key=speed)  # max keeps the first of equals: the reference
     rp = speed(reference)[0]
+    faster = [n for n in keepers[1:] if speed(n)[0] >= rp * (1 + min_speedup)]
+    chosen = max([reference, *faster], key=speed)  # max keeps the first of equals: the reference
     table = []
     for n in [reference, *checks]:
         f = figures[n]
@@ -148,8 +156,10 @@ def choose(figures: dict[str, dict], reference: str, margin: float, alpha: float
             }
         row["chosen"] = n == chosen
         if n in keepers and n != chosen:
-            row["why"] += (
-                f"; prefill {speed(n)[0]:.0f} tok/s, slower than {chosen} ({speed(chosen)[0]:.0f})"
+            row["why"] += f"; prefill {speed(n)[0]:.0f} tok/s" + (
+                f", slower than {chosen} ({speed(chosen)[0]:.0f})"
+                if n == reference or n in faster
+                else f", not {min_speedup:.0%} faster than the reference ({rp:.0f})"
             )
         table.append(row)
     if chosen != reference:
@@ -162,8 +172,8 @@ def choose(figures: dict[str, dict], reference: str, margin: float, alpha: float
         verdict = f"the reference {reference} is kept: no quant keeps its quality ({lost})"
     else:
         verdict = (
-            f"the reference {reference} is kept: the quants that keep its quality prefill no "
-            f"faster ({rp:.0f} tok/s)"
+            f"the reference {reference} is kept: no quant that keeps its quality prefills "
+            f"{min_speedup:.0%} faster than its {rp:.0f} tok/s"
         )
     return {"chosen": chosen, "verdict": verdict, "table": table}
 
@@ -227,7 +237,7 @@ def run_quant_select(ctx: StepContext) -> dict:
             log.info("quant_select: evaluating %s", name)
             quality = evaluate(reference if name == reference else str(path), cfg.quality)
             figures[name] = {"size_bytes": Path(path).stat().st_size, **speed[name], **quality}
-        result = choose(figures, reference, cfg.quality.margin, cfg.quality.alpha)
+        result = choose(figures, reference, cfg.quality.margin, cfg.quality.alpha, cfg.min_speedup)
         chosen = result["chosen"]
         final = tmp / "model.gguf"
         if chosen == reference:
