@@ -107,8 +107,9 @@ class BatchEngine(Worker):
         self.prefix_tokens_reused = 0
         self.n_batch = n_batch
         self.kv = kv
-        self.scratch_seq = n_seq + 1  # chunk KV caches are loaded and shifted here
-        self.bctx = BatchContext(llm, n_seq, n_batch, n_threads, extra_seqs=1 if kv else 0)
+        # stitched prompts are put together in a small context of their own, then copied in
+        self.assembler = kvcache.Assembler(llm, kv) if kv is not None else None
+        self.bctx = BatchContext(llm, n_seq, n_batch, n_threads)
         self.per_seq_ctx = self.bctx.per_seq_ctx
         self.ctx, self.mem = self.bctx.ctx, self.bctx.mem
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
@@ -153,31 +154,9 @@ class BatchEngine(Worker):
         return slot
 
     def _stitch(self, seq: int, plan) -> int | None:
-        """Put ``plan``'s prefix, labels and cached spans into ``seq`` (the prefix from the
-        prefix cache where it can); -> cells filled, or None for plain prefill (a cache entry
-        is bad, or llama.cpp failed: logged)."""
-        payloads = kvcache.check(self.kv, plan)
-        if payloads is None:
-            return None
-        n_have = self._reuse_prefix(seq, [*plan.prefix, -1])
-        try:
-            done = kvcache.stitch(
-                self.bctx,
-                seq,
-                self.scratch_seq,
-                plan,
-                self.kv,
-                payloads,
-                n_have,
-                self.n_batch,
-                align=self.chunk,
-            )
-        except Exception:  # noqa: BLE001
-            log.exception("stitching chunk KV caches failed: plain prefill")
-            llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
-            llama_cpp.llama_memory_seq_rm(self.mem, self.scratch_seq, -1, -1)
-            return None
-        return done.n_past
+        """Put ``plan``'s prefix, labels and cached spans into ``seq`` (stitched in the
+        assembler's context, then copied) -> cells filled, or None for plain prefill."""
+        return self.assembler.install(plan, self.ctx, seq)
 
     def _reuse_prefix(self, seq: int, toks: list[int]) -> int:
         """Copy the longest chunk-aligned shared prefix (e.g. the system prompt and the RAG
@@ -202,8 +181,8 @@ class BatchEngine(Worker):
         if not self.prefix_cache:
             return
         prompt = s.job.params.prompt_tokens
-        if s.stitched:  # the excerpts' cells are stitched, not a plain prefill: keep none
-            prompt = [*s.job.params.kv_plan.prefix, -1]
+        if s.stitched:  # cells made elsewhere (server.kvcache.Assembler), not aligned: keep none
+            return
         n = (len(prompt) - 1) - (len(prompt) - 1) % self.chunk
         if n <= 0 or self.cache_tokens[:n] == list(prompt[:n]):
             return
@@ -432,4 +411,6 @@ class BatchEngine(Worker):
         if not self._stop_worker():
             log.error("batch scheduler did not stop; leaking its context rather than freeing it")
             return
+        if self.assembler is not None:
+            self.assembler.close()
         self.bctx.close()
