@@ -39,6 +39,7 @@ def export_quants(model: Path, out_dir: Path, quants: list[str]) -> dict[str, Pa
     from training.export import convert_to_gguf, quantize
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     names = [q.upper() for q in quants]
     if len(set(names)) != len(names):
         raise ValueError(f"a quant is listed twice: {quants}")
