@@ -181,6 +181,27 @@ def loop_cut(text: str, repeats: int, max_period: int = LOOP_MAX_PERIOD) -> int 
     return None
 
 
+_CITE_TAIL = re.compile(r"\[\d{1,3}\]((?:\s*\[\d{1,3}\])*\s*(?:\[\d{0,3})?)$")
+
+
+def loop_hold(text: str, max_period: int = LOOP_MAX_PERIOD) -> int:
+    """How many trailing characters of ``text`` a loop found later could cut (``loop_cut``
+    keeps the first copy of a repeated piece and the first of a citation run): the copies
+    after the first of any periodic tail, the citations after the first of a trailing run.
+    Ordinary text holds back a few characters, not a fixed window: a streamed answer's first
+    words are not delayed by the guard."""
+    n, hold = len(text), 0
+    m = _CITE_TAIL.search(text)
+    if m:
+        hold = len(m.group(1))
+    for p in range(3, max_period + 1):
+        k = n
+        while k - 1 - p >= 0 and text[k - 1] == text[k - 1 - p]:
+            k -= 1
+        hold = max(hold, n - k)
+    return hold
+
+
 class TextStream:
     """Turns sampled tokens into text deltas: UTF-8 safe, holds back a possible stop-string
     prefix, cuts at a stop string. Shared by the single and the batched engine."""
@@ -219,7 +240,7 @@ class TextStream:
                 return None
         end = len(self.full) - _held_back(self.full, p.stop) if p.stop else len(self.full)
         if p.loop_repeats:  # hold back what a loop found later may cut
-            end = max(self.sent, min(end, len(self.full) - LOOP_MAX_PERIOD * p.loop_repeats))
+            end = max(self.sent, min(end, len(self.full) - loop_hold(self.full)))
         if end > self.sent or self.pending_lp:
             d = Delta(self.full[self.sent : end], self.pending_lp)
             self.pending_lp, self.sent = [], end

@@ -134,3 +134,43 @@ def test_loop_guard_cuts_a_streamed_loop_after_its_first_copy():
     assert _stream(pieces, 0)[0] == "".join(pieces)
     clean = ["Set", " `ctx_len`", " when", " loading", " the", " model", " [1]."]
     assert _stream(clean, 3) == ("".join(clean), False)
+
+
+def test_loop_guard_does_not_delay_a_clean_answer():
+    """The guard holds back only what a later loop could cut: a clean answer streams as it
+    is generated (a few characters behind), not a fixed window behind."""
+    ts = TextStream(GenParams([1], 64, loop_repeats=3))
+    sent = ""
+    for piece in ["Set", " `ctx_len`", " in", " the", " load", " model", " request", " to"]:
+        d = ts.push(piece.encode(), None)
+        sent += d.text if d is not None else ""
+    assert len(sent) >= len(ts.full) - 3 and sent.startswith("Set `ctx_len` in the load")
+
+
+def test_streamed_loop_guard_equals_the_whole_text_cut():
+    """Random answers with loops of every period and citation runs: what is streamed equals
+    the text cut as a whole (nothing sent that a later cut would have removed)."""
+    for seed in range(500):
+        _check_stream_against_whole(seed)
+
+
+def _check_stream_against_whole(seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    words = ["The", " port", " is", " `3928`", " [1]", " [2]", " /v1", "ab", ".", " set", "\n"]
+    pieces = [rnd.choice(words) for _ in range(rnd.randint(0, 12))]
+    if rnd.random() < 0.8:
+        unit = "".join(rnd.choice(words) for _ in range(rnd.randint(1, 3)))
+        pieces += [unit] * rnd.randint(1, 6)
+    pieces += [rnd.choice(words) for _ in range(rnd.randint(0, 4))]
+    text, cut_at = "", None
+    for piece in pieces:
+        text += piece
+        cut = loop_cut(text, 3)
+        if cut is not None:
+            cut_at = text[:cut].rstrip()
+            break
+    want = cut_at if cut_at is not None else "".join(pieces)
+    # (a first copy's trailing whitespace may already be sent when the cut strips it)
+    assert _stream(pieces, 3)[0].rstrip() == want.rstrip(), pieces
