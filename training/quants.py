@@ -254,7 +254,13 @@ def run_quant_select(ctx: StepContext) -> dict:
             cfg,
             inputs={"model": str(src), "reference": str(ref_path)},
             metrics=result
-            | {"threads": threads, "prompt_tokens": cfg.prompt_tokens, "rounds": cfg.rounds},
+            | {
+                "threads": threads,
+                "prompt_tokens": cfg.prompt_tokens,
+                "decode_tokens": cfg.decode_tokens,
+                "rounds": cfg.rounds,
+                "min_speedup": cfg.min_speedup,
+            },
             passed=True,  # the chosen model keeps the reference's quality (or is the reference)
             quant=chosen if chosen != reference else None,
             sha256=sha256_file(final),
