@@ -31,6 +31,37 @@ class RuntimeClosed(RuntimeError):
     pass
 
 
+AUTO_SLOTS = 8  # n_parallel 0 (auto): P2 >= 1.6 at 8 clients needs 8 slots (docs/benchmarks.md)
+
+
+def kv_cell_bytes(llm) -> int:
+    """Bytes of one KV cell of ``llm``'s model (f16 K and V over every layer)."""
+    import llama_cpp
+
+    m = llm._model.model  # noqa: SLF001
+    n_head = max(1, llama_cpp.llama_model_n_head(m))
+    gqa = llama_cpp.llama_model_n_embd(m) // n_head * llama_cpp.llama_model_n_head_kv(m)
+    return 2 * 2 * llama_cpp.llama_model_n_layer(m) * gqa
+
+
+def parallel_slots(llm, ms: ModelSettings, memory: int | None = None) -> int:
+    """The batch slots to serve with: ``model.n_parallel``, or for 0 (auto) ``AUTO_SLOTS``
+    lowered until the batch engine's (slots + 2) x n_ctx KV cells take at most a quarter of
+    ``memory`` (the machine's RAM); 1 = the single-request engine."""
+    if ms.n_parallel:
+        return ms.n_parallel
+    if memory is None:
+        import os
+
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_slot = kv_cell_bytes(llm) * llm.n_ctx()
+    n = AUTO_SLOTS
+    while n > 1 and (n + 2) * per_slot > memory // 4:
+        n -= 1
+    log.info("model.n_parallel auto: %d slots (%.0f MiB of KV cache each)", n, per_slot / 2**20)
+    return n
+
+
 class ModelRuntime:
     """A loaded model with its engine. Created by ``ModelManager``; closed by it."""
 
@@ -60,13 +91,14 @@ class ModelRuntime:
                 fp = kvcache.model_fingerprint(resolved.path, kvcache.context_params())
                 self.kv = kvcache.KVStore(kv_root, fp, resolved.id)
             self._read_vocab()
-            if ms.n_parallel > 1:
+            self.n_parallel = parallel_slots(self.llm, ms)
+            if self.n_parallel > 1:
                 from server.batch_engine import BatchEngine
 
                 self.engine = BatchEngine(
                     self.llm,
                     max_queue,
-                    n_seq=ms.n_parallel,
+                    n_seq=self.n_parallel,
                     n_batch=ms.n_batch,
                     n_threads=ms.n_threads,
                     kv=self.kv,
