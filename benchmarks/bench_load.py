@@ -19,7 +19,7 @@ is handled; retrieval, templating and tokenization ran there before issue 17). R
 default settings and for ``n_parallel: 8``.
 
     .venv/bin/python benchmarks/bench_load.py [--index var/nitro-index] [--clients 64]
-        [--single-s 60] [--overload-s 90] [--max-tokens 32] [--configs default,parallel8]
+        [--single-s 60] [--overload-s 90] [--max-tokens 32] [--configs default,single]
 """
 
 from __future__ import annotations
@@ -38,7 +38,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.launch import running_server  # noqa: E402
 
-CONFIGS = {"default": {}, "parallel8": {"model": {"n_parallel": 8}}}
+CONFIGS = {
+    "default": {},  # n_parallel auto (8 slots), chunk KV caches on
+    "single": {"model": {"n_parallel": 1}},  # one request at a time
+    "parallel8": {"model": {"n_parallel": 8}},
+    "nokv": {"retrieval": {"kv_cache": False}},  # default engine, plain prefill
+}
 
 
 def questions() -> list[str]:
@@ -198,7 +203,7 @@ def main() -> None:
     ap.add_argument(
         "--retry-wait", type=float, default=None, help="seconds after a 503 (default Retry-After)"
     )
-    ap.add_argument("--configs", default="default,parallel8")
+    ap.add_argument("--configs", default="default,single")
     args = ap.parse_args()
     if args.index is None:
         from retrieval.corpus import nitro_index

@@ -193,8 +193,7 @@ def main() -> None:
     per_q = {k: statistics.median(r[k] / r["bare"] for r in rows) for k in keys}
     n_prompt_ev = statistics.median(r["n_prompt_ev"] for r in rows)
     n_prompt = statistics.median(r["n_prompt"] for r in rows) if not args.no_excerpts else None
-    _, total, n_out, _ = run(single, bare(qs[0], 64))
-    first = run(single, bare(qs[0]))[0]
+    first, total, n_out, _ = run(single, bare(qs[0], 64))  # the same run's first token
     decode = (n_out - 1) / max(1e-9, total - first)
     prefill = statistics.median(r["n_prompt_ev"] / r["evidence"] for r in rows)
 

@@ -107,7 +107,7 @@ def kv_root(retrieval) -> Path | None:
     if retrieval.index_dir is not None:
         d = Path(retrieval.index_dir)
         return d.parent / f"{d.name}.kv"
-    log.warning("retrieval.kv_cache is on but there is no index_dir or kv_cache_dir: off")
+    log.info("retrieval.kv_cache: no index_dir or kv_cache_dir to keep caches in: off")
     return None
 
 
