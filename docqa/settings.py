@@ -89,7 +89,14 @@ class ServerSettings(_Section):
         16, ge=1, le=4096, description="Requests admitted (running + waiting) before 503."
     )
     retry_after_s: int = Field(
-        2, ge=1, le=3600, description="Retry-After seconds sent with a queue-full 503."
+        2,
+        ge=1,
+        le=3600,
+        description="Shortest Retry-After (seconds) sent with a queue-full 503; once answers "
+        "have been finishing, half the time the full queue takes to drain at their rate.",
+    )
+    retry_after_max_s: int = Field(
+        30, ge=1, le=3600, description="Longest Retry-After (seconds) sent with a queue-full 503."
     )
     reload_drain_s: float = Field(
         30.0,

@@ -11,10 +11,12 @@ formatting belong to the model, not the engine: see ``server.runtime.ModelRuntim
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -31,7 +33,19 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    pass
+    def __init__(self, msg: str, drain_s: float | None = None):
+        super().__init__(msg)
+        self.drain_s = drain_s  # about how long the full queue takes to turn over (seconds)
+
+
+def retry_after(exc: QueueFull, min_s: int, max_s: int) -> int:
+    """The Retry-After for a refused request: half the time the full queue takes to turn over
+    (``Admission.drain_s``: a client coming back then finds places, while the queue still
+    holds work), within [``min_s``, ``max_s``]; ``min_s`` before it is known. Fewer,
+    better-timed retries: under a flood the refusals cost the server less."""
+    if exc.drain_s is None:
+        return min_s
+    return int(min(max_s, max(min_s, -(-exc.drain_s // 2))))
 
 
 class EngineStopped(QueueFull):
@@ -116,6 +130,7 @@ class Slot:
         self.job: Job | None = None  # the running job, if any
         self.released = False
         self.freed = False
+        self.t0 = time.monotonic()  # reserved at
 
     def submit(self, params: GenParams) -> Job:
         return self._admission._submit(self, params)  # noqa: SLF001
@@ -143,16 +158,25 @@ class Admission:
         self._lock = threading.Lock()
         self._live: set[Job] = set()
         self._stopped = False
+        self._held: collections.deque[float] = collections.deque(maxlen=32)  # seconds
+
+    def drain_s(self) -> float | None:
+        """About how long the full queue takes to turn over: the mean time the last 32 places
+        were held, reservation to end (Little's law: places / throughput); None before 4."""
+        with self._lock:
+            held = list(self._held)
+        return sum(held) / len(held) if len(held) >= 4 else None
 
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            if self.admitted >= self.max_queue:
-                raise QueueFull(f"server busy: {self.admitted} requests admitted")
-            self.admitted += 1
-            return Slot(self)
+            full = self.admitted >= self.max_queue
+            if not full:
+                self.admitted += 1
+                return Slot(self)
+        raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())
 
     def submit(self, params: GenParams) -> Job:
         """Reserve and submit at once; the place is freed when the job ends."""
@@ -179,6 +203,7 @@ class Admission:
         if not slot.freed:
             slot.freed = True
             self.admitted -= 1
+            self._held.append(time.monotonic() - slot.t0)
 
     def _release_slot(self, slot: Slot) -> None:
         with self._lock:

@@ -198,7 +198,8 @@ def test_queue_full_gives_503(small_server):
         json={"model": mid, "messages": [{"role": "user", "content": "hi"}]},
     )
     err = _err(r, 503)
-    assert r.headers["retry-after"] == "3" and err["code"] == "server_busy"
+    # at least server.retry_after_s (3), more once requests have been taking longer
+    assert 3 <= int(r.headers["retry-after"]) <= 30 and err["code"] == "server_busy"
     c = OpenAI(base_url=small_server.url + "/v1", api_key="sekret", max_retries=0)
     with pytest.raises(APIStatusError):
         c.chat.completions.create(model=mid, messages=[{"role": "user", "content": "x"}])

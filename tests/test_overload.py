@@ -193,3 +193,31 @@ def test_every_outcome_frees_its_place(services, body):
     assert rt.busy == 0
     with rt.reserve(), rt.reserve():  # the queue takes MAX_QUEUE requests again
         pass
+
+
+def test_retry_after_follows_how_long_places_are_held():
+    """A refused request is told to come back after half the time the full queue takes to
+    turn over (the mean time recent places were held), within the settings' bounds; the
+    configured minimum before anything has finished."""
+    import time
+
+    from server.engine import Admission, QueueFull, retry_after
+
+    a = Admission(3)
+    held = [a.reserve() for _ in range(3)]
+    with pytest.raises(QueueFull) as e:
+        a.reserve()
+    assert e.value.drain_s is None and retry_after(e.value, 2, 30) == 2
+    time.sleep(0.3)
+    for slot in held:
+        slot.release()
+    held = [a.reserve() for _ in range(3)]
+    time.sleep(0.2)
+    held[0].release()
+    held[0] = a.reserve()  # full again
+    with pytest.raises(QueueFull) as e:
+        a.reserve()
+    assert 0.25 <= e.value.drain_s <= 1.0  # three held ~0.3 s, one ~0.2 s
+    assert retry_after(QueueFull("x", 41.0), 2, 30) == 21
+    assert retry_after(QueueFull("x", 1.0), 2, 30) == 2
+    assert retry_after(QueueFull("x", 400.0), 2, 30) == 30

@@ -62,7 +62,7 @@ async def respond(
     retry_after = chat.settings.server.retry_after_s
     held = acquire(chat.models, retry_after)
     try:
-        with gen.reserve(held.runtime, retry_after) as slot:
+        with gen.reserve(held.runtime, chat.settings.server) as slot:
             prep = await anyio.to_thread.run_sync(prepare, held.runtime)
             job = gen.submit(slot, held.runtime, prep)
     except BaseException:

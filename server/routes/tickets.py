@@ -10,6 +10,7 @@ from server.auth import require_api_key
 from server.engine import PromptTooLong, QueueFull
 from server.errors import APIError
 from server.runtime import RuntimeClosed
+from server.services import generation as gen
 from server.services.tickets import TicketService
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(deps.services)])
@@ -27,7 +28,9 @@ async def tickets_reply(ticket: Ticket, service: TicketService = Depends(deps.ti
     data = ticket.model_dump()
     try:
         record = await service.reply(data)
-    except (QueueFull, RuntimeClosed) as exc:
+    except QueueFull as exc:
+        raise gen.busy(exc, service.settings.server) from exc
+    except RuntimeClosed as exc:
         raise APIError(
             503,
             str(exc),

@@ -14,8 +14,9 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
+from docqa.settings import ServerSettings
 from server import metrics, tools
-from server.engine import Job, PromptTooLong, QueueFull, Slot
+from server.engine import Job, PromptTooLong, QueueFull, Slot, retry_after
 from server.errors import APIError, bad_request
 from server.generation import Delta, Finish, GenParams, TokenLogprob
 from server.grammar import GrammarError, GrammarLimits, check_gbnf, json_schema_grammar
@@ -134,17 +135,20 @@ def extra_fields(prep: Prepared, text: str) -> dict:
     return prep.grounding.finalize(text) if prep.grounding is not None else {}
 
 
-def busy(exc: QueueFull, retry_after: int) -> APIError:
-    """The 503 a full queue answers (``Retry-After`` says when to try again)."""
+def busy(exc: QueueFull, server: ServerSettings) -> APIError:
+    """The 503 a full queue answers; ``Retry-After`` says when to try again: between
+    ``server.retry_after_s`` and ``server.retry_after_max_s``, from how fast the queue drains
+    (``server.engine.retry_after``)."""
+    wait = retry_after(exc, server.retry_after_s, server.retry_after_max_s)
     return APIError(
         503,
         f"{exc}; retry later",
         code="server_busy",
-        headers={"Retry-After": str(retry_after)},
+        headers={"Retry-After": str(wait)},
     )
 
 
-def reserve(rt, retry_after: int) -> Slot:
+def reserve(rt, server: ServerSettings) -> Slot:
     """A place in the admission queue of the runtime ``rt``, taken before the request does any
     work; 503 + ``Retry-After`` when the queue is full. Use it as a context manager around the
     preparation and ``submit``: it is released on any error, and a submitted job keeps it until
@@ -152,7 +156,7 @@ def reserve(rt, retry_after: int) -> Slot:
     try:
         return rt.reserve()
     except QueueFull as exc:
-        raise busy(exc, retry_after) from exc
+        raise busy(exc, server) from exc
 
 
 def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
