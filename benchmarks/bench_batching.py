@@ -153,11 +153,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-ctx", type=int, default=1024)
+    ap.add_argument(
+        "--n-parallel", type=int, default=16, help="model.n_parallel (0 = auto, the default)"
+    )
     ap.add_argument("--peer-python", default="/tmp/peer-venv/bin/python")
     args = ap.parse_args()
     model = ModelStore("models/store").resolve("smollm2-135m-instruct")
     cfg = {
-        "model": {"n_ctx": args.n_ctx, "n_parallel": 16},
+        "model": {"n_ctx": args.n_ctx, "n_parallel": args.n_parallel},
         "embedder": {"enabled": False},
         "server": {"max_queue": 64, "log_level": "WARNING"},
     }
@@ -169,7 +172,7 @@ def main() -> None:
     llm = load_llama(model.path, n_ctx=args.n_ctx, n_batch=512, n_threads=None, n_gpu_layers=0)
     raw = [n / t for n, t in (inproc_run(llm, 256) for _ in range(3))]
     llm.close()
-    table("docqa (continuous batching, n_parallel=16)", ours)
+    table(f"docqa (continuous batching, n_parallel={args.n_parallel or 'auto'})", ours)
     p2 = ours[2]["agg_tok_s"] / max(ours[0]["agg_tok_s"], 1e-9)
     p1 = statistics.median(p1_http) / statistics.median(raw)
     print(
