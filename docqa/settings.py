@@ -161,13 +161,15 @@ class ModelSettings(_Section):
         0, ge=-1, le=10000, description="Layers offloaded to the GPU (-1 = all, 0 = CPU only)."
     )
     n_parallel: int = Field(
-        0,
+        1,
         ge=0,
         le=256,
         description="Sequences decoded together (continuous batching); 1 = one request at a "
         "time. Each sequence gets n_ctx tokens of a unified KV cache. 0 = auto: 8, or as "
         "many as fit when (n + 2) x n_ctx KV cells would take more than a quarter of the "
-        "machine's memory (server.runtime.parallel_slots).",
+        "machine's memory (server.runtime.parallel_slots). Not the default: on a 2-core CPU "
+        "it buys little throughput, and identical greedy requests can differ on a near-tie "
+        "(docs/benchmarks.md).",
     )
     chat_format: str | None = Field(
         None, description="llama.cpp chat format; None uses the GGUF's own template."

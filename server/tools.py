@@ -29,6 +29,7 @@ from server.grammar import GrammarError, GrammarLimits, json_schema_grammar
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 OPEN = "<tool_call>"
+_CLOSE = "</tool_call>"
 MAX_PARALLEL = 8  # calls one answer may hold (a small model can loop otherwise)
 
 _PROMPT = (
@@ -221,6 +222,27 @@ def repeated(text: str) -> bool:
     loops on its calls, so the answer ends there (the repeat is dropped)."""
     bodies = [" ".join(m.group(1).split()) for m in _CALL.finditer(text)]
     return len(bodies) > 1 and bodies[-1] in bodies[:-1]
+
+
+def looped(text: str) -> bool:
+    """True when some call of ``text`` repeats an earlier one (``repeated`` caught late: the
+    engine may run on for a few tokens, up to ``max_tokens``, before the stop reaches it),
+    the unfinished last one included when what it has so far is an earlier call's start."""
+    done = list(_CALL.finditer(text))
+    bodies = [" ".join(m.group(1).split()) for m in done]
+    if len(set(bodies)) < len(bodies):
+        return True
+    tail = text[done[-1].end() :] if done else ""
+    at = tail.find(OPEN)
+    if not bodies or at < 0:
+        return False
+    part = tail[at + len(OPEN) :]
+    for k in range(len(_CLOSE), 0, -1):  # a closing tag cut short
+        if part.rstrip().endswith(_CLOSE[:k]):
+            part = part.rstrip()[:-k]
+            break
+    part = " ".join(part.split())
+    return len(part) >= 16 and any(b.startswith(part) for b in bodies)
 
 
 def parse_calls(text: str) -> list[dict] | None:

@@ -216,15 +216,19 @@ def test_server_with_batching_streams_concurrently(server_factory):
     assert out == solo
 
 
-def test_auto_parallel_slots_by_default(model):
-    """``model.n_parallel`` 0 (the default) serves with continuous batching: 8 slots, fewer
-    when (slots + 2) x n_ctx KV cells would take over a quarter of the memory; a number set
-    in the settings is used as it is."""
+def test_auto_parallel_slots(model):
+    """``model.n_parallel`` 0 (auto) serves with continuous batching: 8 slots, fewer when
+    (slots + 2) x n_ctx KV cells would take over a quarter of the memory; a number set in the
+    settings is used as it is (1, the default: one request at a time)."""
     from server.runtime import AUTO_SLOTS, kv_cell_bytes, parallel_slots
 
-    ms = load_settings(model={"n_ctx": 512}).model
-    assert ms.n_parallel == 0
-    assert model.n_parallel == AUTO_SLOTS and isinstance(model.engine, BatchEngine)
+    ms = load_settings(model={"n_ctx": 512, "n_parallel": 0}).model
+    auto = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 8)
+    try:
+        assert auto.n_parallel == AUTO_SLOTS and isinstance(auto.engine, BatchEngine)
+    finally:
+        auto.close()
+    assert model.n_parallel == 1 and not isinstance(model.engine, BatchEngine)
     assert kv_cell_bytes(model.llm) == 2 * 2 * 30 * 192  # SmolLM2-135M: 30 layers, 3 x 64 K/V
     per_slot = kv_cell_bytes(model.llm) * 512
     assert parallel_slots(model.llm, ms, memory=4 * (4 + 2) * per_slot) == 4

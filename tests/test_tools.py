@@ -88,6 +88,15 @@ def test_parse_calls_and_repeats():
     assert len(calls) == 1 and json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
     assert calls[0]["id"].startswith("call_") and calls[0]["type"] == "function"
     assert tools.repeated(one + "\n" + one) and not tools.repeated(one)
+    # a repeat noticed late: more text (and another call) came before generation stopped
+    two = one.replace('"b": 2', '"b": 3')
+    late = "\n".join([one, two, one, "<tool_"])
+    assert tools.looped(late) and not tools.looped(one + two)
+    assert len(tools.parse_calls(late)) == 2
+    # cut by max_tokens inside a repeat of the first call: a loop too; a new call is not
+    assert tools.looped("\n".join([one, two, one[:-5]])) and tools.looped(one + "\n" + one[:40])
+    other = '<tool_call>\n{"name": "add", "arguments": {"a": 7'
+    assert not tools.looped("\n".join([one, two, other]))
     assert tools.parse_calls("plain answer") is None
     assert tools.parse_calls('<tool_call>\n{"name": "add", "argu') is None
     back = tools.call_text(calls)

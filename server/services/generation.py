@@ -309,11 +309,12 @@ async def _drain(job: Job, watch_calls: bool = False) -> list:
 
 def _tool_finish(prep: Prepared, text: str, reason: str) -> tuple[str, list[dict] | None]:
     """(finish_reason, tool_calls): an answer of complete tool calls ends with "tool_calls"
-    (also when it was stopped at a repeated call); one cut by max_tokens keeps "length"."""
+    (also when it was stopped at a repeated call, or ran on into ``max_tokens`` after one
+    before the stop took effect); one cut by max_tokens otherwise keeps "length"."""
     if prep.tools is None or prep.kind != "chat":
         return reason, None
     calls = tools.parse_calls(text)
-    if calls and reason in ("stop", "cancelled"):
+    if calls and (reason in ("stop", "cancelled") or tools.looped(text)):
         return "tool_calls", calls
     return reason, None
 
