@@ -172,8 +172,7 @@ class Admission:
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            full = self.admitted >= self.max_queue
-            if not full:
+            if self.admitted < self.max_queue:
                 self.admitted += 1
                 return Slot(self)
         raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())

@@ -300,19 +300,17 @@ class BatchContext:
         n_batch: int,
         n_threads: int | None,
         extra_seqs: int = 0,
-        label_seqs: int = 0,
         n_cells: int | None = None,
     ):
         self.per_seq_ctx = llm.n_ctx()
         cp = llama_cpp.llama_context_default_params()
-        # extra_seqs: scratch sequences (the chunk KV cache's), each with n_ctx cells too;
-        # label_seqs: sequences that only share cells of the others (server.kvcache.stitch);
-        # n_cells: the KV cache size when the caller knows better (a shift of cached cells
-        # costs a pass over every cell: server.kvcache.KVRunner keeps it small)
-        cp.n_ctx = n_cells or self.per_seq_ctx * (n_seq + 1 + extra_seqs)
+        # extra_seqs: more sequences, sharing the others' cells (server.kvcache.stitch's label
+        # sequence); n_cells: the KV cache size when the caller knows better (a shift of
+        # cached cells costs a pass over every cell: server.kvcache.Assembler keeps it small)
+        cp.n_ctx = n_cells or self.per_seq_ctx * (n_seq + 1)
         cp.n_batch = n_batch
         cp.n_ubatch = min(n_batch, 512)
-        cp.n_seq_max = n_seq + 1 + extra_seqs + label_seqs
+        cp.n_seq_max = n_seq + 1 + extra_seqs
         cp.kv_unified = True
         nt = n_threads or llm.n_threads
         if nt:

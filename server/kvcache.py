@@ -10,12 +10,13 @@ Each chunk's span is evaluated once after the prefix alone (so it attends to the
 prompt and to itself, not to the other excerpts) and its KV cells are saved per model and
 prefix (``KVStore``). A request then:
 
-1. takes the prefix from the engine's prefix cache (or evaluates it),
-2. for each excerpt: evaluates its label (``[n]``: a few tokens, attending to what precedes),
-   loads the span's saved cells into a scratch sequence, shifts their positions to follow
-   the label (llama.cpp re-applies RoPE to shifted keys) and copies them into the request's
-   sequence,
-3. prefills only the suffix, then samples as usual.
+1. in the engine's ``Assembler`` (a small context of its own): keeps the prefix from the last
+   request (or evaluates it); for each excerpt loads the span's saved cells into a scratch
+   sequence, shifts their positions to leave room for its label (llama.cpp re-applies RoPE
+   to shifted keys) and copies them into the prompt's sequence; then evaluates the labels
+   (``[n]``: a few tokens each, attending to what precedes them),
+2. copies the assembled cells into the request's sequence of the generating context,
+3. prefills only the suffix there, then samples as usual.
 
 A chunk whose cache entry is missing is computed on the spot (the same work as a plain
 prefill of it) and saved: ingested documents need no rebuild. An entry that is truncated,
@@ -49,7 +50,7 @@ import os
 import struct
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -179,7 +180,7 @@ def build_unit_plan(
         items.append(KVItem(unit_id(text), tokenize(between) if between else [], tokenize(text)))
         pos += len(between) + len(text)
         between = tag + "\n"
-    if not lines or not prompt.startswith(lines[-1][1], pos):
+    if not prompt.startswith(lines[-1][1], pos):
         return None
     if any(not it.span for it in items):
         return None
@@ -381,14 +382,6 @@ def _load_span(bctx, scratch: int, payload) -> bool:
     return r == arr.size
 
 
-@dataclass
-class Stitched:
-    n_past: int  # cells of the request's sequence filled (prefix, labels, spans)
-    loaded: int = 0  # spans taken from the cache
-    computed: int = 0  # spans computed now (no entry yet) and saved
-    stats: dict = field(default_factory=dict)
-
-
 def check(store: KVStore, plan: KVPlan) -> list[np.ndarray | None] | None:
     """Every cached payload of ``plan`` (None where none yet); None when any entry is bad
     (logged): the request then takes plain prefill, nothing is loaded."""
@@ -411,67 +404,54 @@ def stitch(
     bctx,
     seq: int,
     scratch: int,
+    label_seq: int,
     plan: KVPlan,
     store: KVStore,
     payloads: list,
     n_have: int,
     n_batch: int,
-    align: int = 0,
-    label_seq: int | None = None,
-) -> Stitched:
+) -> int:
     """Fill ``seq`` with the plan's prefix (its first ``n_have`` cells are there already), its
-    labels and its spans (loaded from ``payloads``, or computed and saved where None); the
-    suffix is left to the caller. ``align`` > 0 evaluates the prefix in pieces that end on
-    multiples of it (the batch engine's bit-exact prefix cache). Raises on a llama.cpp
-    failure (the caller clears ``seq`` and falls back).
+    spans (loaded from ``payloads``, or computed and saved where None) and its labels; the
+    suffix is left to the caller. -> cells filled. Raises on a llama.cpp failure (the caller
+    clears ``seq`` and falls back).
 
-    With ``label_seq`` (a free sequence) every span is placed first and the labels are
-    evaluated afterwards (``_labels``): llama.cpp applies the shifts of all spans in one pass
-    over the cache instead of one per label (a pass costs as much as a ~30-token decode with
-    a 4k-cell cache). Each label still attends to everything before it."""
+    Every span is placed first and the labels are evaluated afterwards (``_labels``, on
+    ``label_seq``): llama.cpp applies the shifts of all spans in one pass over the cache, at
+    that decode, instead of one per label (a pass costs as much as a ~30-token decode with a
+    4k-cell cache). Each label still attends to everything before it."""
     mem = bctx.mem
     prefix = plan.prefix
-    pos = n_have
-    while pos < len(prefix):
-        end = len(prefix) if align <= 0 else min(len(prefix), pos + align - pos % align)
-        _decode(bctx, prefix[pos:end], pos, seq, False, n_batch)
-        pos = end
-    res = Stitched(len(prefix))
-    defer = label_seq is not None
-    deferred: list[tuple[list[int], int]] = []  # (label, position)
+    _decode(bctx, prefix[n_have:], n_have, seq, False, n_batch)
+    n_past = len(prefix)
+    labels: list[tuple[list[int], int]] = []  # (label, position)
     for it, payload in zip(plan.items, payloads):
-        if defer:
-            if it.label:
-                deferred.append((it.label, res.n_past))
-        else:
-            _decode(bctx, it.label, res.n_past, seq, False, n_batch)
-        res.n_past += len(it.label)
+        if it.label:
+            labels.append((it.label, n_past))
+        n_past += len(it.label)
         if payload is None:
             blob = compute_span(bctx, seq, scratch, len(prefix), it.span, n_batch)
             try:
                 store.write(plan, it, blob)
             except OSError as exc:
                 log.warning("could not save the KV cache of chunk %s: %s", it.chunk_id, exc)
-            res.computed += 1
             store.computed += 1
         else:
             if not _load_span(bctx, scratch, payload):
                 raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
-            res.loaded += 1
             store.loaded += 1
         lo = llama_cpp.llama_memory_seq_pos_min(mem, scratch)
         hi = llama_cpp.llama_memory_seq_pos_max(mem, scratch)
         if lo != len(prefix) or hi != len(prefix) + len(it.span) - 1:
             raise RuntimeError(f"chunk {it.chunk_id}: cells at {lo}..{hi}, expected a span")
-        delta = res.n_past - len(prefix)
+        delta = n_past - len(prefix)
         if delta:
             llama_cpp.llama_memory_seq_add(mem, scratch, 0, -1, delta)
         llama_cpp.llama_memory_seq_cp(mem, scratch, seq, -1, -1)
         llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
-        res.n_past += len(it.span)
-    if deferred:
-        _labels(bctx, seq, deferred, label_seq, n_batch)
-    return res
+        n_past += len(it.span)
+    _labels(bctx, seq, labels, label_seq, n_batch)
+    return n_past
 
 
 def _labels(bctx, seq: int, labels: list[tuple[list[int], int]], lseq: int, n_batch: int):
@@ -529,7 +509,6 @@ class Assembler:
         self.store = store
         self.bctx = None
         self.prefix: list[int] = []
-        self.prefix_reused = 0
 
     def _context(self):
         if self.bctx is None:
@@ -541,7 +520,7 @@ class Assembler:
                 1,
                 self.llm.n_batch,
                 self.llm.n_threads,
-                label_seqs=1,
+                extra_seqs=1,  # the label sequence
                 n_cells=n_cells,
             )
             log.info("chunk-KV assembly context created: %d cells", n_cells)
@@ -568,38 +547,38 @@ class Assembler:
         n_have = len(plan.prefix) if self.prefix == plan.prefix else 0
         llama_cpp.llama_memory_seq_rm(mem, self.MAIN, n_have, -1)
         llama_cpp.llama_memory_seq_rm(mem, self.SCRATCH, -1, -1)
+        gen_mem = llama_cpp.llama_get_memory(ctx)
         try:
-            done = stitch(
+            n_past = stitch(
                 bctx,
                 self.MAIN,
                 self.SCRATCH,
+                self.LABEL,
                 plan,
                 self.store,
                 payloads,
                 n_have,
                 self.llm.n_batch,
-                label_seq=self.LABEL,
             )
             n = llama_cpp.llama_state_seq_get_size(bctx.ctx, self.MAIN)
             buf = (ctypes.c_uint8 * n)()
             if llama_cpp.llama_state_seq_get_data(bctx.ctx, buf, n, self.MAIN) != n:
                 raise RuntimeError("llama_state_seq_get_data wrote less than its size")
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(gen_mem, seq, -1, -1)
             if llama_cpp.llama_state_seq_set_data(ctx, buf, n, seq) != n:
                 raise RuntimeError("llama.cpp refused the stitched prompt's cells")
         except Exception:
             log.exception("stitching chunk KV caches failed: plain prefill")
             self.prefix = []
             llama_cpp.llama_memory_seq_rm(mem, self.MAIN, -1, -1)
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq, -1, -1)
+            llama_cpp.llama_memory_seq_rm(gen_mem, seq, -1, -1)
             return None
         finally:
             llama_cpp.llama_memory_seq_rm(mem, self.SCRATCH, -1, -1)
-        self.prefix_reused += n_have
         self.prefix = list(plan.prefix)
         # keep the prefix for the next request
         llama_cpp.llama_memory_seq_rm(mem, self.MAIN, len(self.prefix), -1)
-        return done.n_past
+        return n_past
 
     def close(self) -> None:
         if self.bctx is not None:
@@ -620,10 +599,6 @@ class KVRunner:
         self.assembler = Assembler(llm, store)
         self.bctx = None
         self._rng = np.random.default_rng()
-
-    @property
-    def prefix_reused(self) -> int:
-        return self.assembler.prefix_reused
 
     def _context(self):
         if self.bctx is None:

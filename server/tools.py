@@ -217,10 +217,14 @@ def with_system(messages: list[dict[str, str]], text: str) -> list[dict[str, str
 
 
 # -- output --------------------------------------------------------------------------
+def _bodies(matches) -> list[str]:
+    return [" ".join(m.group(1).split()) for m in matches]
+
+
 def repeated(text: str) -> bool:
     """True when the last complete call of ``text`` repeats an earlier one: a small model
     loops on its calls, so the answer ends there (the repeat is dropped)."""
-    bodies = [" ".join(m.group(1).split()) for m in _CALL.finditer(text)]
+    bodies = _bodies(_CALL.finditer(text))
     return len(bodies) > 1 and bodies[-1] in bodies[:-1]
 
 
@@ -229,7 +233,7 @@ def looped(text: str) -> bool:
     engine may run on for a few tokens, up to ``max_tokens``, before the stop reaches it),
     the unfinished last one included when what it has so far is an earlier call's start."""
     done = list(_CALL.finditer(text))
-    bodies = [" ".join(m.group(1).split()) for m in done]
+    bodies = _bodies(done)
     if len(set(bodies)) < len(bodies):
         return True
     tail = text[done[-1].end() :] if done else ""
