@@ -33,11 +33,14 @@ The header holds the fingerprint, prefix hash, chunk id, span tokens, start posi
 payload size and the payload's sha256.
 
 The evidence layout (``retrieval.user_template`` without ``{context}``, the default) has no
-excerpts in the prompt but evidence lines, ``prefix | unit_1 | [n]\\n unit_2 | ... | [n] suffix``:
-there the cached spans are the evidence units (sentences, list items, code blocks of the
-chunks, as ``retrieval.evidence.units`` cuts them and ``retrieval.prompting.evidence_text``
-shows them), keyed by a hash of their text (``unit_id``); the label before a unit is the
-previous line's tag. ``docqa index kv`` computes every unit of every chunk.
+excerpts in the prompt but evidence lines, ``prefix | unit_1 [n]\\n | unit_2 [n]\\n | ... |
+suffix``: there the cached spans are the evidence units (sentences, list items, code blocks of
+the chunks, as ``retrieval.evidence.units`` cuts them and ``retrieval.prompting.evidence_text``
+shows them), keyed by a hash of their text (``unit_id``), each followed by its *tail*, the
+line's tag `` [n]\\n``, cached per unit and tag (``<unit id>.t<tag hash>.kv``, evaluated after
+the prefix and the unit alone): no label is left to evaluate per request, and one one-token
+decode applies the shifts. ``docqa index kv`` computes every unit of every chunk with its
+tails for the tags ``[1]`` .. ``[top_k]``.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import os
 import struct
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp
@@ -118,6 +121,11 @@ class KVItem:
     chunk_id: str
     label: list[int]  # the separator and "[n]": evaluated per request
     span: list[int]  # " Heading\ntext": from the cache
+    tail: list[int] = field(default_factory=list)  # " [n]\n" after an evidence unit: cached
+
+    def key(self, tail: bool = False) -> str:
+        """The cache entry of the span, or of its ``tail`` (one per unit and tag)."""
+        return f"{self.chunk_id}.t{tokens_hash(self.tail)[:12]}" if tail else self.chunk_id
 
 
 @dataclass
@@ -134,7 +142,7 @@ class KVPlan:
     def tokens(self) -> list[int]:
         out = list(self.prefix)
         for it in self.items:
-            out += it.label + it.span
+            out += it.label + it.span + it.tail
         return out + self.suffix
 
 
@@ -166,22 +174,26 @@ def build_unit_plan(
     tokenize,
     prefix_tokens,
 ) -> KVPlan | None:
-    """Cut the rendered ``prompt`` (evidence layout) into prefix, (label, unit) per evidence
+    """Cut the rendered ``prompt`` (evidence layout) into prefix, (unit, tail) per evidence
     line and suffix. ``lines``: (unit text as shown, its tag " [n]"), in prompt order; a
-    unit's label is the previous line's tag and newline (nothing for the first). None when
-    the prompt does not have that shape."""
+    unit's tail is its tag and the newline after it (cached per unit and tag, so no label is
+    left to evaluate per request); a last tag not followed by a newline stays in the suffix.
+    None when the prompt does not have that shape."""
     if not lines or not prompt.startswith(prefix_text):
         return None
     pos = len(prefix_text)
-    items, between = [], ""
-    for text, tag in lines:
-        if not prompt.startswith(between + text, pos) or not text:
+    items = []
+    for i, (text, tag) in enumerate(lines):
+        if not text or not prompt.startswith(text + tag, pos):
             return None
-        items.append(KVItem(unit_id(text), tokenize(between) if between else [], tokenize(text)))
-        pos += len(between) + len(text)
-        between = tag + "\n"
-    if not prompt.startswith(lines[-1][1], pos):
-        return None
+        pos += len(text)
+        tail = tag + "\n"
+        if not prompt.startswith(tail, pos):
+            if i < len(lines) - 1:
+                return None
+            tail = ""
+        items.append(KVItem(unit_id(text), [], tokenize(text), tokenize(tail) if tail else []))
+        pos += len(tail)
     if any(not it.span for it in items):
         return None
     return KVPlan(prefix_tokens(prefix_text), items, tokenize(prompt[pos:]))
@@ -261,10 +273,12 @@ class KVStore:
     def path(self, prefix_hash: str, chunk_id: str) -> Path:
         return self.dir_for(prefix_hash) / f"{chunk_id}.kv"
 
-    def read(self, plan: KVPlan, item: KVItem) -> np.ndarray | None:
-        """The payload of ``item`` (a read-only mmap), None when there is no entry; raises
-        ``BadEntry`` when there is one that must not be loaded."""
-        p = self.path(plan.prefix_hash, item.chunk_id)
+    def read(self, plan: KVPlan, item: KVItem, tail: bool = False) -> np.ndarray | None:
+        """The payload of ``item``'s span (its ``tail``: the cells after it), a read-only mmap;
+        None when there is no entry; raises ``BadEntry`` when there is one that must not be
+        loaded."""
+        key = item.key(tail)
+        p = self.path(plan.prefix_hash, key)
         try:
             size = p.stat().st_size
         except FileNotFoundError:
@@ -285,13 +299,13 @@ class KVStore:
         want = {
             "fingerprint": self.fingerprint,
             "prefix_hash": plan.prefix_hash,
-            "chunk_id": item.chunk_id,
-            "start": len(plan.prefix),
+            "chunk_id": key,
+            "start": len(plan.prefix) + (len(item.span) if tail else 0),
         }
         for k, v in want.items():
             if hdr.get(k) != v:
                 raise BadEntry(f"{k} is {str(hdr.get(k))[:20]}, expected {str(v)[:20]}")
-        if hdr.get("tokens") != item.span:
+        if hdr.get("tokens") != (item.tail if tail else item.span):
             raise BadEntry("span tokens differ")
         if size - off != hdr.get("size"):
             raise BadEntry(f"payload is {size - off} bytes, header says {hdr.get('size')}")
@@ -300,22 +314,23 @@ class KVStore:
             raise BadEntry("checksum mismatch")
         return data
 
-    def write(self, plan: KVPlan, item: KVItem, payload: bytes) -> Path:
+    def write(self, plan: KVPlan, item: KVItem, payload: bytes, tail: bool = False) -> Path:
         d = self.dir_for(plan.prefix_hash)
         d.mkdir(parents=True, exist_ok=True)
         self._manifest(d, plan)
+        key = item.key(tail)
         hdr = {
             "format_version": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "prefix_hash": plan.prefix_hash,
-            "chunk_id": item.chunk_id,
-            "start": len(plan.prefix),
-            "tokens": item.span,
+            "chunk_id": key,
+            "start": len(plan.prefix) + (len(item.span) if tail else 0),
+            "tokens": item.tail if tail else item.span,
             "size": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest(),
         }
         raw = json.dumps(hdr).encode()
-        out = self.path(plan.prefix_hash, item.chunk_id)
+        out = self.path(plan.prefix_hash, key)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{out.name}.tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -358,6 +373,16 @@ def _decode(bctx, tokens: list[int], start: int, seq: int, logits_last: bool, n_
             raise RuntimeError(f"llama_decode failed ({rc})")
 
 
+def _state(bctx, seq: int) -> bytes:
+    """The cells of ``seq`` as llama.cpp sequence state."""
+    n = llama_cpp.llama_state_seq_get_size(bctx.ctx, seq)
+    buf = (ctypes.c_uint8 * n)()
+    w = llama_cpp.llama_state_seq_get_data(bctx.ctx, buf, n, seq)
+    if w != n:
+        raise RuntimeError(f"llama_state_seq_get_data wrote {w} of {n} bytes")
+    return bytes(buf)
+
+
 def compute_span(bctx, src: int, scratch: int, n_prefix: int, span: list[int], n_batch: int):
     """Evaluate ``span`` on ``scratch`` after the first ``n_prefix`` cells of ``src`` (the
     prefix); -> the span's cells as llama.cpp sequence state. Leaves the span's cells (only)
@@ -367,12 +392,25 @@ def compute_span(bctx, src: int, scratch: int, n_prefix: int, span: list[int], n
     llama_cpp.llama_memory_seq_cp(mem, src, scratch, 0, n_prefix)
     _decode(bctx, span, n_prefix, scratch, False, n_batch)
     llama_cpp.llama_memory_seq_rm(mem, scratch, 0, n_prefix)
-    n = llama_cpp.llama_state_seq_get_size(bctx.ctx, scratch)
-    buf = (ctypes.c_uint8 * n)()
-    w = llama_cpp.llama_state_seq_get_data(bctx.ctx, buf, n, scratch)
-    if w != n:
-        raise RuntimeError(f"llama_state_seq_get_data wrote {w} of {n} bytes")
-    return bytes(buf)
+    return _state(bctx, scratch)
+
+
+def compute_tail(
+    bctx, src: int, scratch: int, aux: int, n_prefix: int, n_span: int, tail, n_batch: int
+):
+    """Evaluate ``tail`` on ``scratch``, which holds a span's cells (at ``n_prefix``..), after
+    the first ``n_prefix`` cells of ``src`` and the span; -> the tail's cells (only) as
+    sequence state (made on ``aux``, left empty). Leaves span and tail in ``scratch``."""
+    mem = bctx.mem
+    llama_cpp.llama_memory_seq_cp(mem, src, scratch, 0, n_prefix)
+    _decode(bctx, tail, n_prefix + n_span, scratch, False, n_batch)
+    llama_cpp.llama_memory_seq_rm(mem, scratch, 0, n_prefix)
+    llama_cpp.llama_memory_seq_rm(mem, aux, -1, -1)
+    llama_cpp.llama_memory_seq_cp(mem, scratch, aux, n_prefix + n_span, -1)
+    try:
+        return _state(bctx, aux)
+    finally:
+        llama_cpp.llama_memory_seq_rm(mem, aux, -1, -1)
 
 
 def _load_span(bctx, scratch: int, payload) -> bool:
@@ -382,22 +420,68 @@ def _load_span(bctx, scratch: int, payload) -> bool:
     return r == arr.size
 
 
-def check(store: KVStore, plan: KVPlan) -> list[np.ndarray | None] | None:
-    """Every cached payload of ``plan`` (None where none yet); None when any entry is bad
-    (logged): the request then takes plain prefill, nothing is loaded."""
+def _read(store: KVStore, plan: KVPlan, it: KVItem, tail: bool = False):
+    """``store.read``, with a bad entry logged and counted (raises ``BadEntry`` on)."""
+    try:
+        return store.read(plan, it, tail)
+    except BadEntry as exc:
+        store.rejected += 1
+        log.warning(
+            "chunk KV cache %s ignored (%s): plain prefill",
+            store.path(plan.prefix_hash, it.key(tail)),
+            exc,
+        )
+        raise
+
+
+def check(store: KVStore, plan: KVPlan) -> list[tuple] | None:
+    """Every cached (span, tail) payload of ``plan`` (None where none yet, or no tail); None
+    when any entry is bad (logged): the request then takes plain prefill, nothing is
+    loaded."""
     out = []
     for it in plan.items:
         try:
-            out.append(store.read(plan, it))
-        except BadEntry as exc:
-            store.rejected += 1
-            log.warning(
-                "chunk KV cache for %s ignored (%s): plain prefill",
-                store.path(plan.prefix_hash, it.chunk_id),
-                exc,
-            )
+            span = _read(store, plan, it)
+            out.append((span, _read(store, plan, it, True) if it.tail else None))
+        except BadEntry:
             return None
     return out
+
+
+def _place(bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n_batch: int):
+    """Fill ``scratch`` with ``it``'s span and tail at their cached positions (loaded from
+    ``payloads``, or computed after ``seq``'s prefix and saved where None)."""
+    payload, tpay = payloads
+    n_prefix = len(plan.prefix)
+    if payload is None:
+        blob = compute_span(bctx, seq, scratch, n_prefix, it.span, n_batch)
+        _save(store, plan, it, blob)
+        store.computed += 1
+    else:
+        if not _load_span(bctx, scratch, payload):
+            raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
+        store.loaded += 1
+    if not it.tail:
+        return
+    if tpay is None:
+        blob = compute_tail(bctx, seq, scratch, aux, n_prefix, len(it.span), it.tail, n_batch)
+        _save(store, plan, it, blob, tail=True)
+        store.computed += 1
+    else:
+        try:
+            if not _load_span(bctx, aux, tpay):
+                raise RuntimeError(f"llama.cpp refused the KV cache of {it.key(True)}")
+            llama_cpp.llama_memory_seq_cp(bctx.mem, aux, scratch, -1, -1)
+        finally:
+            llama_cpp.llama_memory_seq_rm(bctx.mem, aux, -1, -1)
+        store.loaded += 1
+
+
+def _save(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool = False) -> None:
+    try:
+        store.write(plan, it, blob, tail)
+    except OSError as exc:
+        log.warning("could not save the KV cache %s: %s", it.key(tail), exc)
 
 
 def stitch(
@@ -412,45 +496,46 @@ def stitch(
     n_batch: int,
 ) -> int:
     """Fill ``seq`` with the plan's prefix (its first ``n_have`` cells are there already), its
-    spans (loaded from ``payloads``, or computed and saved where None) and its labels; the
-    suffix is left to the caller. -> cells filled. Raises on a llama.cpp failure (the caller
-    clears ``seq`` and falls back).
+    spans and tails (loaded from ``payloads``, or computed and saved where None) and its
+    labels; the suffix is left to the caller. -> cells filled. Raises on a llama.cpp failure
+    (the caller clears ``seq`` and falls back).
 
     Every span is placed first and the labels are evaluated afterwards (``_labels``, on
     ``label_seq``): llama.cpp applies the shifts of all spans in one pass over the cache, at
-    that decode, instead of one per label (a pass costs as much as a ~30-token decode with a
-    4k-cell cache). Each label still attends to everything before it."""
+    that decode, instead of one per label. Each label still attends to everything before
+    it. With no label (the evidence layout: each unit's tag is its cached tail) a one-token
+    decode on ``label_seq`` applies the shifts (``llama_state_seq_get_data`` would copy
+    cells whose keys are not rotated yet)."""
     mem = bctx.mem
     prefix = plan.prefix
     _decode(bctx, prefix[n_have:], n_have, seq, False, n_batch)
     n_past = len(prefix)
     labels: list[tuple[list[int], int]] = []  # (label, position)
-    for it, payload in zip(plan.items, payloads):
+    shifted = False
+    for it, pay in zip(plan.items, payloads):
         if it.label:
             labels.append((it.label, n_past))
         n_past += len(it.label)
-        if payload is None:
-            blob = compute_span(bctx, seq, scratch, len(prefix), it.span, n_batch)
-            try:
-                store.write(plan, it, blob)
-            except OSError as exc:
-                log.warning("could not save the KV cache of chunk %s: %s", it.chunk_id, exc)
-            store.computed += 1
-        else:
-            if not _load_span(bctx, scratch, payload):
-                raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
-            store.loaded += 1
+        _place(bctx, seq, scratch, label_seq, plan, it, pay, store, n_batch)
+        n = len(it.span) + len(it.tail)
         lo = llama_cpp.llama_memory_seq_pos_min(mem, scratch)
         hi = llama_cpp.llama_memory_seq_pos_max(mem, scratch)
-        if lo != len(prefix) or hi != len(prefix) + len(it.span) - 1:
+        if lo != len(prefix) or hi != len(prefix) + n - 1:
             raise RuntimeError(f"chunk {it.chunk_id}: cells at {lo}..{hi}, expected a span")
         delta = n_past - len(prefix)
         if delta:
             llama_cpp.llama_memory_seq_add(mem, scratch, 0, -1, delta)
+            shifted = True
         llama_cpp.llama_memory_seq_cp(mem, scratch, seq, -1, -1)
         llama_cpp.llama_memory_seq_rm(mem, scratch, -1, -1)
-        n_past += len(it.span)
-    _labels(bctx, seq, labels, label_seq, n_batch)
+        n_past += n
+    if labels:
+        _labels(bctx, seq, labels, label_seq, n_batch)
+    elif shifted:
+        try:  # any token, alone on the empty label sequence: the shifts are applied first
+            _decode(bctx, prefix[:1], 0, label_seq, False, n_batch)
+        finally:
+            llama_cpp.llama_memory_seq_rm(mem, label_seq, -1, -1)
     return n_past
 
 
@@ -471,20 +556,33 @@ def _labels(bctx, seq: int, labels: list[tuple[list[int], int]], lseq: int, n_ba
         llama_cpp.llama_memory_seq_rm(mem, lseq, -1, -1)
 
 
-def warm(bctx, seq: int, scratch: int, plan: KVPlan, store: KVStore, n_batch: int) -> int:
-    """Compute and save every span of ``plan`` that has no valid entry (bad ones rewritten);
-    ``seq`` must hold the prefix. -> spans written."""
-    n = 0
-    for it in plan.items:
+def warm(bctx, seq: int, scratch: int, aux: int, plan: KVPlan, store: KVStore, n_batch: int):
+    """Compute and save every span and tail of ``plan`` that has no valid entry (bad ones
+    rewritten); ``seq`` must hold the prefix. -> (spans written, tails written)."""
+    spans = tails = 0
+    n_prefix = len(plan.prefix)
+
+    def valid(it, tail=False):
         try:
-            if store.read(plan, it) is not None:
-                continue
+            return store.read(plan, it, tail)
         except BadEntry as exc:
-            log.info("rewriting the KV cache of chunk %s (%s)", it.chunk_id, exc)
-        store.write(plan, it, compute_span(bctx, seq, scratch, len(plan.prefix), it.span, n_batch))
+            log.info("rewriting the KV cache %s (%s)", it.key(tail), exc)
+            return None
+
+    for it in plan.items:
+        payload = valid(it)
+        need_tail = bool(it.tail) and valid(it, True) is None
+        if payload is None:
+            store.write(plan, it, compute_span(bctx, seq, scratch, n_prefix, it.span, n_batch))
+            spans += 1
+        elif need_tail and not _load_span(bctx, scratch, payload):
+            raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
+        if need_tail:
+            blob = compute_tail(bctx, seq, scratch, aux, n_prefix, len(it.span), it.tail, n_batch)
+            store.write(plan, it, blob, tail=True)
+            tails += 1
         llama_cpp.llama_memory_seq_rm(bctx.mem, scratch, -1, -1)
-        n += 1
-    return n
+    return spans, tails
 
 
 class Assembler:
@@ -494,55 +592,70 @@ class Assembler:
     Placing a cached span at its position shifts its cells, and llama.cpp applies shifts in a
     pass over *every* cell of the cache at the next decode: ~0.14 s on 2 cores for an 8k-cell
     cache, 0.7 s for the batch engine's (n_parallel + 2) x n_ctx cells, more than the prefill
-    it saves. Here the cache holds only one prompt (``PROMPT_CELLS``) and a span being
-    loaded (``SCRATCH_CELLS``); all shifts of a request are applied in one pass (``stitch``
-    with a label sequence), and the generating context receives cells already in place
+    it saves. Here the cache holds only one prompt and the span being loaded, sized to the
+    prompts seen (powers of two from ``MIN_CELLS``: 768 cells for the evidence layout's ~250
+    token prompts, where the pass costs ~10 ms; it grows for a longer prompt, up to
+    ``PROMPT_CELLS`` + ``SCRATCH_CELLS``); all shifts of a request are applied in one pass
+    (``stitch``), and the generating context receives cells already in place
     (``llama_state_seq_get/set_data``: a copy, no shift). Sequence 0 keeps the last prefix
     between requests (prompt reuse). Used from one engine thread; created on first use."""
 
     MAIN, SCRATCH, LABEL = 0, 1, 2
     PROMPT_CELLS = 2048  # prefix, labels and spans; a longer stitched prompt: plain prefill
-    SCRATCH_CELLS = 1024  # the span being loaded or computed; a longer one: plain prefill
+    SCRATCH_CELLS = 1024  # the span (and tail) being loaded or computed; longer: plain prefill
+    MIN_CELLS = (512, 256)  # the smallest (prompt, scratch) context
 
     def __init__(self, llm, store: KVStore):
         self.llm = llm
         self.store = store
         self.bctx = None
+        self.cells = (0, 0)  # (prompt, scratch) cells of the current context
         self.prefix: list[int] = []
 
-    def _context(self):
-        if self.bctx is None:
-            from server.generation import BatchContext
+    @staticmethod
+    def need(plan: KVPlan) -> tuple[int, int]:
+        """(prompt cells, scratch cells) that stitching ``plan`` takes: prefix, labels, spans
+        and tails, plus the shift-applying token; the longest span with its tail."""
+        n = len(plan.prefix) + sum(len(it.label) + len(it.span) + len(it.tail) for it in plan.items)
+        return n + 1, max((len(it.span) + len(it.tail) for it in plan.items), default=0)
 
-            n_cells = self.PROMPT_CELLS + self.SCRATCH_CELLS
-            self.bctx = BatchContext(
-                self.llm,
-                1,
-                self.llm.n_batch,
-                self.llm.n_threads,
-                extra_seqs=1,  # the label sequence
-                n_cells=n_cells,
-            )
-            log.info("chunk-KV assembly context created: %d cells", n_cells)
+    def _context(self, plan: KVPlan):
+        want = tuple(
+            max(lo, 1 << max(0, n - 1).bit_length())
+            for lo, n in zip(self.MIN_CELLS, self.need(plan))
+        )
+        if self.bctx is not None and all(w <= c for w, c in zip(want, self.cells)):
+            return self.bctx
+        from server.generation import BatchContext
+
+        self.close()
+        self.cells = tuple(max(w, c) for w, c in zip(want, self.cells))
+        self.bctx = BatchContext(
+            self.llm,
+            1,
+            self.llm.n_batch,
+            self.llm.n_threads,
+            extra_seqs=1,  # the label sequence
+            n_cells=sum(self.cells),
+        )
+        log.info("chunk-KV assembly context created: %d + %d cells", *self.cells)
         return self.bctx
 
     def fits(self, plan: KVPlan) -> bool:
-        n = len(plan.prefix) + sum(len(it.label) + len(it.span) for it in plan.items)
-        return n <= self.PROMPT_CELLS and all(
-            len(it.span) <= self.SCRATCH_CELLS for it in plan.items
-        )
+        n, span = self.need(plan)
+        return n <= self.PROMPT_CELLS and span <= self.SCRATCH_CELLS
 
     def install(self, plan: KVPlan, ctx, seq: int) -> int | None:
-        """Stitch ``plan`` (prefix, labels, spans) and copy its cells into sequence ``seq`` of
-        the llama.cpp context ``ctx`` (emptied first) -> cells filled, or None: a cache entry
-        is bad, the prompt does not fit, or llama.cpp failed (logged; ``seq`` left empty, the
-        caller runs plain prefill)."""
+        """Stitch ``plan`` (prefix, labels, spans, tails) and copy its cells into sequence
+        ``seq`` of the llama.cpp context ``ctx`` (emptied first) -> cells filled, or None: a
+        cache entry is bad, the prompt does not fit, or llama.cpp failed (logged; ``seq`` left
+        empty, the caller runs plain prefill)."""
         if not self.fits(plan):
             return None
         payloads = check(self.store, plan)
         if payloads is None:
             return None
-        bctx = self._context()
+        bctx = self._context(plan)
         mem = bctx.mem
         n_have = len(plan.prefix) if self.prefix == plan.prefix else 0
         llama_cpp.llama_memory_seq_rm(mem, self.MAIN, n_have, -1)
@@ -560,12 +673,10 @@ class Assembler:
                 n_have,
                 self.llm.n_batch,
             )
-            n = llama_cpp.llama_state_seq_get_size(bctx.ctx, self.MAIN)
-            buf = (ctypes.c_uint8 * n)()
-            if llama_cpp.llama_state_seq_get_data(bctx.ctx, buf, n, self.MAIN) != n:
-                raise RuntimeError("llama_state_seq_get_data wrote less than its size")
+            buf = _state(bctx, self.MAIN)
             llama_cpp.llama_memory_seq_rm(gen_mem, seq, -1, -1)
-            if llama_cpp.llama_state_seq_set_data(ctx, buf, n, seq) != n:
+            arr = (ctypes.c_uint8 * len(buf)).from_buffer_copy(buf)
+            if llama_cpp.llama_state_seq_set_data(ctx, arr, len(buf), seq) != len(buf):
                 raise RuntimeError("llama.cpp refused the stitched prompt's cells")
         except Exception:
             log.exception("stitching chunk KV caches failed: plain prefill")
@@ -584,6 +695,7 @@ class Assembler:
         if self.bctx is not None:
             self.bctx.close()
             self.bctx = None
+            self.prefix = []
 
 
 class KVRunner:
@@ -648,7 +760,9 @@ class KVRunner:
 
 def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     """Compute and save the KV of every chunk of ``chunks`` that has no valid entry yet, for
-    runtime ``rt`` (its ``kv`` store) and the grounded prefix of ``retrieval``. -> figures."""
+    runtime ``rt`` (its ``kv`` store) and the grounded prefix of ``retrieval`` (in the
+    evidence layout: every unit, and its tail for each tag ``[1]`` .. ``[top_k]``).
+    -> figures."""
     import time
 
     from server.generation import BatchContext
@@ -660,27 +774,32 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
         raise ValueError("the grounded template has neither {context} nor {evidence}")
     prefix = rt.prompt_tokens(text)
     if retrieval.shows_excerpts:
-        items = [chunk_item(rt, c) for c in chunks]
-    else:  # the evidence layout: every unit of every chunk, once
+        groups = [[chunk_item(rt, c)] for c in chunks]
+    else:  # the evidence layout: every unit of every chunk once, with each tail
+        tails = [
+            rt.tokenize(f" [{n}]\n", add_bos=False, special=True)
+            for n in range(1, retrieval.top_k + 1)
+        ]
         seen: dict[str, KVItem] = {}
         for c in chunks:
             for it in unit_items(rt, c):
                 seen.setdefault(it.chunk_id, it)
-        items = list(seen.values())
+        groups = [[KVItem(u.chunk_id, [], u.span, t) for t in tails] for u in seen.values()]
     t0 = time.perf_counter()
-    bctx = BatchContext(rt.llm, 1, rt.llm.n_batch, rt.llm.n_threads)
-    written = tokens = 0
+    bctx = BatchContext(rt.llm, 1, rt.llm.n_batch, rt.llm.n_threads, extra_seqs=1)
+    written = tails_written = tokens = 0
     try:
         _decode(bctx, prefix, 0, 0, False, rt.llm.n_batch)
-        it = items
+        it = groups
         if progress:
             from tqdm import tqdm
 
-            it = tqdm(items, desc="chunk KV", unit="span")
-        for item in it:
-            plan = KVPlan(prefix, [item], [])
-            tokens += len(item.span)
-            written += warm(bctx, 0, 1, plan, rt.kv, rt.llm.n_batch)
+            it = tqdm(groups, desc="chunk KV", unit="span")
+        for group in it:
+            tokens += len(group[0].span)
+            spans, tails_n = warm(bctx, 0, 1, 2, KVPlan(prefix, group, []), rt.kv, rt.llm.n_batch)
+            written += spans
+            tails_written += tails_n
     finally:
         bctx.close()
     d = rt.kv.dir_for(tokens_hash(prefix))
@@ -688,8 +807,9 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     return {
         "dir": str(d),
         "chunks": len(chunks),
-        "spans": len(items),
+        "spans": len(groups),
         "written": written,
+        "tails_written": tails_written,
         "span_tokens": tokens,
         "seconds": round(time.perf_counter() - t0, 2),
         "bytes": size,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import struct
 
 import pytest
@@ -287,24 +288,68 @@ def _ev_params(rt, rag, question: str, order: list[int], plan: bool = True) -> G
 
 
 def test_unit_plan_cuts_the_evidence_prompt(rt, ev_rag):
-    """In the evidence layout the cached spans are the evidence units: the prompt is prefix |
-    unit | " [n]\\n" unit | ... | " [n]" + question, and the pieces tokenize to the plain
-    prompt's tokens; a unit's cache key is its text, whatever excerpt number it gets."""
+    """In the evidence layout the cached spans are the evidence units, each with its tail: the
+    prompt is prefix | unit " [n]\n" | unit " [n]\n" | ... | question, and the pieces tokenize
+    to the plain prompt's tokens; no label is left to evaluate per request. A unit's cache key
+    is its text, whatever excerpt number it gets; its tail's key is the unit's and the tag's."""
     both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
     p = _ev_params(rt, ev_rag, both, [0, 1, 2])
     plan = p.kv_plan
     assert rt.detokenize(plan.prefix).endswith("Documentation excerpts:\n")
-    assert plan.items[0].label == []
+    assert all(it.label == [] for it in plan.items)
     spans = [rt.detokenize(it.span) for it in plan.items]
     assert any("7431" in t for t in spans) and any("max_parallel_jobs" in t for t in spans)
     assert not any("[1]" in t or "[2]" in t for t in spans)
-    assert len(plan.items) >= 2  # a second line's label is the first line's tag
-    assert rt.detokenize(plan.items[1].label).strip().startswith("[")
-    assert "Question: " + both in rt.detokenize(plan.suffix)
+    assert len(plan.items) >= 2
+    tails = [rt.detokenize(it.tail) for it in plan.items]
+    assert all(re.fullmatch(r" \[[123]\]\n", t) for t in tails), tails
+    assert rt.detokenize(plan.suffix).startswith("\nQuestion: " + both)
     q = _ev_params(rt, ev_rag, both, [1, 0, 2])  # the same unit under another number
-    ids = {it.chunk_id for it in plan.items}
-    assert ids & {it.chunk_id for it in q.kv_plan.items}
-    assert all(i.startswith("u-") for i in ids)
+    by_id = {it.chunk_id: it for it in plan.items}
+    same = [it for it in q.kv_plan.items if it.chunk_id in by_id]
+    assert same and all(i.startswith("u-") for i in by_id)
+    moved = [it for it in same if it.tail != by_id[it.chunk_id].tail]
+    assert moved and all(it.key(True) != by_id[it.chunk_id].key(True) for it in moved)
+
+
+def test_stitched_unit_cells_match_a_plain_prefill(rt, ev_rag):
+    """The first token's distribution after a stitched prompt (units and tails loaded, placed
+    and shifted in the assembler, copied into another context) is close to a plain prefill of
+    the same tokens: the units only lose their attention to each other."""
+    import numpy as np
+
+    from server.generation import BatchContext, logits_at
+
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    p = _ev_params(rt, ev_rag, both, [1, 0, 2])
+    assert len(p.kv_plan.items) >= 2 and all(it.tail for it in p.kv_plan.items)
+    n_vocab = rt.llm.n_vocab()
+
+    def first_logprobs(stitched: bool):
+        ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+        asm = kvcache.Assembler(rt.llm, rt.kv)
+        try:
+            if stitched:
+                n = asm.install(p.kv_plan, ctx.ctx, 0)
+                assert n == len(p.prompt_tokens) - len(p.kv_plan.suffix)
+                kvcache._decode(ctx, p.kv_plan.suffix, n, 0, True, 512)
+            else:
+                kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
+            x = logits_at(ctx.ctx, -1, n_vocab).astype(np.float64)
+        finally:
+            asm.close()
+            ctx.close()
+        x -= x.max()
+        return x - np.log(np.exp(x).sum())
+
+    plain = first_logprobs(False)
+    cold = first_logprobs(True)  # units and tails computed and saved
+    warm = first_logprobs(True)  # loaded
+    assert np.allclose(cold, warm, atol=1e-3)
+    kl = float((np.exp(plain) * (plain - warm)).sum())
+    assert kl < 0.5 and plain.argmax() == warm.argmax(), kl
+    files = [rt.kv.path(p.kv_plan.prefix_hash, it.key(t)) for it in p.kv_plan.items for t in (0, 1)]
+    assert all(f.is_file() for f in files)
 
 
 @pytest.mark.parametrize("name", ["single", "batch"])
@@ -325,6 +370,37 @@ def test_unit_caches_cold_then_warm_state_the_fact(rt, batch, ev_rag, name):
         assert fact in plain and fact in warm, (plain, warm)
 
 
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "other-model"])
+def test_bad_tail_file_falls_back_to_plain_prefill(rt, ev_rag, caplog, how):
+    """A unit's cached tail (its " [n]\n") that is truncated, corrupt or from another model is
+    detected and never loaded: the answer is the plain-prefill one."""
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    p = _ev_params(rt, ev_rag, both, [0, 1, 2])
+    _run(rt.engine, p)  # the entries exist
+    it = p.kv_plan.items[-1]
+    target = rt.kv.path(p.kv_plan.prefix_hash, it.key(True))
+    saved = target.read_bytes()
+    try:
+        _corrupt(target, how)
+        with pytest.raises(kvcache.BadEntry):
+            rt.kv.read(p.kv_plan, it, True)
+        rejected, loaded = rt.kv.rejected, rt.kv.loaded
+        # each compared run starts from the same prompt cache (a prompt evaluated from another
+        # cached start rounds differently, and a greedy answer may drift late)
+        other = _ev_params(rt, ev_rag, QUESTIONS[1], [1, 0], plan=False)
+        _run(rt.engine, other)
+        with caplog.at_level(logging.WARNING, logger="server.kvcache"):
+            text, _ = _run(rt.engine, _ev_params(rt, ev_rag, both, [0, 1, 2]))
+        assert rt.kv.rejected == rejected + 1 and rt.kv.loaded == loaded
+        assert any("ignored" in r.getMessage() for r in caplog.records)
+        _run(rt.engine, other)
+        plain, _ = _run(rt.engine, _ev_params(rt, ev_rag, both, [0, 1, 2], plan=False))
+        assert text == plain
+    finally:
+        target.write_bytes(saved)
+    assert rt.kv.read(p.kv_plan, it, True) is not None
+
+
 def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
     """``docqa index kv`` in the evidence layout saves one entry per evidence unit of every
     chunk (units shared by two chunks once); a second run writes nothing."""
@@ -333,9 +409,14 @@ def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
         n_units = len({it.chunk_id for c in CHUNKS for it in kvcache.unit_items(rt, c)})
         first = kvcache.build_cache(rt, ev_rag.settings, CHUNKS, progress=False)
         assert first["spans"] == n_units and first["written"] == n_units > len(CHUNKS)
-        assert len(list(tmp_path.glob("*/u-*.kv"))) == n_units
-        assert kvcache.build_cache(rt, ev_rag.settings, CHUNKS, progress=False)["written"] == 0
+        k = ev_rag.settings.top_k  # a tail per unit and tag [1] .. [top_k]
+        assert first["tails_written"] == n_units * k
+        assert len(list(tmp_path.glob("*/u-*.t*.kv"))) == n_units * k
+        assert len(list(tmp_path.glob("*/u-*.kv"))) == n_units * (1 + k)
+        again = kvcache.build_cache(rt, ev_rag.settings, CHUNKS, progress=False)
+        assert again["written"] == again["tails_written"] == 0
         p = _ev_params(rt, ev_rag, QUESTIONS[1], [1, 0])
         assert all(rt.kv.read(p.kv_plan, it) is not None for it in p.kv_plan.items)
+        assert all(rt.kv.read(p.kv_plan, it, True) is not None for it in p.kv_plan.items)
     finally:
         rt.kv = store
