@@ -221,20 +221,25 @@ def test_async_loop_named_function(tool_server):
 
 
 def test_streaming_tool_calls(tc):
+    """A streamed tool call: the raw chunks carry the call in deltas (id, name, argument
+    pieces) and end with finish_reason tool_calls; the SDK's stream helper assembles the same
+    calls from the same stream (one request: two greedy requests may round differently once
+    the server has cached the prompt)."""
     messages = [{"role": "user", "content": "What is the weather in Tokyo?"}]
     calls: dict[int, dict] = {}
     reasons, content = [], []
-    with tc.chat.completions.create(
+    with tc.chat.completions.stream(
         model=MODEL,
         messages=messages,
         tools=TOOLS,
         tool_choice="required",
         max_tokens=120,
         temperature=0,
-        stream=True,
     ) as stream:
-        for chunk in stream:
-            for ch in chunk.choices:
+        for event in stream:
+            if event.type != "chunk":
+                continue
+            for ch in event.chunk.choices:
                 d = ch.delta
                 content.append(d.content or "")
                 for tcd in d.tool_calls or []:
@@ -245,22 +250,16 @@ def test_streaming_tool_calls(tc):
                         c["arguments"] += tcd.function.arguments or ""
                 if ch.finish_reason:
                     reasons.append(ch.finish_reason)
+        done = stream.get_final_completion()
     assert reasons == ["tool_calls"] and not "".join(content)
     assert calls[0]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
     for c in calls.values():
         jsonschema_rs.validate(SCHEMAS[c["name"]], json.loads(c["arguments"]))
-    # the same answer the SDK's stream helper assembles
-    with tc.chat.completions.stream(
-        model=MODEL,
-        messages=messages,
-        tools=TOOLS,
-        tool_choice="required",
-        max_tokens=120,
-        temperature=0,
-    ) as s:
-        done = s.get_final_completion()
     got = done.choices[0].message.tool_calls
-    assert [c.function.arguments for c in got] == [c["arguments"] for c in calls.values()]
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert [(c.id, c.function.name, c.function.arguments) for c in got] == [
+        (c["id"], c["name"], c["arguments"]) for c in calls.values()
+    ]
     # the answer to the result streams as text
     call = got[0]
     history = _answer(messages, call, '{"temperature_c": 18, "sky": "rain"}')
