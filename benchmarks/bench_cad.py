@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from docqa.settings import load_settings  # noqa: E402
 from models.store import ModelStore  # noqa: E402
 from server.batch_engine import BatchEngine  # noqa: E402
-from server.cad import _add, _decode  # noqa: E402
+from server.cad import _decode  # noqa: E402
 from server.generation import BatchContext, Delta, GenParams  # noqa: E402
 from server.runtime import ModelRuntime  # noqa: E402
 
@@ -34,14 +34,25 @@ QUESTION = "Explain, step by step and in detail, how to install and configure Ze
 
 
 def prompts(rt: ModelRuntime) -> tuple[list[int], list[int]]:
-    """(grounded prompt with three excerpts, the question alone) as the server builds them."""
+    """(grounded prompt, the context-free prompt) as the server builds them under the default
+    settings: in the evidence layout the evidence lines ``retrieval.evidence.for_reader`` picks
+    from three fixture excerpts; in the excerpts layout the excerpts. The context-free prompt
+    follows ``retrieval.cad_context_free`` (the question alone, or the template without
+    excerpts or evidence)."""
+    from retrieval.evidence import for_reader
+    from retrieval.prompting import evidence_lines, rag_messages
+
     r = load_settings().retrieval
-    texts = [(DOCS / n).read_text() for n in ("install.md", "config.md", "internals.md")]
-    blocks = [f"[{i}] {t[:1200]}" for i, t in enumerate(texts, 1)]
-    user = r.user_template.format(context="\n\n".join(blocks), evidence="", question=QUESTION)
-    grounded = [{"role": "system", "content": r.system_prompt}, {"role": "user", "content": user}]
-    bare = [{"role": "user", "content": QUESTION}]
-    return (rt.prompt_tokens(rt.format_chat(grounded)), rt.prompt_tokens(rt.format_chat(bare)))
+    texts = [(DOCS / n).read_text()[:1200] for n in ("install.md", "config.md", "internals.md")]
+    blocks = [f"[{i}] {t}" for i, t in enumerate(texts, 1)] if r.shows_excerpts else []
+    ev = for_reader(QUESTION, texts, lambda w: 1.0, r.evidence_units)
+    lines = evidence_lines([(e.chunk + 1, e.text) for e in ev])
+    grounded = rag_messages(r.system_prompt, r.user_template, QUESTION, blocks, evidence=lines)
+    if r.cad_context_free == "template":
+        free = rag_messages(r.system_prompt, r.user_template, QUESTION, [], evidence="")
+    else:
+        free = [{"role": "user", "content": QUESTION}]
+    return (rt.prompt_tokens(rt.format_chat(grounded)), rt.prompt_tokens(rt.format_chat(free)))
 
 
 async def one(engine, p: GenParams) -> tuple[float, float, int]:
@@ -69,7 +80,7 @@ def raw_decode(rt: ModelRuntime, full, free, threads: int, reps: int = 30) -> di
             for start in range(0, len(toks), rt.llm.n_batch):
                 part = toks[start : start + rt.llm.n_batch]
                 for i, t in enumerate(part):
-                    _add(bctx.batch, i, t, start + i, seq, i == len(part) - 1)
+                    bctx.add(i, t, start + i, seq, i == len(part) - 1)
                 bctx.batch.n_tokens = len(part)
                 _decode(bctx)
         pos = [len(full), len(free)]
@@ -78,7 +89,7 @@ def raw_decode(rt: ModelRuntime, full, free, threads: int, reps: int = 30) -> di
         for _ in range(reps):
             for k in (1, 2):
                 for i in range(k):
-                    _add(bctx.batch, i, tok, pos[i], i, True)
+                    bctx.add(i, tok, pos[i], i, True)
                     pos[i] += 1
                 bctx.batch.n_tokens = k
                 t0 = time.perf_counter()
