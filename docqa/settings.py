@@ -351,11 +351,11 @@ class RetrievalSettings(_Section):
         "(two batch slots with n_parallel > 1). Overridden per request by cad_alpha.",
     )
     cad_context_free: Literal["messages", "template"] = Field(
-        "messages",
-        description="The prompt context-aware decoding contrasts with: 'messages', the user's "
-        "chat as sent (no system prompt, template or excerpts); 'template', the grounded prompt "
-        "with no excerpts and no evidence lines, so that only the excerpts differ (the template's "
-        "own words are not amplified; see docs/configuration.md).",
+        "template",
+        description="The prompt context-aware decoding contrasts with: 'template', the grounded "
+        "prompt with no excerpts and no evidence lines, so that only the excerpts differ (the "
+        "template's own words are not amplified); 'messages', the user's chat as sent (no "
+        "system prompt, template or excerpts). Measured: docs/benchmarks.md, CAD sweep.",
     )
     answer_max_tokens: int = Field(
         256,
