@@ -758,11 +758,24 @@ class KVRunner:
             self.bctx = None
 
 
+def prune(d: Path, keep: set[str], units: bool) -> int:
+    """Delete the entries of ``d`` whose span is not in ``keep`` (with their tails): those of
+    deleted or changed documents. Only entries of one layout: evidence units (``u-``) when
+    ``units``, else chunks (two layouts may share a prefix). -> files deleted."""
+    n = 0
+    for f in d.glob("*.kv") if d.is_dir() else []:
+        key = f.name[: -len(".kv")].split(".t", 1)[0]
+        if key.startswith("u-") == units and key not in keep:
+            f.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     """Compute and save the KV of every chunk of ``chunks`` that has no valid entry yet, for
     runtime ``rt`` (its ``kv`` store) and the grounded prefix of ``retrieval`` (in the
-    evidence layout: every unit, and its tail for each tag ``[1]`` .. ``[top_k]``).
-    -> figures."""
+    evidence layout: every unit, and its tail for each tag ``[1]`` .. ``[top_k]``), then
+    delete the entries of spans no longer in ``chunks`` (``prune``). -> figures."""
     import time
 
     from server.generation import BatchContext
@@ -803,6 +816,7 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     finally:
         bctx.close()
     d = rt.kv.dir_for(tokens_hash(prefix))
+    pruned = prune(d, {g[0].chunk_id for g in groups}, units=not retrieval.shows_excerpts)
     size = sum(f.stat().st_size for f in d.glob("*.kv")) if d.is_dir() else 0
     return {
         "dir": str(d),
@@ -810,6 +824,7 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
         "spans": len(groups),
         "written": written,
         "tails_written": tails_written,
+        "pruned": pruned,
         "span_tokens": tokens,
         "seconds": round(time.perf_counter() - t0, 2),
         "bytes": size,

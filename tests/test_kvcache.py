@@ -418,5 +418,10 @@ def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
         p = _ev_params(rt, ev_rag, QUESTIONS[1], [1, 0])
         assert all(rt.kv.read(p.kv_plan, it) is not None for it in p.kv_plan.items)
         assert all(rt.kv.read(p.kv_plan, it, True) is not None for it in p.kv_plan.items)
+        # a document deleted from the index: its units' entries (and their tails) go
+        kept = len({it.chunk_id for it in kvcache.unit_items(rt, CHUNKS[0])})
+        fewer = kvcache.build_cache(rt, ev_rag.settings, CHUNKS[:1], progress=False)
+        assert fewer["written"] == 0 and fewer["pruned"] == (n_units - kept) * (1 + k) > 0
+        assert len(list(tmp_path.glob("*/u-*.kv"))) == kept * (1 + k)
     finally:
         rt.kv = store
