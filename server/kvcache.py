@@ -448,14 +448,18 @@ def check(store: KVStore, plan: KVPlan) -> list[tuple] | None:
     return out
 
 
-def _place(bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n_batch: int):
+def _place(
+    bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n_batch: int, save=None
+):
     """Fill ``scratch`` with ``it``'s span and tail at their cached positions (loaded from
-    ``payloads``, or computed after ``seq``'s prefix and saved where None)."""
+    ``payloads``, or computed after ``seq``'s prefix and saved where None: ``save``, by
+    default ``_save``, which logs a failed write and goes on)."""
     payload, tpay = payloads
+    save = save or _save
     n_prefix = len(plan.prefix)
     if payload is None:
         blob = compute_span(bctx, seq, scratch, n_prefix, it.span, n_batch)
-        _save(store, plan, it, blob)
+        save(store, plan, it, blob)
         store.computed += 1
     else:
         if not _load_span(bctx, scratch, payload):
@@ -465,7 +469,7 @@ def _place(bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n
         return
     if tpay is None:
         blob = compute_tail(bctx, seq, scratch, aux, n_prefix, len(it.span), it.tail, n_batch)
-        _save(store, plan, it, blob, tail=True)
+        save(store, plan, it, blob, tail=True)
         store.computed += 1
     else:
         try:
@@ -475,6 +479,10 @@ def _place(bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n
         finally:
             llama_cpp.llama_memory_seq_rm(bctx.mem, aux, -1, -1)
         store.loaded += 1
+
+
+def _write(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool = False) -> None:
+    store.write(plan, it, blob, tail)  # a failed write raises (``docqa index kv``)
 
 
 def _save(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool = False) -> None:
@@ -560,7 +568,6 @@ def warm(bctx, seq: int, scratch: int, aux: int, plan: KVPlan, store: KVStore, n
     """Compute and save every span and tail of ``plan`` that has no valid entry (bad ones
     rewritten); ``seq`` must hold the prefix. -> (spans written, tails written)."""
     spans = tails = 0
-    n_prefix = len(plan.prefix)
 
     def valid(it, tail=False):
         try:
@@ -571,17 +578,13 @@ def warm(bctx, seq: int, scratch: int, aux: int, plan: KVPlan, store: KVStore, n
 
     for it in plan.items:
         payload = valid(it)
-        need_tail = bool(it.tail) and valid(it, True) is None
-        if payload is None:
-            store.write(plan, it, compute_span(bctx, seq, scratch, n_prefix, it.span, n_batch))
-            spans += 1
-        elif need_tail and not _load_span(bctx, scratch, payload):
-            raise RuntimeError(f"llama.cpp refused the KV cache of chunk {it.chunk_id}")
-        if need_tail:
-            blob = compute_tail(bctx, seq, scratch, aux, n_prefix, len(it.span), it.tail, n_batch)
-            store.write(plan, it, blob, tail=True)
-            tails += 1
+        tpay = valid(it, True) if it.tail else None
+        if payload is not None and (tpay is not None or not it.tail):
+            continue
+        _place(bctx, seq, scratch, aux, plan, it, (payload, tpay), store, n_batch, _write)
         llama_cpp.llama_memory_seq_rm(bctx.mem, scratch, -1, -1)
+        spans += payload is None
+        tails += bool(it.tail) and tpay is None
     return spans, tails
 
 
