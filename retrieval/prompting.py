@@ -22,10 +22,15 @@ def evidence_text(text: str) -> str:
     return " ".join(text.split()) if "```" not in text else text.strip()
 
 
+def evidence_tag(n: int) -> str:
+    """The tag after an evidence line: its excerpt's number, `` [n]``."""
+    return f" [{n}]"
+
+
 def evidence_lines(evidence: list[tuple[int, str]]) -> str:
     """``(excerpt number, text)`` pairs as the prompt's evidence block: each line is the
-    unit's ``evidence_text`` then its tag `` [n]``."""
-    return "\n".join(f"{evidence_text(text)} [{n}]" for n, text in evidence)
+    unit's ``evidence_text`` then its ``evidence_tag``, one line each."""
+    return "\n".join(evidence_text(text) + evidence_tag(n) for n, text in evidence)
 
 
 def rag_messages(

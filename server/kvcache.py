@@ -26,11 +26,12 @@ falls back to plain prefill (``docqa index kv`` rewrites it).
 On disk (``<index_dir>.kv/<model fingerprint>-<prefix hash>/``, one mmap-able file per chunk,
 written atomically: temp file + rename)::
 
-    manifest.json        provenance: model, fingerprint, prefix tokens, llama_cpp version
-    <chunk id>.kv        b"DQKV1\\n" | u32 header length | header JSON | llama.cpp sequence state
+    manifest.json            provenance: model, fingerprint, prefix tokens, llama_cpp version
+    <chunk or unit id>.kv    b"DQKV1\\n" | u32 header length | header JSON | sequence state
+    <unit id>.t<hash>.kv     a unit's tail (its tag), same format
 
-The header holds the fingerprint, prefix hash, chunk id, span tokens, start position,
-payload size and the payload's sha256.
+The header holds the fingerprint, prefix hash, the entry's key, its tokens, start position
+(a tail's starts after its unit), payload size and the payload's sha256.
 
 The evidence layout (``retrieval.user_template`` without ``{context}``, the default) has no
 excerpts in the prompt but evidence lines, ``prefix | unit_1 [n]\\n | unit_2 [n]\\n | ... |
@@ -50,6 +51,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -306,7 +308,7 @@ class KVStore:
             if hdr.get(k) != v:
                 raise BadEntry(f"{k} is {str(hdr.get(k))[:20]}, expected {str(v)[:20]}")
         if hdr.get("tokens") != (item.tail if tail else item.span):
-            raise BadEntry("span tokens differ")
+            raise BadEntry("tail tokens differ" if tail else "span tokens differ")
         if size - off != hdr.get("size"):
             raise BadEntry(f"payload is {size - off} bytes, header says {hdr.get('size')}")
         data = np.memmap(p, dtype=np.uint8, mode="r", offset=off, shape=(size - off,))
@@ -638,7 +640,7 @@ class Assembler:
             1,
             self.llm.n_batch,
             self.llm.n_threads,
-            extra_seqs=1,  # the label sequence
+            extra_seqs=1,  # LABEL: labels, a tail being loaded, the shift-applying token
             n_cells=sum(self.cells),
         )
         log.info("chunk-KV assembly context created: %d + %d cells", *self.cells)
@@ -658,7 +660,11 @@ class Assembler:
         payloads = check(self.store, plan)
         if payloads is None:
             return None
-        bctx = self._context(plan)
+        try:
+            bctx = self._context(plan)
+        except Exception:
+            log.exception("could not create the chunk-KV assembly context: plain prefill")
+            return None
         mem = bctx.mem
         n_have = len(plan.prefix) if self.prefix == plan.prefix else 0
         llama_cpp.llama_memory_seq_rm(mem, self.MAIN, n_have, -1)
@@ -676,10 +682,12 @@ class Assembler:
                 n_have,
                 self.llm.n_batch,
             )
-            buf = _state(bctx, self.MAIN)
+            buf = np.frombuffer(_state(bctx, self.MAIN), dtype=np.uint8)
             llama_cpp.llama_memory_seq_rm(gen_mem, seq, -1, -1)
-            arr = (ctypes.c_uint8 * len(buf)).from_buffer_copy(buf)
-            if llama_cpp.llama_state_seq_set_data(ctx, arr, len(buf), seq) != len(buf):
+            if (
+                llama_cpp.llama_state_seq_set_data(ctx, buf.ctypes.data_as(_U8P), buf.size, seq)
+                != buf.size
+            ):
                 raise RuntimeError("llama.cpp refused the stitched prompt's cells")
         except Exception:
             log.exception("stitching chunk KV caches failed: plain prefill")
@@ -761,13 +769,18 @@ class KVRunner:
             self.bctx = None
 
 
+_TAIL_SUFFIX = re.compile(r"\.t[0-9a-f]{12}$")
+
+
 def prune(d: Path, keep: set[str], units: bool) -> int:
     """Delete the entries of ``d`` whose span is not in ``keep`` (with their tails): those of
     deleted or changed documents. Only entries of one layout: evidence units (``u-``) when
-    ``units``, else chunks (two layouts may share a prefix). -> files deleted."""
+    ``units``, else chunks (two layouts may share a prefix). ``d`` is per model and prefix,
+    not per index: indexes sharing a ``kv_cache_dir`` prune each other's entries (recomputed
+    on use); the default, ``<index>.kv``, is one per index. -> files deleted."""
     n = 0
     for f in d.glob("*.kv") if d.is_dir() else []:
-        key = f.name[: -len(".kv")].split(".t", 1)[0]
+        key = _TAIL_SUFFIX.sub("", f.name[: -len(".kv")])
         if key.startswith("u-") == units and key not in keep:
             f.unlink(missing_ok=True)
             n += 1
@@ -792,8 +805,10 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     if retrieval.shows_excerpts:
         groups = [[chunk_item(rt, c)] for c in chunks]
     else:  # the evidence layout: every unit of every chunk once, with each tail
+        from retrieval.prompting import evidence_tag
+
         tails = [
-            rt.tokenize(f" [{n}]\n", add_bos=False, special=True)
+            rt.tokenize(evidence_tag(n) + "\n", add_bos=False, special=True)
             for n in range(1, retrieval.top_k + 1)
         ]
         seen: dict[str, KVItem] = {}

@@ -9,6 +9,7 @@ import logging
 import re
 import struct
 
+import llama_cpp
 import pytest
 
 from docqa.settings import EXCERPTS_TEMPLATE, load_settings
@@ -315,7 +316,8 @@ def test_unit_plan_cuts_the_evidence_prompt(rt, ev_rag):
 def test_stitched_unit_cells_match_a_plain_prefill(rt, ev_rag):
     """The first token's distribution after a stitched prompt (units and tails loaded, placed
     and shifted in the assembler, copied into another context) is close to a plain prefill of
-    the same tokens: the units only lose their attention to each other."""
+    the same tokens: the lines (units and their tags) only lose their attention to the lines
+    before them."""
     import numpy as np
 
     from server.generation import BatchContext, logits_at
@@ -352,6 +354,65 @@ def test_stitched_unit_cells_match_a_plain_prefill(rt, ev_rag):
     assert all(f.is_file() for f in files)
 
 
+def test_copied_cells_hold_the_applied_shifts(rt, ev_rag):
+    """The cells the assembler hands over (``llama_state_seq_get_data``) hold the shifted
+    units' keys re-rotated: the next token's logits after the suffix are the same in the
+    assembling context (where a decode applies any pending shift itself) and in a context
+    that received the copied cells. A missing shift-applying decode fails this."""
+    import numpy as np
+
+    from server.generation import BatchContext, logits_at
+
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    plan = _ev_params(rt, ev_rag, both, [1, 0, 2]).kv_plan
+    assert len(plan.items) >= 2  # a second unit is shifted
+    _run(rt.engine, _ev_params(rt, ev_rag, both, [1, 0, 2]))  # the entries exist
+    payloads = kvcache.check(rt.kv, plan)
+    assert payloads and all(p is not None and t is not None for p, t in payloads)
+    n_vocab = rt.llm.n_vocab()
+    asm = BatchContext(rt.llm, 1, 512, 1, extra_seqs=1, n_cells=1024)
+    gen = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+    try:
+        n = kvcache.stitch(asm, 0, 1, 2, plan, rt.kv, payloads, 0, 512)
+        state = np.frombuffer(kvcache._state(asm, 0), dtype=np.uint8)
+        assert (
+            llama_cpp.llama_state_seq_set_data(
+                gen.ctx, state.ctypes.data_as(kvcache._U8P), state.size, 0
+            )
+            == state.size
+        )
+        logits = []
+        for bctx in (asm, gen):
+            kvcache._decode(bctx, plan.suffix, n, 0, True, 512)
+            logits.append(logits_at(bctx.ctx, -1, n_vocab).copy())
+    finally:
+        asm.close()
+        gen.close()
+    assert np.allclose(logits[0], logits[1], atol=1e-3), np.abs(logits[0] - logits[1]).max()
+
+
+def test_a_tail_is_never_read_for_another_tag(rt, ev_rag):
+    """A tail entry copied to another tag's place is refused (its header names its key)."""
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    p = _ev_params(rt, ev_rag, both, [0, 1, 2])
+    _run(rt.engine, p)
+    a, b = p.kv_plan.items[0], p.kv_plan.items[1]
+    assert a.tail != b.tail
+    other = kvcache.KVItem(a.chunk_id, [], a.span, b.tail)  # a's unit under b's tag
+    src = rt.kv.path(p.kv_plan.prefix_hash, a.key(True))
+    dst = rt.kv.path(p.kv_plan.prefix_hash, other.key(True))
+    saved = dst.read_bytes() if dst.exists() else None
+    try:
+        dst.write_bytes(src.read_bytes())
+        with pytest.raises(kvcache.BadEntry):
+            rt.kv.read(p.kv_plan, other, True)
+    finally:
+        if saved is None:
+            dst.unlink()
+        else:
+            dst.write_bytes(saved)
+
+
 @pytest.mark.parametrize("name", ["single", "batch"])
 def test_unit_caches_cold_then_warm_state_the_fact(rt, batch, ev_rag, name):
     """Evidence units computed and saved on first use (cold), loaded on the next (warm): the
@@ -360,11 +421,13 @@ def test_unit_caches_cold_then_warm_state_the_fact(rt, batch, ev_rag, name):
     for q, order, fact in ((QUESTIONS[0], [0, 1, 2], "7431"), (QUESTIONS[1], [1, 0], "4")):
         plain, _ = _run(engine, _ev_params(rt, ev_rag, q, order, plan=False))
         p = _ev_params(rt, ev_rag, q, order)
-        loaded = rt.kv.loaded
         cold, fin = _run(engine, p)
+        loaded, computed = rt.kv.loaded, rt.kv.computed
         warm, _ = _run(engine, _ev_params(rt, ev_rag, q, order))
         assert all(f.is_file() for f in _files(rt, p))
-        assert rt.kv.loaded - loaded >= len(p.kv_plan.items)
+        # warm: every unit and every tail loaded, nothing computed
+        assert rt.kv.computed == computed
+        assert rt.kv.loaded - loaded == sum(1 + bool(it.tail) for it in p.kv_plan.items)
         assert fin.prompt_tokens == len(p.prompt_tokens)
         assert cold == warm
         assert fact in plain and fact in warm, (plain, warm)
@@ -419,9 +482,15 @@ def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
         assert all(rt.kv.read(p.kv_plan, it) is not None for it in p.kv_plan.items)
         assert all(rt.kv.read(p.kv_plan, it, True) is not None for it in p.kv_plan.items)
         # a document deleted from the index: its units' entries (and their tails) go
-        kept = len({it.chunk_id for it in kvcache.unit_items(rt, CHUNKS[0])})
+        kept = {it.chunk_id for it in kvcache.unit_items(rt, CHUNKS[0])}
+        d = next(tmp_path.glob("*/manifest.json")).parent
+        (d / "0123456789abcdef.kv").write_bytes(b"an excerpts-layout entry")  # not a unit: kept
+        before = {f.name for f in d.glob("u-*.kv")}
         fewer = kvcache.build_cache(rt, ev_rag.settings, CHUNKS[:1], progress=False)
-        assert fewer["written"] == 0 and fewer["pruned"] == (n_units - kept) * (1 + k) > 0
-        assert len(list(tmp_path.glob("*/u-*.kv"))) == kept * (1 + k)
+        assert fewer["written"] == 0 and fewer["pruned"] == (n_units - len(kept)) * (1 + k) > 0
+        after = {f.name for f in d.glob("u-*.kv")}
+        assert after == {n for n in before if n.split(".")[0] in kept}
+        assert len(after) == len(kept) * (1 + k)
+        assert (d / "0123456789abcdef.kv").is_file()
     finally:
         rt.kv = store

@@ -8,7 +8,7 @@ import re
 from docqa.settings import RetrievalSettings
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
-from retrieval.prompting import evidence_lines, evidence_text, rag_messages
+from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
 from retrieval.search import Hit, SearchResult
 from server import kvcache
 from server.runtime import ModelRuntime
@@ -148,7 +148,7 @@ class RagService:
             ]
             plan = kvcache.build_plan(prompt, prefix_text, blocks, tokenize, rt.prompt_tokens)
         else:
-            lines = [(evidence_text(e.text), f" [{e.chunk + 1}]") for e in grounding.evidence]
+            lines = [(evidence_text(e.text), evidence_tag(e.chunk + 1)) for e in grounding.evidence]
             plan = kvcache.build_unit_plan(prompt, prefix_text, lines, tokenize, rt.prompt_tokens)
         if plan is None or plan.tokens != tokens:
             log.debug("grounded prompt not cut for chunk KV caches: plain prefill")
