@@ -175,6 +175,13 @@ def _docs(server) -> set[str]:
     return {d["path"] for d in httpx.get(server.url + "/v1/documents").json()["data"]}
 
 
+# How long a change may take to reach the other replica before the test fails: a bound for
+# correctness, not a speed check (bench_store.py measures it: ~85 ms). After the database
+# comes back, a replica's watcher first waits out its retry (2 s) and reconnects, so on a
+# loaded machine a 2 s bound failed while propagation worked.
+PROPAGATION_S = 30.0
+
+
 def _wait(pred, timeout: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -192,12 +199,12 @@ def test_replicas_share_uploads_and_deletes(replicas):
         a.url + "/v1/documents", json={"path": "ops/quokka.md", "content": text}, timeout=120
     )
     assert r.status_code == 200, r.text
-    _wait(lambda: "ops/quokka.md" in _paths(b, "quokka relay heartbeat port"), 2.0)
+    _wait(lambda: "ops/quokka.md" in _paths(b, "quokka relay heartbeat port"), PROPAGATION_S)
     assert _paths(b, "quokka relay heartbeat port")[0] == "ops/quokka.md"
 
     r = httpx.delete(b.url + "/v1/documents/ops/quokka.md", timeout=60)
     assert r.status_code == 200 and r.json()["deleted"], r.text
-    _wait(lambda: "ops/quokka.md" not in _paths(a, "quokka relay heartbeat port"), 2.0)
+    _wait(lambda: "ops/quokka.md" not in _paths(a, "quokka relay heartbeat port"), PROPAGATION_S)
     assert _docs(a) == _docs(b)
 
 
@@ -228,7 +235,7 @@ def test_database_unreachable_at_run_time(replicas, postgres):
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    _wait(lambda: "ops/up.md" in _docs(b), 2.0)
+    _wait(lambda: "ops/up.md" in _docs(b), PROPAGATION_S)
 
 
 def test_sigkill_during_ingest_leaves_the_store_consistent(replicas, late, postgres):
@@ -283,4 +290,4 @@ def test_sigkill_during_ingest_leaves_the_store_consistent(replicas, late, postg
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    _wait(lambda: "ops/after.md" in _paths(a, "ibis gateway restarts"), 2.0)
+    _wait(lambda: "ops/after.md" in _paths(a, "ibis gateway restarts"), PROPAGATION_S)
