@@ -773,15 +773,16 @@ _TAIL_SUFFIX = re.compile(r"\.t[0-9a-f]{12}$")
 
 
 def prune(d: Path, keep: set[str], units: bool) -> int:
-    """Delete the entries of ``d`` whose span is not in ``keep`` (with their tails): those of
-    deleted or changed documents. Only entries of one layout: evidence units (``u-``) when
+    """Delete the entries of ``d`` that are not in ``keep`` (entry keys: spans, and tails in
+    the evidence layout): those of deleted or changed documents, and tails of tags no longer
+    used (a lower ``top_k``). Only entries of one layout: evidence units (``u-``) when
     ``units``, else chunks (two layouts may share a prefix). ``d`` is per model and prefix,
     not per index: indexes sharing a ``kv_cache_dir`` prune each other's entries (recomputed
     on use); the default, ``<index>.kv``, is one per index. -> files deleted."""
     n = 0
     for f in d.glob("*.kv") if d.is_dir() else []:
-        key = _TAIL_SUFFIX.sub("", f.name[: -len(".kv")])
-        if key.startswith("u-") == units and key not in keep:
+        key = f.name[: -len(".kv")]
+        if _TAIL_SUFFIX.sub("", key).startswith("u-") == units and key not in keep:
             f.unlink(missing_ok=True)
             n += 1
     return n
@@ -834,7 +835,9 @@ def build_cache(rt, retrieval, chunks, progress: bool = True) -> dict:
     finally:
         bctx.close()
     d = rt.kv.dir_for(tokens_hash(prefix))
-    pruned = prune(d, {g[0].chunk_id for g in groups}, units=not retrieval.shows_excerpts)
+    items = [it for g in groups for it in g]
+    keep = {it.key() for it in items} | {it.key(True) for it in items if it.tail}
+    pruned = prune(d, keep, units=not retrieval.shows_excerpts)
     size = sum(f.stat().st_size for f in d.glob("*.kv")) if d.is_dir() else 0
     return {
         "dir": str(d),

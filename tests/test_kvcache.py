@@ -492,5 +492,10 @@ def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
         assert after == {n for n in before if n.split(".")[0] in kept}
         assert len(after) == len(kept) * (1 + k)
         assert (d / "0123456789abcdef.kv").is_file()
+        # top_k lowered: the tails of the tags no longer used go, the units stay
+        s2 = ev_rag.settings.model_copy(update={"top_k": k - 1})
+        lower = kvcache.build_cache(rt, s2, CHUNKS[:1], progress=False)
+        assert lower["written"] == lower["tails_written"] == 0 and lower["pruned"] == len(kept)
+        assert len(list(d.glob("u-*.kv"))) == len(kept) * k
     finally:
         rt.kv = store
