@@ -451,17 +451,16 @@ def check(store: KVStore, plan: KVPlan) -> list[tuple] | None:
 
 
 def _place(
-    bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n_batch: int, save=None
+    bctx, seq, scratch, aux, plan: KVPlan, it: KVItem, payloads, store, n_batch: int, strict=False
 ):
     """Fill ``scratch`` with ``it``'s span and tail at their cached positions (loaded from
-    ``payloads``, or computed after ``seq``'s prefix and saved where None: ``save``, by
-    default ``_save``, which logs a failed write and goes on)."""
+    ``payloads``, or computed after ``seq``'s prefix and saved where None; a failed write is
+    logged and passed over, or raised when ``strict``)."""
     payload, tpay = payloads
-    save = save or _save
     n_prefix = len(plan.prefix)
     if payload is None:
         blob = compute_span(bctx, seq, scratch, n_prefix, it.span, n_batch)
-        save(store, plan, it, blob)
+        _save(store, plan, it, blob, False, strict)
         store.computed += 1
     else:
         if not _load_span(bctx, scratch, payload):
@@ -471,7 +470,7 @@ def _place(
         return
     if tpay is None:
         blob = compute_tail(bctx, seq, scratch, aux, n_prefix, len(it.span), it.tail, n_batch)
-        save(store, plan, it, blob, tail=True)
+        _save(store, plan, it, blob, True, strict)
         store.computed += 1
     else:
         try:
@@ -483,14 +482,12 @@ def _place(
         store.loaded += 1
 
 
-def _write(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool = False) -> None:
-    store.write(plan, it, blob, tail)  # a failed write raises (``docqa index kv``)
-
-
-def _save(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool = False) -> None:
+def _save(store: KVStore, plan: KVPlan, it: KVItem, blob: bytes, tail: bool, strict: bool):
     try:
         store.write(plan, it, blob, tail)
     except OSError as exc:
+        if strict:
+            raise
         log.warning("could not save the KV cache %s: %s", it.key(tail), exc)
 
 
@@ -583,7 +580,7 @@ def warm(bctx, seq: int, scratch: int, aux: int, plan: KVPlan, store: KVStore, n
         tpay = valid(it, True) if it.tail else None
         if payload is not None and (tpay is not None or not it.tail):
             continue
-        _place(bctx, seq, scratch, aux, plan, it, (payload, tpay), store, n_batch, _write)
+        _place(bctx, seq, scratch, aux, plan, it, (payload, tpay), store, n_batch, strict=True)
         llama_cpp.llama_memory_seq_rm(bctx.mem, scratch, -1, -1)
         spans += payload is None
         tails += bool(it.tail) and tpay is None
