@@ -50,6 +50,7 @@ def serve(
         port=settings.server.port,
         log_level=settings.server.log_level.lower(),
         access_log=False,
+        timeout_keep_alive=settings.server.keep_alive_s,
     )
 
 

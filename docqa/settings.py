@@ -105,6 +105,14 @@ class ServerSettings(_Section):
         description="On a model reload, how long requests still running on the old model may "
         "take to finish before they are cancelled and the old model is closed.",
     )
+    keep_alive_s: float = Field(
+        75.0,
+        ge=1,
+        le=3600,
+        description="How long an idle keep-alive connection stays open. Longer than clients' "
+        "own idle expiry (httpx and the openai SDK: 5 s) so a client never sends a request on "
+        "a connection the server is closing at that moment (a reset, not an HTTP error).",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API (CORS allow-list, e.g. "

@@ -140,3 +140,27 @@ def test_soak_64_clients(soak_server):
     assert tally.codes[200] >= 1 and tally.codes[503] >= 1, tally.codes  # both happened
     assert httpx.get(soak_server.url + "/health").json()["busy"] == 0  # no place leaked
     assert rss_end <= rss_warm + RSS_MARGIN_MB, (rss_warm, rss_end)
+
+
+def test_idle_keep_alive_outlives_the_clients_expiry(soak_server):
+    """httpx and the openai SDK drop idle pooled connections after 5 s. A server closing them at
+    the same 5 s races a client reusing one: the request gets a reset (the ReadError this soak
+    once caught). The server must keep them longer than the client does."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(soak_server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("GET", "/health")
+        first = conn.getresponse()
+        first.read()
+        assert first.status == 200 and first.getheader("connection") != "close"
+        sock = conn.sock
+        time.sleep(httpx.Limits().keepalive_expiry + 1.5)  # idle longer than a client's pool
+        conn.request("GET", "/health")  # on the same socket: a closed one raises here
+        second = conn.getresponse()
+        second.read()
+        assert second.status == 200 and conn.sock is sock
+    finally:
+        conn.close()
