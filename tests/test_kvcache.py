@@ -499,3 +499,54 @@ def test_index_kv_computes_every_unit(rt, ev_rag, tmp_path):
         assert len(list(d.glob("u-*.kv"))) == len(kept) * k
     finally:
         rt.kv = store
+
+
+def test_stitched_training_forward_is_the_served_computation(rt, ev_rag):
+    """training.blocks trains on what the unit caches compute. On the embedded model (its GGUF
+    weights in torch), the first token's distribution of ``stitched_forward`` matches
+    llama.cpp's stitched prompt to within the torch-vs-llama.cpp noise (a plain forward of the
+    same tokens in torch vs llama.cpp's plain prefill), and is closer to it than a plain
+    forward pass is."""
+    import numpy as np
+    import torch
+
+    from server.generation import BatchContext, logits_at
+    from training.blocks import plan_segments, stitched_forward
+    from training.hf import load_causal_lm
+
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    p = _ev_params(rt, ev_rag, both, [1, 0, 2])
+    ids, segments = plan_segments(p.kv_plan)
+    assert ids == p.prompt_tokens and max(segments) >= 2
+
+    def norm(x):
+        x = np.asarray(x, dtype=np.float64)
+        x = x - x.max()
+        return x - np.log(np.exp(x).sum())
+
+    def served(stitched: bool):
+        ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+        asm = kvcache.Assembler(rt.llm, rt.kv)
+        try:
+            if stitched:
+                n = asm.install(p.kv_plan, ctx.ctx, 0)
+                kvcache._decode(ctx, p.kv_plan.suffix, n, 0, True, 512)
+            else:
+                kvcache._decode(ctx, ids, 0, 0, True, 512)
+            return norm(logits_at(ctx.ctx, -1, rt.llm.n_vocab()))
+        finally:
+            asm.close()
+            ctx.close()
+
+    model, _ = load_causal_lm(rt.path)
+    x = torch.tensor(ids)
+    with torch.no_grad():
+        plain = norm(model(input_ids=x[None]).logits[0, -1].numpy())
+        ours = norm(stitched_forward(model, x, torch.tensor(segments)).logits[0, -1].numpy())
+
+    def kl(a, b):
+        return float((np.exp(a) * (a - b)).sum())
+
+    stitched, noise = served(True), kl(served(False), plain)
+    assert kl(stitched, ours) < max(3 * noise, 0.02), (kl(stitched, ours), noise)
+    assert kl(stitched, ours) < kl(stitched, plain) / 3, (kl(stitched, ours), kl(stitched, plain))

@@ -143,3 +143,58 @@ def test_full_finetune_of_the_top_layers(smoke_run, tmp_path):
     allowed = (f"model.layers.{last - 1}.", f"model.layers.{last}.", "model.norm.")
     assert all(n.startswith(allowed) for n in changed), sorted(changed)[:5]
     assert not (tmp_path / "adapter").exists()  # no adapter: the weights themselves changed
+
+
+def test_stitched_sft_learns_the_served_layout(tmp_path):
+    """``sft.block_attention``: examples are cut as the server cuts the prompt (the same tokens
+    as the chat template's rendering; the prefix, one segment per evidence line, then the open
+    tail), and a short stitched run lowers the stitched loss on them and changes the top layers
+    only."""
+    import torch
+
+    from docqa.settings import load_settings
+    from training.blocks import OPEN, PREFIX, block_example, collate, stitched_loss
+    from training.config import SFTStep
+    from training.data import sft_examples, train_pairs
+    from training.hf import load_causal_lm
+    from training.lora import train_sft
+
+    pairs = train_pairs(limit=60, seed=1)
+    ex = sft_examples(pairs, rag=True, k=2, p_missing=0.0, target="grounded", limit=3)
+    model, tok = load_causal_lm(load_settings().model.model)  # the embedded model
+    retrieval = load_settings().retrieval
+    rows = [block_example(tok, e, retrieval) for e in ex]
+    for e, r in zip(ex, rows):
+        text = tok.apply_chat_template(e["prompt"] + e["completion"], tokenize=False)
+        assert tok.decode(r["input_ids"]) == text
+        seg = r["segments"]
+        assert seg[0] == PREFIX and seg[-1] == OPEN
+        assert sorted(set(seg) - {PREFIX, OPEN}) == list(range(1, len(e["evidence"]) + 1))
+        answer = [i for i, lab in enumerate(r["labels"]) if lab != -100]
+        assert answer and all(seg[i] == OPEN for i in answer)
+
+    def loss():
+        with torch.no_grad():
+            return float(stitched_loss(model, collate(rows)))
+
+    before_loss = loss()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = SFTStep(
+        block_attention=True,
+        lora=None,
+        train_layers=2,
+        threads=1,
+        max_steps=6,
+        batch_size=3,
+        learning_rate=3e-4,
+        warmup_ratio=0.0,
+        max_length=1024,
+    )
+    trained, m = train_sft(model, tok, ex, cfg, tmp_path)
+    assert m["stitched_examples"] == len(ex) and m["steps"] == 6
+    model = trained
+    assert loss() < 0.7 * before_loss, (before_loss, loss())
+    last = len(trained.model.layers) - 1
+    changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    allowed = (f"model.layers.{last - 1}.", f"model.layers.{last}.", "model.norm.")
+    assert changed and all(n.startswith(allowed) for n in changed), sorted(changed)[:5]

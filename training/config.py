@@ -143,6 +143,13 @@ class SFTStep(TrainCommon):
         "chunk holds (pairs naming none are skipped).",
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many examples.")
+    block_attention: bool = Field(
+        False,
+        description="Train with the attention the server's unit KV caches give "
+        "(retrieval.kv_cache, the default): each evidence line sees the prompt before the "
+        "evidence and itself, the question and answer see everything (training/blocks.py). "
+        "Needs rag and the evidence layout; a model trained so is served with kv_cache on.",
+    )
 
 
 class ExportStep(_Cfg):

@@ -124,7 +124,13 @@ class RagExamples:
         """One RAFT example, or None when ``target`` is "grounded" and the reference names no
         identifier its gold chunk holds (such pairs teach paraphrase, not grounding)."""
         from retrieval.evidence import for_reader
-        from retrieval.prompting import block, evidence_lines, rag_messages
+        from retrieval.prompting import (
+            block,
+            evidence_lines,
+            evidence_tag,
+            evidence_text,
+            rag_messages,
+        )
 
         item = self.labeler.label(pair)
         gold_ids = set(item.gold_ids) if item else set()
@@ -175,6 +181,8 @@ class RagExamples:
             "prompt": msgs,
             "completion": [{"role": "assistant", "content": answer}],
             "gold_in_context": not missing,
+            # the lines as the server's unit KV plan cuts them (training.blocks)
+            "evidence": [[evidence_text(e.text), evidence_tag(e.chunk + 1)] for e in ev],
         }
 
 

@@ -86,7 +86,9 @@ def _result(trainer, n_examples: int, t0: float) -> dict:
     logs = trainer.state.log_history
     losses = [float(x["loss"]) for x in logs if "loss" in x]
     end = next((x for x in reversed(logs) if "train_runtime" in x), {})
-    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
+    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or int(
+        getattr(trainer, "tokens_total", 0) * (trainer.state.epoch or 0)
+    )
     secs = time.time() - t0
     return {
         "losses": losses,
@@ -110,26 +112,82 @@ def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    ds = Dataset.from_list(
-        [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
-    )
-    args = SFTConfig(
-        **_common_args(cfg, work),
-        completion_only_loss=True,
-        packing=False,
-        include_num_input_tokens_seen=True,
-    )
-    set_threads(cfg)
-    params = freeze_lower(model, cfg)
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=_peft(cfg)
-    )
+    if getattr(cfg, "block_attention", False):
+        trainer = _stitched_trainer(model, tok, examples, cfg, work)
+        params = trainer.params
+    else:
+        ds = Dataset.from_list(
+            [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
+        )
+        args = SFTConfig(
+            **_common_args(cfg, work),
+            completion_only_loss=True,
+            packing=False,
+            include_num_input_tokens_seen=True,
+        )
+        set_threads(cfg)
+        params = freeze_lower(model, cfg)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            peft_config=_peft(cfg),
+        )
     t0 = time.time()
     trainer.train()
     metrics = _result(trainer, len(examples), t0) | params
     if cfg.lora is not None:
         trainer.model.save_pretrained(work / "adapter")
     return _finish(trainer), metrics
+
+
+def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
+    """A Trainer whose loss is ``training.blocks.stitched_loss``: the examples run as the
+    server's unit KV caches run them (``sft.block_attention``). Examples longer than
+    ``max_length`` are left out (truncating one would cut its answer)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from docqa.settings import load_settings
+    from training.blocks import block_example, collate, stitched_loss
+
+    retrieval = load_settings().retrieval
+    if retrieval.shows_excerpts:
+        raise ValueError("sft.block_attention needs the evidence layout (no {context})")
+    rows = [block_example(tok, e, retrieval) for e in examples]
+    rows = [r for r in rows if r is not None and len(r["input_ids"]) <= cfg.max_length]
+    cut = sum(1 for r in rows if any(s > 0 for s in r["segments"]))
+    log.info("stitched SFT: %d of %d examples cut into evidence lines", cut, len(rows))
+    if not rows:
+        raise ValueError("no example left for stitched training")
+
+    class StitchedTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = stitched_loss(model, inputs, num_items_in_batch)
+            return (loss, None) if return_outputs else loss
+
+        def floating_point_ops(self, inputs):
+            n = sum(int(x.numel()) for x in inputs["input_ids"])
+            return 6 * n * self.model.num_parameters(exclude_embeddings=True)
+
+    common = _common_args(cfg, work)
+    common.pop("max_length")
+    if cfg.lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _peft(cfg))
+    set_threads(cfg)
+    params = freeze_lower(model, cfg)
+    trainer = StitchedTrainer(
+        model=model,
+        args=TrainingArguments(**common, remove_unused_columns=False),
+        train_dataset=Dataset.from_list(rows),
+        data_collator=collate,
+    )
+    trainer.params = params | {"stitched_examples": cut}
+    trainer.tokens_total = sum(len(r["input_ids"]) for r in rows)
+    return trainer
 
 
 def train_dpo(model, tok, pairs: list[dict], cfg: DPOStep, work: Path):
