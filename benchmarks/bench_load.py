@@ -13,7 +13,8 @@ Printed: goodput under overload as a fraction of the single-client one (goal >= 
 latency of admitted requests against what the queue implies (``max_queue`` x the single-client
 mean service time; the 95th percentile of the sum of ``max_queue`` single-client service times
 drawn from the run's, the same percentile of what a full FIFO queue implies; and Little's law
-``max_queue`` / goodput), the number of rejections and the
+``max_queue`` / goodput; the same percentiles as the server timed them, its ``Server-Timing``
+header: without the clients' own delays on a shared machine), the number of rejections and the
 server's CPU time per rejection (the server's CPU time under overload minus what its answers
 cost at one client, shared among the rejections: an estimate, noisy when answers cost much
 more than rejections), and the same for the event-loop thread alone (where a refused request
@@ -76,6 +77,7 @@ def cpu_seconds(pid: int, thread: bool = False) -> float:
 class Stats:
     def __init__(self):
         self.latencies: list[float] = []  # admitted requests, from their (last) send
+        self.server: list[float] = []  # the same, as the server timed them (Server-Timing)
         self.done_at: list[float] = []
         self.abstained = 0
         self.rejections = 0
@@ -117,6 +119,9 @@ async def client(
             stats.errors.append(f"HTTP {r.status_code}")
         else:
             stats.latencies.append(t1 - t0)
+            timing = r.headers.get("server-timing", "")
+            if timing.startswith("app;dur="):
+                stats.server.append(float(timing.split("=", 1)[1]) / 1000)
             stats.done_at.append(t1)
             stats.abstained += not r.json().get("sources")
         i += step
@@ -171,6 +176,11 @@ def run_config(name: str, args, qs) -> dict:
     # times drawn from this run's (bootstrap)
     rng = np.random.default_rng(0)
     draws = rng.choice(np.asarray(single.latencies), size=(20000, max_queue)).sum(axis=1)
+    server_draws = (
+        rng.choice(np.asarray(single.server), size=(20000, max_queue)).sum(axis=1)
+        if single.server
+        else np.asarray([float("nan")])
+    )
     cpu_answer = cpu_single / max(n1, 1)
     rejection_cpu = (cpu_over - len(over.latencies) * cpu_answer) / max(over.rejections, 1)
     loop_answer = loop_single / max(len(single.latencies), 1)
@@ -189,10 +199,14 @@ def run_config(name: str, args, qs) -> dict:
         "overall_ratio": over.overall / single.overall if single.overall else float("nan"),
         "p50": float(np.percentile(over.latencies, 50)) if over.latencies else float("nan"),
         "p95": float(np.percentile(over.latencies, 95)) if over.latencies else float("nan"),
+        "server_p50": float(np.percentile(over.server, 50)) if over.server else float("nan"),
+        "server_p95": float(np.percentile(over.server, 95)) if over.server else float("nan"),
         "max_queue": max_queue,
         "bound_service": max_queue * service,
         "bound_service_p95": float(np.percentile(draws, 95)),
         "bound_little": max_queue / g64 if g64 else float("nan"),
+        "server_service_s": statistics.mean(single.server) if single.server else float("nan"),
+        "bound_server_p95": float(np.percentile(server_draws, 95)),
         "rejections": over.rejections,
         "rejection_cpu_ms": 1000 * rejection_cpu,
         "rejection_loop_ms": 1000 * loop_rejection,
@@ -231,14 +245,16 @@ def main() -> None:
     )
     print(
         "| config | 1 client (answers/s) | overload (answers/s) | ratio (goal >= 0.8) | "
-        "p50 / p95 latency (s) | queue x mean service (s) | p95 of queue x service (s) | "
-        "queue / goodput (s) | rejections | CPU per rejection, all / event loop (ms) | errors |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|"
+        "p50 / p95 latency (s) | server-timed p50 / p95 (s) | queue x mean service (s) | "
+        "p95 of queue x service (s) | queue / goodput (s) | rejections | "
+        "CPU per rejection, all / event loop (ms) | errors |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     for r in rows:
         print(
             f"| {r['config']} | {r['single_goodput']:.3f} | {r['goodput']:.3f} | "
-            f"{r['ratio']:.2f} | {r['p50']:.1f} / {r['p95']:.1f} | {r['bound_service']:.1f} | "
+            f"{r['ratio']:.2f} | {r['p50']:.1f} / {r['p95']:.1f} | "
+            f"{r['server_p50']:.1f} / {r['server_p95']:.1f} | {r['bound_service']:.1f} | "
             f"{r['bound_service_p95']:.1f} | "
             f"{r['bound_little']:.1f} | {r['rejections']} | {r['rejection_cpu_ms']:.0f} / "
             f"{r['rejection_loop_ms']:.1f} | "
@@ -246,7 +262,10 @@ def main() -> None:
         )
     for r in rows:
         print(
-            f"{r['config']}: with the drain, {r['overall']:.3f} answers/s "
+            f"{r['config']}: server-timed: single-client service {r['server_service_s']:.3f} s, "
+            f"p95 of queue x service {r['bound_server_p95']:.1f} s, admitted p95 "
+            f"{r['server_p95']:.1f} s; "
+            f"with the drain, {r['overall']:.3f} answers/s "
             f"({r['overall_ratio']:.2f} of one client's); service time {r['service_s']:.2f} s, "
             "server CPU per answer "
             f"{r['cpu_per_answer']:.2f} s (event loop {r['loop_per_answer_ms']:.0f} ms), "

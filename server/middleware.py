@@ -1,5 +1,6 @@
 """Pure ASGI middleware: the access log (one line per request with latency and token counts,
-streaming-safe; the request counters of /metrics, by route template, never by raw path) and the
+streaming-safe; the request counters of /metrics, by route template, never by raw path; a
+``Server-Timing: app;dur=<ms>`` header on every response) and the
 body guard (origin, content type, size, lone surrogates)."""
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ class AccessLog:
         async def _send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                # W3C Server-Timing: the server's own time up to the response's head (for a
+                # whole JSON answer, the answer; for a stream, its first byte), so a client
+                # can tell the server's latency from the network's and its own
+                dur = (time.perf_counter() - t0) * 1000
+                headers = list(message.get("headers") or [])
+                headers.append((b"server-timing", f"app;dur={dur:.1f}".encode()))
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

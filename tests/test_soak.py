@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -156,6 +157,10 @@ def test_idle_keep_alive_outlives_the_clients_expiry(soak_server):
         first = conn.getresponse()
         first.read()
         assert first.status == 200 and first.getheader("connection") != "close"
+        # the server's own time, for clients telling it from the network's (W3C Server-Timing)
+        assert re.fullmatch(r"app;dur=\d+\.\d", first.getheader("server-timing") or ""), (
+            first.getheader("server-timing")
+        )
         sock = conn.sock
         time.sleep(httpx.Limits().keepalive_expiry + 1.5)  # idle longer than a client's pool
         conn.request("GET", "/health")  # on the same socket: a closed one raises here
