@@ -106,19 +106,19 @@ def _shift_keys(model, keys, delta: int):
     return keys * cos + rotate_half(keys) * sin
 
 
-def stitched_forward(model, ids, segments, labels=None):
+def stitched_forward(model, ids, segments):
     """The forward pass the server's unit caches give, exactly: the prefix once; each evidence
     line (its segment) after the prefix alone, at the positions right after it (as it is
     cached); its keys then shifted to the line's place in the prompt; the rest (question,
     answer: OPEN) over the prefix and every shifted line. Differentiable end to end.
-    ``ids``/``segments``/``labels``: 1-D tensors of one example. -> the model's output for the
-    OPEN tail (``loss`` over its labels when given)."""
+    ``ids``/``segments``: 1-D tensors of one example. -> the model's output for the OPEN tail
+    (for the whole sequence when it is not cut into lines)."""
     import torch
     from transformers import DynamicCache
 
     runs = _runs(segments.tolist())
     if len(runs) == 1 and runs[0][0] == OPEN:  # not cut into lines: a plain prefill
-        return model(input_ids=ids[None], labels=None if labels is None else labels[None])
+        return model(input_ids=ids[None])
     if not runs or runs[0][0] != PREFIX or runs[-1][0] != OPEN:
         raise ValueError("a stitched example is prefix | lines | open tail")
     npre = runs[0][2]
@@ -144,8 +144,7 @@ def stitched_forward(model, ids, segments, labels=None):
         cache.update(torch.cat(keys[i], dim=2), torch.cat(vals[i], dim=2), i)
     s = runs[-1][1]
     pos = torch.arange(s, len(ids), device=dev)[None]
-    tail_labels = None if labels is None else labels[None, s:]
-    return model(input_ids=ids[None, s:], position_ids=pos, cache=cache, labels=tail_labels)
+    return model(input_ids=ids[None, s:], position_ids=pos, cache=cache)
 
 
 def collate(rows: list[dict]) -> dict:
@@ -165,8 +164,8 @@ def stitched_loss(model, batch: dict, num_items=None):
     import torch.nn.functional as F
 
     total, count = None, 0
+    dev = next(model.parameters()).device
     for ids, labels, segments in zip(batch["input_ids"], batch["labels"], batch["segments"]):
-        dev = next(model.parameters()).device
         ids, labels, segments = ids.to(dev), labels.to(dev), segments.to(dev)
         s = _runs(segments.tolist())[-1][1]
         logits = stitched_forward(model, ids, segments).logits[0]

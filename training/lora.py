@@ -86,9 +86,7 @@ def _result(trainer, n_examples: int, t0: float) -> dict:
     logs = trainer.state.log_history
     losses = [float(x["loss"]) for x in logs if "loss" in x]
     end = next((x for x in reversed(logs) if "train_runtime" in x), {})
-    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or int(
-        getattr(trainer, "tokens_total", 0) * (trainer.state.epoch or 0)
-    )
+    tokens = getattr(trainer.state, "num_input_tokens_seen", 0) or 0
     secs = time.time() - t0
     return {
         "losses": losses,
@@ -113,8 +111,7 @@ def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
     from trl import SFTConfig, SFTTrainer
 
     if getattr(cfg, "block_attention", False):
-        trainer = _stitched_trainer(model, tok, examples, cfg, work)
-        params = trainer.params
+        trainer, params = _stitched_trainer(model, tok, examples, cfg, work)
     else:
         ds = Dataset.from_list(
             [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples]
@@ -145,7 +142,8 @@ def train_sft(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
 def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: Path):
     """A Trainer whose loss is ``training.blocks.stitched_loss``: the examples run as the
     server's unit KV caches run them (``sft.block_attention``). Examples longer than
-    ``max_length`` are left out (truncating one would cut its answer)."""
+    ``max_length`` are left out (truncating one would cut its answer). -> (trainer, the
+    trained-parameter counts and the number of examples cut into lines)."""
     from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
@@ -164,6 +162,8 @@ def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: 
 
     class StitchedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:  # the list batches are not counted by Trainer itself
+                self.state.num_input_tokens_seen += sum(x.numel() for x in inputs["input_ids"])
             loss = stitched_loss(model, inputs, num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
@@ -185,9 +185,7 @@ def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: 
         train_dataset=Dataset.from_list(rows),
         data_collator=collate,
     )
-    trainer.params = params | {"stitched_examples": cut}
-    trainer.tokens_total = sum(len(r["input_ids"]) for r in rows)
-    return trainer
+    return trainer, params | {"stitched_examples": cut}
 
 
 def train_dpo(model, tok, pairs: list[dict], cfg: DPOStep, work: Path):
