@@ -358,6 +358,16 @@ class RetrievalSettings(_Section):
         "is the usual range. Costs a second, shorter prompt and a second sequence per request "
         "(two batch slots with n_parallel > 1). Overridden per request by cad_alpha.",
     )
+    evidence_bias: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Logit bias added, for grounded answers (chat with retrieval, ticket "
+        "replies), to every token of the evidence lines that the prompt without them (system "
+        "prompt, template, question) does not contain: a static, free approximation of "
+        "context-aware decoding that works with chunk KV caches and batching. 0 = off. "
+        "Overridden per request by evidence_bias. Measured: docs/benchmarks.md.",
+    )
     cad_context_free: Literal["messages", "template"] = Field(
         "template",
         description="The prompt context-aware decoding contrasts with: 'template', the grounded "

@@ -41,6 +41,10 @@ class GenParams:
     # logits through the CAD path); the services set it only for a > 0.
     cad_alpha: float = 0.0
     cad_prompt_tokens: list[int] | None = None
+    # Added to the logits before any other sampler ({token id: bias}): the request's OpenAI
+    # ``logit_bias`` and, for grounded answers, retrieval.evidence_bias on the evidence lines'
+    # own tokens. A bias of -100 or less bans the token.
+    logit_bias: dict[int, float] | None = None
     # Loop guard (grounded answers, retrieval.loop_repeats): the answer stops where its text
     # turns into one piece repeated this many times, or a run of citations; 0 = off.
     loop_repeats: int = 0
@@ -260,6 +264,19 @@ def sampler_chain(vocab, p: GenParams, seed: int):
     min-p/temperature/seed); the caller frees it with ``llama_sampler_free``."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = llama_cpp.llama_sampler_chain_add
+    if p.logit_bias:
+        n = len(p.logit_bias)
+        arr = (llama_cpp.llama_logit_bias * n)(
+            *(
+                llama_cpp.llama_logit_bias(t, -float("inf") if b <= -100 else b)
+                for t, b in p.logit_bias.items()
+            )
+        )
+        # llama.cpp copies the array; n_vocab bounds-checks the ids
+        add(
+            chain,
+            llama_cpp.llama_sampler_init_logit_bias(llama_cpp.llama_vocab_n_tokens(vocab), n, arr),
+        )
     if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
         add(
             chain,
@@ -364,8 +381,24 @@ def generate(
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         grammar=p.grammar,
+        logits_processor=_bias_processor(p.logit_bias),
     )
     return token_loop(llm, p, _no_logits(gen), max_tokens, cancel)
+
+
+def _bias_processor(bias: dict[int, float] | None):
+    """``bias`` as llama-cpp-python logits processors (its sampler runs them first, on the
+    logits in vocabulary order), or None."""
+    if not bias:
+        return None
+    ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+    vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)
+
+    def add(_input_ids, scores: np.ndarray) -> np.ndarray:
+        scores[ids] += vals
+        return scores
+
+    return llama_cpp.LogitsProcessorList([add])
 
 
 def _no_logits(gen: Iterator[int]) -> Iterator[tuple[int, None]]:

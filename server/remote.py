@@ -213,6 +213,8 @@ def _body(params: GenParams, model: str | None) -> tuple[str, dict]:
         body["presence_penalty"] = params.presence_penalty
     if params.frequency_penalty:
         body["frequency_penalty"] = params.frequency_penalty
+    if params.logit_bias:  # ids of the runtime's vocabulary: the endpoints serve its model
+        body["logit_bias"] = {str(t): b for t, b in params.logit_bias.items()}
     if params.grammar is not None:  # GBNF: llama.cpp's server and docqa take it as is
         body["grammar"] = params.grammar._grammar  # noqa: SLF001
     if params.messages is not None:
@@ -337,10 +339,14 @@ class RemoteRuntime(ModelRuntime):
 
         t0 = time.perf_counter()
         store = ModelStore(ms.store_dir)
+        # token ids this runtime makes (a logit bias) are the endpoints' own only when it
+        # tokenizes with the served model
+        self.same_vocab = True
         try:
             counter: ResolvedModel = store.resolve(ms.model)
         except Exception:  # noqa: BLE001 - a remote-only name: count with the embedded model
             counter = store.resolve(EMBEDDED)
+            self.same_vocab = False
         self.path = counter.path
         self.provenance = {"kind": "remote", "endpoints": list(ms.endpoints)}
         self.llm = llama_cpp.Llama(str(counter.path), vocab_only=True, verbose=False)

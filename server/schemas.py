@@ -64,6 +64,8 @@ class _Sampling(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = None
+    # OpenAI: {token id: bias in -100..100} added to the logits; -100 bans the token.
+    logit_bias: dict[str, float] | None = Field(None, max_length=4096)
     # llama.cpp-server extension: a GBNF grammar the output must follow.
     grammar: str | None = Field(None, max_length=100_000)
 
@@ -75,6 +77,16 @@ class _Sampling(_Lenient):
                 raise ValueError("at most 16 stop sequences")
             if any(not s for s in v):
                 raise ValueError("stop sequences must be non-empty")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k, b in (v or {}).items():
+            if not k.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
         return v
 
     def stop_list(self) -> list[str]:
@@ -94,6 +106,9 @@ class ChatCompletionRequest(_Sampling):
     # docqa extension: context-aware decoding strength for a grounded answer (None: the
     # retrieval.cad_alpha setting; 0 = off). Ignored when the answer is not grounded.
     cad_alpha: float | None = Field(None, ge=0, le=5)
+    # docqa extension: logit bias on the evidence lines' tokens for a grounded answer (None:
+    # the retrieval.evidence_bias setting; 0 = off). Ignored when the answer is not grounded.
+    evidence_bias: float | None = Field(None, ge=0, le=10)
     # Tool calling (server.tools): checked there, so errors name tools[i] and tool_choice.
     tools: list[Any] | None = Field(None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None

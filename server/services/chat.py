@@ -12,7 +12,13 @@ from server.generation import GenParams
 from server.grammar import GrammarLimits
 from server.runtime import ModelManager, ModelRuntime
 from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.services.generation import Prepared, grammar_for, sampling_params, with_cad
+from server.services.generation import (
+    Prepared,
+    grammar_for,
+    request_bias,
+    sampling_params,
+    with_cad,
+)
 from server.services.models import ModelNames
 from server.services.rag import RagService
 
@@ -55,6 +61,7 @@ class ChatService:
         if max_tokens is None and grounding is not None:
             max_tokens = self.settings.retrieval.answer_max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
+        params.logit_bias = request_bias(req, rt.n_vocab)
         params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         if calling:
             if params.grammar is not None:
@@ -73,6 +80,11 @@ class ChatService:
             # (not with tools: the context-free prompt would not describe them)
             if grounding.hits and alpha > 0 and not calling:
                 with_cad(rt, params, self.rag.context_free(rt, original), alpha)
+            if not calling:
+                params.logit_bias = _merge_bias(
+                    params.logit_bias,
+                    self.rag.evidence_bias(rt, grounding, original, req.evidence_bias),
+                )
             if not params.cad and not calling:  # excerpts from chunk KV caches, if kept
                 params.kv_plan = self.rag.kv_plan(rt, prompt, tokens, grounding)
         if req.top_logprobs and not req.logprobs:
@@ -104,6 +116,7 @@ class ChatService:
                 raise bad_request(f"prompt token ids must be in [0, {rt.n_vocab})", "prompt")
             text = rt.detokenize(tokens)
         params = sampling_params(req, self.settings.model, tokens, req.max_tokens or 16)
+        params.logit_bias = request_bias(req, rt.n_vocab)
         params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         params.prompt_text = text  # what a remote engine sends
         if req.logprobs is not None:
@@ -113,6 +126,16 @@ class ChatService:
         return Prepared(
             "text", model_id, params, include_usage=include_usage, echo=text if req.echo else None
         )
+
+
+def _merge_bias(a: dict[int, float] | None, b: dict[int, float] | None):
+    """Two logit biases summed per token (either may be None)."""
+    if not a or not b:
+        return a or b
+    out = dict(a)
+    for t, v in b.items():
+        out[t] = out.get(t, 0.0) + v
+    return out
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -98,6 +98,20 @@ def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_toke
     )
 
 
+def request_bias(req: _Sampling, n_vocab: int) -> dict[int, float] | None:
+    """The request's OpenAI ``logit_bias`` as {token id: bias}; 400 for an id outside the
+    vocabulary (the schema checked the keys' form and the values' range)."""
+    if not req.logit_bias:
+        return None
+    out = {int(k): float(b) for k, b in req.logit_bias.items()}
+    bad = [t for t in out if t >= n_vocab]
+    if bad:
+        raise bad_request(
+            f"logit_bias token ids must be in [0, {n_vocab}), got {bad[0]}", "logit_bias"
+        )
+    return out
+
+
 def with_cad(rt, params: GenParams, context_free: list[dict[str, str]], alpha: float) -> None:
     """Turn on context-aware decoding for ``params`` (a grounded prompt) when ``alpha`` > 0:
     the context-free prompt is ``context_free`` (the messages without the retrieved excerpts)

@@ -1,0 +1,165 @@
+"""Logit bias: OpenAI's ``logit_bias`` and the reader's ``evidence_bias`` (issue 16) in every
+sampling path (single engine, batch engine, chunk KV path through the server), on the embedded
+model's real logits, and their bad input on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import httpx
+import pytest
+
+from docqa.settings import load_settings
+from models.store import ModelStore
+from retrieval.evidence import Evidence
+from server.batch_engine import BatchEngine
+from server.generation import Delta, Finish, GenParams
+from server.runtime import ModelRuntime
+from server.services.rag import Grounding, RagService
+
+from .conftest import FIXTURES
+
+QUESTION = "Which setting sets the port of the Zephyrd admin console?"
+LINE = "The Zephyrd admin console listens on the port given by the zorblax_port setting."
+
+
+@pytest.fixture(scope="module")
+def rt():
+    ms = load_settings(model={"n_ctx": 512, "n_threads": 1}).model
+    runtime = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 16)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def engines(rt):
+    be = BatchEngine(rt.llm, 16, n_seq=2)
+    yield {"single": rt.engine, "batch": be}
+    be.close()
+
+
+async def _collect(engine, params: GenParams) -> list[int]:
+    text, fin = [], None
+    async for ev in engine.submit(params):
+        if isinstance(ev, Delta):
+            text.append(ev.text)
+        else:
+            fin = ev
+    assert isinstance(fin, Finish)
+    return "".join(text)
+
+
+def _answer(rt, engine, bias=None, max_tokens=8) -> str:
+    prompt = rt.prompt_tokens(rt.format_chat([{"role": "user", "content": QUESTION}]))
+    p = GenParams(prompt_tokens=prompt, max_tokens=max_tokens, temperature=0.0, logit_bias=bias)
+    return asyncio.run(_collect(engine, p))
+
+
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_logit_bias_bans_and_forces_tokens(rt, engines, name):
+    """-100 bans the greedy answer's first token; +100 on a token makes it the first one; no
+    bias is plain greedy decoding."""
+    engine = engines[name]
+    plain = _answer(rt, engine)
+    assert plain and _answer(rt, engine, {}) == plain
+    first = rt.tokenize(plain, add_bos=False)[0]
+    banned = _answer(rt, engine, {first: -100})
+    assert banned and rt.tokenize(banned, add_bos=False)[0] != first, (plain, banned)
+    forced_tok = rt.tokenize(" zorblax", add_bos=False)[0]
+    forced = _answer(rt, engine, {forced_tok: 100}, max_tokens=1)
+    assert forced == rt.detokenize([forced_tok]), forced
+
+
+def test_evidence_bias_targets_the_lines_own_tokens(rt):
+    """The biased tokens are the evidence line's tokens that the prompt without the line does
+    not hold: the made-up setting's pieces, not the question's words, nor the scaffolding."""
+    r = load_settings(retrieval={"evidence_bias": 2.0}).retrieval
+    rag = RagService(r, index=None)  # build_messages needs no index when given no hits
+    g = Grounding([], None, 1.0, [Evidence(0, 0, len(LINE), LINE, 1.0, "sentence")])
+    messages = [{"role": "user", "content": QUESTION}]
+    bias = rag.evidence_bias(rt, g, messages)
+    assert bias and set(bias.values()) == {2.0}
+    bare = set(rt.prompt_tokens(rt.format_chat(rag.build_messages(rt, messages, [], [])[0])))
+    assert not bare & set(bias)
+    assert rt.tokenize(" zorblax", add_bos=False)[0] in bias
+    assert rt.tokenize(" Zephyr", add_bos=False)[0] not in bias  # the question has it
+    assert rag.evidence_bias(rt, g, messages, 0.0) is None  # a request turns it off
+    assert rag.evidence_bias(rt, Grounding([], None), messages) is None  # no evidence
+
+
+# -- the HTTP fields ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bias_server(server_factory, tmp_path_factory, fixture_index):
+    """Fixture docs plus a page with a made-up setting; chunk KV caches on (the default), so
+    grounded answers take the stitched path."""
+    docs = tmp_path_factory.mktemp("bias-docs")
+    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
+    (docs / "guide" / "admin.md").write_text(f"# Admin console\n\n{LINE}\n")
+    return server_factory(
+        {
+            "model": {"n_ctx": 1024, "n_threads": 1},
+            "retrieval": {
+                "index_dir": str(fixture_index(docs, 120, 20)),
+                "chunk_tokens": 120,
+                "chunk_overlap": 20,
+                "answer_reserve": 256,
+            },
+        },
+        "bias",
+    )
+
+
+def _chat(server, **body) -> httpx.Response:
+    body = {
+        "model": "docqa",
+        "temperature": 0,
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": QUESTION}],
+        **body,
+    }
+    return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=120)
+
+
+def test_server_logit_bias_forces_a_token(bias_server, rt):
+    r = _chat(bias_server, model="smollm2-135m-instruct", max_tokens=1)
+    assert r.status_code == 200, r.text
+    plain = r.json()["choices"][0]["message"]["content"]
+    tok = rt.tokenize(" zorblax", add_bos=False)[0]  # the same GGUF's vocabulary
+    r = _chat(bias_server, model="smollm2-135m-instruct", max_tokens=1, logit_bias={tok: 100})
+    assert r.status_code == 200, r.text
+    forced = r.json()["choices"][0]["message"]["content"]
+    assert forced.strip() == rt.detokenize([tok]).strip(), forced
+    assert forced != plain
+
+
+def test_server_evidence_bias_changes_the_grounded_answer(bias_server):
+    """On the stitched (chunk KV) path: a strong evidence bias makes the answer name the
+    line's made-up setting."""
+    answers = {}
+    for b in (0.0, 4.0):
+        r = _chat(bias_server, evidence_bias=b)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["sources"], body
+        answers[b] = body["choices"][0]["message"]["content"]
+    assert "zorblax" in answers[4.0], answers
+    assert answers[0.0] != answers[4.0], answers
+
+
+@pytest.mark.parametrize(
+    "field,bad",
+    [
+        ("logit_bias", {"abc": 1}),
+        ("logit_bias", {"5": 101}),
+        ("logit_bias", {"99999999": 1}),
+        ("logit_bias", "strong"),
+        ("evidence_bias", -1),
+        ("evidence_bias", 11),
+    ],
+)
+def test_server_rejects_bad_bias(bias_server, field, bad):
+    r = _chat(bias_server, **{field: bad})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error", err
