@@ -16,7 +16,6 @@ from server.services.index import IndexService
 
 log = logging.getLogger(__name__)
 _CITE = re.compile(r"\[(\d{1,3})\]")
-_WORDY = re.compile(r"[^\W_]")  # a letter or digit
 _FOLLOWUP = re.compile(r"\b(it|its|that|this|those|these|they|them|there|he|she|one)\b", re.I)
 
 
@@ -138,9 +137,9 @@ class RagService:
         """``retrieval.evidence_bias`` (or a request's ``bias``) as a logit bias for the answer
         to ``messages`` grounded by ``grounding``: each token of the evidence lines' own text
         that the grounded prompt without them (system prompt, template, question) does not
-        hold and that has a letter or digit, so that the answer leans towards what the lines
-        say, not towards the scaffolding, the tags or the question's words. None when off or
-        without evidence. Blocking."""
+        hold, code fences aside, so that the answer leans towards what the lines say, not
+        towards the scaffolding, the tags or the question's words. None when off or without
+        evidence. Blocking."""
         bias = self.settings.evidence_bias if bias is None else bias
         if bias <= 0 or not grounding.evidence or not getattr(rt, "same_vocab", True):
             return None
@@ -148,9 +147,8 @@ class RagService:
         toks: set[int] = set()
         for e in grounding.evidence:
             toks.update(rt.tokenize(evidence_text(e.text), add_bos=False, special=False))
-        # words and numbers only: markup (code fences, list marks, tags) copied from a line
-        # makes an echo, not an answer
-        keep = [t for t in sorted(toks - set(bare)) if _WORDY.search(rt.detokenize([t]))]
+        # not code fences: a fence copied from a line opens an empty code block (an echo)
+        keep = [t for t in sorted(toks - set(bare)) if "``" not in rt.detokenize([t])]
         return {t: float(bias) for t in keep} or None
 
     def kv_plan(self, rt: ModelRuntime, prompt: str, tokens: list[int], grounding: Grounding):

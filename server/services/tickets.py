@@ -181,6 +181,7 @@ def _params(
     r: RetrievalSettings,
     context_free: list[dict[str, str]] | None = None,
     cad_alpha: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
 ) -> GenParams:
     """Greedy generation of a grounded answer to ``messages``, with the stop strings and loop
     guard of ``r`` (blocking: templating, tokenization)."""
@@ -191,6 +192,7 @@ def _params(
         temperature=0.0,
         stop=list(r.stop),
         loop_repeats=r.loop_repeats,
+        logit_bias=logit_bias,
     )
     params.messages = messages  # what a remote engine sends
     if context_free is not None:
@@ -207,12 +209,13 @@ async def _generate(
     context_free: list[dict[str, str]] | None = None,
     cad_alpha: float = 0.0,
     slot: Slot | None = None,
+    logit_bias: dict[int, float] | None = None,
 ) -> str:
     """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
     thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one."""
     params = await anyio.to_thread.run_sync(
-        _params, rt, messages, max_tokens, r, context_free, cad_alpha
+        _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
     job = slot.submit(params) if slot is not None else rt.submit(params)
     out = []
@@ -267,9 +270,11 @@ async def reply_ticket(
                 if asked != q:
                     res = search_ticket(rag, asked, settings.retrieval, cfg.fuse_dense)
             messages = [{"role": "user", "content": asked}]
-            return asked, messages, *rag.ground(rt, messages, res, asked)
+            new_messages, grounding = rag.ground(rt, messages, res, asked)
+            bias = rag.evidence_bias(rt, grounding, messages) if grounding.hits else None
+            return asked, messages, new_messages, grounding, bias
 
-        asked, messages, new_messages, grounding = await anyio.to_thread.run_sync(ground)
+        asked, messages, new_messages, grounding, bias = await anyio.to_thread.run_sync(ground)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
         if grounding.abstain is not None or a.similarity < cfg.min_similarity:
             a.reason = f"weak retrieval evidence for: {q[:80]}"
@@ -283,6 +288,7 @@ async def reply_ticket(
             context_free=rag.context_free(rt, messages) if alpha > 0 else None,
             cad_alpha=alpha,
             slot=slot,
+            logit_bias=bias,
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
