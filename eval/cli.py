@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from docqa.logs import setup_logging
+from eval.qa import DEFAULT_FACT_SET
 from eval.report import mcq_table, plot_accuracy, welch_lines, write_json
 
 app = typer.Typer(help="Evaluate retrieval, answers and multiple choice.", no_args_is_help=True)
@@ -71,16 +72,19 @@ def facts(
     rag: bool = RagOpt,
     index: Optional[Path] = IndexOpt,
     json_out: Optional[Path] = JsonOpt,
+    fact_set_name: str = typer.Option(
+        DEFAULT_FACT_SET, "--set", help="Fact questions: 1 (34), 2 (66, written later), all (both)."
+    ),
 ):
     """Grounded facts: share of answers containing every key fact; right doc among sources."""
-    from eval.qa import load_facts, run_facts
+    from eval.qa import fact_set, run_facts
     from eval.targets import open_target
 
     setup_logging("WARNING")
     with open_target(
         target, model=model, rag=rag, index=_default_index(index) if rag else None
     ) as t:
-        res = run_facts(t, load_facts())
+        res = run_facts(t, fact_set(fact_set_name))
     console.print(
         "| system | grounded-fact accuracy | right doc in sources | answers echoing scaffolding "
         f"|\n|---|---|---|---|\n| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} "

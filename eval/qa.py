@@ -27,10 +27,25 @@ class FactItem:
     doc: str
 
 
+# The grounded-fact dev sets: "1", the first 34 questions; "2", 66 more written later and
+# independently of the first (so that what was tuned on set 1 can be checked on set 2);
+# "all", both in that order.
+FACT_SETS = {"1": ["grounded_facts.yaml"], "2": ["grounded_facts_2.yaml"]}
+FACT_SETS["all"] = FACT_SETS["1"] + FACT_SETS["2"]
+DEFAULT_FACT_SET = "all"
+
+
 def load_facts(path: str | Path = DATA / "grounded_facts.yaml") -> list[FactItem]:
     return [
         FactItem(d["q"], list(d["facts"]), d["doc"]) for d in yaml.safe_load(Path(path).read_text())
     ]
+
+
+def fact_set(name: str) -> list[FactItem]:
+    """The fact questions of the named set (``FACT_SETS``)."""
+    if name not in FACT_SETS:
+        raise ValueError(f"unknown fact set {name!r}: one of {', '.join(FACT_SETS)}")
+    return [it for f in FACT_SETS[name] for it in load_facts(DATA / f)]
 
 
 def load_offtopic(path: str | Path = DATA / "offtopic.txt") -> list[str]:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from eval.qa import DEFAULT_FACT_SET
+
 
 @dataclass
 class SuiteConfig:
     facts: bool = True
     facts_limit: int | None = None
+    facts_set: str = DEFAULT_FACT_SET
     qa_limit: int = 40
     offtopic: bool = True
     mcq_limit: int = 50
@@ -23,7 +26,7 @@ def evaluate_model(
 ) -> dict:
     from docqa.data import load_qa, split_qa
     from eval.mcq import read_mcq, run_letter
-    from eval.qa import load_facts, load_offtopic, run_abstain, run_facts, run_qa
+    from eval.qa import fact_set, load_offtopic, run_abstain, run_facts, run_qa
     from eval.resources import dev_mcq
     from eval.retrieval_eval import gold_map
     from eval.targets import open_target
@@ -35,7 +38,7 @@ def evaluate_model(
     with open_target(model, rag=rag, index=index if rag else None) as t:
         out["name"] = t.name
         if cfg.facts:
-            f = run_facts(t, load_facts()[: cfg.facts_limit], progress=progress)
+            f = run_facts(t, fact_set(cfg.facts_set)[: cfg.facts_limit], progress=progress)
             out["facts_accuracy"] = f["accuracy"]
             out["facts_doc_in_sources"] = f["doc_in_sources"]
             out["facts_unclean"] = f["unclean"]

@@ -11,7 +11,7 @@ from scipy import stats
 from docqa.data import QAPair, is_heldout, load_qa, split_qa
 from eval.mcq import MCQ, parse_letter, read_mcq, run_letter, run_loglik, write_mcq
 from eval.metrics import has_facts, rouge_l, summarize, token_f1, welch
-from eval.qa import load_facts, load_offtopic, run_facts
+from eval.qa import fact_set, load_facts, load_offtopic, run_facts
 from eval.report import mcq_table, plot_accuracy
 from eval.targets import Reply
 from models.store import ModelStore
@@ -131,10 +131,21 @@ def test_report_table_and_plot(tmp_path):
 def test_facts_and_offtopic_sets_are_well_formed():
     facts = load_facts()
     assert len(facts) >= 30 and all(f.facts and f.doc for f in facts)
+    assert len(fact_set("2")) >= 60 and len(fact_set("all")) == len(facts) + len(fact_set("2"))
+    assert fact_set("1") == facts
+    with pytest.raises(ValueError, match="unknown fact set"):
+        fact_set("3")
     assert len(load_offtopic()) >= 30
+    # set 2: no fact given away by its question, none asked twice (in either set)
+    seen = {x.lower() for f in facts for x in f.facts}
+    for f in fact_set("2"):
+        assert f.facts and f.doc, f
+        assert not any(x.lower() in f.question.lower() for x in f.facts), f.question
+        assert not seen & {x.lower() for x in f.facts}, f.question
+        seen |= {x.lower() for x in f.facts}
     root = SHARED / "nitro-docs"
     if root.is_dir():  # every key fact really is in its document
-        for f in facts:
+        for f in fact_set("all"):
             text = (root / f.doc).read_text().lower()
             assert all(x.lower() in text for x in f.facts), f.question
 

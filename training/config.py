@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from eval.qa import DEFAULT_FACT_SET
+
 STEPS = (
     "base",
     "synth",
@@ -165,6 +167,11 @@ class GateStep(_Cfg):
     mcq_rounds: int = Field(1, ge=1, description="MCQ rounds in the gate.")
     facts: bool = Field(True, description="Grounded-fact accuracy in the gate.")
     facts_limit: int | None = Field(None, ge=1, description="Use only the first N fact questions.")
+    facts_set: Literal["1", "2", "all"] = Field(
+        DEFAULT_FACT_SET,
+        description="Grounded-fact questions (eval.qa.FACT_SETS): 1 (34), 2 (66 more, written "
+        "later and independently), all (100: the paired test has the most power).",
+    )
     enforce: bool = Field(True, description="Refuse to publish when the gate fails.")
     min_gain: float | None = Field(
         None,

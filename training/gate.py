@@ -77,6 +77,7 @@ def evaluate(model: str, cfg: GateStep) -> dict:
     suite = SuiteConfig(
         facts=cfg.facts,
         facts_limit=cfg.facts_limit,
+        facts_set=cfg.facts_set,
         qa_limit=cfg.qa_limit,
         offtopic=False,
         mcq_limit=cfg.mcq_limit,
