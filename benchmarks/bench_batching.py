@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_p1 import inproc_run  # noqa: E402
 
+from docqa.settings import load_settings  # noqa: E402
 from models.store import ModelStore  # noqa: E402
 from server.engine import load_llama  # noqa: E402
 from server.launch import free_port, running_server  # noqa: E402
@@ -154,13 +155,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--n-ctx", type=int, default=1024)
     ap.add_argument(
-        "--n-parallel", type=int, default=16, help="model.n_parallel (0 = auto, the default)"
+        "--n-parallel",
+        type=int,
+        default=16,
+        help="model.n_parallel (0 = auto; -1 = the settings' default)",
     )
+    ap.add_argument("--model", default=None, help="model.model (default: the settings')")
     ap.add_argument("--peer-python", default="/tmp/peer-venv/bin/python")
     args = ap.parse_args()
-    model = ModelStore("models/store").resolve("smollm2-135m-instruct")
+    defaults = load_settings().model
+    model = ModelStore(defaults.store_dir).resolve(args.model or defaults.model)
+    n_parallel = defaults.n_parallel if args.n_parallel < 0 else args.n_parallel
     cfg = {
-        "model": {"n_ctx": args.n_ctx, "n_parallel": args.n_parallel},
+        "model": {"model": model.id, "n_ctx": args.n_ctx, "n_parallel": n_parallel},
         "embedder": {"enabled": False},
         "server": {"max_queue": 64, "log_level": "WARNING"},
     }
@@ -172,7 +179,7 @@ def main() -> None:
     llm = load_llama(model.path, n_ctx=args.n_ctx, n_batch=512, n_threads=None, n_gpu_layers=0)
     raw = [n / t for n, t in (inproc_run(llm, 256) for _ in range(3))]
     llm.close()
-    table(f"docqa (continuous batching, n_parallel={args.n_parallel or 'auto'})", ours)
+    table(f"docqa ({model.id}, n_parallel={n_parallel or 'auto'})", ours)
     p2 = ours[2]["agg_tok_s"] / max(ours[0]["agg_tok_s"], 1e-9)
     p1 = statistics.median(p1_http) / statistics.median(raw)
     print(

@@ -153,9 +153,11 @@ class ServerSettings(_Section):
 
 class ModelSettings(_Section):
     model: str = Field(
-        "smollm2-135m-instruct",
+        "smollm2-135m-instruct-q8_0",
         min_length=1,
-        description="Model to serve: a store name, the embedded default, or a GGUF path.",
+        description="Model to serve: a store name, the embedded model (smollm2-135m-instruct, "
+        "Q4_1), a quant made from it on first use (smollm2-135m-instruct-q8_0, the default: "
+        "same answers, faster prefill and batching; docs/benchmarks.md), or a GGUF path.",
     )
     store_dir: Path = Field(
         Path("models/store"), description="Model store directory (GGUF + provenance JSON)."
@@ -169,15 +171,15 @@ class ModelSettings(_Section):
         0, ge=-1, le=10000, description="Layers offloaded to the GPU (-1 = all, 0 = CPU only)."
     )
     n_parallel: int = Field(
-        1,
+        0,
         ge=0,
         le=256,
         description="Sequences decoded together (continuous batching); 1 = one request at a "
-        "time. Each sequence gets n_ctx tokens of a unified KV cache. 0 = auto: 8, or as "
-        "many as fit when (n + 2) x n_ctx KV cells would take more than a quarter of the "
-        "machine's memory (server.runtime.parallel_slots). Not the default: on a 2-core CPU "
-        "it buys little throughput, and identical greedy requests can differ on a near-tie "
-        "(docs/benchmarks.md).",
+        "time. Each sequence gets n_ctx tokens of a unified KV cache. 0 = auto (the default): "
+        "8, or as many as fit when (n + 2) x n_ctx KV cells would take more than a quarter of "
+        "the machine's memory (server.runtime.parallel_slots). With batching, identical "
+        "greedy requests can differ on a near-tie (llama.cpp rounds differently for "
+        "different batch shapes): set 1 for bit-reproducible answers (docs/benchmarks.md).",
     )
     chat_format: str | None = Field(
         None, description="llama.cpp chat format; None uses the GGUF's own template."

@@ -9,11 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from docqa.settings import ModelSettings
 from server.launch import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# the model a server serves when its config names none (model.model's default)
+SERVED = ModelSettings.model_fields["model"].default
 
 
 @pytest.fixture(scope="session", autouse=True)

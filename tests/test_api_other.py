@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from openai import APIStatusError, AuthenticationError, NotFoundError, OpenAI
 
+from .conftest import SERVED
+
 
 def test_completions_whole_stream_echo(client, model_id):
     kw = dict(model=model_id, prompt="The capital of France is", max_tokens=6, temperature=0)
@@ -180,7 +182,7 @@ def test_auth(small_server):
 
 
 def test_queue_full_gives_503(small_server):
-    mid = "smollm2-135m-instruct"
+    mid = SERVED
     out = [None]
     t = threading.Thread(
         target=_stream_text,

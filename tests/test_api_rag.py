@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, SERVED
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def rc(rag_server):
 
 def test_models_list_rag_id(rc):
     ids = [m.id for m in rc.models.list().data]
-    assert ids[0] == "docqa" and "smollm2-135m-instruct" in ids
+    assert ids[0] == "docqa" and SERVED in ids
 
 
 def test_grounded_answer_has_sources(rc):
@@ -101,7 +101,7 @@ def test_abstains_off_topic(rc):
 
 def test_bare_model_has_no_retrieval(rc):
     r = rc.chat.completions.create(
-        model="smollm2-135m-instruct",
+        model=SERVED,
         max_tokens=10,
         messages=[{"role": "user", "content": "Which port does Zephyrd use?"}],
     )

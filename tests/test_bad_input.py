@@ -12,6 +12,8 @@ import pytest
 from tests.conftest import KEY, H
 from tests.conftest import api_error as _err
 
+from .conftest import SERVED
+
 
 def _raw(url: str, path: str, body: str, headers: dict | None = None) -> httpx.Response:
     """POST ``body`` as written (JSON escapes such as \\ud800 go through untouched)."""
@@ -72,7 +74,7 @@ def test_too_many_messages_is_400(guarded_server):
     r = httpx.post(
         guarded_server.url + "/v1/chat/completions",
         headers=H,
-        json={"model": "smollm2-135m-instruct", "messages": msgs, "max_tokens": 2},
+        json={"model": SERVED, "messages": msgs, "max_tokens": 2},
         timeout=60,
     )
     err = _err(r, 400)

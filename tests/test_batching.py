@@ -15,13 +15,15 @@ from server.runtime import ModelRuntime
 from server.schemas import ResponseFormat
 from server.services.generation import grammar_for
 
+from .conftest import SERVED
+
 PROMPTS = [f"Write two sentences about animal number {i}." for i in range(8)]
 
 
 def _runtime() -> ModelRuntime:
     """The embedded model as the server loads it (its prompt formatting and tokenizer); the
     batch engines under test are built on its llama model."""
-    ms = load_settings(model={"n_ctx": 512}).model
+    ms = load_settings(model={"n_ctx": 512, "n_parallel": 1}).model
     return ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64)
 
 
@@ -187,7 +189,7 @@ def test_server_with_batching_streams_concurrently(server_factory):
     solo = {}
     for i in range(4):
         r = c.chat.completions.create(
-            model="smollm2-135m-instruct",
+            model=SERVED,
             max_tokens=20,
             temperature=0,
             messages=[{"role": "user", "content": PROMPTS[i]}],
@@ -198,7 +200,7 @@ def test_server_with_batching_streams_concurrently(server_factory):
     def stream(i):
         parts = []
         for ch in c.chat.completions.create(
-            model="smollm2-135m-instruct",
+            model=SERVED,
             max_tokens=20,
             temperature=0,
             stream=True,
@@ -219,7 +221,7 @@ def test_server_with_batching_streams_concurrently(server_factory):
 def test_auto_parallel_slots(model):
     """``model.n_parallel`` 0 (auto) serves with continuous batching: 8 slots, fewer when
     (slots + 2) x n_ctx KV cells would take over a quarter of the memory; a number set in the
-    settings is used as it is (1, the default: one request at a time)."""
+    settings is used as it is (1: one request at a time)."""
     from server.runtime import AUTO_SLOTS, kv_cell_bytes, parallel_slots
 
     ms = load_settings(model={"n_ctx": 512, "n_parallel": 0}).model

@@ -33,7 +33,7 @@ LEAD = "The admin console port is set by the"  # the next token starts the made-
 @pytest.fixture(scope="module")
 def rt():
     """The embedded model as the server loads it (single engine, its tokenizer and template)."""
-    ms = load_settings(model={"n_ctx": 512, "n_threads": 1}).model
+    ms = load_settings(model={"n_ctx": 512, "n_threads": 1, "n_parallel": 1}).model
     runtime = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 16)
     yield runtime
     runtime.close()

@@ -59,7 +59,7 @@ def kvdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def settings(kvdir):
     return load_settings(
-        model={"n_ctx": 1024, "n_threads": 1},
+        model={"n_ctx": 1024, "n_threads": 1, "n_parallel": 1},
         retrieval={
             "kv_cache": True,
             "kv_cache_dir": str(kvdir),

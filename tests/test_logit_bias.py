@@ -18,7 +18,7 @@ from server.generation import Delta, Finish, GenParams
 from server.runtime import ModelRuntime
 from server.services.rag import Grounding, RagService
 
-from .conftest import FIXTURES
+from .conftest import FIXTURES, SERVED
 
 QUESTION = "Which setting sets the port of the Zephyrd admin console?"
 LINE = "The Zephyrd admin console listens on the port given by the zorblax_port setting."
@@ -26,7 +26,7 @@ LINE = "The Zephyrd admin console listens on the port given by the zorblax_port 
 
 @pytest.fixture(scope="module")
 def rt():
-    ms = load_settings(model={"n_ctx": 512, "n_threads": 1}).model
+    ms = load_settings(model={"n_ctx": 512, "n_threads": 1, "n_parallel": 1}).model
     runtime = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 16)
     yield runtime
     runtime.close()
@@ -122,11 +122,11 @@ def _chat(server, **body) -> httpx.Response:
 
 
 def test_server_logit_bias_forces_a_token(bias_server, rt):
-    r = _chat(bias_server, model="smollm2-135m-instruct", max_tokens=1)
+    r = _chat(bias_server, model=SERVED, max_tokens=1)
     assert r.status_code == 200, r.text
     plain = r.json()["choices"][0]["message"]["content"]
     tok = rt.tokenize(" zorblax", add_bos=False)[0]  # the same GGUF's vocabulary
-    r = _chat(bias_server, model="smollm2-135m-instruct", max_tokens=1, logit_bias={tok: 100})
+    r = _chat(bias_server, model=SERVED, max_tokens=1, logit_bias={tok: 100})
     assert r.status_code == 200, r.text
     forced = r.json()["choices"][0]["message"]["content"]
     assert forced.strip() == rt.detokenize([tok]).strip(), forced

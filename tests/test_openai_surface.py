@@ -12,7 +12,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from .conftest import serving
+from .conftest import SERVED, serving
 
 KEY = "sekrit"
 MSG = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -30,7 +30,7 @@ def surface(tmp_path_factory):
             "model": {
                 "n_ctx": 1024,
                 "aliases": {
-                    "gpt-4o-mini": "smollm2-135m-instruct",
+                    "gpt-4o-mini": SERVED,
                     "text-embedding-3-small": "all-minilm-l6-v2",
                 },
             },
@@ -40,7 +40,7 @@ def surface(tmp_path_factory):
             "model": {
                 "n_ctx": 1024,
                 "n_parallel": 2,
-                "aliases": {"gpt-4o": "smollm2-135m-instruct"},
+                "aliases": {"gpt-4o": SERVED},
             },
         },
     }
@@ -66,20 +66,20 @@ def _client(s, key="unused") -> OpenAI:
 def test_aliases_and_unknown_default(single):
     c = _client(single)
     ids = [m.id for m in c.models.list().data]
-    assert ids == ["smollm2-135m-instruct"]  # only real ids, never aliases
-    for name in ("gpt-4o-mini", "gpt-3.5-turbo", "smollm2-135m-instruct"):
+    assert ids == [SERVED]  # only real ids, never aliases
+    for name in ("gpt-4o-mini", "gpt-3.5-turbo", SERVED):
         r = c.chat.completions.create(model=name, messages=MSG, max_tokens=4, temperature=0)
-        assert r.model == "smollm2-135m-instruct" and r.choices[0].message.content
+        assert r.model == SERVED and r.choices[0].message.content
     t = c.completions.create(model="gpt-3.5-turbo-instruct", prompt="One, two,", max_tokens=3)
     assert t.choices[0].text
     for name in ("text-embedding-3-small", "text-embedding-ada-002"):
         e = c.embeddings.create(model=name, input="hello")
         assert len(e.data[0].embedding) == 384
-    m = c.models.retrieve("smollm2-135m-instruct")
-    assert m.id == "smollm2-135m-instruct" and m.object == "model"
+    m = c.models.retrieve(SERVED)
+    assert m.id == SERVED and m.object == "model"
     a = c.models.retrieve("gpt-4o-mini")
-    assert a.id == "gpt-4o-mini" and a.model_extra["meta"]["alias_of"] == "smollm2-135m-instruct"
-    assert c.models.retrieve("whatever").model_extra["meta"]["alias_of"] == "smollm2-135m-instruct"
+    assert a.id == "gpt-4o-mini" and a.model_extra["meta"]["alias_of"] == SERVED
+    assert c.models.retrieve("whatever").model_extra["meta"]["alias_of"] == SERVED
     assert c.models.retrieve("all-minilm-l6-v2").id == "all-minilm-l6-v2"
 
 
@@ -89,20 +89,20 @@ def test_unknown_model_error_lists_served(batched):
         c.chat.completions.create(model="gpt-3.5-turbo", messages=MSG, max_tokens=2)
     err = ei.value.body
     assert err["code"] == "model_not_found" and err["param"] == "model"
-    assert "smollm2-135m-instruct" in err["message"] and "gpt-4o" in err["message"]
+    assert SERVED in err["message"] and "gpt-4o" in err["message"]
     with pytest.raises(openai.NotFoundError):
         c.embeddings.create(model="text-embedding-3-small", input="x")
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("gpt-3.5-turbo")
-    assert c.models.retrieve("gpt-4o").model_extra["meta"]["alias_of"] == "smollm2-135m-instruct"
+    assert c.models.retrieve("gpt-4o").model_extra["meta"]["alias_of"] == SERVED
     r = c.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=2)
-    assert r.model == "smollm2-135m-instruct"
+    assert r.model == SERVED
 
 
 # -- seeds -------------------------------------------------------------------------
 def _sample(c: OpenAI, seed: int, prompt=MSG) -> str:
     r = c.chat.completions.create(
-        model="smollm2-135m-instruct", messages=prompt, max_tokens=80, temperature=0.8, seed=seed
+        model=SERVED, messages=prompt, max_tokens=80, temperature=0.8, seed=seed
     )
     return r.choices[0].message.content
 
@@ -147,7 +147,7 @@ def test_json_schema_cut_by_max_tokens_finishes_with_length(single):
         "required": ["name", "tags"],
     }
     kw = dict(
-        model="smollm2-135m-instruct",
+        model=SERVED,
         messages=[{"role": "user", "content": "Describe a cat as JSON."}],
         response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
         temperature=0,
@@ -193,5 +193,5 @@ def test_metrics_behind_key_in_prometheus_format(batched):
     assert _metric(t, "docqa_decode_seconds_per_token_count") >= 2
     assert _metric(t, "docqa_queue_depth") == 0
     assert _metric(t, "docqa_queue_rejections_total") == 0
-    assert _metric(t, "docqa_model_load_seconds", '{model="smollm2-135m-instruct"}') > 0
+    assert _metric(t, "docqa_model_load_seconds", "{model=SERVED}") > 0
     assert "docqa_request_duration_seconds_bucket" in t

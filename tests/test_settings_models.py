@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
@@ -14,7 +16,7 @@ from server.generation import _held_back
 
 def test_defaults():
     s = load_settings()
-    assert s.server.port == 8000 and s.model.model == "smollm2-135m-instruct"
+    assert s.server.port == 8000 and s.model.model == "smollm2-135m-instruct-q8_0"
     assert s.retrieval.chunk_tokens == 300 and s.retrieval.chunk_overlap == 30
 
 
@@ -75,6 +77,33 @@ def test_model_resolution(tmp_path):
         store.resolve("no-such-model")
     with pytest.raises(ModelNotFound):
         store.resolve(str(tmp_path / "missing.gguf"))
+
+
+def test_derived_q8_0_is_made_once_from_the_embedded_model(tmp_path, monkeypatch):
+    """The Q8_0 of the embedded model is made on first use, in the cache shared by every
+    store, atomically, with provenance; later resolutions reuse it; one made from another
+    version of the embedded file is made again."""
+    import gguf
+
+    monkeypatch.setenv("DOCQA_CACHE_DIR", str(tmp_path / "cache"))
+    cid = "smollm2-135m-instruct-q8_0"
+    m = ModelStore(tmp_path / "a").resolve(cid)
+    assert m.id == cid and m.path.parent == tmp_path / "cache" / "models"
+    r = gguf.GGUFReader(m.path)
+    types = {t.tensor_type.name for t in r.tensors}
+    assert "Q8_0" in types and "Q4_1" not in types, types
+    prov = m.provenance
+    assert prov["config"]["quant"] == "Q8_0" and prov["sha256"] and prov["inputs"]["source_sha256"]
+    assert not list(m.path.parent.glob("*.part"))
+    stamp = m.path.stat().st_mtime_ns
+    again = ModelStore(tmp_path / "b").resolve_id(cid)  # another store, by id: the same file
+    assert again.path == m.path and m.path.stat().st_mtime_ns == stamp
+    rec = json.loads(m.path.with_suffix(".json").read_text())
+    rec["inputs"]["source_stat"] = [1, 2]  # as if the embedded package had been upgraded
+    m.path.with_suffix(".json").write_text(json.dumps(rec))
+    remade = ModelStore(tmp_path / "a").resolve(cid)
+    assert remade.path.stat().st_mtime_ns != stamp
+    assert remade.provenance["inputs"]["source_stat"] != [1, 2]
 
 
 def test_clean_id():

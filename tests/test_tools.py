@@ -15,7 +15,7 @@ from openai import AsyncOpenAI, OpenAI
 from server import tools
 from server.errors import APIError
 
-from .conftest import serving
+from .conftest import SERVED, serving
 
 WEATHER = {
     "type": "function",
@@ -46,7 +46,7 @@ ADD = {
 }
 TOOLS = [WEATHER, ADD]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-MODEL = "smollm2-135m-instruct"
+MODEL = SERVED
 
 
 # -- checks and grammar (no model) ---------------------------------------------------

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from models.store import quantize
 from training.artifacts import finish, step_dir
 from training.config import ExportStep
 from training.registry import Need, StepContext, register
@@ -31,24 +32,6 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str = "f16") -> Path:
     if r.returncode != 0 or not out_file.is_file():
         raise RuntimeError(f"GGUF conversion failed:\n{r.stderr[-2000:]}")
     return out_file
-
-
-def quantize(src: Path, dst: Path, quant: str) -> Path:
-    """Quantize a GGUF with llama.cpp (``quant`` is a llama.cpp type: Q8_0, Q4_K_M, ...)."""
-    import ctypes
-
-    import llama_cpp
-
-    name = quant.upper()
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
-    if ftype is None:
-        raise ValueError(f"unknown quantization {quant!r}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise RuntimeError(f"llama.cpp quantization to {quant} failed (rc={rc})")
-    return dst
 
 
 @register("export", ExportStep, needs=(Need("model"),), produces={"gguf": "model.gguf"})
