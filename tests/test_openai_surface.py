@@ -193,5 +193,5 @@ def test_metrics_behind_key_in_prometheus_format(batched):
     assert _metric(t, "docqa_decode_seconds_per_token_count") >= 2
     assert _metric(t, "docqa_queue_depth") == 0
     assert _metric(t, "docqa_queue_rejections_total") == 0
-    assert _metric(t, "docqa_model_load_seconds", "{model=SERVED}") > 0
+    assert _metric(t, "docqa_model_load_seconds", f'{{model="{SERVED}"}}') > 0
     assert "docqa_request_duration_seconds_bucket" in t

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from docqa.settings import ModelSettings
 from eval.qa import DEFAULT_FACT_SET
+from models.store import DEFAULT_MODEL
 
 STEPS = (
     "base",
@@ -160,7 +162,10 @@ class ExportStep(_Cfg):
 
 
 class GateStep(_Cfg):
-    against: str = Field("smollm2-135m-instruct", description="The currently published model.")
+    against: str = Field(
+        ModelSettings.model_fields["model"].default,
+        description="The currently published model (default: the model served by default).",
+    )
     margin: float = Field(0.02, ge=0, le=1, description="Allowed drop on any metric.")
     qa_limit: int = Field(30, ge=0, description="Held-out Q&A pairs in the gate.")
     mcq_limit: int = Field(30, ge=0, description="Dev MCQ questions in the gate.")
@@ -200,7 +205,7 @@ class QuantSelectStep(_Cfg):
         description="llama.cpp quantizations to export and measure (Q8_0, Q4_0, Q4_K_M, ...).",
     )
     quality: GateStep = Field(
-        default_factory=lambda: GateStep(mcq_limit=0),
+        default_factory=lambda: GateStep(mcq_limit=0, against=DEFAULT_MODEL),
         description="The gate evaluation of each quant against the reference (``against``, the "
         "published model, whose speed is measured too): a quant keeps quality when no metric "
         "is worse by more than ``margin`` and its grounded facts are not significantly worse "
