@@ -77,7 +77,9 @@ def main() -> None:
     ap.add_argument(
         "--no-excerpts", action="store_true", help="skip the excerpts layout (plain and kv)"
     )
+    ap.add_argument("--model", default=None, help="model.model (default: the settings')")
     args = ap.parse_args()
+    model = {"n_parallel": 1, **({"model": args.model} if args.model else {})}
 
     if args.index is None:
         from retrieval.corpus import nitro_index
@@ -85,7 +87,7 @@ def main() -> None:
         args.index = nitro_index()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ttft-"))
     s = load_settings(
-        model={"n_parallel": 1},
+        model=model,
         retrieval={
             "kv_cache": True,
             "kv_cache_dir": str(tmp / "kv"),
@@ -93,9 +95,9 @@ def main() -> None:
             "user_template": EXCERPTS_TEMPLATE,  # what chunk KV caches hold
         },
     )
-    s_ev = load_settings(model={"n_parallel": 1}, retrieval={"mode": "bm25"})  # the default
+    s_ev = load_settings(model=model, retrieval={"mode": "bm25"})  # the default
     s_evkv = load_settings(  # the default layout with its evidence units cached
-        model={"n_parallel": 1},
+        model=model,
         retrieval={"mode": "bm25", "kv_cache": True, "kv_cache_dir": str(tmp / "kv")},
     )
     ms = s.model
