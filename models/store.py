@@ -182,8 +182,10 @@ class ModelStore:
                 size_bytes=os.path.getsize(tmp),
                 published_as=cid,
             )
-            write_provenance(provenance_path(dest), record)
+            # the GGUF first: a crash before its provenance is written leaves a file whose
+            # source stamp does not match, which the next resolution makes again
             os.replace(tmp, dest)
+            write_provenance(provenance_path(dest), record)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

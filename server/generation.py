@@ -43,7 +43,7 @@ class GenParams:
     cad_prompt_tokens: list[int] | None = None
     # Added to the logits before any other sampler ({token id: bias}): the request's OpenAI
     # ``logit_bias`` and, for grounded answers, retrieval.evidence_bias on the evidence lines'
-    # own tokens. A bias of -100 or less bans the token.
+    # own tokens. -100 bans the token (finite: a grammar still wins).
     logit_bias: dict[int, float] | None = None
     # Loop guard (grounded answers, retrieval.loop_repeats): the answer stops where its text
     # turns into one piece repeated this many times, or a run of citations; 0 = off.
@@ -266,11 +266,10 @@ def sampler_chain(vocab, p: GenParams, seed: int):
     add = llama_cpp.llama_sampler_chain_add
     if p.logit_bias:
         n = len(p.logit_bias)
+        # finite: -100 bans a token against any real logit, and a grammar that allows only
+        # banned tokens still has one to pick (all -inf would abort llama.cpp's grammar)
         arr = (llama_cpp.llama_logit_bias * n)(
-            *(
-                llama_cpp.llama_logit_bias(t, -float("inf") if b <= -100 else b)
-                for t, b in p.logit_bias.items()
-            )
+            *(llama_cpp.llama_logit_bias(t, b) for t, b in p.logit_bias.items())
         )
         # llama.cpp copies the array; n_vocab bounds-checks the ids
         add(
@@ -392,7 +391,7 @@ def _bias_processor(bias: dict[int, float] | None):
     if not bias:
         return None
     ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
-    vals = np.array([-np.inf if b <= -100 else b for b in bias.values()], dtype=np.float32)
+    vals = np.array(list(bias.values()), dtype=np.float32)  # finite, as in sampler_chain
 
     def add(_input_ids, scores: np.ndarray) -> np.ndarray:
         scores[ids] += vals

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -49,6 +50,7 @@ class ResponseFormat(_Lenient):
 
 
 Stop = str | list[str] | None
+_TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits only: a logit_bias key
 
 
 class _Sampling(_Lenient):
@@ -82,9 +84,13 @@ class _Sampling(_Lenient):
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        seen: set[int] = set()
         for k, b in (v or {}).items():
-            if not k.strip().isdigit():
+            if not _TOKEN_ID.fullmatch(k):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            if int(k) in seen:
+                raise ValueError(f"logit_bias names token {int(k)} twice")
+            seen.add(int(k))
             if not -100 <= b <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {b}")
         return v

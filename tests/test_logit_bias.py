@@ -16,6 +16,8 @@ from retrieval.evidence import Evidence
 from server.batch_engine import BatchEngine
 from server.generation import Delta, Finish, GenParams
 from server.runtime import ModelRuntime
+from server.services.chat import _merge_bias
+from server.services.generation import grammar_for
 from server.services.rag import Grounding, RagService
 
 from .conftest import FIXTURES, SERVED
@@ -69,6 +71,32 @@ def test_logit_bias_bans_and_forces_tokens(rt, engines, name):
     forced_tok = rt.tokenize(" zorblax", add_bos=False)[0]
     forced = _answer(rt, engine, {forced_tok: 100}, max_tokens=1)
     assert forced == rt.detokenize([forced_tok]), forced
+
+
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_a_grammar_still_wins_over_a_ban(rt, engines, name):
+    """Banning the only token a grammar allows leaves it the only choice (the ban is a finite
+    -100): the engine answers, it does not abort in llama.cpp's grammar."""
+    a = rt.tokenize("a", add_bos=False)
+    assert len(a) == 1
+    prompt = rt.prompt_tokens(rt.format_chat([{"role": "user", "content": "Say a."}]))
+    for temperature in (0.0, 0.8):
+        p = GenParams(
+            prompt_tokens=prompt,
+            max_tokens=2,
+            temperature=temperature,
+            grammar=grammar_for(None, 'root ::= "a"'),
+            logit_bias={a[0]: -100},
+        )
+        assert asyncio.run(_collect(engines[name], p)) == "a"
+
+
+def test_merged_biases_stay_in_range_and_keep_bans():
+    """The request's bias and the evidence bias add up within [-100, 100]; a ban from either
+    stays a ban."""
+    merged = _merge_bias({1: -100, 2: 99, 3: 1}, {1: 4, 2: 4, 3: 4, 4: 2, 5: -100})
+    assert merged == {1: -100, 2: 100, 3: 5, 4: 2, 5: -100}
+    assert _merge_bias(None, {7: 1.0}) == {7: 1.0} and _merge_bias({7: 1.0}, None) == {7: 1.0}
 
 
 def test_evidence_bias_targets_the_lines_own_tokens(rt):
@@ -151,6 +179,10 @@ def test_server_evidence_bias_changes_the_grounded_answer(bias_server):
     "field,bad",
     [
         ("logit_bias", {"abc": 1}),
+        ("logit_bias", {"²": 1}),  # a digit to str.isdigit, not a token id
+        ("logit_bias", {"５": 1}),
+        ("logit_bias", {" 5": 1}),
+        ("logit_bias", {"5": 1, "05": -100}),  # one token twice
         ("logit_bias", {"5": 101}),
         ("logit_bias", {"99999999": 1}),
         ("logit_bias", "strong"),

@@ -29,6 +29,7 @@ def surface(tmp_path_factory):
             "server": {"max_queue": 8, "unknown_model": "default"},
             "model": {
                 "n_ctx": 1024,
+                "n_parallel": 1,  # the single engine (batching is the default)
                 "aliases": {
                     "gpt-4o-mini": SERVED,
                     "text-embedding-3-small": "all-minilm-l6-v2",

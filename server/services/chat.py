@@ -61,7 +61,7 @@ class ChatService:
         if max_tokens is None and grounding is not None:
             max_tokens = self.settings.retrieval.answer_max_tokens
         params: GenParams = sampling_params(req, self.settings.model, tokens, max_tokens)
-        params.logit_bias = request_bias(req, rt.n_vocab)
+        params.logit_bias = request_bias(req, _vocab_size(rt))
         params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         if calling:
             if params.grammar is not None:
@@ -116,7 +116,7 @@ class ChatService:
                 raise bad_request(f"prompt token ids must be in [0, {rt.n_vocab})", "prompt")
             text = rt.detokenize(tokens)
         params = sampling_params(req, self.settings.model, tokens, req.max_tokens or 16)
-        params.logit_bias = request_bias(req, rt.n_vocab)
+        params.logit_bias = request_bias(req, _vocab_size(rt))
         params.grammar = grammar_for(req.response_format, req.grammar, self.grammar_limits)
         params.prompt_text = text  # what a remote engine sends
         if req.logprobs is not None:
@@ -128,13 +128,23 @@ class ChatService:
         )
 
 
+def _vocab_size(rt: ModelRuntime) -> int | None:
+    """The served model's vocabulary size, None when this runtime counts tokens with another
+    model's (a remote model docqa does not have)."""
+    return rt.n_vocab if getattr(rt, "same_vocab", True) else None
+
+
 def _merge_bias(a: dict[int, float] | None, b: dict[int, float] | None):
-    """Two logit biases summed per token (either may be None)."""
+    """Two logit biases summed per token (either may be None), within OpenAI's [-100, 100]; a
+    token either bans (-100) stays banned."""
     if not a or not b:
         return a or b
     out = dict(a)
     for t, v in b.items():
-        out[t] = out.get(t, 0.0) + v
+        if out.get(t, 0.0) <= -100 or v <= -100:
+            out[t] = -100.0
+        else:
+            out[t] = max(-100.0, min(100.0, out.get(t, 0.0) + v))
     return out
 
 

@@ -98,13 +98,14 @@ def sampling_params(req: _Sampling, defaults, prompt_tokens: list[int], max_toke
     )
 
 
-def request_bias(req: _Sampling, n_vocab: int) -> dict[int, float] | None:
+def request_bias(req: _Sampling, n_vocab: int | None) -> dict[int, float] | None:
     """The request's OpenAI ``logit_bias`` as {token id: bias}; 400 for an id outside the
-    vocabulary (the schema checked the keys' form and the values' range)."""
+    vocabulary (the schema checked the keys' form and the values' range). ``n_vocab`` None: the
+    vocabulary is not known here (a remote model): the endpoint checks the ids."""
     if not req.logit_bias:
         return None
     out = {int(k): float(b) for k, b in req.logit_bias.items()}
-    bad = [t for t in out if t >= n_vocab]
+    bad = [t for t in out if n_vocab is not None and t >= n_vocab]
     if bad:
         raise bad_request(
             f"logit_bias token ids must be in [0, {n_vocab}), got {bad[0]}", "logit_bias"
