@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from docqa.paths import cache_root
 from docqa.provenance import make_provenance, read_provenance, sha256_file, write_provenance
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def quantize(src: Path, dst: Path, quant: str, requantize: bool = False) -> Path
 
 def derived_dir() -> Path:
     """Where ``DERIVED`` models are made: $DOCQA_CACHE_DIR/models (~/.cache/docqa/models)."""
-    return Path(os.environ.get("DOCQA_CACHE_DIR", "~/.cache/docqa")).expanduser() / "models"
+    return cache_root() / "models"
 
 
 def _stat(path: Path) -> list[int]:

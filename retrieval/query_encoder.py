@@ -24,13 +24,13 @@ import hashlib
 import importlib.metadata
 import json
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from docqa.atomic import atomic_dir
+from docqa.paths import cache_root
 from docqa.provenance import make_provenance, read_provenance, write_provenance
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ PROBES = [
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DOCQA_CACHE_DIR", "~/.cache/docqa")).expanduser() / "embedders"
+    return cache_root() / "embedders"
 
 
 def pooled_module(model):

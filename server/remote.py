@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from docqa.settings import ModelSettings
-from models.store import ModelStore, ResolvedModel
+from models.store import DERIVED, ModelStore, ResolvedModel
 from server.engine import QueueFull
 from server.errors import APIError
 from server.generation import Delta, Finish, GenParams
@@ -343,7 +343,10 @@ class RemoteRuntime(ModelRuntime):
         # tokenizes with the served model
         self.same_vocab = True
         try:
-            counter: ResolvedModel = store.resolve(ms.model)
+            # a quant made from the embedded model counts with the embedded file itself (the
+            # same vocabulary), not made here just to count
+            name = DERIVED[ms.model][0] if ms.model in DERIVED else ms.model
+            counter: ResolvedModel = store.resolve(name)
         except Exception:  # noqa: BLE001 - a remote-only name: count with the embedded model
             counter = store.resolve(EMBEDDED)
             self.same_vocab = False
