@@ -43,12 +43,12 @@ from docqa.settings import load_settings  # noqa: E402
 from server.launch import running_server  # noqa: E402
 
 CONFIGS = {
-    "default": {},  # the defaults: Q8_0, n_parallel auto (8 slots), chunk KV caches on
+    "default": {},  # the defaults: Q4_1, n_parallel auto (8 slots), plain prefill
     "single": {"model": {"n_parallel": 1}},  # one request at a time
-    # the defaults until session 11: the shipped Q4_1, one request at a time
-    "q4_single": {"model": {"model": "smollm2-135m-instruct", "n_parallel": 1}},
+    # the defaults until session 11: one request at a time, chunk KV caches
+    "q4_single": {"model": {"n_parallel": 1}, "retrieval": {"kv_cache": True}},
     "parallel8": {"model": {"n_parallel": 8}},
-    "nokv": {"retrieval": {"kv_cache": False}},  # default engine, plain prefill
+    "kv": {"retrieval": {"kv_cache": True}},  # default engine, chunk KV caches
 }
 
 

@@ -119,8 +119,8 @@ def test_evidence_bias_targets_the_lines_own_tokens(rt):
 # -- the HTTP fields ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bias_server(server_factory, tmp_path_factory, fixture_index):
-    """Fixture docs plus a page with a made-up setting; chunk KV caches on (the default), so
-    grounded answers take the stitched path."""
+    """Fixture docs plus a page with a made-up setting; chunk KV caches on, so grounded
+    answers take the stitched path."""
     docs = tmp_path_factory.mktemp("bias-docs")
     shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
     (docs / "guide" / "admin.md").write_text(f"# Admin console\n\n{LINE}\n")
@@ -132,6 +132,7 @@ def bias_server(server_factory, tmp_path_factory, fixture_index):
                 "chunk_tokens": 120,
                 "chunk_overlap": 20,
                 "answer_reserve": 256,
+                "kv_cache": True,
             },
         },
         "bias",

@@ -1,6 +1,6 @@
 """Stitched finetuning: train on the attention the server's unit KV caches give.
 
-With ``retrieval.kv_cache`` on (the default), each evidence line of a grounded prompt is
+With ``retrieval.kv_cache`` on, each evidence line of a grounded prompt is
 evaluated once after the prompt's prefix alone, at the positions right after it, and its
 cells are reused: placed in the prompt, their keys shifted to the line's place (llama.cpp
 re-applies RoPE), server/kvcache.py. So at serving time an evidence line attends to the prefix

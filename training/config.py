@@ -150,7 +150,7 @@ class SFTStep(TrainCommon):
     block_attention: bool = Field(
         False,
         description="Train with the attention the server's unit KV caches give "
-        "(retrieval.kv_cache, the default): each evidence line sees the prompt before the "
+        "(retrieval.kv_cache, off by default): each evidence line sees the prompt before the "
         "evidence and itself, the question and answer see everything (training/blocks.py). "
         "Needs rag and the evidence layout; a model trained so is served with kv_cache on.",
     )
