@@ -339,9 +339,6 @@ class RemoteRuntime(ModelRuntime):
 
         t0 = time.perf_counter()
         store = ModelStore(ms.store_dir)
-        # token ids this runtime makes (a logit bias) are the endpoints' own only when it
-        # tokenizes with the served model
-        self.same_vocab = True
         try:
             # a quant made from the embedded model counts with the embedded file itself (the
             # same vocabulary), not made here just to count
@@ -349,7 +346,7 @@ class RemoteRuntime(ModelRuntime):
             counter: ResolvedModel = store.resolve(name)
         except Exception:  # noqa: BLE001 - a remote-only name: count with the embedded model
             counter = store.resolve(EMBEDDED)
-            self.same_vocab = False
+            self.same_vocab = False  # token ids (a logit bias) are not the endpoints' own
         self.path = counter.path
         self.provenance = {"kind": "remote", "endpoints": list(ms.endpoints)}
         self.llm = llama_cpp.Llama(str(counter.path), vocab_only=True, verbose=False)

@@ -65,6 +65,10 @@ def parallel_slots(llm, ms: ModelSettings, memory: int | None = None) -> int:
 class ModelRuntime:
     """A loaded model with its engine. Created by ``ModelManager``; closed by it."""
 
+    # whether token ids this runtime makes are the served model's (a remote runtime counting
+    # with another model's vocabulary: False)
+    same_vocab = True
+
     def __init__(
         self,
         resolved: ResolvedModel,

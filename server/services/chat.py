@@ -131,7 +131,7 @@ class ChatService:
 def _vocab_size(rt: ModelRuntime) -> int | None:
     """The served model's vocabulary size, None when this runtime counts tokens with another
     model's (a remote model docqa does not have)."""
-    return rt.n_vocab if getattr(rt, "same_vocab", True) else None
+    return rt.n_vocab if rt.same_vocab else None
 
 
 def _merge_bias(a: dict[int, float] | None, b: dict[int, float] | None):

@@ -141,7 +141,7 @@ class RagService:
         towards the scaffolding, the tags or the question's words. None when off or without
         evidence. Blocking."""
         bias = self.settings.evidence_bias if bias is None else bias
-        if bias <= 0 or not grounding.evidence or not getattr(rt, "same_vocab", True):
+        if bias <= 0 or not grounding.evidence or not rt.same_vocab:
             return None
         bare = rt.prompt_tokens(rt.format_chat(self.build_messages(rt, messages, [], [])[0]))
         toks: set[int] = set()

@@ -270,16 +270,15 @@ async def reply_ticket(
                 if asked != q:
                     res = search_ticket(rag, asked, settings.retrieval, cfg.fuse_dense)
             messages = [{"role": "user", "content": asked}]
-            new_messages, grounding = rag.ground(rt, messages, res, asked)
-            bias = rag.evidence_bias(rt, grounding, messages) if grounding.hits else None
-            return asked, messages, new_messages, grounding, bias
+            return asked, messages, *rag.ground(rt, messages, res, asked)
 
-        asked, messages, new_messages, grounding, bias = await anyio.to_thread.run_sync(ground)
+        asked, messages, new_messages, grounding = await anyio.to_thread.run_sync(ground)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
         if grounding.abstain is not None or a.similarity < cfg.min_similarity:
             a.reason = f"weak retrieval evidence for: {q[:80]}"
             answers.append(a)
             continue
+        bias = await anyio.to_thread.run_sync(rag.evidence_bias, rt, grounding, messages)
         a.text = await _generate(
             rt,
             new_messages,
