@@ -13,13 +13,14 @@ Printed: goodput under overload as a fraction of the single-client one (goal >= 
 latency of admitted requests against what the queue implies (``max_queue`` x the single-client
 mean service time; the 95th percentile of the sum of ``max_queue`` single-client service times
 drawn from the run's, the same percentile of what a full FIFO queue implies; and Little's law
-``max_queue`` / goodput; the same percentiles as the server timed them, its ``Server-Timing``
-header: without the clients' own delays on a shared machine), the number of rejections and the
-server's CPU time per rejection (the server's CPU time under overload minus what its answers
-cost at one client, shared among the rejections: an estimate, noisy when answers cost much
-more than rejections), and the same for the event-loop thread alone (where a refused request
-is handled; retrieval, templating and tokenization ran there before issue 17). Run for the
-default settings and for ``n_parallel: 8``.
+``max_queue`` / goodput; with deadline admission (config ``deadline``, ``server.max_wait_s`` =
+``--max-wait-s``) also against that deadline; the same percentiles as the server timed them,
+its ``Server-Timing`` header: without the clients' own delays on a shared machine), the number
+of rejections and the server's CPU time per rejection (the server's CPU time under overload
+minus what its answers cost at one client, shared among the rejections: an estimate, noisy when
+answers cost much more than rejections), and the same for the event-loop thread alone (where a
+refused request is handled; retrieval, templating and tokenization ran there before issue 17).
+Run for the default settings and for ``n_parallel: 8``.
 
     .venv/bin/python benchmarks/bench_load.py [--index var/nitro-index] [--clients 64]
         [--single-s 60] [--overload-s 90] [--max-tokens 32] [--configs default,single]
@@ -49,6 +50,8 @@ CONFIGS = {
     "q4_single": {"model": {"n_parallel": 1}, "retrieval": {"kv_cache": True}},
     "parallel8": {"model": {"n_parallel": 8}},
     "kv": {"retrieval": {"kv_cache": True}},  # default engine, chunk KV caches
+    # the defaults with deadline admission (server.max_wait_s from --max-wait-s)
+    "deadline": {"server": {"max_wait_s": None}},
 }
 
 
@@ -153,6 +156,8 @@ def run_config(name: str, args, qs) -> dict:
     }
     for section, values in CONFIGS[name].items():
         cfg.setdefault(section, {}).update(values)
+    if "max_wait_s" in cfg["server"]:
+        cfg["server"]["max_wait_s"] = args.max_wait_s
     with running_server(cfg, name=f"load-{name}") as server:
         pid = server.proc.pid
         health = httpx.get(server.url + "/health").json()
@@ -171,7 +176,8 @@ def run_config(name: str, args, qs) -> dict:
         cpu_over, loop_over = cpu_seconds(pid) - c0, cpu_seconds(pid, True) - l0
         log(f"{name}: {n64} answers in time, {over.rejections} rejections")
         rss = Path(f"/proc/{pid}/status").read_text().split("VmRSS:")[1].split()[0]
-    max_queue = load_settings(**cfg).server.max_queue  # as the server was started
+    started = load_settings(**cfg).server  # as the server was started
+    max_queue, max_wait_s = started.max_queue, started.max_wait_s
     service = statistics.mean(single.latencies)
     # what a full FIFO queue implies at the 95th percentile: an admitted request waits for the
     # max_queue - 1 ahead of it and its own answer; sums of max_queue single-client service
@@ -204,6 +210,12 @@ def run_config(name: str, args, qs) -> dict:
         "server_p50": float(np.percentile(over.server, 50)) if over.server else float("nan"),
         "server_p95": float(np.percentile(over.server, 95)) if over.server else float("nan"),
         "max_queue": max_queue,
+        "max_wait_s": max_wait_s,
+        "p95_over_deadline": (
+            float(np.percentile(over.latencies, 95)) / max_wait_s
+            if max_wait_s and over.latencies
+            else float("nan")
+        ),
         "bound_service": max_queue * service,
         "bound_service_p95": float(np.percentile(draws, 95)),
         "bound_little": max_queue / g64 if g64 else float("nan"),
@@ -230,6 +242,9 @@ def main() -> None:
         "--retry-wait", type=float, default=None, help="seconds after a 503 (default Retry-After)"
     )
     ap.add_argument("--configs", default="default,single")
+    ap.add_argument(
+        "--max-wait-s", type=float, default=6.0, help="server.max_wait_s of the deadline config"
+    )
     args = ap.parse_args()
     if args.index is None:
         from retrieval.corpus import nitro_index
@@ -274,6 +289,11 @@ def main() -> None:
             f"abstained (1 client, overload) {r['abstained']}, "
             f"RSS {r['rss_mb']:.0f} MB, errors {sorted(set(r['errors']))[:5]}"
         )
+        if r["max_wait_s"]:
+            print(
+                f"{r['config']}: deadline admission, server.max_wait_s {r['max_wait_s']:g} s: "
+                f"admitted p95 {r['p95']:.1f} s = {r['p95_over_deadline']:.2f} of it"
+            )
 
 
 if __name__ == "__main__":

@@ -88,6 +88,16 @@ class ServerSettings(_Section):
     max_queue: int = Field(
         16, ge=1, le=4096, description="Requests admitted (running + waiting) before 503."
     )
+    max_wait_s: float = Field(
+        0.0,
+        ge=0,
+        le=86400,
+        description="Deadline admission: refuse (503 + Retry-After) a request whose answer "
+        "would take longer than this many seconds: the requests admitted ahead of it and its "
+        "own, each at the engine's recent busy seconds per answer. Under overload the queue "
+        "then holds what can be answered in time, fewer places when answers get slower. "
+        "0 = off (max_queue alone limits admission). Local engines only.",
+    )
     retry_after_s: int = Field(
         2,
         ge=1,

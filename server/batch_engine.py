@@ -93,6 +93,7 @@ class BatchEngine(Worker):
         chunk: int = 64,
         prefix_cache: bool = True,
         kv: KVStore | None = None,
+        max_wait_s: float | None = None,
     ):
         self.llm = llm
         self.n_seq = n_seq
@@ -115,7 +116,7 @@ class BatchEngine(Worker):
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
         self.td = TokenData(llm.n_vocab())
-        self._start_worker(max_queue, "docqa-batch")
+        self._start_worker(max_queue, "docqa-batch", max_wait_s)
 
     @property
     def n_ctx(self) -> int:

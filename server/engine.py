@@ -130,7 +130,7 @@ class Slot:
         self.job: Job | None = None  # the running job, if any
         self.released = False
         self.freed = False
-        self.t0 = time.monotonic()  # reserved at
+        self.t0 = admission.clock()  # reserved at
 
     def submit(self, params: GenParams) -> Job:
         return self._admission._submit(self, params)  # noqa: SLF001
@@ -151,14 +151,35 @@ class Admission:
     once with ``QueueFull``. A request reserves its place first, then prepares its prompt, then
     submits it."""
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, max_wait_s: float | None = None):
         self.max_queue = max_queue
+        self.max_wait_s = max_wait_s or None  # None or 0: places alone limit admission
+        self.clock = time.monotonic
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.admitted = 0
         self._lock = threading.Lock()
         self._live: set[Job] = set()
         self._stopped = False
         self._held: collections.deque[float] = collections.deque(maxlen=32)  # seconds
+        # busy time (some place admitted) accumulated, and its value at each of the last 33
+        # freed places: the busy seconds per answer, the engine's recent pace under its load
+        self._busy = 0.0
+        self._busy_since = 0.0
+        self._freed_at: collections.deque[float] = collections.deque(maxlen=33)
+
+    def answer_s(self) -> float | None:
+        """Busy seconds per answer over the last 32 freed places (prompt preparation
+        included): the time one more queued answer adds, at the engine's recent pace and
+        concurrency; None before 4 answers."""
+        with self._lock:
+            marks = list(self._freed_at)
+        return (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) >= 5 else None
+
+    def expected_wait_s(self) -> float | None:
+        """About how long a request admitted now would wait for its answer: the places
+        ahead of it and its own, at ``answer_s`` each; None before that is known."""
+        per = self.answer_s()
+        return None if per is None else (self.admitted + 1) * per
 
     def drain_s(self) -> float | None:
         """About how long the full queue takes to turn over: the mean time the last 32 places
@@ -169,12 +190,23 @@ class Admission:
 
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
+        per = self.answer_s() if self.max_wait_s else None
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            if self.admitted < self.max_queue:
+            wait = None if per is None else (self.admitted + 1) * per
+            if self.admitted < self.max_queue and (wait is None or wait <= self.max_wait_s):
+                if not self.admitted:
+                    self._busy_since = self.clock()
                 self.admitted += 1
                 return Slot(self)
+            admitted = self.admitted
+        if admitted < self.max_queue:  # refused by the deadline
+            raise QueueFull(
+                f"server busy: an answer admitted now would take about {wait:.1f} s "
+                f"({admitted} requests ahead), over server.max_wait_s {self.max_wait_s:g} s",
+                self.drain_s(),
+            )
         raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())
 
     def submit(self, params: GenParams) -> Job:
@@ -201,8 +233,12 @@ class Admission:
     def _free(self, slot: Slot) -> None:  # with the lock held
         if not slot.freed:
             slot.freed = True
+            now = self.clock()
+            self._busy += now - self._busy_since
+            self._busy_since = now
             self.admitted -= 1
-            self._held.append(time.monotonic() - slot.t0)
+            self._freed_at.append(self._busy)
+            self._held.append(now - slot.t0)
 
     def _release_slot(self, slot: Slot) -> None:
         with self._lock:
@@ -244,8 +280,8 @@ class Worker:
     admission: Admission
     _thread: threading.Thread
 
-    def _start_worker(self, max_queue: int, name: str) -> None:
-        self.admission = Admission(max_queue)
+    def _start_worker(self, max_queue: int, name: str, max_wait_s: float | None) -> None:
+        self.admission = Admission(max_queue, max_wait_s)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -279,11 +315,17 @@ class Engine(Worker):
     two-sequence context of its own instead (``server.cad.CadRunner``, created on the first
     one). It does not own the model (``server.runtime.ModelRuntime`` does)."""
 
-    def __init__(self, llm: llama_cpp.Llama, max_queue: int, kv: KVStore | None = None):
+    def __init__(
+        self,
+        llm: llama_cpp.Llama,
+        max_queue: int,
+        kv: KVStore | None = None,
+        max_wait_s: float | None = None,
+    ):
         self.llm = llm
         self.cad = CadRunner(llm)
         self.kv = KVRunner(llm, kv) if kv is not None else None
-        self._start_worker(max_queue, "docqa-engine")
+        self._start_worker(max_queue, "docqa-engine", max_wait_s)
 
     @property
     def n_ctx(self) -> int:

@@ -75,6 +75,7 @@ class ModelRuntime:
         ms: ModelSettings,
         max_queue: int,
         kv_root: Path | None = None,
+        max_wait_s: float | None = None,
     ):
         t0 = time.perf_counter()
         self.id = resolved.id
@@ -106,9 +107,10 @@ class ModelRuntime:
                     n_batch=ms.n_batch,
                     n_threads=ms.n_threads,
                     kv=self.kv,
+                    max_wait_s=max_wait_s,
                 )
             else:
-                self.engine = Engine(self.llm, max_queue, kv=self.kv)
+                self.engine = Engine(self.llm, max_queue, kv=self.kv, max_wait_s=max_wait_s)
         except BaseException:
             self.llm.close()
             raise
@@ -269,8 +271,13 @@ class ModelManager:
             resolved = store.resolve(ms.model)
         from server.kvcache import kv_root
 
+        server = self.settings.server
         return ModelRuntime(
-            resolved, ms, self.settings.server.max_queue, kv_root(self.settings.retrieval)
+            resolved,
+            ms,
+            server.max_queue,
+            kv_root(self.settings.retrieval),
+            max_wait_s=server.max_wait_s,
         )
 
     def start(self) -> ModelRuntime:

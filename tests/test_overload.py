@@ -221,3 +221,78 @@ def test_retry_after_follows_how_long_places_are_held():
     assert retry_after(QueueFull("x", 41.0), 2, 30) == 21
     assert retry_after(QueueFull("x", 1.0), 2, 30) == 2
     assert retry_after(QueueFull("x", 400.0), 2, 30) == 30
+
+
+# -- deadline admission (server.max_wait_s) ---------------------------------------------
+def _answered(adm: Admission, clock: list[float], n: int, each_s: float) -> None:
+    """``n`` answers one after the other, ``each_s`` seconds each on the fake clock."""
+    for _ in range(n):
+        slot = adm.reserve()
+        clock[0] += each_s
+        slot.release()
+
+
+def test_deadline_admission_counts_expected_work_not_places():
+    clock = [0.0]
+    adm = Admission(16, max_wait_s=1.0)
+    adm.clock = lambda: clock[0]
+    assert adm.answer_s() is None
+    _answered(adm, clock, 5, 0.25)
+    assert adm.answer_s() == pytest.approx(0.25)
+    held = [adm.reserve() for _ in range(4)]  # 4 x 0.25 s = 1.0 s: still in time
+    with pytest.raises(QueueFull, match=r"server\.max_wait_s 1 s") as e:
+        adm.reserve()  # the fifth would wait ~1.25 s; 11 places are still free
+    assert adm.admitted == 4 and e.value.drain_s is not None
+    clock[0] += 1.0  # the four end together: the engine ran them at once, 0.25 s each
+    for slot in held:
+        slot.release()
+    clock[0] += 100.0  # idle time is not answer time
+    assert adm.answer_s() == pytest.approx(0.25)
+    _answered(adm, clock, 32, 0.5)  # answers slow down: fewer places meet the deadline
+    assert adm.answer_s() == pytest.approx(0.5)
+    held = [adm.reserve() for _ in range(2)]
+    with pytest.raises(QueueFull, match="max_wait_s"):
+        adm.reserve()
+    for slot in held:
+        slot.release()
+
+
+def test_without_a_deadline_places_alone_limit_admission():
+    clock = [0.0]
+    adm = Admission(3, max_wait_s=0)
+    adm.clock = lambda: clock[0]
+    _answered(adm, clock, 8, 60.0)
+    held = [adm.reserve() for _ in range(3)]
+    with pytest.raises(QueueFull, match="3 requests admitted"):
+        adm.reserve()
+    for slot in held:
+        slot.release()
+
+
+def test_the_server_refuses_what_it_cannot_answer_in_time(tmp_path_factory):
+    """The real server on the real model: once it knows its pace, a request that could not be
+    answered within ``server.max_wait_s`` gets a 503 with Retry-After, before any work."""
+    docs = tmp_path_factory.mktemp("docs")
+    shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
+    settings = load_settings(
+        server={"max_queue": 8, "max_wait_s": 0.001},  # shorter than any answer
+        model={"n_ctx": 1024, "n_parallel": 1, "store_dir": str(docs.parent / "store")},
+        embedder={"query_backend": "eager"},
+        retrieval={"docs_dir": str(docs), "chunk_tokens": 120, "chunk_overlap": 20},
+    )
+    s = Services.build(settings)
+    try:
+        rt = s.models.current()
+        body = {"model": rt.id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for _ in range(5):  # until 5 answers have set the pace, places alone decide
+            (r,), _ = _call(s, [("/v1/chat/completions", body)])
+            assert r.status_code == 200, r.text
+        assert rt.engine.admission.answer_s() > 0.001
+        (r,), _ = _call(s, [("/v1/chat/completions", body)])
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "server_busy"
+        assert "server.max_wait_s" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+        assert rt.busy == 0
+    finally:
+        s.close()
