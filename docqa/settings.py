@@ -96,7 +96,8 @@ class ServerSettings(_Section):
         "would take longer than this many seconds: the requests admitted ahead of it and its "
         "own, each at the engine's recent busy seconds per answer. Under overload the queue "
         "then holds what can be answered in time, fewer places when answers get slower. "
-        "0 = off (max_queue alone limits admission). Local engines only.",
+        "An idle engine always admits. 0 = off (max_queue alone limits admission). Local "
+        "engines only.",
     )
     retry_after_s: int = Field(
         2,

@@ -131,6 +131,7 @@ class Slot:
         self.released = False
         self.freed = False
         self.t0 = admission.clock()  # reserved at
+        self.predicted: float | None = None  # its wait as predicted at admission (deadline)
 
     def submit(self, params: GenParams) -> Job:
         return self._admission._submit(self, params)  # noqa: SLF001
@@ -166,20 +167,34 @@ class Admission:
         self._busy = 0.0
         self._busy_since = 0.0
         self._freed_at: collections.deque[float] = collections.deque(maxlen=33)
+        # how long admitted places were really held, as a multiple of the wait predicted
+        # at their admission: the deadline check scales its prediction by their 95th
+        # percentile, so admitted requests meet the deadline at p95, not on average
+        self._misses: collections.deque[float] = collections.deque(maxlen=64)
 
     def answer_s(self) -> float | None:
         """Busy seconds per answer over the last 32 freed places (prompt preparation
         included): the time one more queued answer adds, at the engine's recent pace and
-        concurrency; None before 4 answers."""
+        concurrency; None before 5 answers."""
         with self._lock:
             marks = list(self._freed_at)
         return (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) >= 5 else None
 
+    def tail_factor(self) -> float:
+        """The 95th percentile of held time ÷ predicted wait over the last 64 places admitted
+        with a prediction (at least 1; 1 before 16 of them)."""
+        with self._lock:
+            misses = sorted(self._misses)
+        if len(misses) < 16:
+            return 1.0
+        return max(1.0, misses[int(0.95 * (len(misses) - 1))])
+
     def expected_wait_s(self) -> float | None:
-        """About how long a request admitted now would wait for its answer: the places
-        ahead of it and its own, at ``answer_s`` each; None before that is known."""
+        """About how long a request admitted now would wait for its answer, at the 95th
+        percentile: the places ahead of it and its own at ``answer_s`` each, times
+        ``tail_factor``; None before the pace is known."""
         per = self.answer_s()
-        return None if per is None else (self.admitted + 1) * per
+        return None if per is None else (self.admitted + 1) * per * self.tail_factor()
 
     def drain_s(self) -> float | None:
         """About how long the full queue takes to turn over: the mean time the last 32 places
@@ -191,15 +206,21 @@ class Admission:
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
         per = self.answer_s() if self.max_wait_s else None
+        factor = self.tail_factor() if per is not None else 1.0
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            wait = None if per is None else (self.admitted + 1) * per
+            predicted = None if per is None else (self.admitted + 1) * per
+            # an idle engine always admits (the deadline limits waiting behind others; and
+            # the pace it measures must keep up with the engine)
+            wait = None if predicted is None or not self.admitted else predicted * factor
             if self.admitted < self.max_queue and (wait is None or wait <= self.max_wait_s):
                 if not self.admitted:
                     self._busy_since = self.clock()
                 self.admitted += 1
-                return Slot(self)
+                slot = Slot(self)
+                slot.predicted = predicted
+                return slot
             admitted = self.admitted
         if admitted < self.max_queue:  # refused by the deadline
             raise QueueFull(
@@ -239,6 +260,8 @@ class Admission:
             self.admitted -= 1
             self._freed_at.append(self._busy)
             self._held.append(now - slot.t0)
+            if slot.predicted:
+                self._misses.append((now - slot.t0) / slot.predicted)
 
     def _release_slot(self, slot: Slot) -> None:
         with self._lock:

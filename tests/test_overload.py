@@ -248,13 +248,40 @@ def test_deadline_admission_counts_expected_work_not_places():
         slot.release()
     clock[0] += 100.0  # idle time is not answer time
     assert adm.answer_s() == pytest.approx(0.25)
-    _answered(adm, clock, 32, 0.5)  # answers slow down: fewer places meet the deadline
+    _answered(adm, clock, 96, 0.5)  # answers slow down: fewer places meet the deadline
     assert adm.answer_s() == pytest.approx(0.5)
+    assert adm.tail_factor() == 1.0  # and the predictions were right
     held = [adm.reserve() for _ in range(2)]
     with pytest.raises(QueueFull, match="max_wait_s"):
         adm.reserve()
     for slot in held:
         slot.release()
+    _answered(adm, clock, 32, 5.0)  # slower than the deadline itself: an idle engine still
+    assert adm.answer_s() == pytest.approx(5.0)  # admits, one request at a time
+    with adm.reserve():
+        with pytest.raises(QueueFull, match="max_wait_s"):
+            adm.reserve()
+
+
+def test_deadline_admission_learns_its_own_tail():
+    """Waits longer than predicted (here: pairs that end together, the first predicted at
+    one answer's time, held two) make the deadline check scale its prediction by their 95th
+    percentile, so admitted requests meet the deadline at p95."""
+    clock = [0.0]
+    adm = Admission(16, max_wait_s=100.0)
+    adm.clock = lambda: clock[0]
+    _answered(adm, clock, 5, 0.5)
+    for _ in range(32):
+        pair = [adm.reserve(), adm.reserve()]
+        clock[0] += 1.0
+        for slot in pair:
+            slot.release()
+    assert adm.answer_s() == pytest.approx(0.5)
+    assert adm.tail_factor() == pytest.approx(2.0)
+    adm.max_wait_s = 1.9  # two places at 0.5 s predict 1.0 s; x 2 = 2.0 s: refused
+    with adm.reserve():
+        with pytest.raises(QueueFull, match=r"about 2\.0 s"):
+            adm.reserve()
 
 
 def test_without_a_deadline_places_alone_limit_admission():
@@ -289,6 +316,10 @@ def test_the_server_refuses_what_it_cannot_answer_in_time(tmp_path_factory):
             assert r.status_code == 200, r.text
         assert rt.engine.admission.answer_s() > 0.001
         (r,), _ = _call(s, [("/v1/chat/completions", body)])
+        assert r.status_code == 200, r.text  # an idle server always admits
+        with rt.reserve():  # one request ahead: its wait is over the deadline
+            (r,), _ = _call(s, [("/v1/chat/completions", body)])
+            assert rt.busy == 1  # refused before any work
         assert r.status_code == 503, r.text
         assert r.json()["error"]["code"] == "server_busy"
         assert "server.max_wait_s" in r.json()["error"]["message"]
