@@ -189,13 +189,6 @@ class Admission:
             return 1.0
         return max(1.0, misses[int(0.95 * (len(misses) - 1))])
 
-    def expected_wait_s(self) -> float | None:
-        """About how long a request admitted now would wait for its answer, at the 95th
-        percentile: the places ahead of it and its own at ``answer_s`` each, times
-        ``tail_factor``; None before the pace is known."""
-        per = self.answer_s()
-        return None if per is None else (self.admitted + 1) * per * self.tail_factor()
-
     def drain_s(self) -> float | None:
         """About how long the full queue takes to turn over: the mean time the last 32 places
         were held, reservation to end (Little's law: places / throughput); None before 4."""
