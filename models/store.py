@@ -7,6 +7,7 @@ store directory (``<name>.gguf``); the embedded default shipped by the
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -124,17 +125,7 @@ class ModelStore:
                     clean_id(candidate.name), candidate, read_provenance(provenance_path(candidate))
                 )
             raise ModelNotFound(f"model file not found: {name}")
-        cid = clean_id(name)
-        for m in self.list():
-            if m.id == cid:
-                return m
-        emb = embedded_path(cid)
-        if emb is not None:
-            return ResolvedModel(cid, emb, {"kind": "embedded", "package": _EMBEDDED[cid][0]})
-        if cid in DERIVED:
-            return self.derive(cid)
-        known = [m.id for m in self.list()] + list(_EMBEDDED) + list(DERIVED)
-        raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(known)}")
+        return self.resolve_id(clean_id(name))
 
     def resolve_id(self, name: str) -> ResolvedModel:
         """Resolve a model id of the store or the embedded default only: never a path, so a
@@ -160,12 +151,22 @@ class ModelStore:
         src = embedded_path(base)
         if src is None:
             raise ModelNotFound(f"model {cid!r} is made from {base!r}, which is not installed")
-        if dest.is_file():
-            record = read_provenance(provenance_path(dest))
-            if record and record.get("inputs", {}).get("source_stat") == _stat(src):
-                return ResolvedModel(cid, dest, record)
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{cid}.", suffix=".part", dir=root)
+        # one maker at a time (another process may be making it now: wait, then use its file)
+        with open(root / f".{cid}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if dest.is_file():
+                record = read_provenance(provenance_path(dest))
+                if record and record.get("inputs", {}).get("source_stat") == _stat(src):
+                    return ResolvedModel(cid, dest, record)
+            for stale in root.glob(f".{cid}.*.part"):  # left by a maker that was killed
+                stale.unlink(missing_ok=True)
+            return self._make_derived(cid, base, quant, src, dest)
+
+    def _make_derived(
+        self, cid: str, base: str, quant: str, src: Path, dest: Path
+    ) -> ResolvedModel:
+        fd, tmp = tempfile.mkstemp(prefix=f".{cid}.", suffix=".part", dir=dest.parent)
         os.close(fd)
         try:
             log.info("making %s: %s requantized to %s", cid, base, quant)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,6 +13,8 @@ from docqa.settings import Settings, load_settings
 from models.store import ModelNotFound, ModelStore, clean_id
 from server.app import create_app
 from server.generation import _held_back
+
+from .conftest import ROOT
 
 
 def test_defaults():
@@ -105,6 +108,41 @@ def test_derived_q8_0_is_made_once_from_the_embedded_model(tmp_path, monkeypatch
     remade = ModelStore(tmp_path / "a").resolve(cid)
     assert remade.path.stat().st_mtime_ns != stamp
     assert remade.provenance["inputs"]["source_stat"] != [1, 2]
+
+
+def test_derived_model_made_by_one_process_at_a_time(tmp_path):
+    """Two processes asking for the derived Q8_0 at once: one makes it while the other waits
+    for its lock and then uses that file; a ``.part`` left by a maker that was killed is
+    removed by the next one."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    stale = cache / "models" / ".smollm2-135m-instruct-q8_0.killed.part"
+    stale.write_bytes(b"half a file")
+    code = (
+        "from models.store import ModelStore\n"
+        "made = ModelStore._make_derived\n"
+        "def spy(*a):\n"
+        "    print('made')\n"
+        "    return made(*a)\n"
+        "ModelStore._make_derived = spy\n"
+        "m = ModelStore('unused').resolve('smollm2-135m-instruct-q8_0')\n"
+        "print(m.path.stat().st_mtime_ns)\n"
+    )
+    env = {**os.environ, "DOCQA_CACHE_DIR": str(cache)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(len(o) for o in outs) == [1, 2], outs  # one made it, the other waited
+    assert outs[0][-1] == outs[1][-1]  # and used the same file
+    assert not stale.exists() and not list((cache / "models").glob("*.part"))
 
 
 def test_clean_id():
