@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# what counts as echoed scaffolding is the reader's (the server avoids it when it chooses
+# among candidate answers): one definition for both
+from retrieval.answers import scaffolding, strip_scaffolding  # noqa: F401
+
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -52,36 +56,6 @@ def rouge_l(pred: str, ref: str) -> float:
         return 0.0
     prec, rec = lcs / len(p), lcs / len(r)
     return 2 * prec * rec / (prec + rec)
-
-
-# prompt scaffolding an answer must never echo: excerpt labels (old "[1] (path > heading)" and
-# current "[1] Heading" lines), the template's section titles, and empty code blocks
-_SCAFFOLD = [
-    ("excerpt header", re.compile(r"\[\d{1,3}\]\s*\([^)\n]*(?:>|\.mdx?\b)[^)\n]*\)")),
-    ("excerpt header", re.compile(r"(?<!\])\((?:[\w.-]+/)*[\w.-]+\.mdx?\s*>[^)\n]*\)")),
-    # a line that is only an excerpt label: "[2] Load model" (a short title, no sentence end)
-    (
-        "excerpt label line",
-        re.compile(r"^[^\S\n]*#*[^\S\n]*\[\d{1,3}\](?:[^\S\n]+[\w`'-]+){1,6}[^\S\n]*$", re.M),
-    ),
-    (
-        "template title",
-        re.compile(r"(documentation excerpts|most relevant lines|relevant lines)\s*:", re.I),
-    ),
-    ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
-    ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
-]
-
-
-def scaffolding(answer: str) -> list[tuple[str, str]]:
-    """(kind, matched text) of every piece of prompt scaffolding the answer echoes."""
-    return [(kind, m.group(0)) for kind, rx in _SCAFFOLD for m in rx.finditer(answer)]
-
-
-def strip_scaffolding(answer: str) -> str:
-    for _, rx in _SCAFFOLD:
-        answer = rx.sub(" ", answer)
-    return answer
 
 
 def has_facts(answer: str, facts: list[str]) -> bool:

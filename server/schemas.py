@@ -115,6 +115,9 @@ class ChatCompletionRequest(_Sampling):
     # docqa extension: logit bias on the evidence lines' tokens for a grounded answer (None:
     # the retrieval.evidence_bias setting; 0 = off). Ignored when the answer is not grounded.
     evidence_bias: float | None = Field(None, ge=0, le=10)
+    # docqa extension: answers generated for a grounded question, the best grounded returned
+    # (the retrieval.candidates setting; 1 = off). Ignored when the answer is not grounded.
+    candidates: int | None = Field(None, ge=1, le=8)
     # Tool calling (server.tools): checked there, so errors name tools[i] and tool_choice.
     tools: list[Any] | None = Field(None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None

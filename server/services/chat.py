@@ -5,6 +5,8 @@ request has its place in the engine's queue."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from docqa.settings import Settings
 from server import tools
 from server.errors import bad_request
@@ -92,6 +94,13 @@ class ChatService:
         params.logprobs = req.logprobs
         params.top_logprobs = req.top_logprobs or 0
         include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        alternatives: list[GenParams] = []
+        evidence: list[str] = []
+        if grounding is not None and grounding.evidence and not calling and not req.logprobs:
+            n = self.settings.retrieval.candidates if req.candidates is None else req.candidates
+            if n > 1 and params.grammar is None:
+                alternatives = self._alternatives(params, n - 1)
+                evidence = [e.text for e in grounding.evidence]
         return Prepared(
             "chat",
             model_id,
@@ -100,7 +109,24 @@ class ChatService:
             grounding=grounding,
             canned=grounding.abstain if grounding is not None and not calling else None,
             tools=plan if calling else None,
+            alternatives=alternatives,
+            evidence=evidence,
         )
+
+    def _alternatives(self, params: GenParams, n: int) -> list[GenParams]:
+        """``n`` sampled variants of a grounded answer's ``params``
+        (``retrieval.candidate_temperature``; seeds following the request's, when it gave
+        one). Plain prefill: a chunk KV plan stays the first answer's."""
+        t = self.settings.retrieval.candidate_temperature
+        return [
+            dataclasses.replace(
+                params,
+                temperature=t,
+                seed=None if params.seed is None else params.seed + i,
+                kv_plan=None,
+            )
+            for i in range(1, n + 1)
+        ]
 
     def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
         model_id, _ = self.resolve_model_id(rt, req.model)

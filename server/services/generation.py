@@ -8,13 +8,14 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
 from docqa.settings import ServerSettings
+from retrieval.answers import grounding_score
 from server import metrics, tools
 from server.engine import Job, PromptTooLong, QueueFull, Slot, retry_after
 from server.errors import APIError, bad_request
@@ -74,6 +75,10 @@ class Prepared:
     grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
     canned: str | None = None  # answer without running the model (abstain)
     tools: Any = None  # server.tools.ToolPlan when the answer may be tool calls
+    # more answers to the same prompt (retrieval.candidates): run beside the first when queue
+    # places are free; the one best grounded in ``evidence`` is returned (BestOfJob)
+    alternatives: list[GenParams] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)
     id: str = ""
     created: int = 0
 
@@ -189,7 +194,57 @@ def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
             param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
-    return _stamp(slot.submit(prep.params))
+    job = slot.submit(prep.params)
+    extra = []
+    for params in prep.alternatives:
+        try:  # a free place each, or fewer candidates: never a 503 for them
+            more = rt.reserve()
+        except QueueFull:
+            break
+        try:
+            extra.append(more.submit(params))
+        finally:
+            more.release()  # the place is freed when its job ends
+    if extra:
+        job = BestOfJob([job, *extra], prep.evidence)
+    return _stamp(job)
+
+
+class BestOfJob:
+    """Several answers to one grounded prompt, run side by side, with the interface of an
+    engine ``Job``: yields the answer best grounded in the evidence lines
+    (``retrieval.answers.grounding_score``; the first, the usual answer, on a tie), whole,
+    and its ``Finish`` with every candidate's completion tokens counted. Answers that did not
+    end normally (cancelled, error) are not chosen; if the first did not, its events are
+    passed on as they are."""
+
+    def __init__(self, jobs: list, evidence: list[str]):
+        self.jobs, self.evidence = jobs, evidence
+        self.chosen: int | None = None  # index of the answer returned
+        self.scores: list[int] = []
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+    async def __aiter__(self):
+        runs = await asyncio.gather(*(_drain(job) for job in self.jobs))
+        texts, fins = [], []
+        for events in runs:
+            texts.append("".join(ev.text for ev in events if isinstance(ev, Delta)))
+            fins.append(next((ev for ev in events if isinstance(ev, Finish)), None))
+        ok = [i for i, f in enumerate(fins) if f is not None and f.reason in ("stop", "length")]
+        if 0 not in ok:
+            self.cancel()
+            for ev in runs[0]:
+                yield ev
+            return
+        self.scores = [grounding_score(t, self.evidence) for t in texts]
+        self.chosen = max(ok, key=lambda i: (self.scores[i], i == 0))
+        fin = fins[self.chosen]
+        spent = sum(f.completion_tokens for f in fins if f is not None)
+        yield Delta(texts[self.chosen], [])
+        yield Finish(fin.reason, fin.prompt_tokens, spent, fin.error)
 
 
 def _stamp(job):
@@ -307,6 +362,8 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
         }
         body = _base(prep, "text_completion")
     body.update(choices=[choice], usage=usage(fin), **extra_fields(prep, out_text))
+    if isinstance(job, BestOfJob) and job.chosen is not None:
+        body["candidates"] = {"n": len(job.jobs), "chosen": job.chosen, "scores": job.scores}
     return body
 
 

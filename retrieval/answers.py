@@ -1,0 +1,52 @@
+"""What the reader's answers are judged by, in the server and in the evaluation alike: the
+prompt scaffolding an answer must never echo, and how well an answer is grounded in the
+evidence lines it was given (``grounding_score``: used to choose among candidate answers,
+``retrieval.candidates``)."""
+
+from __future__ import annotations
+
+import re
+
+# prompt scaffolding an answer must never echo: excerpt labels (old "[1] (path > heading)" and
+# current "[1] Heading" lines), the template's section titles, and empty code blocks
+_SCAFFOLD = [
+    ("excerpt header", re.compile(r"\[\d{1,3}\]\s*\([^)\n]*(?:>|\.mdx?\b)[^)\n]*\)")),
+    ("excerpt header", re.compile(r"(?<!\])\((?:[\w.-]+/)*[\w.-]+\.mdx?\s*>[^)\n]*\)")),
+    # a line that is only an excerpt label: "[2] Load model" (a short title, no sentence end)
+    (
+        "excerpt label line",
+        re.compile(r"^[^\S\n]*#*[^\S\n]*\[\d{1,3}\](?:[^\S\n]+[\w`'-]+){1,6}[^\S\n]*$", re.M),
+    ),
+    (
+        "template title",
+        re.compile(r"(documentation excerpts|most relevant lines|relevant lines)\s*:", re.I),
+    ),
+    ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
+    ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
+]
+
+
+def scaffolding(answer: str) -> list[tuple[str, str]]:
+    """(kind, matched text) of every piece of prompt scaffolding the answer echoes."""
+    return [(kind, m.group(0)) for kind, rx in _SCAFFOLD for m in rx.finditer(answer)]
+
+
+def strip_scaffolding(answer: str) -> str:
+    for _, rx in _SCAFFOLD:
+        answer = rx.sub(" ", answer)
+    return answer
+
+
+_WORD = re.compile(r"[\w/.-]{3,}")
+
+
+def grounding_score(answer: str, evidence: list[str]) -> int:
+    """How well ``answer`` keeps to the ``evidence`` lines: its distinct words (3+ characters
+    of letters, digits, ``_``, ``/``, ``.``, ``-``; lower-cased) found in them, minus those of
+    its identifiers (words with ``_`` or ``/``: parameters, endpoints, paths) found nowhere in
+    them, minus 5 for any echoed scaffolding."""
+    ev = "\n".join(evidence).lower()
+    words = set(_WORD.findall(answer.lower()))
+    found = sum(w in ev for w in words)
+    invented = sum(w not in ev and ("_" in w or "/" in w) for w in words)
+    return found - invented - 5 * bool(scaffolding(answer))
