@@ -155,9 +155,9 @@ def test_candidates_out_of_bounds_is_a_400(rag_server, bad):
     assert r.json()["error"]["param"] == "candidates"
 
 
-def test_candidates_take_only_free_places(tmp_path_factory):
+def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
     """Extra candidates never cost a 503: with one place free besides the request's own, a
-    request asking for 4 runs 2."""
+    request asking for 4 runs 2. Ticket replies choose among candidates the same way."""
     from docqa.settings import load_settings
     from server.app import create_app
     from server.state import Services
@@ -195,5 +195,26 @@ def test_candidates_take_only_free_places(tmp_path_factory):
         assert rt.busy == 0
         r = asyncio.run(ask())
         assert r.json()["candidates"]["n"] == 3  # the setting asks 4; the queue holds 3
+
+        seen: list[int] = []
+        made = BestOfJob.__init__
+
+        def spy(self, jobs, evidence):
+            seen.append(len(jobs))
+            made(self, jobs, evidence)
+
+        monkeypatch.setattr(BestOfJob, "__init__", spy)
+        body = {"id": 7, "subject": "Port", "body": QUESTION}
+        path = "/v1/tickets/reply"
+
+        async def ticket():
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                return await c.post(path, json=body, timeout=120)
+
+        r = asyncio.run(ticket())
+        assert r.status_code == 200, r.text
+        assert seen == [3], r.json()  # the ticket's place and the two free ones
+        assert rt.busy == 0
     finally:
         s.close()

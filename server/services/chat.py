@@ -5,8 +5,6 @@ request has its place in the engine's queue."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from docqa.settings import Settings
 from server import tools
 from server.errors import bad_request
@@ -21,6 +19,7 @@ from server.services.generation import (
     sampling_params,
     with_cad,
 )
+from server.services.generation import alternatives as gen_alternatives
 from server.services.models import ModelNames
 from server.services.rag import RagService
 
@@ -99,7 +98,8 @@ class ChatService:
         if grounding is not None and grounding.evidence and not calling and not req.logprobs:
             n = self.settings.retrieval.candidates if req.candidates is None else req.candidates
             if n > 1 and params.grammar is None:
-                alternatives = self._alternatives(params, n - 1)
+                t = self.settings.retrieval.candidate_temperature
+                alternatives = gen_alternatives(params, n - 1, t)
                 evidence = [e.text for e in grounding.evidence]
         return Prepared(
             "chat",
@@ -112,21 +112,6 @@ class ChatService:
             alternatives=alternatives,
             evidence=evidence,
         )
-
-    def _alternatives(self, params: GenParams, n: int) -> list[GenParams]:
-        """``n`` sampled variants of a grounded answer's ``params``
-        (``retrieval.candidate_temperature``; seeds following the request's, when it gave
-        one). Plain prefill: a chunk KV plan stays the first answer's."""
-        t = self.settings.retrieval.candidate_temperature
-        return [
-            dataclasses.replace(
-                params,
-                temperature=t,
-                seed=None if params.seed is None else params.seed + i,
-                kv_plan=None,
-            )
-            for i in range(1, n + 1)
-        ]
 
     def prepare_completion(self, rt: ModelRuntime, req: CompletionRequest) -> Prepared:
         model_id, _ = self.resolve_model_id(rt, req.model)

@@ -4,6 +4,7 @@ objects. A request is prepared once; only the writer differs for streamed vs who
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -194,20 +195,38 @@ def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
             param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
-    job = slot.submit(prep.params)
+    return _stamp(with_candidates(rt, slot.submit(prep.params), prep.alternatives, prep.evidence))
+
+
+def alternatives(params: GenParams, n: int, temperature: float) -> list[GenParams]:
+    """``n`` sampled variants of a grounded answer's ``params`` (retrieval.candidates) at
+    ``temperature``, seeds following the answer's when it has one. Plain prefill: a chunk KV
+    plan stays the first answer's."""
+    return [
+        dataclasses.replace(
+            params,
+            temperature=temperature,
+            seed=None if params.seed is None else params.seed + i,
+            kv_plan=None,
+        )
+        for i in range(1, n + 1)
+    ]
+
+
+def with_candidates(rt, job, more: list[GenParams], evidence: list[str]):
+    """``job``, or a ``BestOfJob`` of it and the ``more`` alternatives submitted to ``rt``,
+    each in a free place of its queue: fewer (none) when places are short, never a 503."""
     extra = []
-    for params in prep.alternatives:
-        try:  # a free place each, or fewer candidates: never a 503 for them
-            more = rt.reserve()
+    for params in more:
+        try:
+            slot = rt.reserve()
         except QueueFull:
             break
         try:
-            extra.append(more.submit(params))
+            extra.append(slot.submit(params))
         finally:
-            more.release()  # the place is freed when its job ends
-    if extra:
-        job = BestOfJob([job, *extra], prep.evidence)
-    return _stamp(job)
+            slot.release()  # the place is freed when its job ends
+    return BestOfJob([job, *extra], evidence) if extra else job
 
 
 class BestOfJob:

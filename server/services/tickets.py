@@ -15,7 +15,7 @@ from retrieval.search import SearchResult, rrf
 from server.engine import Slot
 from server.generation import Delta, GenParams
 from server.runtime import ModelManager, ModelRuntime
-from server.services.generation import with_cad
+from server.services.generation import alternatives, with_cad, with_candidates
 from server.services.rag import _FOLLOWUP, RagService
 
 _QUOTED_HEADER = re.compile(
@@ -190,6 +190,7 @@ def _params(
         prompt_tokens=tokens,
         max_tokens=max_tokens,
         temperature=0.0,
+        seed=0,  # the sampled candidates' (retrieval.candidates): the same ticket, the same reply
         stop=list(r.stop),
         loop_repeats=r.loop_repeats,
         logit_bias=logit_bias,
@@ -210,14 +211,20 @@ async def _generate(
     cad_alpha: float = 0.0,
     slot: Slot | None = None,
     logit_bias: dict[int, float] | None = None,
+    evidence: list[str] | None = None,
 ) -> str:
     """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
-    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one."""
+    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With
+    ``evidence`` lines and ``r.candidates`` > 1, sampled candidates run beside it in free
+    places and the best grounded answer is returned (``BestOfJob``)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
     job = slot.submit(params) if slot is not None else rt.submit(params)
+    if evidence and r.candidates > 1:
+        more = alternatives(params, r.candidates - 1, r.candidate_temperature)
+        job = with_candidates(rt, job, more, evidence)
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -288,6 +295,7 @@ async def reply_ticket(
             cad_alpha=alpha,
             slot=slot,
             logit_bias=bias,
+            evidence=[e.text for e in grounding.evidence],
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
