@@ -382,23 +382,25 @@ class RetrievalSettings(_Section):
         "context-aware decoding that works with chunk KV caches and batching. 0 = off. "
         "Overridden per request by evidence_bias. Measured: docs/benchmarks.md.",
     )
-    candidates: int = Field(
+    answer_candidates: int = Field(
         1,
         ge=1,
         le=8,
-        description="Answers generated for a grounded chat question: above 1, the usual answer "
-        "plus candidates - 1 sampled at candidate_temperature, run side by side (extra queue "
-        "places, taken only when free: under load fewer candidates), and the one best "
+        description="Answers generated for a grounded question (chat, ticket replies): above "
+        "1, the usual answer plus answer_candidates - 1 sampled at "
+        "answer_candidate_temperature, run side by side (extra queue places, taken only "
+        "when free: under load fewer candidates), and the one best "
         "grounded in the evidence lines is returned (retrieval.answers.grounding_score: its "
         "words found in them, minus invented identifiers, minus echoed scaffolding). A "
         "streamed answer then arrives whole, once chosen. 1 = off. Overridden per request "
-        "by candidates. Measured: docs/benchmarks.md.",
+        "by answer_candidates. Measured: docs/benchmarks.md.",
     )
-    candidate_temperature: float = Field(
+    answer_candidate_temperature: float = Field(
         0.7,
         ge=0.05,
         le=2.0,
-        description="Sampling temperature of the extra candidates (retrieval.candidates).",
+        description="Sampling temperature of the extra answer candidates "
+        "(retrieval.answer_candidates).",
     )
     cad_context_free: Literal["messages", "template"] = Field(
         "template",

@@ -1,7 +1,7 @@
 """What the reader's answers are judged by, in the server and in the evaluation alike: the
 prompt scaffolding an answer must never echo, and how well an answer is grounded in the
 evidence lines it was given (``grounding_score``: used to choose among candidate answers,
-``retrieval.candidates``)."""
+``retrieval.answer_candidates``)."""
 
 from __future__ import annotations
 

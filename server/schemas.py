@@ -116,8 +116,8 @@ class ChatCompletionRequest(_Sampling):
     # the retrieval.evidence_bias setting; 0 = off). Ignored when the answer is not grounded.
     evidence_bias: float | None = Field(None, ge=0, le=10)
     # docqa extension: answers generated for a grounded question, the best grounded returned
-    # (the retrieval.candidates setting; 1 = off). Ignored when the answer is not grounded.
-    candidates: int | None = Field(None, ge=1, le=8)
+    # (the retrieval.answer_candidates setting; 1 = off). Ignored when not grounded.
+    answer_candidates: int | None = Field(None, ge=1, le=8)
     # Tool calling (server.tools): checked there, so errors name tools[i] and tool_choice.
     tools: list[Any] | None = Field(None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None

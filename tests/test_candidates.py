@@ -1,4 +1,4 @@
-"""Candidate answers (retrieval.candidates): several answers to a grounded question, run side
+"""Candidate answers (retrieval.answer_candidates): several answers to a grounded question, run side
 by side, the one best grounded in the evidence lines returned.
 
 Unit tests of the score and of ``BestOfJob`` on scripted jobs; the real server on the real
@@ -103,16 +103,16 @@ def test_the_server_returns_the_best_grounded_of_its_candidates(rag_server):
     plain = client.chat.completions.create(
         model="docqa", messages=msgs, max_tokens=48, temperature=0, seed=0
     )
-    assert plain.model_extra.get("candidates") is None
+    assert plain.model_extra.get("answer_candidates") is None
     r = client.chat.completions.create(
         model="docqa",
         messages=msgs,
         max_tokens=48,
         temperature=0,
         seed=0,
-        extra_body={"candidates": 4},
+        extra_body={"answer_candidates": 4},
     )
-    info = r.model_extra["candidates"]
+    info = r.model_extra["answer_candidates"]
     assert info["n"] == 4 and len(info["scores"]) == 4
     best = max(info["scores"])
     assert info["scores"][info["chosen"]] == best
@@ -134,7 +134,7 @@ def test_the_server_returns_the_best_grounded_of_its_candidates(rag_server):
             "max_tokens": 48,
             "temperature": 0,
             "seed": 0,
-            "candidates": 4,
+            "answer_candidates": 4,
             "stream": True,
         },
         timeout=120,
@@ -148,11 +148,15 @@ def test_the_server_returns_the_best_grounded_of_its_candidates(rag_server):
 def test_candidates_out_of_bounds_is_a_400(rag_server, bad):
     r = httpx.post(
         rag_server.url + "/v1/chat/completions",
-        json={"model": "docqa", "messages": [{"role": "user", "content": "hi"}], "candidates": bad},
+        json={
+            "model": "docqa",
+            "messages": [{"role": "user", "content": "hi"}],
+            "answer_candidates": bad,
+        },
         timeout=60,
     )
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == "candidates"
+    assert r.json()["error"]["param"] == "answer_candidates"
 
 
 def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
@@ -172,7 +176,7 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
             "docs_dir": str(docs),
             "chunk_tokens": 120,
             "chunk_overlap": 20,
-            "candidates": 4,
+            "answer_candidates": 4,
         },
     )
     s = Services.build(settings)
@@ -191,10 +195,10 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
         with rt.reserve():  # one place taken by someone else
             r = asyncio.run(ask())
         assert r.status_code == 200, r.text
-        assert r.json()["candidates"]["n"] == 2  # its own place and the one left
+        assert r.json()["answer_candidates"]["n"] == 2  # its own place and the one left
         assert rt.busy == 0
         r = asyncio.run(ask())
-        assert r.json()["candidates"]["n"] == 3  # the setting asks 4; the queue holds 3
+        assert r.json()["answer_candidates"]["n"] == 3  # the setting asks 4; the queue holds 3
 
         seen: list[int] = []
         made = BestOfJob.__init__

@@ -162,3 +162,22 @@ def test_stop_holdback():
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["xyz"]) == 0
     assert _held_back("ab", ["b", "abc"]) == 2
+
+
+def test_no_setting_is_declared_twice():
+    """A second field of the same name in a section silently replaces the first (its default
+    and bounds): every section declares each name once."""
+    import ast
+
+    tree = ast.parse((ROOT / "docqa" / "settings.py").read_text())
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef)]:
+        names = [
+            s.target.id
+            for s in cls.body
+            if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+        ]
+        assert len(names) == len(set(names)), (
+            cls.name,
+            sorted(n for n in names if names.count(n) > 1),
+        )
+    assert Settings().retrieval.candidates == 30  # the retrieval setting, not the answers'

@@ -96,10 +96,10 @@ class ChatService:
         alternatives: list[GenParams] = []
         evidence: list[str] = []
         if grounding is not None and grounding.evidence and not calling and not req.logprobs:
-            n = self.settings.retrieval.candidates if req.candidates is None else req.candidates
+            r = self.settings.retrieval
+            n = r.answer_candidates if req.answer_candidates is None else req.answer_candidates
             if n > 1 and params.grammar is None:
-                t = self.settings.retrieval.candidate_temperature
-                alternatives = gen_alternatives(params, n - 1, t)
+                alternatives = gen_alternatives(params, n - 1, r.answer_candidate_temperature)
                 evidence = [e.text for e in grounding.evidence]
         return Prepared(
             "chat",

@@ -76,7 +76,7 @@ class Prepared:
     grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
     canned: str | None = None  # answer without running the model (abstain)
     tools: Any = None  # server.tools.ToolPlan when the answer may be tool calls
-    # more answers to the same prompt (retrieval.candidates): run beside the first when queue
+    # more answers to the same prompt (retrieval.answer_candidates): run beside the first when queue
     # places are free; the one best grounded in ``evidence`` is returned (BestOfJob)
     alternatives: list[GenParams] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
@@ -199,7 +199,7 @@ def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
 
 
 def alternatives(params: GenParams, n: int, temperature: float) -> list[GenParams]:
-    """``n`` sampled variants of a grounded answer's ``params`` (retrieval.candidates) at
+    """``n`` sampled variants of a grounded answer's ``params`` (retrieval.answer_candidates) at
     ``temperature``, seeds following the answer's when it has one. Plain prefill: a chunk KV
     plan stays the first answer's."""
     return [
@@ -382,7 +382,11 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
         body = _base(prep, "text_completion")
     body.update(choices=[choice], usage=usage(fin), **extra_fields(prep, out_text))
     if isinstance(job, BestOfJob) and job.chosen is not None:
-        body["candidates"] = {"n": len(job.jobs), "chosen": job.chosen, "scores": job.scores}
+        body["answer_candidates"] = {
+            "n": len(job.jobs),
+            "chosen": job.chosen,
+            "scores": job.scores,
+        }
     return body
 
 

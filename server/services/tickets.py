@@ -190,7 +190,7 @@ def _params(
         prompt_tokens=tokens,
         max_tokens=max_tokens,
         temperature=0.0,
-        seed=0,  # the sampled candidates' (retrieval.candidates): the same ticket, the same reply
+        seed=0,  # sampled candidates (retrieval.answer_candidates): same ticket, same reply
         stop=list(r.stop),
         loop_repeats=r.loop_repeats,
         logit_bias=logit_bias,
@@ -216,14 +216,14 @@ async def _generate(
     """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
     thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With
-    ``evidence`` lines and ``r.candidates`` > 1, sampled candidates run beside it in free
+    ``evidence`` lines and ``r.answer_candidates`` > 1, sampled candidates run beside it in free
     places and the best grounded answer is returned (``BestOfJob``)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
     job = slot.submit(params) if slot is not None else rt.submit(params)
-    if evidence and r.candidates > 1:
-        more = alternatives(params, r.candidates - 1, r.candidate_temperature)
+    if evidence and r.answer_candidates > 1:
+        more = alternatives(params, r.answer_candidates - 1, r.answer_candidate_temperature)
         job = with_candidates(rt, job, more, evidence)
     out = []
     async for ev in job:
