@@ -283,7 +283,8 @@ def _observe(prep: Prepared, job, fin: Finish) -> None:
     ttft = decode = None
     if t0 is not None and t1 is not None:
         ttft = t1 - t0
-        if fin.completion_tokens > 1:
+        # (candidates arrive whole, their tokens summed: no per-token decode time)
+        if fin.completion_tokens > 1 and not isinstance(job, BestOfJob):
             decode = (time.perf_counter() - t1) / (fin.completion_tokens - 1)
     metrics.observe_generation(prep.kind, fin.prompt_tokens, fin.completion_tokens, ttft, decode)
 
