@@ -48,6 +48,15 @@ class _Scripted:
         yield Finish(self.reason, 11, self.tokens)
 
 
+class _Failing(_Scripted):
+    def __init__(self):
+        super().__init__("")
+
+    async def __aiter__(self):
+        raise RuntimeError("engine failed")
+        yield  # an async generator
+
+
 def _run(job) -> list:
     async def go():
         return [ev async for ev in job]
@@ -76,6 +85,12 @@ def test_best_of_keeps_the_first_answer_on_a_tie_and_skips_failed_ones():
     better = "Start it with `zephyrd --port 7311`, config in zephyr.toml."
     b = BestOfJob([_Scripted("No idea."), _Scripted(better, "cancelled")], EVIDENCE)
     assert _run(b)[0].text == "No idea." and b.chosen == 0
+    b = BestOfJob([_Scripted("No idea."), _Failing(), _Scripted(better)], EVIDENCE)
+    assert _run(b)[0].text == better and b.chosen == 2  # a candidate that raised is skipped
+    b = BestOfJob([_Failing(), _Scripted(better)], EVIDENCE)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        _run(b)  # the first answer's error is the request's
+    assert b.jobs[1].cancelled
     first = _Scripted("cut", "cancelled")
     b = BestOfJob([first, _Scripted(better)], EVIDENCE)
     events = _run(b)

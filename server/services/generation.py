@@ -224,6 +224,8 @@ def with_candidates(rt, job, more: list[GenParams], evidence: list[str]):
             break
         try:
             extra.append(slot.submit(params))
+        except QueueFull:  # the engine is stopping (a model reload): the first answer only
+            break
         finally:
             slot.release()  # the place is freed when its job ends
     return BestOfJob([job, *extra], evidence) if extra else job
@@ -247,7 +249,11 @@ class BestOfJob:
             job.cancel()
 
     async def __aiter__(self):
-        runs = await asyncio.gather(*(_drain(job) for job in self.jobs))
+        runs = await asyncio.gather(*(_drain(job) for job in self.jobs), return_exceptions=True)
+        if isinstance(runs[0], BaseException):
+            self.cancel()
+            raise runs[0]
+        runs = [[] if isinstance(r, BaseException) else r for r in runs]  # failed: not chosen
         texts, fins = [], []
         for events in runs:
             texts.append("".join(ev.text for ev in events if isinstance(ev, Delta)))
