@@ -391,7 +391,8 @@ class RetrievalSettings(_Section):
         "answer_candidate_temperature, run side by side (extra queue places, taken only "
         "when free: under load fewer candidates), and the one best "
         "grounded in the evidence lines is returned (retrieval.answers.grounding_score: its "
-        "words found in them, minus invented identifiers, minus echoed scaffolding). A "
+        "words found in them, minus invented identifiers, minus echoed scaffolding; a ticket "
+        "reply: the one that passes its automatic-reply checks, then the best supported). A "
         "streamed answer then arrives whole, once chosen. 1 = off. Overridden per request "
         "by answer_candidates. Measured: docs/benchmarks.md.",
     )

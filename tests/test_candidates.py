@@ -57,6 +57,10 @@ class _Failing(_Scripted):
         yield  # an async generator
 
 
+def _grounding(text: str) -> int:
+    return grounding_score(text, EVIDENCE)
+
+
 def _run(job) -> list:
     async def go():
         return [ev async for ev in job]
@@ -70,7 +74,7 @@ def test_best_of_returns_the_best_grounded_answer_whole():
         _Scripted("Use `zephyr_daemon --port 8080`."),
         _Scripted("Start it with zephyrd --port 7311.", tokens=7),
     ]
-    events = _run(b := BestOfJob(jobs, EVIDENCE))
+    events = _run(b := BestOfJob(jobs, _grounding))
     assert b.chosen == 2 and b.scores[2] == max(b.scores)
     assert [type(e) for e in events] == [Delta, Finish]
     assert events[0].text == "Start it with zephyrd --port 7311."
@@ -80,19 +84,19 @@ def test_best_of_returns_the_best_grounded_answer_whole():
 
 def test_best_of_keeps_the_first_answer_on_a_tie_and_skips_failed_ones():
     same = "Start it with zephyrd --port 7311."
-    b = BestOfJob([_Scripted(same), _Scripted(same + " "), _Scripted(same)], EVIDENCE)
+    b = BestOfJob([_Scripted(same), _Scripted(same + " "), _Scripted(same)], _grounding)
     assert _run(b)[0].text == same and b.chosen == 0
     better = "Start it with `zephyrd --port 7311`, config in zephyr.toml."
-    b = BestOfJob([_Scripted("No idea."), _Scripted(better, "cancelled")], EVIDENCE)
+    b = BestOfJob([_Scripted("No idea."), _Scripted(better, "cancelled")], _grounding)
     assert _run(b)[0].text == "No idea." and b.chosen == 0
-    b = BestOfJob([_Scripted("No idea."), _Failing(), _Scripted(better)], EVIDENCE)
+    b = BestOfJob([_Scripted("No idea."), _Failing(), _Scripted(better)], _grounding)
     assert _run(b)[0].text == better and b.chosen == 2  # a candidate that raised is skipped
-    b = BestOfJob([_Failing(), _Scripted(better)], EVIDENCE)
+    b = BestOfJob([_Failing(), _Scripted(better)], _grounding)
     with pytest.raises(RuntimeError, match="engine failed"):
         _run(b)  # the first answer's error is the request's
     assert b.jobs[1].cancelled
     first = _Scripted("cut", "cancelled")
-    b = BestOfJob([first, _Scripted(better)], EVIDENCE)
+    b = BestOfJob([first, _Scripted(better)], _grounding)
     events = _run(b)
     assert b.chosen is None and events[-1].reason == "cancelled"
     assert b.jobs[1].cancelled  # the others are stopped too
@@ -218,9 +222,9 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
         seen: list[int] = []
         made = BestOfJob.__init__
 
-        def spy(self, jobs, evidence):
+        def spy(self, jobs, score):
             seen.append(len(jobs))
-            made(self, jobs, evidence)
+            made(self, jobs, score)
 
         monkeypatch.setattr(BestOfJob, "__init__", spy)
         body = {"id": 7, "subject": "Port", "body": QUESTION}

@@ -195,7 +195,11 @@ def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
             param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
-    return _stamp(with_candidates(rt, slot.submit(prep.params), prep.alternatives, prep.evidence))
+    job = slot.submit(prep.params)
+    if prep.alternatives:
+        evidence = prep.evidence
+        job = with_candidates(rt, job, prep.alternatives, lambda t: grounding_score(t, evidence))
+    return _stamp(job)
 
 
 def alternatives(params: GenParams, n: int, temperature: float) -> list[GenParams]:
@@ -213,9 +217,10 @@ def alternatives(params: GenParams, n: int, temperature: float) -> list[GenParam
     ]
 
 
-def with_candidates(rt, job, more: list[GenParams], evidence: list[str]):
+def with_candidates(rt, job, more: list[GenParams], score: Callable[[str], Any]):
     """``job``, or a ``BestOfJob`` of it and the ``more`` alternatives submitted to ``rt``,
-    each in a free place of its queue: fewer (none) when places are short, never a 503."""
+    each in a free place of its queue (fewer, or none, when places are short: never a 503),
+    choosing by ``score`` (text -> a comparable, higher is better)."""
     extra = []
     for params in more:
         try:
@@ -228,21 +233,22 @@ def with_candidates(rt, job, more: list[GenParams], evidence: list[str]):
             break
         finally:
             slot.release()  # the place is freed when its job ends
-    return BestOfJob([job, *extra], evidence) if extra else job
+    return BestOfJob([job, *extra], score) if extra else job
 
 
 class BestOfJob:
     """Several answers to one grounded prompt, run side by side, with the interface of an
-    engine ``Job``: yields the answer best grounded in the evidence lines
-    (``retrieval.answers.grounding_score``; the first, the usual answer, on a tie), whole,
+    engine ``Job``: yields the answer with the highest ``score`` (chat: how well it keeps to
+    its evidence lines, ``retrieval.answers.grounding_score``; tickets: whether it passes the
+    automatic-reply checks; the first, the usual answer, on a tie), whole,
     and its ``Finish`` with every candidate's completion tokens counted. Answers that did not
     end normally (cancelled, error) are not chosen; if the first did not, its events are
     passed on as they are."""
 
-    def __init__(self, jobs: list, evidence: list[str]):
-        self.jobs, self.evidence = jobs, evidence
+    def __init__(self, jobs: list, score: Callable[[str], Any]):
+        self.jobs, self.score = jobs, score
         self.chosen: int | None = None  # index of the answer returned
-        self.scores: list[int] = []
+        self.scores: list = []
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -264,7 +270,7 @@ class BestOfJob:
             for ev in runs[0]:
                 yield ev
             return
-        self.scores = [grounding_score(t, self.evidence) for t in texts]
+        self.scores = [self.score(t) for t in texts]
         self.chosen = max(ok, key=lambda i: (self.scores[i], i == 0))
         fin = fins[self.chosen]
         spent = sum(f.completion_tokens for f in fins if f is not None)

@@ -211,20 +211,20 @@ async def _generate(
     cad_alpha: float = 0.0,
     slot: Slot | None = None,
     logit_bias: dict[int, float] | None = None,
-    evidence: list[str] | None = None,
+    score=None,
 ) -> str:
     """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
-    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With
-    ``evidence`` lines and ``r.answer_candidates`` > 1, sampled candidates run beside it in free
-    places and the best grounded answer is returned (``BestOfJob``)."""
+    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With a
+    ``score`` (text -> comparable) and ``r.answer_candidates`` > 1, sampled candidates run
+    beside it in free places and the best scored answer is returned (``BestOfJob``)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
     job = slot.submit(params) if slot is not None else rt.submit(params)
-    if evidence and r.answer_candidates > 1:
+    if score is not None and r.answer_candidates > 1:
         more = alternatives(params, r.answer_candidates - 1, r.answer_candidate_temperature)
-        job = with_candidates(rt, job, more, evidence)
+        job = with_candidates(rt, job, more, score)
     out = []
     async for ev in job:
         if isinstance(ev, Delta):
@@ -286,6 +286,15 @@ async def reply_ticket(
             answers.append(a)
             continue
         bias = await anyio.to_thread.run_sync(rag.evidence_bias, rt, grounding, messages)
+
+        def passes(text: str, q=q, asked=asked, grounding=grounding) -> tuple:
+            """Among candidate replies: one that passes the automatic-reply checks, the best
+            supported by its evidence lines, then by its sources."""
+            b = Answer(q, text.strip())
+            b.sources = grounding.finalize(b.text)["sources"]
+            check_reply(b, asked, grounding.evidence, rag.index.retriever.idf, cfg)
+            return (b.reason is None, b.evidence_support, b.support)
+
         a.text = await _generate(
             rt,
             new_messages,
@@ -295,7 +304,7 @@ async def reply_ticket(
             cad_alpha=alpha,
             slot=slot,
             logit_bias=bias,
-            evidence=[e.text for e in grounding.evidence],
+            score=passes,
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
