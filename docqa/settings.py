@@ -389,7 +389,7 @@ class RetrievalSettings(_Section):
         description="Answers generated for a grounded question (chat, ticket replies): above "
         "1, the usual answer plus answer_candidates - 1 sampled at "
         "answer_candidate_temperature, run side by side (extra queue places, taken only "
-        "when free: under load fewer candidates), and the one best "
+        "from the queue's lower half: under load fewer candidates), and the one best "
         "grounded in the evidence lines is returned (retrieval.answers.grounding_score: its "
         "words found in them, minus invented identifiers, minus echoed scaffolding; a ticket "
         "reply: the one that passes its automatic-reply checks, then the best supported). A "

@@ -106,6 +106,15 @@ def _stat(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns]
 
 
+def _made(cid: str, dest: Path, src: Path) -> ResolvedModel | None:
+    """The derived model at ``dest`` if it was made from ``src`` as it is now, else None."""
+    if dest.is_file():
+        record = read_provenance(provenance_path(dest))
+        if record and record.get("inputs", {}).get("source_stat") == _stat(src):
+            return ResolvedModel(cid, dest, record)
+    return None
+
+
 class ModelStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -151,14 +160,16 @@ class ModelStore:
         src = embedded_path(base)
         if src is None:
             raise ModelNotFound(f"model {cid!r} is made from {base!r}, which is not installed")
+        made = _made(cid, dest, src)
+        if made is not None:  # (no lock: a read-only cache with the file in it works)
+            return made
         root.mkdir(parents=True, exist_ok=True)
         # one maker at a time (another process may be making it now: wait, then use its file)
         with open(root / f".{cid}.lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if dest.is_file():
-                record = read_provenance(provenance_path(dest))
-                if record and record.get("inputs", {}).get("source_stat") == _stat(src):
-                    return ResolvedModel(cid, dest, record)
+            made = _made(cid, dest, src)
+            if made is not None:
+                return made
             for stale in root.glob(f".{cid}.*.part"):  # left by a maker that was killed
                 stale.unlink(missing_ok=True)
             return self._make_derived(cid, base, quant, src, dest)

@@ -223,6 +223,17 @@ class Admission:
             )
         raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())
 
+    def reserve_spare(self) -> Slot:
+        """A place for an extra answer candidate: only from the lower half of the queue, so
+        candidates never crowd out requests (``QueueFull`` otherwise)."""
+        with self._lock:
+            if not self._stopped and self.admitted < self.max_queue // 2:
+                if not self.admitted:
+                    self._busy_since = self.clock()
+                self.admitted += 1
+                return Slot(self)
+        raise QueueFull("no spare place for an answer candidate")
+
     def submit(self, params: GenParams) -> Job:
         """Reserve and submit at once; the place is freed when the job ends."""
         slot = self.reserve()
@@ -317,6 +328,10 @@ class Worker:
     def reserve(self) -> Slot:
         """A place in the queue for a request about to prepare its prompt (``QueueFull``)."""
         return self.admission.reserve()
+
+    def reserve_spare(self) -> Slot:
+        """A place for an extra answer candidate, from the lower half of the queue only."""
+        return self.admission.reserve_spare()
 
     def submit(self, params: GenParams) -> Job:
         return self.admission.submit(params)

@@ -334,6 +334,10 @@ class RemoteRuntime(ModelRuntime):
     """A runtime that generates on ``model.endpoints``; tokenizes with the embedded model's
     vocabulary (vocab only: no weights, no context)."""
 
+    def reserve_spare(self):
+        """No answer candidates on remote endpoints (their queues are not ours to fill)."""
+        raise QueueFull("no spare places on remote endpoints")
+
     def __init__(self, ms: ModelSettings, max_queue: int):
         import llama_cpp
 

@@ -171,6 +171,11 @@ class ModelRuntime:
         request prepares its prompt; ``QueueFull`` when there is none."""
         return self.engine.reserve()
 
+    def reserve_spare(self):
+        """A place for an extra answer candidate (``server.engine.Admission.reserve_spare``):
+        only while the queue is less than half full; ``QueueFull`` otherwise."""
+        return self.engine.reserve_spare()
+
     def submit(self, params: GenParams):
         return self.engine.submit(params)
 

@@ -161,6 +161,12 @@ def test_the_server_returns_the_best_grounded_of_its_candidates(rag_server):
         assert s.status_code == 200
         body = "".join(s.iter_text())
     assert "[DONE]" in body
+    import json
+
+    chunks = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+    texts = [t for t in texts if t]
+    assert len(texts) == 1 and texts[0].strip()  # the chosen answer, whole, in one chunk
 
 
 @pytest.mark.parametrize("bad", [0, 9, "x"])
@@ -178,9 +184,22 @@ def test_candidates_out_of_bounds_is_a_400(rag_server, bad):
     assert r.json()["error"]["param"] == "answer_candidates"
 
 
-def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
-    """Extra candidates never cost a 503: with one place free besides the request's own, a
-    request asking for 4 runs 2. Ticket replies choose among candidates the same way."""
+def test_spare_places_are_the_lower_half_of_the_queue():
+    from server.engine import Admission, QueueFull
+
+    adm = Admission(8)
+    held = [adm.reserve_spare() for _ in range(4)]
+    with pytest.raises(QueueFull):
+        adm.reserve_spare()  # candidates never take the upper half
+    held += [adm.reserve() for _ in range(4)]  # which stays for requests
+    for slot in held:
+        slot.release()
+    assert adm.admitted == 0
+
+
+def test_candidates_take_only_spare_places(tmp_path_factory, monkeypatch):
+    """Extra candidates never cost a 503 and never take a place a request needs: only places
+    in the lower half of the queue. Ticket replies choose among candidates the same way."""
     from docqa.settings import load_settings
     from server.app import create_app
     from server.state import Services
@@ -188,7 +207,7 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
     docs = tmp_path_factory.mktemp("docs")
     shutil.copytree(FIXTURES / "docs", docs, dirs_exist_ok=True)
     settings = load_settings(
-        server={"max_queue": 3},
+        server={"max_queue": 8},
         model={"n_ctx": 1024, "n_parallel": 1, "store_dir": str(docs.parent / "store")},
         embedder={"query_backend": "eager"},
         retrieval={
@@ -211,13 +230,13 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 return await c.post("/v1/chat/completions", json=body, timeout=120)
 
-        with rt.reserve():  # one place taken by someone else
+        with rt.reserve(), rt.reserve():  # two places taken by others
             r = asyncio.run(ask())
         assert r.status_code == 200, r.text
-        assert r.json()["answer_candidates"]["n"] == 2  # its own place and the one left
+        assert r.json()["answer_candidates"]["n"] == 2  # one spare place left of the lower 4
         assert rt.busy == 0
         r = asyncio.run(ask())
-        assert r.json()["answer_candidates"]["n"] == 3  # the setting asks 4; the queue holds 3
+        assert r.json()["answer_candidates"]["n"] == 4  # as the setting asks
 
         seen: list[int] = []
         made = BestOfJob.__init__
@@ -237,7 +256,7 @@ def test_candidates_take_only_free_places(tmp_path_factory, monkeypatch):
 
         r = asyncio.run(ticket())
         assert r.status_code == 200, r.text
-        assert seen == [3], r.json()  # the ticket's place and the two free ones
+        assert seen == [4], r.json()  # the ticket's place and three spare ones
         assert rt.busy == 0
     finally:
         s.close()

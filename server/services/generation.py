@@ -219,12 +219,14 @@ def alternatives(params: GenParams, n: int, temperature: float) -> list[GenParam
 
 def with_candidates(rt, job, more: list[GenParams], score: Callable[[str], Any]):
     """``job``, or a ``BestOfJob`` of it and the ``more`` alternatives submitted to ``rt``,
-    each in a free place of its queue (fewer, or none, when places are short: never a 503),
-    choosing by ``score`` (text -> a comparable, higher is better)."""
+    each in a spare place of its queue (its lower half: fewer candidates, or none, when the
+    queue is busy; never a 503, never a place a request needs), choosing by ``score`` (text
+    -> a comparable, higher is better). A runtime without spare places (remote) runs none."""
     extra = []
-    for params in more:
+    spare = getattr(rt, "reserve_spare", None)
+    for params in more if spare is not None else []:
         try:
-            slot = rt.reserve()
+            slot = spare()
         except QueueFull:
             break
         try:
@@ -271,7 +273,7 @@ class BestOfJob:
                 yield ev
             return
         self.scores = [self.score(t) for t in texts]
-        self.chosen = max(ok, key=lambda i: (self.scores[i], i == 0))
+        self.chosen = max(ok, key=lambda i: self.scores[i])  # the first of equals: the usual
         fin = fins[self.chosen]
         spent = sum(f.completion_tokens for f in fins if f is not None)
         yield Delta(texts[self.chosen], [])

@@ -217,7 +217,7 @@ async def _generate(
     question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
     thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With a
     ``score`` (text -> comparable) and ``r.answer_candidates`` > 1, sampled candidates run
-    beside it in free places and the best scored answer is returned (``BestOfJob``)."""
+    beside it in spare places and the best scored answer is returned (``BestOfJob``)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
