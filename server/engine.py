@@ -208,10 +208,7 @@ class Admission:
             # the pace it measures must keep up with the engine)
             wait = None if predicted is None or not self.admitted else predicted * factor
             if self.admitted < self.max_queue and (wait is None or wait <= self.max_wait_s):
-                if not self.admitted:
-                    self._busy_since = self.clock()
-                self.admitted += 1
-                slot = Slot(self)
+                slot = self._admit()
                 slot.predicted = predicted
                 return slot
             admitted = self.admitted
@@ -228,11 +225,14 @@ class Admission:
         candidates never crowd out requests (``QueueFull`` otherwise)."""
         with self._lock:
             if not self._stopped and self.admitted < self.max_queue // 2:
-                if not self.admitted:
-                    self._busy_since = self.clock()
-                self.admitted += 1
-                return Slot(self)
+                return self._admit()
         raise QueueFull("no spare place for an answer candidate")
+
+    def _admit(self) -> Slot:  # with the lock held
+        if not self.admitted:  # the engine's busy time starts
+            self._busy_since = self.clock()
+        self.admitted += 1
+        return Slot(self)
 
     def submit(self, params: GenParams) -> Job:
         """Reserve and submit at once; the place is freed when the job ends."""

@@ -76,8 +76,8 @@ class Prepared:
     grounding: Any = None  # rag.Grounding: adds "sources" once the text is known
     canned: str | None = None  # answer without running the model (abstain)
     tools: Any = None  # server.tools.ToolPlan when the answer may be tool calls
-    # more answers to the same prompt (retrieval.answer_candidates): run beside the first when queue
-    # places are free; the one best grounded in ``evidence`` is returned (BestOfJob)
+    # more answers to the same prompt (retrieval.answer_candidates): run beside the first in
+    # spare queue places; the one best grounded in ``evidence`` is returned (BestOfJob)
     alternatives: list[GenParams] = field(default_factory=list)
     evidence: list[str] = field(default_factory=list)
     id: str = ""
@@ -221,12 +221,11 @@ def with_candidates(rt, job, more: list[GenParams], score: Callable[[str], Any])
     """``job``, or a ``BestOfJob`` of it and the ``more`` alternatives submitted to ``rt``,
     each in a spare place of its queue (its lower half: fewer candidates, or none, when the
     queue is busy; never a 503, never a place a request needs), choosing by ``score`` (text
-    -> a comparable, higher is better). A runtime without spare places (remote) runs none."""
+    -> a comparable, higher is better). A remote runtime has no spare places: none run."""
     extra = []
-    spare = getattr(rt, "reserve_spare", None)
-    for params in more if spare is not None else []:
+    for params in more:
         try:
-            slot = spare()
+            slot = rt.reserve_spare()
         except QueueFull:
             break
         try:
