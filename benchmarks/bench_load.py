@@ -20,7 +20,8 @@ of rejections and the server's CPU time per rejection (the server's CPU time und
 minus what its answers cost at one client, shared among the rejections: an estimate, noisy when
 answers cost much more than rejections), and the same for the event-loop thread alone (where a
 refused request is handled; retrieval, templating and tokenization ran there before issue 17).
-Run for the default settings and for ``n_parallel: 8``.
+Run for the default settings (``server.wait_bound: queue``: the queue's own bound on waiting)
+and ``places`` (``wait_bound: off``, places alone, the default until session 13).
 
     .venv/bin/python benchmarks/bench_load.py [--index var/nitro-index] [--clients 64]
         [--single-s 60] [--overload-s 90] [--max-tokens 32] [--configs default,single]
@@ -44,7 +45,10 @@ from docqa.settings import load_settings  # noqa: E402
 from server.launch import running_server  # noqa: E402
 
 CONFIGS = {
-    "default": {},  # the defaults: Q4_1, n_parallel auto (8 slots), plain prefill
+    # the defaults: Q4_1, n_parallel auto (8 slots), plain prefill, the queue's wait bound
+    "default": {},
+    # the defaults until session 13: places alone limit admission
+    "places": {"server": {"wait_bound": "off"}},
     "single": {"model": {"n_parallel": 1}},  # one request at a time
     # the defaults until session 11: one request at a time, chunk KV caches
     "q4_single": {"model": {"n_parallel": 1}, "retrieval": {"kv_cache": True}},
@@ -211,6 +215,7 @@ def run_config(name: str, args, qs) -> dict:
         "server_p95": float(np.percentile(over.server, 95)) if over.server else float("nan"),
         "max_queue": max_queue,
         "max_wait_s": max_wait_s,
+        "wait_bound": started.wait_bound,
         "p95_over_deadline": (
             float(np.percentile(over.latencies, 95)) / max_wait_s
             if max_wait_s and over.latencies
@@ -241,7 +246,7 @@ def main() -> None:
     ap.add_argument(
         "--retry-wait", type=float, default=None, help="seconds after a 503 (default Retry-After)"
     )
-    ap.add_argument("--configs", default="default,single")
+    ap.add_argument("--configs", default="default,places")
     ap.add_argument(
         "--max-wait-s", type=float, default=6.0, help="server.max_wait_s of the deadline config"
     )
@@ -287,7 +292,8 @@ def main() -> None:
             "server CPU per answer "
             f"{r['cpu_per_answer']:.2f} s (event loop {r['loop_per_answer_ms']:.0f} ms), "
             f"abstained (1 client, overload) {r['abstained']}, "
-            f"RSS {r['rss_mb']:.0f} MB, errors {sorted(set(r['errors']))[:5]}"
+            f"RSS {r['rss_mb']:.0f} MB, errors {sorted(set(r['errors']))[:5]}; "
+            f"server.wait_bound {r['wait_bound']}"
         )
         if r["max_wait_s"]:
             print(

@@ -96,8 +96,17 @@ class ServerSettings(_Section):
         "would take longer than this many seconds: the requests admitted ahead of it and its "
         "own, each at the engine's recent busy seconds per answer. Under overload the queue "
         "then holds what can be answered in time, fewer places when answers get slower. "
-        "An idle engine always admits. 0 = off (max_queue alone limits admission). Local "
-        "engines only.",
+        "An idle engine always admits. 0 = no deadline of its own (server.wait_bound "
+        "decides). Local engines only.",
+    )
+    wait_bound: Literal["queue", "off"] = Field(
+        "queue",
+        description="With no max_wait_s: 'queue' refuses (503 + Retry-After) a request whose "
+        "predicted wait exceeds what the queue implies, max_queue answers at one lone "
+        "answer's service time, so admitted requests are answered within that bound at p95 "
+        "even when answers slow down under load (the queue then holds fewer places); 'off' "
+        "counts places only (max_queue). Predictions are scaled by the 95th percentile of "
+        "the admission's own recent misses. Local engines only.",
     )
     retry_after_s: int = Field(
         2,

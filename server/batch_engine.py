@@ -94,6 +94,7 @@ class BatchEngine(Worker):
         prefix_cache: bool = True,
         kv: KVStore | None = None,
         max_wait_s: float | None = None,
+        wait_bound: bool = False,
     ):
         self.llm = llm
         self.n_seq = n_seq
@@ -116,7 +117,7 @@ class BatchEngine(Worker):
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
         self.td = TokenData(llm.n_vocab())
-        self._start_worker(max_queue, "docqa-batch", max_wait_s)
+        self._start_worker(max_queue, "docqa-batch", max_wait_s, wait_bound)
 
     @property
     def n_ctx(self) -> int:

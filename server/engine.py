@@ -132,6 +132,8 @@ class Slot:
         self.freed = False
         self.t0 = admission.clock()  # reserved at
         self.predicted: float | None = None  # its wait as predicted at admission (deadline)
+        self.jobs = 0  # jobs run in it (a ticket runs one per question)
+        self.alone = False  # nothing else was admitted while it was held
 
     def submit(self, params: GenParams) -> Job:
         return self._admission._submit(self, params)  # noqa: SLF001
@@ -152,9 +154,11 @@ class Admission:
     once with ``QueueFull``. A request reserves its place first, then prepares its prompt, then
     submits it."""
 
-    def __init__(self, max_queue: int, max_wait_s: float | None = None):
+    def __init__(self, max_queue: int, max_wait_s: float | None = None, wait_bound: bool = False):
         self.max_queue = max_queue
-        self.max_wait_s = max_wait_s or None  # None or 0: places alone limit admission
+        self.max_wait_s = max_wait_s or None  # None or 0: no deadline of its own
+        # with no deadline: the queue's own bound, max_queue answers at a lone answer's time
+        self.wait_bound = wait_bound
         self.clock = time.monotonic
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.admitted = 0
@@ -171,6 +175,10 @@ class Admission:
         # at their admission: the deadline check scales its prediction by their 95th
         # percentile, so admitted requests meet the deadline at p95, not on average
         self._misses: collections.deque[float] = collections.deque(maxlen=64)
+        # how long the last 32 places held alone took (a lone answer's service time), and
+        # the place now held alone, if any
+        self._solo: collections.deque[float] = collections.deque(maxlen=32)
+        self._alone: Slot | None = None
 
     def answer_s(self) -> float | None:
         """Busy seconds per answer over the last 32 freed places (prompt preparation
@@ -179,6 +187,30 @@ class Admission:
         with self._lock:
             marks = list(self._freed_at)
         return (marks[-1] - marks[0]) / (len(marks) - 1) if len(marks) >= 5 else None
+
+    def solo_s(self) -> float | None:
+        """The mean time of the last 32 places held alone (nothing else admitted meanwhile),
+        reservation to end: one answer's service time on an otherwise idle engine; None
+        before 3 of them."""
+        with self._lock:
+            solo = list(self._solo)
+        return sum(solo) / len(solo) if len(solo) >= 3 else None
+
+    def deadline_s(self) -> float | None:
+        """The wait an admitted request may be predicted: ``max_wait_s`` when set; else, with
+        ``wait_bound``, what the queue implies: ``max_queue`` answers at a lone answer's
+        service time, or at the engine's recent pace per answer when that is slower; else
+        None."""
+        if self.max_wait_s:
+            return self.max_wait_s
+        if not self.wait_bound:
+            return None
+        solo, per = self.solo_s(), self.answer_s()
+        if solo is None and per is None:
+            return None
+        # a lone answer's time, or the pace when answers got slower than that (longer
+        # answers than those last seen alone; a single engine under load)
+        return self.max_queue * max(solo or 0.0, per or 0.0)
 
     def tail_factor(self) -> float:
         """The 95th percentile of held time ÷ predicted wait over the last 64 places admitted
@@ -198,24 +230,35 @@ class Admission:
 
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
-        per = self.answer_s() if self.max_wait_s else None
+        deadline = self.deadline_s()
+        per = self.answer_s() if deadline else None
+        # a request waits for the answers ahead of it and its own at the engine's pace, and
+        # never less than one answer alone takes (a lone request on a batch engine is not
+        # served at the batched pace)
+        floor = (self.solo_s() or 0.0) if per is not None else 0.0
         factor = self.tail_factor() if per is not None else 1.0
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            predicted = None if per is None else (self.admitted + 1) * per
+            predicted = None if per is None else max(floor, (self.admitted + 1) * per)
             # an idle engine always admits (the deadline limits waiting behind others; and
             # the pace it measures must keep up with the engine)
             wait = None if predicted is None or not self.admitted else predicted * factor
-            if self.admitted < self.max_queue and (wait is None or wait <= self.max_wait_s):
+            if self.admitted < self.max_queue and (wait is None or wait <= deadline):
                 slot = self._admit()
                 slot.predicted = predicted
                 return slot
             admitted = self.admitted
         if admitted < self.max_queue:  # refused by the deadline
+            over = (
+                f"server.max_wait_s {self.max_wait_s:g} s"
+                if self.max_wait_s
+                else f"the queue's bound of {deadline:.1f} s (server.max_queue "
+                f"{self.max_queue} answers at {deadline / self.max_queue:.2f} s each)"
+            )
             raise QueueFull(
                 f"server busy: an answer admitted now would take about {wait:.1f} s "
-                f"({admitted} requests ahead), over server.max_wait_s {self.max_wait_s:g} s",
+                f"({admitted} requests ahead), over {over}",
                 self.drain_s(),
             )
         raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())
@@ -229,10 +272,14 @@ class Admission:
         raise QueueFull("no spare place for an answer candidate")
 
     def _admit(self) -> Slot:  # with the lock held
+        slot = Slot(self)
         if not self.admitted:  # the engine's busy time starts
-            self._busy_since = self.clock()
+            self._busy_since = slot.t0
+            slot.alone, self._alone = True, slot
+        elif self._alone is not None:  # no longer alone
+            self._alone.alone, self._alone = False, None
         self.admitted += 1
-        return Slot(self)
+        return slot
 
     def submit(self, params: GenParams) -> Job:
         """Reserve and submit at once; the place is freed when the job ends."""
@@ -251,6 +298,7 @@ class Admission:
             job = Job(params, asyncio.get_running_loop())
             job.slot = slot
             slot.job = job
+            slot.jobs += 1
             self._live.add(job)
             self.jobs.put(job)
         return job
@@ -262,10 +310,16 @@ class Admission:
             self._busy += now - self._busy_since
             self._busy_since = now
             self.admitted -= 1
-            self._freed_at.append(self._busy)
             self._held.append(now - slot.t0)
-            if slot.predicted:
+            if self._alone is slot:
+                self._alone = None
+            if not slot.jobs:  # refused or failed before any answer: not an answer's time
+                return
+            self._freed_at.append(self._busy)
+            if slot.predicted and slot.jobs == 1:  # a ticket's place holds several answers
                 self._misses.append((now - slot.t0) / slot.predicted)
+            if slot.alone:
+                self._solo.append(now - slot.t0)
 
     def _release_slot(self, slot: Slot) -> None:
         with self._lock:
@@ -307,8 +361,10 @@ class Worker:
     admission: Admission
     _thread: threading.Thread
 
-    def _start_worker(self, max_queue: int, name: str, max_wait_s: float | None) -> None:
-        self.admission = Admission(max_queue, max_wait_s)
+    def _start_worker(
+        self, max_queue: int, name: str, max_wait_s: float | None, wait_bound: bool
+    ) -> None:
+        self.admission = Admission(max_queue, max_wait_s, wait_bound)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -352,11 +408,12 @@ class Engine(Worker):
         max_queue: int,
         kv: KVStore | None = None,
         max_wait_s: float | None = None,
+        wait_bound: bool = False,
     ):
         self.llm = llm
         self.cad = CadRunner(llm)
         self.kv = KVRunner(llm, kv) if kv is not None else None
-        self._start_worker(max_queue, "docqa-engine", max_wait_s)
+        self._start_worker(max_queue, "docqa-engine", max_wait_s, wait_bound)
 
     @property
     def n_ctx(self) -> int:

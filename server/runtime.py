@@ -76,6 +76,7 @@ class ModelRuntime:
         max_queue: int,
         kv_root: Path | None = None,
         max_wait_s: float | None = None,
+        wait_bound: bool = False,
     ):
         t0 = time.perf_counter()
         self.id = resolved.id
@@ -108,9 +109,12 @@ class ModelRuntime:
                     n_threads=ms.n_threads,
                     kv=self.kv,
                     max_wait_s=max_wait_s,
+                    wait_bound=wait_bound,
                 )
             else:
-                self.engine = Engine(self.llm, max_queue, kv=self.kv, max_wait_s=max_wait_s)
+                self.engine = Engine(
+                    self.llm, max_queue, kv=self.kv, max_wait_s=max_wait_s, wait_bound=wait_bound
+                )
         except BaseException:
             self.llm.close()
             raise
@@ -283,6 +287,7 @@ class ModelManager:
             server.max_queue,
             kv_root(self.settings.retrieval),
             max_wait_s=server.max_wait_s,
+            wait_bound=server.wait_bound == "queue",
         )
 
     def start(self) -> ModelRuntime:

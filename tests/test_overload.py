@@ -224,12 +224,23 @@ def test_retry_after_follows_how_long_places_are_held():
 
 
 # -- deadline admission (server.max_wait_s) ---------------------------------------------
+def _answer(slot, clock: list[float], each_s: float) -> None:
+    """One answer run in ``slot``, ``each_s`` seconds on the fake clock (the job is submitted
+    and ended as an engine's worker would)."""
+
+    async def run() -> None:
+        job = slot.submit(_params())
+        clock[0] += each_s
+        slot._admission.release(job)  # noqa: SLF001 - the worker's side
+
+    asyncio.run(run())
+
+
 def _answered(adm: Admission, clock: list[float], n: int, each_s: float) -> None:
     """``n`` answers one after the other, ``each_s`` seconds each on the fake clock."""
     for _ in range(n):
-        slot = adm.reserve()
-        clock[0] += each_s
-        slot.release()
+        with adm.reserve() as slot:
+            _answer(slot, clock, each_s)
 
 
 def test_deadline_admission_counts_expected_work_not_places():
@@ -243,7 +254,9 @@ def test_deadline_admission_counts_expected_work_not_places():
     with pytest.raises(QueueFull, match=r"server\.max_wait_s 1 s") as e:
         adm.reserve()  # the fifth would wait ~1.25 s; 11 places are still free
     assert adm.admitted == 4 and e.value.drain_s is not None
-    clock[0] += 1.0  # the four end together: the engine ran them at once, 0.25 s each
+    _answer(held[0], clock, 1.0)  # the four end together: the engine ran them at once,
+    for slot in held[1:]:  # 0.25 s each
+        _answer(slot, clock, 0.0)
     for slot in held:
         slot.release()
     clock[0] += 100.0  # idle time is not answer time
@@ -271,11 +284,7 @@ def test_deadline_admission_learns_its_own_tail():
     adm = Admission(16, max_wait_s=100.0)
     adm.clock = lambda: clock[0]
     _answered(adm, clock, 5, 0.5)
-    for _ in range(32):
-        pair = [adm.reserve(), adm.reserve()]
-        clock[0] += 1.0
-        for slot in pair:
-            slot.release()
+    _pairs(adm, clock, 32, 1.0)
     assert adm.answer_s() == pytest.approx(0.5)
     assert adm.tail_factor() == pytest.approx(2.0)
     adm.max_wait_s = 1.9  # two places at 0.5 s predict 1.0 s; x 2 = 2.0 s: refused
@@ -294,6 +303,93 @@ def test_without_a_deadline_places_alone_limit_admission():
         adm.reserve()
     for slot in held:
         slot.release()
+
+
+def _pairs(adm: Admission, clock: list[float], n: int, held_s: float) -> None:
+    """``n`` pairs of answers admitted together and ending together after ``held_s``."""
+    for _ in range(n):
+        pair = [adm.reserve(), adm.reserve()]
+        _answer(pair[0], clock, held_s)
+        _answer(pair[1], clock, 0.0)
+        for slot in pair:
+            slot.release()
+
+
+def test_the_queue_bound_keeps_admitted_waits_within_what_the_queue_implies():
+    """``server.wait_bound: queue`` (the default) with no deadline: the bound is ``max_queue``
+    answers at a lone answer's service time. When answers under load get slower than alone,
+    the queue holds fewer places, so admitted requests still wait no longer than that."""
+    clock = [0.0]
+    adm = Admission(4, None, wait_bound=True)
+    adm.clock = lambda: clock[0]
+    assert adm.deadline_s() is None  # nothing measured: places alone decide
+    _answered(adm, clock, 5, 1.0)  # one at a time, 1 s each
+    assert adm.solo_s() == pytest.approx(1.0)
+    assert adm.deadline_s() == pytest.approx(4.0)  # 4 places x 1 s
+    held = [adm.reserve() for _ in range(4)]  # at the lone pace all 4 places fit
+    with pytest.raises(QueueFull, match="4 requests admitted"):
+        adm.reserve()
+    clock[0] += 4.0
+    for slot in held:
+        slot.release()
+    # under load, pairs take 4 s together: 2 s per answer, twice the lone time; the first
+    # of each pair was predicted 2 s and held 4 s
+    _pairs(adm, clock, 32, 4.0)
+    assert adm.solo_s() == pytest.approx(1.0)  # pairs are not alone
+    assert adm.answer_s() == pytest.approx(2.0)
+    assert adm.tail_factor() == pytest.approx(2.0)
+    assert adm.deadline_s() == pytest.approx(8.0)  # the pace is slower than alone: 4 x 2 s
+    held = [adm.reserve(), adm.reserve()]  # 2 answers x 2 s x the tail 2 = 8 s: in time
+    with pytest.raises(QueueFull, match=r"queue's bound of 8\.0 s") as e:
+        adm.reserve()  # 3 x 2 s x 2 = 12 s, with 2 places still free
+    assert adm.admitted == 2 and e.value.drain_s is not None
+    for slot in held:
+        slot.release()
+    # the same history without the bound: places alone decide
+    off = Admission(4, None, wait_bound=False)
+    off.clock = lambda: clock[0]
+    _answered(off, clock, 5, 1.0)
+    _pairs(off, clock, 32, 4.0)
+    held = [off.reserve() for _ in range(4)]
+    assert off.deadline_s() is None and off.admitted == 4
+    for slot in held:
+        slot.release()
+
+
+def test_a_lone_request_is_predicted_at_least_a_lone_answers_time():
+    """On a batch engine answers run side by side, so the pace per answer is shorter than one
+    answer alone. A request admitted alone is predicted the lone time, not the batched pace:
+    its prediction is right, and it does not inflate the tail factor."""
+    clock = [0.0]
+    adm = Admission(16, None, wait_bound=True)
+    adm.clock = lambda: clock[0]
+    _answered(adm, clock, 5, 1.0)
+    for _ in range(32):
+        _answered(adm, clock, 1, 1.0)  # alone: 1 s
+        _pairs(adm, clock, 2, 1.0)  # side by side: 2 answers in 1 s
+    assert adm.answer_s() < 1.0  # the batched pace
+    assert adm.deadline_s() == pytest.approx(16 * 1.0)  # the lone time, not the pace
+    assert adm.tail_factor() == pytest.approx(1.0)
+
+
+def test_a_ticket_place_is_not_a_miss():
+    """A ticket runs one job per question in one place: its place is held for all of them,
+    which is not a misprediction of one answer's wait."""
+    clock = [0.0]
+    adm = Admission(16, None, wait_bound=True)
+    adm.clock = lambda: clock[0]
+    _answered(adm, clock, 5, 1.0)
+
+    async def ticket(questions: int) -> None:
+        with adm.reserve(), adm.reserve() as slot:  # one request ahead: predicted 2 s
+            for _ in range(questions):
+                job = slot.submit(_params())
+                clock[0] += 1.0
+                adm.release(job)
+
+    for _ in range(20):
+        asyncio.run(ticket(5))  # held 5 s each, against the 2 s predicted for one answer
+    assert adm.tail_factor() == pytest.approx(1.0)
 
 
 def test_the_server_refuses_what_it_cannot_answer_in_time(tmp_path_factory):
