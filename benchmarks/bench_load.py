@@ -50,6 +50,7 @@ CONFIGS = {
     # the defaults until session 13: places alone limit admission
     "places": {"server": {"wait_bound": "off"}},
     "single": {"model": {"n_parallel": 1}},  # one request at a time
+    "single_places": {"model": {"n_parallel": 1}, "server": {"wait_bound": "off"}},
     # the defaults until session 11: one request at a time, chunk KV caches
     "q4_single": {"model": {"n_parallel": 1}, "retrieval": {"kv_cache": True}},
     "parallel8": {"model": {"n_parallel": 8}},

@@ -105,8 +105,9 @@ class ServerSettings(_Section):
         "predicted wait exceeds what the queue implies, max_queue answers at one lone "
         "answer's service time, so admitted requests are answered within that bound at p95 "
         "even when answers slow down under load (the queue then holds fewer places); 'off' "
-        "counts places only (max_queue). Predictions are scaled by the 95th percentile of "
-        "the admission's own recent misses. Local engines only.",
+        "counts places only (max_queue). Predictions are taken at their 95th percentile: "
+        "scaled by the admission's own recent misses, or widened by the spread of the lone "
+        "answers' times. Local engines only.",
     )
     retry_after_s: int = Field(
         2,
@@ -261,6 +262,34 @@ class EmbedderSettings(_Section):
     )
 
 
+class PromptExample(_Section):
+    question: str = Field(..., min_length=1, max_length=2000, description="The question.")
+    evidence: str = Field(
+        ...,
+        min_length=1,
+        max_length=4000,
+        description="Its evidence lines, as the prompt shows them (each ending in its tag [n]).",
+    )
+    answer: str = Field(..., min_length=1, max_length=2000, description="The answer to show.")
+
+
+# a worked example shown before the question (retrieval.examples): a made-up product, so no
+# fact of it can answer a question about the real docs; an answer copying it is caught as
+# echoed scaffolding (retrieval.answers)
+EXAMPLE_PRODUCT = "Zorbit"
+BUILTIN_EXAMPLES = [
+    {
+        "question": "Which option sets the number of worker threads in Zorbit, and what is its "
+        "default?",
+        "evidence": "- `worker_threads` (integer, default: 4): number of threads used for "
+        "inference. [1]\nStart the server with `zorbit serve --worker-threads 8` to use eight "
+        "threads. [2]",
+        "answer": "The `worker_threads` option sets it; its default is 4 [1]. For example, "
+        "`zorbit serve --worker-threads 8` starts the server with eight threads [2].",
+    }
+]
+
+
 class RetrievalSettings(_Section):
     index_dir: Path | None = Field(None, description="Built index directory to serve.")
     docs_dir: Path | None = Field(
@@ -324,6 +353,14 @@ class RetrievalSettings(_Section):
     )
     answer_reserve: int = Field(
         384, ge=16, le=65536, description="Tokens reserved for the answer in the context budget."
+    )
+    examples: list[PromptExample] = Field(
+        default_factory=list,
+        max_length=4,
+        description="Worked examples shown to the model before a grounded question, each as "
+        "an earlier user turn (the user_template with its question and evidence lines) and "
+        "the assistant's answer: a demonstration of answering from the lines. Part of the "
+        "prompt's shared prefix (cached). Empty = none.",
     )
     system_prompt: str = Field(
         "You are docqa, a support assistant. Answer the question using only the numbered "

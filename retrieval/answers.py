@@ -23,6 +23,8 @@ _SCAFFOLD = [
     ),
     ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
     ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
+    # the built-in worked example's made-up product and option (retrieval.examples)
+    ("worked example", re.compile(r"\bzorbit\b|\bworker[_-]threads\b", re.I)),
 ]
 
 

@@ -41,12 +41,21 @@ def rag_messages(
     history: list[dict] | None = None,
     extra_system: list[str] | None = None,
     evidence: str = "",
+    examples=(),
 ):
+    """The grounded chat: the system prompt (and the request's own system messages), the worked
+    ``examples`` (``PromptExample``: each an earlier user turn in the same template, its lines
+    as both excerpts and evidence, and the answer), the conversation so far, the question."""
     ctx = "\n\n".join(blocks) if blocks else "(no excerpts)"
     system = "\n\n".join([system_prompt, *(extra_system or [])])
     user = user_template.format(context=ctx, question=question, evidence=evidence or "(none)")
+    shown = []
+    for ex in examples:
+        turn = user_template.format(context=ex.evidence, question=ex.question, evidence=ex.evidence)
+        shown += [{"role": "user", "content": turn}, {"role": "assistant", "content": ex.answer}]
     return [
         {"role": "system", "content": system},
+        *shown,
         *(history or []),
         {"role": "user", "content": user},
     ]

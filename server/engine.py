@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import os
 import queue
+import statistics
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -196,6 +198,14 @@ class Admission:
             solo = list(self._solo)
         return sum(solo) / len(solo) if len(solo) >= 3 else None
 
+    def solo_cv(self) -> float:
+        """The spread of those lone answers' times: standard deviation ÷ mean (0 before 3)."""
+        with self._lock:
+            solo = list(self._solo)
+        if len(solo) < 3:
+            return 0.0
+        return statistics.pstdev(solo) / statistics.fmean(solo)
+
     def deadline_s(self) -> float | None:
         """The wait an admitted request may be predicted: ``max_wait_s`` when set; else, with
         ``wait_bound``, what the queue implies: ``max_queue`` answers at a lone answer's
@@ -237,13 +247,22 @@ class Admission:
         # served at the batched pace)
         floor = (self.solo_s() or 0.0) if per is not None else 0.0
         factor = self.tail_factor() if per is not None else 1.0
+        cv = self.solo_cv() if per is not None else 0.0
         with self._lock:
             if self._stopped:
                 raise EngineStopped("the model is being replaced")
-            predicted = None if per is None else max(floor, (self.admitted + 1) * per)
+            n = self.admitted + 1
+            predicted = None if per is None else max(floor, n * per)
+            # its wait at the 95th percentile: the recent misses' tail, or the spread of a sum
+            # of n answers' times (sd x sqrt(n), from the lone answers), whichever is longer;
+            # the second holds when the load rises faster than misses are measured
+            wait = None
+            if predicted is not None:
+                wait = max(predicted * factor, predicted + 1.645 * per * cv * math.sqrt(n))
             # an idle engine always admits (the deadline limits waiting behind others; and
             # the pace it measures must keep up with the engine)
-            wait = None if predicted is None or not self.admitted else predicted * factor
+            if not self.admitted:
+                wait = None
             if self.admitted < self.max_queue and (wait is None or wait <= deadline):
                 slot = self._admit()
                 slot.predicted = predicted

@@ -156,9 +156,11 @@ def prefix_text(rt, retrieval, marker: str = "\x00DOCQA-KV\x00") -> str | None:
 
     r = retrieval
     if r.shows_excerpts:
-        msgs = rag_messages(r.system_prompt, r.user_template, "?", [marker])
+        msgs = rag_messages(r.system_prompt, r.user_template, "?", [marker], examples=r.examples)
     else:
-        msgs = rag_messages(r.system_prompt, r.user_template, "?", [], evidence=marker)
+        msgs = rag_messages(
+            r.system_prompt, r.user_template, "?", [], evidence=marker, examples=r.examples
+        )
     text = rt.format_chat(msgs)
     i = text.find(marker)
     return text[:i] if i > 0 else None

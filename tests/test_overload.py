@@ -356,6 +356,26 @@ def test_the_queue_bound_keeps_admitted_waits_within_what_the_queue_implies():
         slot.release()
 
 
+def test_the_spread_of_answer_times_shortens_the_queue_before_any_miss():
+    """When the load rises, the misses of deep queue places are measured only once those
+    places end. Until then the spread of lone answers' times bounds the wait's tail: n
+    answers of mean m and deviation s take about n*m + 1.645*s*sqrt(n) at p95."""
+    clock = [0.0]
+    adm = Admission(16, None, wait_bound=True)
+    adm.clock = lambda: clock[0]
+    for each in [1.0] + [0.5, 1.5] * 5:  # lone answers: mean 1 s, deviation 0.48 s
+        _answered(adm, clock, 1, each)
+    assert adm.tail_factor() == 1.0  # fewer than 16 misses: no tail of their own yet
+    assert adm.answer_s() == pytest.approx(1.0) and adm.solo_s() == pytest.approx(1.0)
+    assert adm.solo_cv() == pytest.approx(0.4767, abs=1e-4)
+    assert adm.deadline_s() == pytest.approx(16.0)
+    held = [adm.reserve() for _ in range(13)]  # 13 + 1.645 x 0.48 x sqrt(13) = 15.8 s
+    with pytest.raises(QueueFull, match=r"about 16\.9 s \(13 requests ahead\)"):
+        adm.reserve()  # 14 + 1.645 x 0.48 x sqrt(14) = 16.9 s, over 16 s
+    for slot in held:
+        slot.release()
+
+
 def test_a_lone_request_is_predicted_at_least_a_lone_answers_time():
     """On a batch engine answers run side by side, so the pace per answer is shorter than one
     answer alone. A request admitted alone is predicted the lone time, not the batched pace:

@@ -174,3 +174,32 @@ def _check_stream_against_whole(seed: int) -> None:
     want = cut_at if cut_at is not None else "".join(pieces)
     # (a first copy's trailing whitespace may already be sent when the cut strips it)
     assert _stream(pieces, 3)[0].rstrip() == want.rstrip(), pieces
+
+
+def test_worked_examples_come_before_the_question_in_the_template():
+    """``retrieval.examples``: each worked example is an earlier user turn in the same
+    template and the assistant's answer, after the system prompt and before the conversation;
+    an answer copying the built-in example is echoed scaffolding."""
+    from docqa.settings import BUILTIN_EXAMPLES, load_settings
+    from retrieval.prompting import rag_messages
+
+    r = load_settings(retrieval={"examples": BUILTIN_EXAMPLES}).retrieval
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    msgs = rag_messages(
+        "SYS",
+        r.user_template,
+        "Which port?",
+        [],
+        history,
+        evidence="- port 3928 [1]",
+        examples=r.examples,
+    )
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    ex = r.examples[0]
+    assert msgs[1]["content"] == r.user_template.format(question=ex.question, evidence=ex.evidence)
+    assert msgs[2]["content"] == ex.answer and msgs[3:5] == history
+    assert msgs[-1]["content"].endswith("Which port?") and "3928" in msgs[-1]["content"]
+    assert scaffolding(ex.answer) and not scaffolding("Nitro listens on port 3928 [1].")
+    assert load_settings().retrieval.examples == []  # measured first: docs/benchmarks.md
+    with pytest.raises(ValueError):
+        load_settings(retrieval={"examples": BUILTIN_EXAMPLES * 5})  # at most 4

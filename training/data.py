@@ -152,6 +152,7 @@ class RagExamples:
             pair.question,
             shown,
             evidence=evidence_lines([(e.chunk + 1, e.text) for e in ev]),
+            examples=self.settings.examples,
         )
         short = grounded_answer(gold.text, pair.answer) if gold is not None else None
         if target == "grounded" and short is None:

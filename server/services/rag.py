@@ -80,7 +80,14 @@ class RagService:
         def render(blocks: list[str], ev: list[Evidence]) -> list[dict[str, str]]:
             lines = evidence_lines([(e.chunk + 1, e.text) for e in ev])
             return rag_messages(
-                r.system_prompt, r.user_template, question, blocks, history, extra_system, lines
+                r.system_prompt,
+                r.user_template,
+                question,
+                blocks,
+                history,
+                extra_system,
+                lines,
+                examples=r.examples,
             )
 
         def n_tokens(msgs) -> int:
