@@ -271,6 +271,13 @@ class PromptExample(_Section):
         description="Its evidence lines, as the prompt shows them (each ending in its tag [n]).",
     )
     answer: str = Field(..., min_length=1, max_length=2000, description="The answer to show.")
+    names: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Its own names and values (made-up product, options, numbers): barred from "
+        "a real answer unless the real evidence or question holds them, so the model follows "
+        "the example's form without copying its content.",
+    )
 
 
 # a worked example shown before the question (retrieval.examples): a made-up product, so no
@@ -286,6 +293,7 @@ BUILTIN_EXAMPLES = [
         "threads. [2]",
         "answer": "The `worker_threads` option sets it; its default is 4 [1]. For example, "
         "`zorbit serve --worker-threads 8` starts the server with eight threads [2].",
+        "names": ["Zorbit", "zorbit", "worker_threads", "worker-threads", "4", "8", "eight"],
     }
 ]
 

@@ -16,8 +16,8 @@ from retrieval.evidence import Evidence
 from server.batch_engine import BatchEngine
 from server.generation import Delta, Finish, GenParams
 from server.runtime import ModelRuntime
-from server.services.chat import _merge_bias
 from server.services.generation import grammar_for
+from server.services.generation import merge_bias as _merge_bias
 from server.services.rag import Grounding, RagService
 
 from .conftest import FIXTURES, SERVED
@@ -114,6 +114,38 @@ def test_evidence_bias_targets_the_lines_own_tokens(rt):
     assert rt.tokenize(" Zephyr", add_bos=False)[0] not in bias  # the question has it
     assert rag.evidence_bias(rt, g, messages, 0.0) is None  # a request turns it off
     assert rag.evidence_bias(rt, Grounding([], None), messages) is None  # no evidence
+
+
+def test_a_worked_examples_names_are_barred_unless_the_evidence_holds_them(rt, engines):
+    """``retrieval.examples[].names``: the example's made-up names and values are banned from
+    a real answer (the 135M model copies a worked example otherwise), except those the real
+    evidence or question holds; the example's form stays free."""
+    from docqa.settings import BUILTIN_EXAMPLES
+
+    r = load_settings(retrieval={"examples": BUILTIN_EXAMPLES}).retrieval
+    rag = RagService(r, index=None)
+    g = Grounding([], None, 1.0, [Evidence(0, 0, len(LINE), LINE, 1.0, "sentence")])
+    messages = [{"role": "user", "content": QUESTION}]
+    bias = rag.example_bias(rt, g, messages)
+    assert bias and set(bias.values()) == {-100.0}
+    banned_text = {rt.detokenize([t]).strip().lower() for t in bias}
+    assert {"4", "8"} <= banned_text and any("orbit" in t for t in banned_text)
+    assert "the" not in banned_text and "option" not in banned_text
+    # a line that holds a value of the example keeps it free
+    line = "The default port is 8080 and it uses 4 workers."
+    g4 = Grounding([], None, 1.0, [Evidence(0, 0, len(line), line, 1.0, "sentence")])
+    four = rt.tokenize("4", add_bos=False, special=False)[0]
+    assert four in bias and four not in (rag.example_bias(rt, g4, messages) or {})
+    assert rag.example_bias(rt, Grounding([], None), messages) is None  # no evidence
+    no_examples = RagService(load_settings().retrieval, index=None)
+    assert no_examples.example_bias(rt, g, messages) is None
+    # on the real model, the banned tokens never come out
+    prompt = rt.prompt_tokens(rt.format_chat([{"role": "user", "content": "What is 2 + 2?"}]))
+    free = GenParams(prompt_tokens=prompt, max_tokens=12, temperature=0.0)
+    assert "4" in asyncio.run(_collect(engines["batch"], free))
+    p = GenParams(prompt_tokens=prompt, max_tokens=12, temperature=0.0, logit_bias=bias)
+    out = asyncio.run(_collect(engines["batch"], p))
+    assert "4" not in out and "8" not in out, out
 
 
 # -- the HTTP fields ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.services.generation import (
     Prepared,
     grammar_for,
+    merge_bias,
     request_bias,
     sampling_params,
     with_cad,
@@ -82,9 +83,12 @@ class ChatService:
             if grounding.hits and alpha > 0 and not calling:
                 with_cad(rt, params, self.rag.context_free(rt, original), alpha)
             if not calling:
-                params.logit_bias = _merge_bias(
+                params.logit_bias = merge_bias(
                     params.logit_bias,
                     self.rag.evidence_bias(rt, grounding, original, req.evidence_bias),
+                )
+                params.logit_bias = merge_bias(
+                    params.logit_bias, self.rag.example_bias(rt, grounding, original)
                 )
             if not params.cad and not calling:  # excerpts from chunk KV caches, if kept
                 params.kv_plan = self.rag.kv_plan(rt, prompt, tokens, grounding)
@@ -143,20 +147,6 @@ def _vocab_size(rt: ModelRuntime) -> int | None:
     """The served model's vocabulary size, None when this runtime counts tokens with another
     model's (a remote model docqa does not have)."""
     return rt.n_vocab if rt.same_vocab else None
-
-
-def _merge_bias(a: dict[int, float] | None, b: dict[int, float] | None):
-    """Two logit biases summed per token (either may be None), within OpenAI's [-100, 100]; a
-    token either bans (-100) stays banned."""
-    if not a or not b:
-        return a or b
-    out = dict(a)
-    for t, v in b.items():
-        if out.get(t, 0.0) <= -100 or v <= -100:
-            out[t] = -100.0
-        else:
-            out[t] = max(-100.0, min(100.0, out.get(t, 0.0) + v))
-    return out
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, str]]:

@@ -524,3 +524,17 @@ async def stream(
         job.cancel()  # no-op when finished; stops generation when the client went away
         if on_close is not None:
             on_close()
+
+
+def merge_bias(a: dict[int, float] | None, b: dict[int, float] | None):
+    """Two logit biases summed per token (either may be None), within OpenAI's [-100, 100]; a
+    token either bans (-100) stays banned."""
+    if not a or not b:
+        return a or b
+    out = dict(a)
+    for t, v in b.items():
+        if out.get(t, 0.0) <= -100 or v <= -100:
+            out[t] = -100.0
+        else:
+            out[t] = max(-100.0, min(100.0, out.get(t, 0.0) + v))
+    return out

@@ -158,6 +158,32 @@ class RagService:
         keep = [t for t in sorted(toks - set(bare)) if "``" not in rt.detokenize([t])]
         return {t: float(bias) for t in keep} or None
 
+    def example_bias(
+        self, rt: ModelRuntime, grounding: Grounding, messages: list[dict[str, str]]
+    ) -> dict[int, float] | None:
+        """The worked examples' own names and values (``retrieval.examples[].names``) barred
+        from the answer: their tokens (3+ characters, or digits) that neither the evidence
+        lines, the question nor the system prompt hold. None without examples or evidence.
+        Blocking."""
+        names = [n for ex in self.settings.examples for n in ex.names]
+        if not names or not grounding.evidence or not rt.same_vocab:
+            return None
+        held = "\n".join(
+            [self.settings.system_prompt, messages[-1]["content"]]
+            + [evidence_text(e.text) for e in grounding.evidence]
+        )
+        allowed = set(rt.tokenize(held, add_bos=False, special=False))
+        banned: set[int] = set()
+        for name in names:
+            for form in (name, " " + name, "`" + name):
+                banned.update(rt.tokenize(form, add_bos=False, special=False))
+        keep = []
+        for t in sorted(banned - allowed):
+            text = rt.detokenize([t]).strip()
+            if len(text) >= 3 or text.isdigit():
+                keep.append(t)
+        return {t: -100.0 for t in keep} or None
+
     def kv_plan(self, rt: ModelRuntime, prompt: str, tokens: list[int], grounding: Grounding):
         """The grounded ``prompt`` cut for chunk KV caches (``server.kvcache``), or None: no
         cache on this runtime, no excerpts, a prompt of another shape (history, an extra

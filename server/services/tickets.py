@@ -15,7 +15,7 @@ from retrieval.search import SearchResult, rrf
 from server.engine import Slot
 from server.generation import Delta, GenParams
 from server.runtime import ModelManager, ModelRuntime
-from server.services.generation import alternatives, with_cad, with_candidates
+from server.services.generation import alternatives, merge_bias, with_cad, with_candidates
 from server.services.rag import _FOLLOWUP, RagService
 
 _QUOTED_HEADER = re.compile(
@@ -286,6 +286,8 @@ async def reply_ticket(
             answers.append(a)
             continue
         bias = await anyio.to_thread.run_sync(rag.evidence_bias, rt, grounding, messages)
+        barred = await anyio.to_thread.run_sync(rag.example_bias, rt, grounding, messages)
+        bias = merge_bias(bias, barred)
 
         def passes(text: str, q=q, asked=asked, grounding=grounding) -> tuple:
             """Among candidate replies: one that passes the automatic-reply checks, the best
