@@ -363,12 +363,13 @@ class RetrievalSettings(_Section):
         384, ge=16, le=65536, description="Tokens reserved for the answer in the context budget."
     )
     examples: list[PromptExample] = Field(
-        default_factory=list,
+        default_factory=lambda: [PromptExample(**e) for e in BUILTIN_EXAMPLES],
         max_length=4,
         description="Worked examples shown to the model before a grounded question, each as "
         "an earlier user turn (the user_template with its question and evidence lines) and "
         "the assistant's answer: a demonstration of answering from the lines. Part of the "
-        "prompt's shared prefix (cached). Empty = none.",
+        "prompt's shared prefix (cached). Default: one about a made-up product "
+        "(BUILTIN_EXAMPLES; measured in docs/benchmarks.md, session 13). [] = none.",
     )
     system_prompt: str = Field(
         "You are docqa, a support assistant. Answer the question using only the numbered "
@@ -535,6 +536,13 @@ class RetrievalSettings(_Section):
 
 
 class TicketSettings(_Section):
+    examples: bool = Field(
+        False,
+        description="Show retrieval.examples (the worked examples) before each ticket "
+        "question too. Off: with the built-in example, 3 of 30 dev tickets were answered "
+        "automatically instead of 9 (its short form fails the reply's support checks; "
+        "docs/benchmarks.md, session 13).",
+    )
     min_similarity: float = Field(
         0.3,
         ge=-1,

@@ -69,9 +69,11 @@ class RagService:
         messages: list[dict[str, str]],
         hits: list[Hit],
         evidence: list[Evidence],
+        examples: bool = True,
     ) -> tuple[list, list, list[Evidence]]:
         """Replace the last user turn by the template with as many chunks as fit the budget,
-        and those chunks' lines of ``evidence``. -> (messages, hits used, evidence kept)."""
+        and those chunks' lines of ``evidence``, after ``retrieval.examples`` unless
+        ``examples`` is false. -> (messages, hits used, evidence kept)."""
         r = self.settings
         question = messages[-1]["content"]
         history = [m for m in messages[:-1] if m["role"] != "system"]
@@ -87,7 +89,7 @@ class RagService:
                 history,
                 extra_system,
                 lines,
-                examples=r.examples,
+                examples=r.examples if examples else (),
             )
 
         def n_tokens(msgs) -> int:
@@ -221,16 +223,24 @@ class RagService:
         return self.ground(rt, messages, self.search(query), query)
 
     def ground(
-        self, rt: ModelRuntime, messages: list[dict[str, str]], res: SearchResult, query: str
+        self,
+        rt: ModelRuntime,
+        messages: list[dict[str, str]],
+        res: SearchResult,
+        query: str,
+        examples: bool = True,
     ):
         """``augment`` for a search already made: the prompt for ``messages`` grounded on
-        ``res``, with the evidence lines picked for ``query`` (or the abstain decision)."""
+        ``res``, with the evidence lines picked for ``query`` (or the abstain decision); the
+        worked examples unless ``examples`` is false."""
         r = self.settings
         if not res.hits or res.best_sim < r.abstain_threshold:
             log.info("abstain: best similarity %.3f < %.3f", res.best_sim, r.abstain_threshold)
             return messages, Grounding([], r.abstain_message, res.best_sim)
         evidence = self.evidence(query, res.hits)
-        new_messages, used, evidence = self.build_messages(rt, messages, res.hits, evidence)
+        new_messages, used, evidence = self.build_messages(
+            rt, messages, res.hits, evidence, examples
+        )
         return new_messages, Grounding(used, None, res.best_sim, evidence)
 
 

@@ -277,7 +277,7 @@ async def reply_ticket(
                 if asked != q:
                     res = search_ticket(rag, asked, settings.retrieval, cfg.fuse_dense)
             messages = [{"role": "user", "content": asked}]
-            return asked, messages, *rag.ground(rt, messages, res, asked)
+            return asked, messages, *rag.ground(rt, messages, res, asked, cfg.examples)
 
         asked, messages, new_messages, grounding = await anyio.to_thread.run_sync(ground)
         a.similarity = grounding.best_sim if grounding.best_sim is not None else -1.0
@@ -286,8 +286,9 @@ async def reply_ticket(
             answers.append(a)
             continue
         bias = await anyio.to_thread.run_sync(rag.evidence_bias, rt, grounding, messages)
-        barred = await anyio.to_thread.run_sync(rag.example_bias, rt, grounding, messages)
-        bias = merge_bias(bias, barred)
+        if cfg.examples:
+            barred = await anyio.to_thread.run_sync(rag.example_bias, rt, grounding, messages)
+            bias = merge_bias(bias, barred)
 
         def passes(text: str, q=q, asked=asked, grounding=grounding) -> tuple:
             """Among candidate replies: one that passes the automatic-reply checks, the best
