@@ -200,7 +200,6 @@ def test_worked_examples_come_before_the_question_in_the_template():
     assert msgs[2]["content"] == ex.answer and msgs[3:5] == history
     assert msgs[-1]["content"].endswith("Which port?") and "3928" in msgs[-1]["content"]
     assert scaffolding(ex.answer) and not scaffolding("Nitro listens on port 3928 [1].")
-    assert load_settings().retrieval.examples == r.examples  # the default (docs/benchmarks.md)
-    assert load_settings(retrieval={"examples": []}).retrieval.examples == []
+    assert load_settings().retrieval.examples == []  # off by default (docs/benchmarks.md)
     with pytest.raises(ValueError):
         load_settings(retrieval={"examples": BUILTIN_EXAMPLES * 5})  # at most 4
