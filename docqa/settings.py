@@ -281,9 +281,9 @@ class PromptExample(_Section):
 
 
 # a worked example shown before the question (retrieval.examples): a made-up product, so no
-# fact of it can answer a question about the real docs; an answer copying it is caught as
-# echoed scaffolding (retrieval.answers)
-EXAMPLE_PRODUCT = "Zorbit"
+# fact of it can answer a question about the real docs; an answer naming its product or option
+# (BUILTIN_EXAMPLE_IDS) is caught as echoed scaffolding (retrieval.answers)
+BUILTIN_EXAMPLE_IDS = ["zorbit", "worker_threads", "worker-threads"]
 BUILTIN_EXAMPLES = [
     {
         "question": "Which option sets the number of worker threads in Zorbit, and what is its "
@@ -293,7 +293,7 @@ BUILTIN_EXAMPLES = [
         "threads. [2]",
         "answer": "The `worker_threads` option sets it; its default is 4 [1]. For example, "
         "`zorbit serve --worker-threads 8` starts the server with eight threads [2].",
-        "names": ["Zorbit", "zorbit", "worker_threads", "worker-threads", "4", "8", "eight"],
+        "names": ["Zorbit", *BUILTIN_EXAMPLE_IDS, "4", "8", "eight"],
     }
 ]
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import re
 
+from docqa.settings import BUILTIN_EXAMPLE_IDS
+
 # prompt scaffolding an answer must never echo: excerpt labels (old "[1] (path > heading)" and
 # current "[1] Heading" lines), the template's section titles, and empty code blocks
 _SCAFFOLD = [
@@ -24,7 +26,10 @@ _SCAFFOLD = [
     ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
     ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
     # the built-in worked example's made-up product and option (retrieval.examples)
-    ("worked example", re.compile(r"\bzorbit\b|\bworker[_-]threads\b", re.I)),
+    (
+        "worked example",
+        re.compile("|".join(rf"\b{re.escape(n)}\b" for n in BUILTIN_EXAMPLE_IDS), re.I),
+    ),
 ]
 
 

@@ -211,11 +211,14 @@ class Admission:
         ``wait_bound``, what the queue implies: ``max_queue`` answers at a lone answer's
         service time, or at the engine's recent pace per answer when that is slower; else
         None."""
+        return self._deadline(self.solo_s(), self.answer_s())
+
+    def _deadline(self, solo: float | None, per: float | None) -> float | None:
+        """``deadline_s`` from the lone answers' mean time and the recent pace."""
         if self.max_wait_s:
             return self.max_wait_s
         if not self.wait_bound:
             return None
-        solo, per = self.solo_s(), self.answer_s()
         if solo is None and per is None:
             return None
         # a lone answer's time, or the pace when answers got slower than that (longer
@@ -240,12 +243,13 @@ class Admission:
 
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
-        deadline = self.deadline_s()
-        per = self.answer_s() if deadline else None
+        solo, per = self.solo_s(), self.answer_s()
+        deadline = self._deadline(solo, per)
+        per = per if deadline else None
         # a request waits for the answers ahead of it and its own at the engine's pace, and
         # never less than one answer alone takes (a lone request on a batch engine is not
         # served at the batched pace)
-        floor = (self.solo_s() or 0.0) if per is not None else 0.0
+        floor = (solo or 0.0) if per is not None else 0.0
         factor = self.tail_factor() if per is not None else 1.0
         cv = self.solo_cv() if per is not None else 0.0
         with self._lock:
