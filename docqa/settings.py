@@ -107,7 +107,9 @@ class ServerSettings(_Section):
         "even when answers slow down under load (the queue then holds fewer places); 'off' "
         "counts places only (max_queue). Predictions are taken at their 95th percentile: "
         "scaled by the admission's own recent misses, or widened by the spread of the lone "
-        "answers' times. Local engines only.",
+        "answers' times. A request that finds one of the engine's batch lanes free "
+        "(fewer admitted than its slots) waits behind no one and is always admitted. Local "
+        "engines only.",
     )
     retry_after_s: int = Field(
         2,
@@ -458,6 +460,15 @@ class RetrievalSettings(_Section):
         le=2.0,
         description="Sampling temperature of the extra answer candidates "
         "(retrieval.answer_candidates).",
+    )
+    sources: Literal["cited", "supported"] = Field(
+        "cited",
+        description="Which retrieved excerpts a grounded answer's sources list: 'cited', those "
+        "its [n] tags name (all of them when it names none); 'supported', those and, when "
+        "another excerpt holds more of the answer's own words (retrieval.answers.support) "
+        "than any it cited, that one too (marked cited: false); an answer citing none lists "
+        "the excerpts that hold its words. Small models often tag the wrong excerpt. "
+        "Measured: docs/benchmarks.md.",
     )
     cad_context_free: Literal["messages", "template"] = Field(
         "template",

@@ -1,13 +1,15 @@
 """What the reader's answers are judged by, in the server and in the evaluation alike: the
 prompt scaffolding an answer must never echo, and how well an answer is grounded in the
 evidence lines it was given (``grounding_score``: used to choose among candidate answers,
-``retrieval.answer_candidates``)."""
+``retrieval.answer_candidates``), and which excerpts hold an answer's words (``support``: its
+sources, ``retrieval.sources``)."""
 
 from __future__ import annotations
 
 import re
 
 from docqa.settings import BUILTIN_EXAMPLE_IDS
+from retrieval.bm25 import STOPWORDS
 
 # prompt scaffolding an answer must never echo: excerpt labels (old "[1] (path > heading)" and
 # current "[1] Heading" lines), the template's section titles, and empty code blocks
@@ -57,3 +59,24 @@ def grounding_score(answer: str, evidence: list[str]) -> int:
     found = sum(w in ev for w in words)
     invented = sum(w not in ev and ("_" in w or "/" in w) for w in words)
     return found - invented - 5 * bool(scaffolding(answer))
+
+
+_TAG = re.compile(r"\[\d{1,3}\]")
+
+
+def claims(answer: str, question: str = "") -> set[str]:
+    """The answer's own words: its distinct words as ``grounding_score`` reads them (ends'
+    dots stripped), not stop words, not the question's words and not citation tags."""
+    asked = {w.strip(".") for w in _WORD.findall(question.lower())}
+    out = set()
+    for w in _WORD.findall(_TAG.sub(" ", strip_scaffolding(answer)).lower()):
+        w = w.strip(".")
+        if len(w) >= 3 and w not in STOPWORDS and w not in asked:
+            out.add(w)
+    return out
+
+
+def support(answer: str, texts: list[str], question: str = "") -> list[int]:
+    """For each of ``texts``, how many of the answer's ``claims`` it holds."""
+    words = claims(answer, question)
+    return [sum(w in t.lower() for w in words) for t in texts]

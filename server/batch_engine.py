@@ -117,7 +117,7 @@ class BatchEngine(Worker):
         self.batch, self.vocab = self.bctx.batch, self.bctx.vocab
         self._rng = np.random.default_rng()
         self.td = TokenData(llm.n_vocab())
-        self._start_worker(max_queue, "docqa-batch", max_wait_s, wait_bound)
+        self._start_worker(max_queue, "docqa-batch", max_wait_s, wait_bound, n_seq)
 
     @property
     def n_ctx(self) -> int:

@@ -156,11 +156,20 @@ class Admission:
     once with ``QueueFull``. A request reserves its place first, then prepares its prompt, then
     submits it."""
 
-    def __init__(self, max_queue: int, max_wait_s: float | None = None, wait_bound: bool = False):
+    def __init__(
+        self,
+        max_queue: int,
+        max_wait_s: float | None = None,
+        wait_bound: bool = False,
+        lanes: int = 1,
+    ):
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s or None  # None or 0: no deadline of its own
         # with no deadline: the queue's own bound, max_queue answers at a lone answer's time
         self.wait_bound = wait_bound
+        # answers the engine runs side by side (its batch slots): with only the queue's own
+        # bound, a request that finds a lane free is not queued behind anyone and is admitted
+        self.lanes = max(1, lanes)
         self.clock = time.monotonic
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.admitted = 0
@@ -265,7 +274,7 @@ class Admission:
                 wait = max(predicted * factor, predicted + 1.645 * per * cv * math.sqrt(n))
             # an idle engine always admits (the deadline limits waiting behind others; and
             # the pace it measures must keep up with the engine)
-            if not self.admitted:
+            if not self.admitted or (not self.max_wait_s and self.admitted < self.lanes):
                 wait = None
             if self.admitted < self.max_queue and (wait is None or wait <= deadline):
                 slot = self._admit()
@@ -385,9 +394,9 @@ class Worker:
     _thread: threading.Thread
 
     def _start_worker(
-        self, max_queue: int, name: str, max_wait_s: float | None, wait_bound: bool
+        self, max_queue: int, name: str, max_wait_s: float | None, wait_bound: bool, lanes: int = 1
     ) -> None:
-        self.admission = Admission(max_queue, max_wait_s, wait_bound)
+        self.admission = Admission(max_queue, max_wait_s, wait_bound, lanes)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 

@@ -376,6 +376,37 @@ def test_the_spread_of_answer_times_shortens_the_queue_before_any_miss():
         slot.release()
 
 
+def test_a_free_lane_always_admits_under_the_queue_bound():
+    """A batch engine runs ``lanes`` answers side by side: a request that finds a lane free
+    waits behind no one, so the queue's own bound never refuses it, however long the tail
+    measured so far (an explicit ``max_wait_s`` still does)."""
+    clock = [0.0]
+    admitted = {}
+    for lanes in (1, 4):
+        adm = Admission(6, 1000.0, wait_bound=True, lanes=lanes)  # the history: a far deadline
+        adm.clock = lambda: clock[0]
+        _answered(adm, clock, 5, 1.0)
+        _pairs(adm, clock, 32, 8.0)  # ~4 s per answer; the first of each pair held 2x or more
+        adm.max_wait_s = None  # now the queue's own bound
+        assert adm.tail_factor() >= 2.0 and adm.deadline_s() >= 6 * 3.0
+        held = []
+        with pytest.raises(QueueFull, match="queue's bound"):
+            for _ in range(6):
+                held.append(adm.reserve())
+        admitted[lanes] = adm.admitted
+        for slot in held:
+            slot.release()
+    # one lane: 3 ahead would wait 4 answers x >= 3 s x the tail >= 24 s, over 6 x 4 s;
+    # four lanes: all four are admitted, the fifth is refused by the bound
+    assert admitted[1] < 4 and admitted[4] == 4
+    adm = Admission(16, 1.0, wait_bound=True, lanes=4)  # a deadline of its own
+    adm.clock = lambda: clock[0]
+    _answered(adm, clock, 5, 1.0)
+    with adm.reserve():
+        with pytest.raises(QueueFull, match="max_wait_s"):
+            adm.reserve()
+
+
 def test_a_lone_request_is_predicted_at_least_a_lone_answers_time():
     """On a batch engine answers run side by side, so the pace per answer is shorter than one
     answer alone. A request admitted alone is predicted the lone time, not the batched pace:

@@ -203,3 +203,54 @@ def test_worked_examples_come_before_the_question_in_the_template():
     assert load_settings().retrieval.examples == []  # off by default (docs/benchmarks.md)
     with pytest.raises(ValueError):
         load_settings(retrieval={"examples": BUILTIN_EXAMPLES * 5})  # at most 4
+
+
+# --- which excerpts an answer names as its sources (retrieval.sources) ---
+
+_PAGES = [
+    ("features/chat.md", "Chat", "Send messages to /v1/chat/completions with a model name."),
+    ("features/multi-thread.md", "Threads", "Set `thread_num` in the config; the default is 1."),
+    ("guide/install.md", "Install", "Download the release and run the installer script."),
+]
+
+
+def _grounding(policy):
+    from retrieval.chunking import Chunk
+    from retrieval.search import Hit
+    from server.services.rag import Grounding
+
+    hits = [Hit(Chunk(f"c{i}", p, h, t, 20), 1.0 - i / 10) for i, (p, h, t) in enumerate(_PAGES)]
+    return Grounding(hits, None, 0.9, [], question="How many threads?", sources=policy)
+
+
+def test_sources_cited_lists_the_tags_or_everything():
+    g = _grounding("cited")
+    srcs = g.finalize("Set `thread_num` [1].")["sources"]
+    assert [(s["index"], s["cited"]) for s in srcs] == [(1, True)]
+    srcs = g.finalize("Set `thread_num` in the config.")["sources"]
+    assert [(s["index"], s["cited"]) for s in srcs] == [(1, False), (2, False), (3, False)]
+
+
+def test_sources_supported_adds_the_excerpt_holding_the_answer():
+    g = _grounding("supported")
+    # the model tagged the chat excerpt, but the thread setting is in excerpt 2
+    srcs = g.finalize("Set `thread_num` in the config; the default is 1 [1].")["sources"]
+    assert [(s["index"], s["cited"]) for s in srcs] == [(1, True), (2, False)]
+    assert srcs[1]["path"] == "features/multi-thread.md"
+    # a right tag stays alone
+    srcs = g.finalize("Set `thread_num` in the config [2].")["sources"]
+    assert [(s["index"], s["cited"]) for s in srcs] == [(2, True)]
+    # no tag: only the excerpts holding the answer's words
+    srcs = g.finalize("Run the installer script after you download the release.")["sources"]
+    assert [s["index"] for s in srcs] == [3]
+    # no tag, no word of any excerpt: all of them, as with `cited`
+    assert len(g.finalize("Yes.")["sources"]) == 3
+
+
+def test_support_counts_the_answers_own_words_not_the_questions():
+    from retrieval.answers import claims, support
+
+    ans = "The default threads value is 1 [2]; see `thread_num`."
+    words = claims(ans, "How many threads?")
+    assert "thread_num" in words and "threads" not in words and "[2]" not in words
+    assert support(ans, [t for _, _, t in _PAGES], "How many threads?") == [0, 2, 0]

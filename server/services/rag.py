@@ -6,6 +6,7 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
+from retrieval.answers import support
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
@@ -241,7 +242,9 @@ class RagService:
         new_messages, used, evidence = self.build_messages(
             rt, messages, res.hits, evidence, examples
         )
-        return new_messages, Grounding(used, None, res.best_sim, evidence)
+        return new_messages, Grounding(
+            used, None, res.best_sim, evidence, question=query, sources=r.sources
+        )
 
 
 class Grounding:
@@ -253,21 +256,45 @@ class Grounding:
         abstain: str | None,
         best_sim: float | None = None,
         evidence: list[Evidence] | None = None,
+        question: str = "",
+        sources: str | None = None,
     ):
         self.hits = hits
         self.abstain = abstain
         self.best_sim = best_sim
         self.evidence = evidence or []
+        self.question = question
+        self.policy = sources  # retrieval.sources of the request (None: the cited ones)
+
+    def pick(self, text: str) -> list[tuple[int, bool]]:
+        """(excerpt number, cited) of the excerpts ``text`` names as its sources: the ones it
+        cites (all when it cites none); with ``retrieval.sources: supported`` also the one
+        holding most of its words when that is more than any cited one holds, and, when it
+        cites none, the ones holding at least half as many as the best (all when none)."""
+        n = len(self.hits)
+        tags = cited(text, n)
+        if self.policy != "supported":
+            return [(i, True) for i in tags] or [(i, False) for i in range(1, n + 1)]
+        sup = support(text, [h.chunk.text for h in self.hits], self.question)
+        best = max(range(1, n + 1), key=lambda i: sup[i - 1])
+        if tags:
+            out = [(i, True) for i in tags]
+            if sup[best - 1] > max(sup[i - 1] for i in tags):
+                out.append((best, False))
+            return out
+        top = sup[best - 1]
+        held = [i for i in range(1, n + 1) if top > 0 and 2 * sup[i - 1] >= top]
+        return [(i, False) for i in held or range(1, n + 1)]
 
     def finalize(self, text: str) -> dict:
-        """``sources``: the excerpts the answer cites (all when it cites none), each with the
-        evidence lines found in it (offsets into its ``text``)."""
+        """``sources``: the excerpts the answer names (``pick``), each with the evidence lines
+        found in it (offsets into its ``text``) and whether the answer cites it."""
         if self.abstain is not None:
             return {"sources": []}
-        idx = cited(text, len(self.hits)) or list(range(1, len(self.hits) + 1))
         out = []
-        for i in idx:
+        for i, was_cited in self.pick(text):
             src = source(i, self.hits[i - 1])
+            src["cited"] = was_cited
             src["evidence"] = [
                 e.to_dict()
                 for e in sorted(self.evidence, key=lambda e: e.start)
