@@ -462,12 +462,12 @@ class RetrievalSettings(_Section):
         "(retrieval.answer_candidates).",
     )
     sources: Literal["cited", "supported"] = Field(
-        "cited",
+        "supported",
         description="Which retrieved excerpts a grounded answer's sources list: 'cited', those "
         "its [n] tags name (all of them when it names none); 'supported', those and, when "
         "another excerpt holds more of the answer's own words (retrieval.answers.support) "
-        "than any it cited, that one too (marked cited: false); an answer citing none lists "
-        "the excerpts that hold its words. Small models often tag the wrong excerpt. "
+        "than any it cited, that one too (marked cited: false). Small models often tag the "
+        "wrong excerpt. "
         "Measured: docs/benchmarks.md.",
     )
     cad_context_free: Literal["messages", "template"] = Field(

@@ -87,8 +87,9 @@ def facts(
         res = run_facts(t, fact_set(fact_set_name))
     console.print(
         "| system | grounded-fact accuracy | right doc in sources | answers echoing scaffolding "
-        f"|\n|---|---|---|---|\n| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} "
-        f"| {res['unclean']} of {res['n']} |"
+        "| answers stating what their sources lack |\n|---|---|---|---|---|\n"
+        f"| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} "
+        f"| {res['unclean']} of {res['n']} | {res['unsupported']} of {res['n']} |"
     )
     write_json(json_out, res)
 
@@ -116,11 +117,13 @@ def qa(
     cp = res["citation_precision"]
     console.print(
         "| system | F1 | ROUGE-L | citation precision | abstain (off-topic) "
-        "| abstain (in-corpus) | answers echoing scaffolding |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| abstain (in-corpus) | answers echoing scaffolding | answers stating what their "
+        "sources lack |\n"
+        "|---|---|---|---|---|---|---|---|\n"
         f"| {t.name} | {res['f1']:.3f} | {res['rouge_l']:.3f} | "
         f"{'n/a' if cp is None else f'{cp:.3f}'} | {res['offtopic']['abstain_rate']:.3f} | "
-        f"{res['abstain_in_corpus']:.3f} | {res['unclean']} of {res['n']} |"
+        f"{res['abstain_in_corpus']:.3f} | {res['unclean']} of {res['n']} | "
+        f"{res['unsupported']} of {res['n']} |"
     )
     write_json(json_out, res)
 

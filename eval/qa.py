@@ -11,6 +11,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from eval.metrics import has_facts, rouge_l, scaffolding, token_f1
+from retrieval.answers import unsupported
 
 DATA = Path(__file__).resolve().parent / "data"
 _ABSTAIN = re.compile(
@@ -64,6 +65,12 @@ def _ask(target, q: str, max_tokens: int):
     )
 
 
+def _unsupported(reply, question: str) -> list[str]:
+    """Identifiers and numbers of the answer that none of its sources holds (made up, or
+    taken from an excerpt it does not list): ``retrieval.answers.unsupported``."""
+    return unsupported(reply.text, [s.get("text", "") for s in reply.sources], question)
+
+
 def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True) -> dict:
     rows = []
     for it in tqdm(items, desc=f"facts {target.name}", disable=not progress):
@@ -76,6 +83,7 @@ def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True
                 "correct": (not r.error) and has_facts(r.text, it.facts),
                 "doc_in_sources": any(s.get("path") == it.doc for s in r.sources),
                 "scaffolding": scaffolding(r.text),
+                "unsupported": _unsupported(r, it.question),
                 "error": r.error,
             }
         )
@@ -85,6 +93,7 @@ def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True
         "accuracy": sum(r["correct"] for r in rows) / n,
         "doc_in_sources": sum(r["doc_in_sources"] for r in rows) / n,
         "unclean": sum(bool(r["scaffolding"]) for r in rows),
+        "unsupported": sum(bool(r["unsupported"]) for r in rows),
         "errors": sum(bool(r["error"]) for r in rows),
         "per_question": rows,
     }
@@ -108,6 +117,7 @@ def run_qa(
                 "citation_precision": prec,
                 "abstained": abstained(r),
                 "scaffolding": scaffolding(r.text),
+                "unsupported": _unsupported(r, p.question),
                 "error": r.error,
             }
         )
@@ -120,6 +130,7 @@ def run_qa(
         "citation_precision": sum(precs) / len(precs) if precs else None,
         "abstain_in_corpus": sum(r["abstained"] for r in rows) / n,
         "unclean": sum(bool(r["scaffolding"]) for r in rows),
+        "unsupported": sum(bool(r["unsupported"]) for r in rows),
         "errors": sum(bool(r["error"]) for r in rows),
         "per_question": rows,
     }

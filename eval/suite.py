@@ -42,6 +42,7 @@ def evaluate_model(
             out["facts_accuracy"] = f["accuracy"]
             out["facts_doc_in_sources"] = f["doc_in_sources"]
             out["facts_unclean"] = f["unclean"]
+            out["facts_unsupported"] = f["unsupported"] / f["n"]
             out["facts_correct"] = [r["correct"] for r in f["per_question"]]  # paired tests
         if cfg.qa_limit:
             q = run_qa(t, pairs, gold_map(index, pairs) if index else None, progress=progress)
@@ -70,6 +71,7 @@ def evaluate_model(
 COLUMNS = [
     ("facts_accuracy", "grounded facts"),
     ("facts_doc_in_sources", "right doc in sources"),
+    ("facts_unsupported", "stating what sources lack"),
     ("qa_f1", "QA F1"),
     ("qa_rouge_l", "ROUGE-L"),
     ("citation_precision", "citation prec."),

@@ -2,7 +2,7 @@
 prompt scaffolding an answer must never echo, and how well an answer is grounded in the
 evidence lines it was given (``grounding_score``: used to choose among candidate answers,
 ``retrieval.answer_candidates``), and which excerpts hold an answer's words (``support``: its
-sources, ``retrieval.sources``)."""
+sources, ``retrieval.sources``; ``unsupported``: what it states that none of them holds)."""
 
 from __future__ import annotations
 
@@ -80,3 +80,19 @@ def support(answer: str, texts: list[str], question: str = "") -> list[int]:
     """For each of ``texts``, how many of the answer's ``claims`` it holds."""
     words = claims(answer, question)
     return [sum(w in t.lower() for w in words) for t in texts]
+
+
+_IDENTISH = re.compile(r"[\w/.-]+")
+
+
+def unsupported(answer: str, texts: list[str], question: str = "") -> list[str]:
+    """The answer's identifiers (words with ``_`` or ``/``: parameters, endpoints, paths) and
+    numbers that none of ``texts`` (its sources) nor the question holds: what the model made
+    up, or took from an excerpt it does not list. Citation tags and scaffolding aside."""
+    held = ("\n".join(texts) + "\n" + question).lower()
+    out = []
+    for w in _IDENTISH.findall(_TAG.sub(" ", strip_scaffolding(answer)).lower()):
+        w = w.strip(".-")
+        if ("_" in w or "/" in w.strip("/") or w.isdigit()) and w not in held and w not in out:
+            out.append(w)
+    return out

@@ -269,22 +269,18 @@ class Grounding:
     def pick(self, text: str) -> list[tuple[int, bool]]:
         """(excerpt number, cited) of the excerpts ``text`` names as its sources: the ones it
         cites (all when it cites none); with ``retrieval.sources: supported`` also the one
-        holding most of its words when that is more than any cited one holds, and, when it
-        cites none, the ones holding at least half as many as the best (all when none)."""
+        holding most of its words when that is more than any cited one holds."""
         n = len(self.hits)
         tags = cited(text, n)
-        if self.policy != "supported":
-            return [(i, True) for i in tags] or [(i, False) for i in range(1, n + 1)]
-        sup = support(text, [h.chunk.text for h in self.hits], self.question)
-        best = max(range(1, n + 1), key=lambda i: sup[i - 1])
-        if tags:
-            out = [(i, True) for i in tags]
+        if not tags:
+            return [(i, False) for i in range(1, n + 1)]
+        out = [(i, True) for i in tags]
+        if self.policy == "supported":
+            sup = support(text, [h.chunk.text for h in self.hits], self.question)
+            best = max(range(1, n + 1), key=lambda i: sup[i - 1])
             if sup[best - 1] > max(sup[i - 1] for i in tags):
                 out.append((best, False))
-            return out
-        top = sup[best - 1]
-        held = [i for i in range(1, n + 1) if top > 0 and 2 * sup[i - 1] >= top]
-        return [(i, False) for i in held or range(1, n + 1)]
+        return out
 
     def finalize(self, text: str) -> dict:
         """``sources``: the excerpts the answer names (``pick``), each with the evidence lines
