@@ -116,7 +116,8 @@ class ServerSettings(_Section):
         ge=1,
         le=3600,
         description="Shortest Retry-After (seconds) sent with a queue-full 503; once answers "
-        "have been finishing, half the time the full queue takes to drain at their rate.",
+        "have been finishing, half the time the full queue takes to drain at their rate, "
+        "times a backoff while more than 4 requests are refused per admission (over 30 s).",
     )
     retry_after_max_s: int = Field(
         30, ge=1, le=3600, description="Longest Retry-After (seconds) sent with a queue-full 503."

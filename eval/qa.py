@@ -11,7 +11,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from eval.metrics import has_facts, rouge_l, scaffolding, token_f1
-from retrieval.answers import unsupported
+from retrieval.answers import unsupported_names
 
 DATA = Path(__file__).resolve().parent / "data"
 _ABSTAIN = re.compile(
@@ -66,9 +66,11 @@ def _ask(target, q: str, max_tokens: int):
 
 
 def _unsupported(reply, question: str) -> list[str]:
-    """Identifiers and numbers of the answer that none of its sources holds (made up, or
-    taken from an excerpt it does not list): ``retrieval.answers.unsupported``."""
-    return unsupported(reply.text, [s.get("text", "") for s in reply.sources], question)
+    """What the answer names (code spans, identifiers, paths, numbers) that none of its
+    sources nor the question holds: made up, or taken from an excerpt it does not list
+    (``retrieval.answers.unsupported_names``, the check a ticket reply must pass)."""
+    text = "\n".join([question] + [s.get("text", "") for s in reply.sources])
+    return unsupported_names(reply.text, text)
 
 
 def run_facts(target, items: list[FactItem], max_tokens: int = 96, progress=True) -> dict:

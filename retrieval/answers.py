@@ -2,7 +2,7 @@
 prompt scaffolding an answer must never echo, and how well an answer is grounded in the
 evidence lines it was given (``grounding_score``: used to choose among candidate answers,
 ``retrieval.answer_candidates``), and which excerpts hold an answer's words (``support``: its
-sources, ``retrieval.sources``; ``unsupported``: what it states that none of them holds)."""
+sources, ``retrieval.sources``; ``unsupported_names``: what it names that none of them holds)."""
 
 from __future__ import annotations
 
@@ -82,17 +82,24 @@ def support(answer: str, texts: list[str], question: str = "") -> list[int]:
     return [sum(w in t.lower() for w in words) for t in texts]
 
 
-_IDENTISH = re.compile(r"[\w/.-]+")
+_LIST_MARK = re.compile(r"^\s*\d{1,2}[.)]\s", re.M)
+_NAMED = re.compile(r"`([^`\n]{1,80})`|[A-Za-z0-9_.:/-]*(?:[_/]|\d)[A-Za-z0-9_.:/-]*")
 
 
-def unsupported(answer: str, texts: list[str], question: str = "") -> list[str]:
-    """The answer's identifiers (words with ``_`` or ``/``: parameters, endpoints, paths) and
-    numbers that none of ``texts`` (its sources) nor the question holds: what the model made
-    up, or took from an excerpt it does not list. Citation tags and scaffolding aside."""
-    held = ("\n".join(texts) + "\n" + question).lower()
+def named(answer: str) -> list[str]:
+    """What an answer names exactly: code spans, identifiers, paths, URLs and numbers
+    (citation tags and list numbers left out)."""
     out = []
-    for w in _IDENTISH.findall(_TAG.sub(" ", strip_scaffolding(answer)).lower()):
-        w = w.strip(".-")
-        if ("_" in w or "/" in w.strip("/") or w.isdigit()) and w not in held and w not in out:
-            out.append(w)
+    for m in _NAMED.finditer(_LIST_MARK.sub(" ", _TAG.sub(" ", answer))):
+        tok = (m.group(1) or m.group(0)).strip().strip(".,:;-/")
+        if tok and tok not in out:
+            out.append(tok)
     return out
+
+
+def unsupported_names(answer: str, text: str) -> list[str]:
+    """The names in ``answer`` (``named``) that ``text`` (its evidence lines or sources, with
+    the question) does not contain: made up, or taken from elsewhere. A ticket reply naming
+    one goes to a human; the evaluation counts the answers that do."""
+    low = text.lower()
+    return [n for n in named(answer) if n.lower() not in low]

@@ -35,19 +35,23 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
-    def __init__(self, msg: str, drain_s: float | None = None):
+    def __init__(self, msg: str, drain_s: float | None = None, backoff: float = 1.0):
         super().__init__(msg)
         self.drain_s = drain_s  # about how long the full queue takes to turn over (seconds)
+        # how many times longer than half a turnover refused clients should stay away: more
+        # than 1 when far more clients retry than the queue admits (``Admission.backoff``)
+        self.backoff = backoff
 
 
 def retry_after(exc: QueueFull, min_s: int, max_s: int) -> int:
     """The Retry-After for a refused request: half the time the full queue takes to turn over
     (``Admission.drain_s``: a client coming back then finds places, while the queue still
-    holds work), within [``min_s``, ``max_s``]; ``min_s`` before it is known. Fewer,
-    better-timed retries: under a flood the refusals cost the server less."""
+    holds work), times the admission's backoff when far more clients retry than it admits
+    (``Admission.backoff``), within [``min_s``, ``max_s``]; ``min_s`` before it is known.
+    Fewer, better-timed retries: under a flood the refusals cost the server less."""
     if exc.drain_s is None:
         return min_s
-    return int(min(max_s, max(min_s, -(-exc.drain_s // 2))))
+    return int(min(max_s, max(min_s, math.ceil(exc.drain_s / 2 * exc.backoff))))
 
 
 class EngineStopped(QueueFull):
@@ -150,6 +154,16 @@ class Slot:
         self.release()
 
 
+def _since(times: collections.deque[float], since: float) -> int:
+    """How many of ``times`` (in order) are at or after ``since``."""
+    n = 0
+    for t in reversed(times):
+        if t < since:
+            break
+        n += 1
+    return n
+
+
 class Admission:
     """Bounded admission and the FIFO hand-off to an engine's worker thread: at most
     ``max_queue`` places (``Slot``: reserved, running or waiting) at once; more are refused at
@@ -190,6 +204,11 @@ class Admission:
         # the place now held alone, if any
         self._solo: collections.deque[float] = collections.deque(maxlen=32)
         self._alone: Slot | None = None
+        # when the last requests were refused and admitted, and the backoff they set
+        self._refused: collections.deque[float] = collections.deque(maxlen=4096)
+        self._admits: collections.deque[float] = collections.deque(maxlen=1024)
+        self._backoff = 1.0
+        self._backoff_at = 0.0
 
     def answer_s(self) -> float | None:
         """Busy seconds per answer over the last 32 freed places (prompt preparation
@@ -250,6 +269,43 @@ class Admission:
             held = list(self._held)
         return sum(held) / len(held) if len(held) >= 4 else None
 
+    # Retry-After's backoff: refused requests per admission, over the last BACKOFF_WINDOW_S
+    # seconds, that the backoff steers towards; how fast it moves (per second, in log scale,
+    # per unit of log of the ratio); its bounds
+    RETRIES_PER_ADMISSION = 2.0
+    BACKOFF_WINDOW_S = 30.0
+    BACKOFF_GAIN = 0.1
+    BACKOFF_MAX = 64.0
+
+    def backoff(self) -> float:
+        """How many times half a turnover refused clients are asked to wait (at least 1).
+        Each client that is refused comes back after its Retry-After; when many more come
+        back than the queue can admit, each refusal still costs the server a request. So
+        when the last 30 s saw more than 4 refusals per admission, the backoff grows (by
+        ``BACKOFF_GAIN`` x the log of the excess per second: a few seconds to double), and
+        it shrinks the same way when fewer come, down to 1. Steady state: 1 to 4 refusals
+        per admission, whatever the number of clients."""
+        with self._lock:
+            return self._update_backoff(self.clock())
+
+    def _update_backoff(self, now: float) -> float:  # with the lock held
+        dt = now - self._backoff_at
+        if dt < 1.0:
+            return self._backoff
+        self._backoff_at = now
+        since = now - self.BACKOFF_WINDOW_S
+        refused, admits = _since(self._refused, since), _since(self._admits, since)
+        if not refused:
+            self._backoff = 1.0
+            return self._backoff
+        ratio = refused / max(1, admits) / self.RETRIES_PER_ADMISSION
+        if 0.5 <= ratio <= 2.0:  # within a factor of 2 of the target: steady
+            return self._backoff
+        ratio = min(8.0, max(1 / 8, ratio))
+        step = self.BACKOFF_GAIN * min(dt, self.BACKOFF_WINDOW_S) * math.log(ratio)
+        self._backoff = min(self.BACKOFF_MAX, max(1.0, self._backoff * math.exp(step)))
+        return self._backoff
+
     def reserve(self) -> Slot:
         """A place in the queue, or ``QueueFull`` (``EngineStopped`` while shutting down)."""
         solo, per = self.solo_s(), self.answer_s()
@@ -281,6 +337,10 @@ class Admission:
                 slot.predicted = predicted
                 return slot
             admitted = self.admitted
+            now = self.clock()
+            self._refused.append(now)
+            backoff = self._update_backoff(now)
+        drain = self.drain_s()
         if admitted < self.max_queue:  # refused by the deadline
             over = (
                 f"server.max_wait_s {self.max_wait_s:g} s"
@@ -291,9 +351,10 @@ class Admission:
             raise QueueFull(
                 f"server busy: an answer admitted now would take about {wait:.1f} s "
                 f"({admitted} requests ahead), over {over}",
-                self.drain_s(),
+                drain,
+                backoff,
             )
-        raise QueueFull(f"server busy: {self.max_queue} requests admitted", self.drain_s())
+        raise QueueFull(f"server busy: {self.max_queue} requests admitted", drain, backoff)
 
     def reserve_spare(self) -> Slot:
         """A place for an extra answer candidate: only from the lower half of the queue, so
@@ -311,6 +372,7 @@ class Admission:
         elif self._alone is not None:  # no longer alone
             self._alone.alone, self._alone = False, None
         self.admitted += 1
+        self._admits.append(slot.t0)
         return slot
 
     def submit(self, params: GenParams) -> Job:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 
@@ -60,9 +61,15 @@ def test_grounded_answer_has_sources(rc):
         messages=[{"role": "user", "content": "Which port does the Zephyrd HTTP API listen on?"}],
     )
     sources = r.model_extra["sources"]
-    assert sources and {"index", "id", "path", "heading", "score", "text"} <= set(sources[0])
+    keys = {"index", "id", "path", "heading", "score", "text", "cited", "evidence"}
+    assert sources and all(keys <= set(s) for s in sources)
     assert "guide/install.md" in [s["path"] for s in sources]
-    assert r.choices[0].message.content
+    answer = r.choices[0].message.content
+    assert answer
+    # cited: the excerpts the answer tags as [n]; with none tagged, all of them are listed
+    tags = {int(n) for n in re.findall(r"\[(\d+)\]", answer)}
+    for s in sources:
+        assert s["cited"] == (s["index"] in tags)
     # evidence: the lines that answer, as offsets into each source's text
     ev = [(s, e) for s in sources for e in s["evidence"]]
     assert ev and any("7431" in e["text"] for _, e in ev)

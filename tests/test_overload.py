@@ -18,7 +18,7 @@ import pytest
 
 from docqa.settings import load_settings
 from server.app import create_app
-from server.engine import Admission, EngineStopped, QueueFull
+from server.engine import Admission, EngineStopped, QueueFull, retry_after
 from server.generation import GenParams
 from server.runtime import ModelRuntime
 from server.services.index import IndexService
@@ -221,6 +221,41 @@ def test_retry_after_follows_how_long_places_are_held():
     assert retry_after(QueueFull("x", 41.0), 2, 30) == 21
     assert retry_after(QueueFull("x", 1.0), 2, 30) == 2
     assert retry_after(QueueFull("x", 400.0), 2, 30) == 30
+
+
+def test_retry_after_backs_off_when_far_more_clients_retry_than_are_admitted():
+    """Each refused client comes back after its Retry-After. With many more clients than the
+    queue admits, every comeback costs the server a refusal; so the admission's backoff grows
+    while the last 30 s saw more than 4 refusals per admission, and falls back when fewer come."""
+    clock = [0.0]
+    adm = Admission(1)
+    adm.clock = lambda: clock[0]
+
+    def second(refusals: int) -> QueueFull | None:
+        """One admission and ``refusals`` refused requests in one second."""
+        last = None
+        with adm.reserve():
+            clock[0] += 0.5
+            for _ in range(refusals):
+                with pytest.raises(QueueFull) as e:
+                    adm.reserve()
+                last = e.value
+            clock[0] += 0.5
+        return last
+
+    for _ in range(60):  # 3 refusals per admission: within the steady band, no backoff
+        e = second(3)
+    assert e.backoff == 1.0 and retry_after(e, 2, 30) == 2  # held 1 s: half a turnover < 2
+    grown = []
+    for _ in range(30):  # a flood: 20 per admission
+        grown.append(second(20).backoff)
+    assert grown == sorted(grown) and grown[-1] > 8 and retry_after(e, 2, 30) == 2
+    assert retry_after(QueueFull("x", 6.0, grown[-1]), 2, 30) == 30  # capped
+    assert retry_after(QueueFull("x", 6.0, 2.0), 2, 30) == 6
+    for _ in range(31):  # the flood is gone: one admission a second, nobody refused
+        second(0)
+    assert adm.backoff() == 1.0
+    assert adm.admitted == 0
 
 
 # -- deadline admission (server.max_wait_s) ---------------------------------------------

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from docqa.settings import RetrievalSettings, Settings, TicketSettings
+from retrieval.answers import named, unsupported_names  # noqa: F401 - named: re-exported
 from retrieval.bm25 import content_words
 from retrieval.evidence import Evidence, coverage
 from retrieval.search import SearchResult, rrf
@@ -32,8 +33,6 @@ _GREETING = re.compile(
     re.I,
 )
 _SENT = re.compile(r"(?<=[.!?])\s+")
-_CITE_MARK = re.compile(r"\[\d{1,3}\]")
-_LIST_MARK = re.compile(r"^\s*\d{1,2}[.)]\s", re.M)
 
 
 def clean_ticket(subject: str, body: str) -> str:
@@ -94,30 +93,9 @@ def support(answer: str, sources_text: str) -> float:
     return len(words & src) / len(words)
 
 
-_NAMED = re.compile(r"`([^`\n]{1,80})`|[A-Za-z0-9_.:/-]*(?:[_/]|\d)[A-Za-z0-9_.:/-]*")
-
-
-def named(answer: str) -> list[str]:
-    """What a reply names exactly: code spans, identifiers, paths, URLs and numbers
-    (citation marks left out)."""
-    out = []
-    for m in _NAMED.finditer(_LIST_MARK.sub(" ", _CITE_MARK.sub(" ", answer))):
-        tok = (m.group(1) or m.group(0)).strip().strip(".,:;-/")
-        if tok and tok not in out:
-            out.append(tok)
-    return out
-
-
 def leans(question: str) -> bool:
     """A question that leans on what comes before it: short, or with a pronoun."""
     return len(question.split()) < 6 or bool(_FOLLOWUP.search(question))
-
-
-def unsupported_names(answer: str, evidence_text: str) -> list[str]:
-    """The names in ``answer`` (``named``) that its evidence lines (with the question they were
-    picked for) do not contain."""
-    low = evidence_text.lower()
-    return [n for n in named(answer) if n.lower() not in low]
 
 
 def search_ticket(
