@@ -70,6 +70,9 @@ def test_grounded_answer_has_sources(rc):
     tags = {int(n) for n in re.findall(r"\[(\d+)\]", answer)}
     for s in sources:
         assert s["cited"] == (s["index"] in tags)
+    # what the answer names that its sources lack, for a client to flag
+    held = "\n".join(s["text"] for s in sources).lower() + "which port does the zephyrd"
+    assert all(n.lower() not in held for n in r.model_extra["unsupported"])
     # evidence: the lines that answer, as offsets into each source's text
     ev = [(s, e) for s in sources for e in s["evidence"]]
     assert ev and any("7431" in e["text"] for _, e in ev)

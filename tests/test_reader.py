@@ -231,6 +231,20 @@ def test_sources_cited_lists_the_tags_or_everything():
     assert [(s["index"], s["cited"]) for s in srcs] == [(1, False), (2, False), (3, False)]
 
 
+def test_unsupported_flags_what_the_listed_sources_lack():
+    g = _grounding("supported")
+    out = g.finalize("Set `thread_num` [2]; `fast_threads` is faster.")
+    assert out["unsupported"] == ["fast_threads"]
+    # a name from an excerpt the answer does not list counts too: under `cited`, an answer
+    # tagging excerpt 2 for what excerpt 1 says; `supported` lists excerpt 1 as well
+    tagged = "Post to /v1/chat/completions [2]."
+    assert _grounding("cited").finalize(tagged)["unsupported"] == ["v1/chat/completions"]
+    assert g.finalize(tagged)["unsupported"] == []
+    from server.services.rag import Grounding
+
+    assert Grounding([], "not in the docs").finalize("`x_y`") == {"sources": [], "unsupported": []}
+
+
 def test_sources_supported_adds_the_excerpt_holding_the_answer():
     g = _grounding("supported")
     # the model tagged the chat excerpt, but the thread setting is in excerpt 2

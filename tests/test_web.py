@@ -242,6 +242,48 @@ def test_ask_streams_answer_with_highlighted_evidence(browser, web):
     page.context.close()
 
 
+def _sse(*events: dict) -> str:
+    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+
+def test_ask_flags_what_the_answer_names_without_a_source(browser, web):
+    """The rendering of a grounded answer's ``unsupported`` names and of a source the answer
+    did not cite (``cited: false``), from a canned stream in the server's shape (the server's
+    side: tests/test_api_rag.py and tests/test_reader.py); a real answer clears the flag."""
+    src = {"path": "guide/config.md", "heading": "Threads", "score": 0.9, "evidence": []}
+    final = {
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "sources": [
+            {**src, "index": 1, "id": "a", "text": "Chat.", "cited": True},
+            {**src, "index": 2, "id": "b", "text": "Set thread_num.", "cited": False},
+        ],
+        "unsupported": ["fast_threads"],
+    }
+    body = _sse({"choices": [{"index": 0, "delta": {"content": "Set `fast_threads` [1]."}}]}, final)
+    page = _page(browser, web.url)
+    page.route(
+        "**/v1/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body),
+    )
+    page.goto(web.url + "/")
+    page.fill("#question", "How many threads?")
+    page.click("#ask-btn")
+    page.wait_for_selector("#answer-box.answered")
+    expect(page.locator("#unsupported")).to_be_visible()
+    assert page.eval_on_selector_all("#unsupported code", "els => els.map(e => e.textContent)") == [
+        "fast_threads"
+    ]
+    badges = page.eval_on_selector_all("#sources summary", "els => els.map(e => e.textContent)")
+    assert "not cited" not in badges[0] and "holds the answer, not cited" in badges[1]
+    page.unroute("**/v1/chat/completions")
+    page.fill("#question", "What is a good recipe for chocolate cake?")  # the real server
+    page.click("#ask-btn")
+    page.wait_for_selector("#answer-box.abstained")
+    assert not page.is_visible("#unsupported")
+    assert page.outside == [] and page.console_errors == []
+    page.context.close()
+
+
 TICKETS_JSONL = (
     json.dumps(
         {

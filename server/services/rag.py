@@ -6,7 +6,7 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
-from retrieval.answers import support
+from retrieval.answers import support, unsupported_names
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
@@ -284,9 +284,11 @@ class Grounding:
 
     def finalize(self, text: str) -> dict:
         """``sources``: the excerpts the answer names (``pick``), each with the evidence lines
-        found in it (offsets into its ``text``) and whether the answer cites it."""
-        if self.abstain is not None:
-            return {"sources": []}
+        found in it (offsets into its ``text``) and whether the answer cites it;
+        ``unsupported``: what the answer names (code spans, identifiers, paths, numbers) that
+        none of those sources nor the question holds, for a client to flag."""
+        if self.abstain is not None or not self.hits:
+            return {"sources": [], "unsupported": []}
         out = []
         for i, was_cited in self.pick(text):
             src = source(i, self.hits[i - 1])
@@ -297,4 +299,5 @@ class Grounding:
                 if e.chunk == i - 1
             ]
             out.append(src)
-        return {"sources": out}
+        held = "\n".join([self.question] + [src["text"] for src in out])
+        return {"sources": out, "unsupported": unsupported_names(text, held)}

@@ -155,6 +155,7 @@ function renderSources(sources) {
   const list = $("#sources");
   list.replaceChildren();
   show($("#sources-empty"), sources.length === 0);
+  const anyCited = sources.some((s) => s.cited);
   sources.forEach((s, i) => {
     const ev = (s.evidence || []).length;
     const det = el("details", { id: `src-${s.index}`, open: i === 0 || null },
@@ -162,10 +163,23 @@ function renderSources(sources) {
         el("span", { class: "n", text: `[${s.index}]` }),
         el("span", { class: "path", text: s.path }),
         el("span", { class: "heading", text: s.heading || "" }),
-        el("span", { class: "badge muted", text: ev ? `${ev} evidence line${ev > 1 ? "s" : ""}` : "" })),
+        el("span", { class: "badge muted", text: ev ? `${ev} evidence line${ev > 1 ? "s" : ""}` : "" }),
+        el("span", { class: "badge muted", text: s.cited === false && anyCited ? "holds the answer, not cited" : "" })),
       excerptNode(s));
     list.append(el("li", {}, det));
   });
+}
+
+function renderUnsupported(names) {
+  // What the answer names that none of its sources holds: made up, or from elsewhere.
+  const note = $("#unsupported");
+  note.replaceChildren();
+  if (names.length) {
+    note.append("Not in its sources: ");
+    names.forEach((n, i) => { if (i) note.append(", "); note.append(el("code", { text: n })); });
+    note.append(". Check these before relying on them.");
+  }
+  show(note, names.length > 0);
 }
 
 function renderAnswerText(text, sources) {
@@ -234,10 +248,10 @@ async function ask(question) {
   show(box, true); show($("#sources-box"), false);
   box.classList.remove("abstained", "answered");
   kind.textContent = ""; kind.className = "badge";
-  answer.textContent = ""; answer.setAttribute("aria-busy", "true");
+  answer.textContent = ""; answer.setAttribute("aria-busy", "true"); renderUnsupported([]);
   $("#copy-md").disabled = true; $("#copy-status").textContent = "";
   $("#ask-btn").disabled = true; $("#stop-btn").disabled = false;
-  let text = "", sources = null, finish = null;
+  let text = "", sources = null, finish = null, unsupported = [];
   try {
     const res = await api("/v1/chat/completions", { raw: true, signal: ctl.signal, json: {
       model: cfg.rag_model, stream: true, temperature: 0,
@@ -262,6 +276,7 @@ async function ask(question) {
           if (ch && ch.delta && ch.delta.content) { text += ch.delta.content; answer.textContent = text; }
           if (ch && ch.finish_reason) finish = ch.finish_reason;
           if (Array.isArray(obj.sources)) sources = obj.sources;
+          if (Array.isArray(obj.unsupported)) unsupported = obj.unsupported;
         }
       }
     }
@@ -289,6 +304,7 @@ async function ask(question) {
   if (finish === "length") kind.textContent += " · cut at the length limit";
   if (finish === "stopped") kind.textContent += " · stopped";
   renderAnswerText(text, sources);
+  renderUnsupported(abstained ? [] : unsupported);
   renderSources(sources);
   show($("#sources-box"), text !== "" || sources.length > 0);
   $("#copy-md").disabled = !text;
