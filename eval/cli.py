@@ -87,7 +87,7 @@ def facts(
         res = run_facts(t, fact_set(fact_set_name))
     console.print(
         "| system | grounded-fact accuracy | right doc in sources | answers echoing scaffolding "
-        "| answers stating what their sources lack |\n|---|---|---|---|---|\n"
+        "| answers naming what their sources lack |\n|---|---|---|---|---|\n"
         f"| {t.name} | {res['accuracy']:.3f} | {res['doc_in_sources']:.3f} "
         f"| {res['unclean']} of {res['n']} | {res['unsupported']} of {res['n']} |"
     )
@@ -117,7 +117,7 @@ def qa(
     cp = res["citation_precision"]
     console.print(
         "| system | F1 | ROUGE-L | citation precision | abstain (off-topic) "
-        "| abstain (in-corpus) | answers echoing scaffolding | answers stating what their "
+        "| abstain (in-corpus) | answers echoing scaffolding | answers naming what their "
         "sources lack |\n"
         "|---|---|---|---|---|---|---|---|\n"
         f"| {t.name} | {res['f1']:.3f} | {res['rouge_l']:.3f} | "

@@ -71,7 +71,7 @@ def evaluate_model(
 COLUMNS = [
     ("facts_accuracy", "grounded facts"),
     ("facts_doc_in_sources", "right doc in sources"),
-    ("facts_unsupported", "stating what sources lack"),
+    ("facts_unsupported", "naming what sources lack"),
     ("qa_f1", "QA F1"),
     ("qa_rouge_l", "ROUGE-L"),
     ("citation_precision", "citation prec."),
