@@ -466,7 +466,7 @@ class RetrievalSettings(_Section):
         "supported",
         description="Which retrieved excerpts a grounded answer's sources list: 'cited', those "
         "its [n] tags name (all of them when it names none); 'supported', those and, when "
-        "another excerpt holds more of the answer's own words (retrieval.answers.support) "
+        "another excerpt holds more of the answer's own words (retrieval.answers.words_held) "
         "than any it cited, that one too (marked cited: false). Small models often tag the "
         "wrong excerpt. "
         "Measured: docs/benchmarks.md.",

@@ -1,7 +1,7 @@
 """What the reader's answers are judged by, in the server and in the evaluation alike: the
 prompt scaffolding an answer must never echo, and how well an answer is grounded in the
 evidence lines it was given (``grounding_score``: used to choose among candidate answers,
-``retrieval.answer_candidates``), and which excerpts hold an answer's words (``support``: its
+``retrieval.answer_candidates``), and which excerpts hold an answer's words (``words_held``: its
 sources, ``retrieval.sources``; ``unsupported_names``: what it names that none of them holds)."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def claims(answer: str, question: str = "") -> set[str]:
     return out
 
 
-def support(answer: str, texts: list[str], question: str = "") -> list[int]:
+def words_held(answer: str, texts: list[str], question: str = "") -> list[int]:
     """For each of ``texts``, how many of the answer's ``claims`` it holds."""
     words = claims(answer, question)
     return [sum(w in t.lower() for w in words) for t in texts]

@@ -261,12 +261,12 @@ def test_sources_supported_adds_the_excerpt_holding_the_answer():
 
 
 def test_support_counts_the_answers_own_words_not_the_questions():
-    from retrieval.answers import claims, support
+    from retrieval.answers import claims, words_held
 
     ans = "The default threads value is 1 [2]; see `thread_num`."
     words = claims(ans, "How many threads?")
     assert "thread_num" in words and "threads" not in words and "[2]" not in words
-    assert support(ans, [t for _, _, t in _PAGES], "How many threads?") == [0, 2, 0]
+    assert words_held(ans, [t for _, _, t in _PAGES], "How many threads?") == [0, 2, 0]
 
 
 def test_unsupported_names_what_no_source_holds():

@@ -6,7 +6,7 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
-from retrieval.answers import support, unsupported_names
+from retrieval.answers import unsupported_names, words_held
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
@@ -276,7 +276,7 @@ class Grounding:
             return [(i, False) for i in range(1, n + 1)]
         out = [(i, True) for i in tags]
         if self.policy == "supported":
-            sup = support(text, [h.chunk.text for h in self.hits], self.question)
+            sup = words_held(text, [h.chunk.text for h in self.hits], self.question)
             best = max(range(1, n + 1), key=lambda i: sup[i - 1])
             if sup[best - 1] > max(sup[i - 1] for i in tags):
                 out.append((best, False))
