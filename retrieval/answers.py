@@ -61,7 +61,8 @@ def grounding_score(answer: str, evidence: list[str]) -> int:
     return found - invented - 5 * bool(scaffolding(answer))
 
 
-_TAG = re.compile(r"\[\d{1,3}\]")
+# a citation tag "[n]" (the excerpt's number captured)
+CITE = re.compile(r"\[(\d{1,3})\]")
 
 
 def claims(answer: str, question: str = "") -> set[str]:
@@ -69,7 +70,7 @@ def claims(answer: str, question: str = "") -> set[str]:
     dots stripped), not stop words, not the question's words and not citation tags."""
     asked = {w.strip(".") for w in _WORD.findall(question.lower())}
     out = set()
-    for w in _WORD.findall(_TAG.sub(" ", strip_scaffolding(answer)).lower()):
+    for w in _WORD.findall(CITE.sub(" ", strip_scaffolding(answer)).lower()):
         w = w.strip(".")
         if len(w) >= 3 and w not in STOPWORDS and w not in asked:
             out.add(w)
@@ -79,7 +80,8 @@ def claims(answer: str, question: str = "") -> set[str]:
 def words_held(answer: str, texts: list[str], question: str = "") -> list[int]:
     """For each of ``texts``, how many of the answer's ``claims`` it holds."""
     words = claims(answer, question)
-    return [sum(w in t.lower() for w in words) for t in texts]
+    lowered = [t.lower() for t in texts]
+    return [sum(w in t for w in words) for t in lowered]
 
 
 _LIST_MARK = re.compile(r"^\s*\d{1,2}[.)]\s", re.M)
@@ -90,7 +92,7 @@ def named(answer: str) -> list[str]:
     """What an answer names exactly: code spans, identifiers, paths, URLs and numbers
     (citation tags and list numbers left out)."""
     out = []
-    for m in _NAMED.finditer(_LIST_MARK.sub(" ", _TAG.sub(" ", answer))):
+    for m in _NAMED.finditer(_LIST_MARK.sub(" ", CITE.sub(" ", answer))):
         tok = (m.group(1) or m.group(0)).strip().strip(".,:;-/")
         if tok and tok not in out:
             out.append(tok)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from docqa.settings import TicketSettings
+from retrieval.answers import unsupported_names
 from retrieval.evidence import Evidence
 from server.services.tickets import (
     Answer,
@@ -17,7 +18,6 @@ from server.services.tickets import (
     split_questions,
     support,
     ticket_query,
-    unsupported_names,
 )
 from server.tickets_cli import read_tickets, reply_all
 

@@ -6,7 +6,7 @@ import logging
 import re
 
 from docqa.settings import RetrievalSettings
-from retrieval.answers import unsupported_names, words_held
+from retrieval.answers import CITE, unsupported_names, words_held
 from retrieval.evidence import Evidence, for_reader
 from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
@@ -16,7 +16,6 @@ from server.runtime import ModelRuntime
 from server.services.index import IndexService
 
 log = logging.getLogger(__name__)
-_CITE = re.compile(r"\[(\d{1,3})\]")
 _FOLLOWUP = re.compile(r"\b(it|its|that|this|those|these|they|them|there|he|she|one)\b", re.I)
 
 
@@ -34,7 +33,7 @@ def fold_query(messages: list[dict[str, str]]) -> str:
 
 def cited(text: str, n: int) -> list[int]:
     out = []
-    for m in _CITE.finditer(text):
+    for m in CITE.finditer(text):
         i = int(m.group(1))
         if 1 <= i <= n and i not in out:
             out.append(i)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import anyio
 
 from docqa.settings import RetrievalSettings, Settings, TicketSettings
-from retrieval.answers import named, unsupported_names  # noqa: F401 - named: re-exported
+from retrieval.answers import unsupported_names
 from retrieval.bm25 import content_words
 from retrieval.evidence import Evidence, coverage
 from retrieval.search import SearchResult, rrf
