@@ -198,3 +198,83 @@ def test_stitched_sft_learns_the_served_layout(tmp_path):
     changed = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
     allowed = (f"model.layers.{last - 1}.", f"model.layers.{last}.", "model.norm.")
     assert changed and all(n.startswith(allowed) for n in changed), sorted(changed)[:5]
+
+
+def test_samples_feed_sft_and_dpo_with_the_models_own_judged_answers(smoke_run, tmp_path):
+    """The samples step in small (smollm2-reader-self's chain): the embedded model answers real
+    train questions through llama.cpp; every SFT example is one of its own answers judged
+    right, every DPO pair a right and a wrong answer to the same prompt; SFT trains on those
+    answers and DPO on those pairs (their inputs say so), and both change the weights."""
+    import json
+
+    from training.config import Recipe
+    from training.samples import judge
+
+    _, out, _, _ = smoke_run
+    recipe = Recipe.model_validate(
+        {
+            "name": "samples-smoke",
+            "steps": ["samples", "sft", "dpo"],
+            "inputs": {"model": str(out / "base" / "hf")},
+            "samples": {"limit": 6, "candidates": 3, "max_tokens": 64, "seed": 1},
+            "sft": {
+                "max_steps": 4,
+                "batch_size": 1,
+                "max_length": 768,
+                "learning_rate": 3e-4,
+                "warmup_ratio": 0.0,
+                "lora": None,
+                "train_layers": 2,
+                "threads": 1,
+            },
+            "dpo": {
+                "max_steps": 2,
+                "batch_size": 1,
+                "max_length": 768,
+                "learning_rate": 1e-4,
+                "warmup_ratio": 0.0,
+                "lora": None,
+                "train_layers": 2,
+                "threads": 1,
+            },
+        }
+    )
+    run = tmp_path / "run"
+    rebuild(recipe, run)
+    prov = read_provenance(run / "samples" / "provenance.json")
+    counts = prov["metrics"]
+    assert counts["questions"] == 6 and counts["examples"] >= 1
+
+    rows = [json.loads(x) for x in (run / "samples" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        assert len(r["answers"]) == 3 and r["must"]
+        evidence = "\n".join(t for t, _ in r["evidence"])
+        for a in r["answers"]:  # each verdict is the judge's (answers ended or were trimmed)
+            assert (
+                a["right"]
+                == judge(a["text"], r["must"], evidence, r["question"], r["gold_tag"], True).right
+            )
+    right = {(json.dumps(r["prompt"]), a["text"]) for r in rows for a in r["answers"] if a["right"]}
+    wrong = {
+        (json.dumps(r["prompt"]), a["text"]) for r in rows for a in r["answers"] if not a["right"]
+    }
+    answers = [json.loads(x) for x in (run / "samples" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == counts["examples"]
+    for e in answers:
+        assert (json.dumps(e["prompt"]), e["completion"][0]["content"]) in right
+    prefs = [
+        json.loads(x) for x in (run / "samples" / "preferences.jsonl").read_text().splitlines()
+    ]
+    assert len(prefs) == counts["preference_pairs"]
+    for p in prefs:
+        assert (json.dumps(p["prompt"]), p["chosen"][0]["content"]) in right
+        assert (json.dumps(p["prompt"]), p["rejected"][0]["content"]) in wrong
+
+    sft = read_provenance(run / "sft" / "provenance.json")
+    assert sft["inputs"]["answers"].endswith("answers.jsonl")
+    assert sft["inputs"]["examples"] == len(answers)
+    assert sft["metrics"]["weight_delta"] > 0
+    assert prefs, "6 questions x 3 answers gave no right/wrong pair"
+    dpo = read_provenance(run / "dpo" / "provenance.json")
+    assert dpo["inputs"]["pairs"] == len(prefs) and dpo["metrics"]["weight_delta"] > 0

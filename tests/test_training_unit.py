@@ -345,3 +345,80 @@ def test_dry_run_imports_no_torch(tmp_path):
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["codes"] == [0] * len(list(RECIPES.glob("*.yaml")))
     assert got["loaded"] == []
+
+
+def test_samples_judge_each_way_an_answer_can_fail():
+    """training.samples.judge: a right answer states the reference's identifiers, names nothing
+    the evidence lacks, echoes no scaffolding and cites only the gold excerpt."""
+    from training.samples import judge
+
+    ev = "- ctx_len (integer): the context length. Default 2048."
+    q = "Which parameter sets the context length?"
+    ok = judge(
+        "The `ctx_len` parameter sets it; its default is 2048 [2].", ["ctx_len"], ev, q, "2", True
+    )
+    assert ok.right and ok.why == ""
+    cases = {
+        "The `ngl` parameter sets it [2].": "does not state 'ctx_len'",
+        "The `ctx_len` parameter; its default is 4096 [2].": "names '4096'",
+        "The `ctx_len` parameter [1].": "cites [1]",
+        "Question: The `ctx_len` parameter [2].": "echoes scaffolding",
+        "": "empty",
+    }
+    for answer, why in cases.items():
+        v = judge(answer, ["ctx_len"], ev, q, "2", True)
+        assert not v.right and v.why.startswith(why), (answer, v)
+    assert judge("The `ctx_len` parameter [2].", ["ctx_len"], ev, q, "2", False).why == (
+        "cut at max_tokens"
+    )
+
+
+def test_samples_keep_whole_sentences_and_real_names():
+    from training.samples import names_something, whole_sentences
+
+    assert whole_sentences("It is `ctx_len` [1]. Its default is 20") == "It is `ctx_len` [1]."
+    assert whole_sentences("Set it. Then run the") == "Set it."
+    assert whole_sentences("no sentence end here") == ""
+    assert names_something(["ctx_len"]) and names_something(["/v1/models"])
+    assert names_something(["3928"]) and names_something(["AsyncOpenAI"])
+    assert not names_something(["server", "curl"])
+
+
+def test_samples_select_the_best_grounded_right_answer_and_pair_it_with_a_wrong_one():
+    from training.samples import select
+
+    prompt = [{"role": "user", "content": "q"}]
+    ev = [["- ctx_len (integer): the context length. Default 2048.", "[1]"]]
+
+    def row(*answers):
+        return {
+            "prompt": prompt,
+            "evidence": ev,
+            "answers": [{"text": t, "right": r, "why": ""} for t, r in answers],
+        }
+
+    rows = [
+        # greedy wrong, two sampled right: the one holding more evidence words is taught
+        row(
+            ("It is `ngl`.", False),
+            ("It is `ctx_len`.", True),
+            ("`ctx_len`: the context length, default 2048.", True),
+        ),
+        row(("It is `ctx_len` [1].", True), ("It is `ctx_len` too.", True)),  # no wrong: no pair
+        row(("It is `ngl`.", False), ("Unknown.", False)),  # none right: nothing
+    ]
+    examples, prefs, counts = select(rows)
+    assert [e["completion"][0]["content"] for e in examples] == [
+        "`ctx_len`: the context length, default 2048.",
+        "It is `ctx_len` [1].",
+    ]
+    assert len(prefs) == 1 and prefs[0]["rejected"][0]["content"] == "It is `ngl`."
+    assert prefs[0]["chosen"] == examples[0]["completion"] and prefs[0]["prompt"] == prompt
+    assert counts == {
+        "questions": 3,
+        "greedy_right": 1,
+        "any_right": 2,
+        "rescued": 1,
+        "examples": 2,
+        "preference_pairs": 1,
+    }

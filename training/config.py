@@ -22,6 +22,7 @@ STEPS = (
     "base",
     "synth",
     "merge",
+    "samples",
     "dpo",
     "sft",
     "export",
@@ -127,13 +128,64 @@ class MergeStep(_Cfg):
 
 
 class DPOStep(TrainCommon):
-    pairs: str | None = Field(None, description="prompt/chosen/rejected JSONL or HF dataset dir.")
+    pairs: str | None = Field(
+        None,
+        description="prompt/chosen/rejected JSONL or HF dataset dir; when None and an earlier "
+        "samples step made preference pairs, those are used.",
+    )
     beta: float = Field(0.1, gt=0, le=10, description="DPO beta.")
-    n_pairs: int = Field(64, ge=1, description="Offline pairs built from Q&A data.")
+    n_pairs: int = Field(
+        64,
+        ge=1,
+        description="Pairs trained on: the first of the given or sampled ones, or "
+        "this many built offline from Q&A data.",
+    )
     k_chunks: int = Field(3, ge=1, le=20, description="Chunks in each grounded prompt.")
     rejected: Literal["model", "paraphrase"] = Field(
         "model", description="Rejected answer: the model's own, or a context-free paraphrase."
     )
+
+
+class SamplesStep(_Cfg):
+    """The model's own answers to training questions, judged against the reference
+    (training.samples): SFT examples from right answers, DPO pairs from a right and a wrong
+    answer to the same prompt."""
+
+    model: str = Field(
+        DEFAULT_MODEL,
+        min_length=1,
+        description="Store name or GGUF path of the model that answers: the one the next steps "
+        "train, run through llama.cpp as the server runs it.",
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="Questions to answer: train pairs whose gold excerpt's evidence lines hold "
+        "the reference's identifiers (others are skipped). None = every such pair.",
+    )
+    candidates: int = Field(
+        5, ge=2, le=32, description="Answers per question: the greedy one and the rest sampled."
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Temperature of the sampled answers (None = the settings' "
+        "retrieval.answer_candidate_temperature).",
+    )
+    max_tokens: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="Tokens per answer (None = the settings' retrieval.answer_max_tokens); an "
+        "answer cut at this length is judged wrong.",
+    )
+    k_chunks: int = Field(3, ge=1, le=20, description="Excerpts per prompt (gold + distractors).")
+    n_ctx: int = Field(2048, ge=256, le=131072, description="llama.cpp context for answering.")
+    threads: int | None = Field(
+        None, ge=1, le=512, description="llama.cpp threads (None = the settings' model.n_threads)."
+    )
+    seed: int = Field(0, description="Random seed (question order, excerpt order, sampling).")
 
 
 class SFTStep(TrainCommon):
@@ -323,6 +375,7 @@ class Recipe(_Cfg):
     base: BaseStep = Field(default_factory=BaseStep)
     synth: SynthStep = Field(default_factory=SynthStep)
     merge: MergeStep = Field(default_factory=MergeStep)
+    samples: SamplesStep = Field(default_factory=SamplesStep)
     dpo: DPOStep = Field(default_factory=DPOStep)
     sft: SFTStep = Field(default_factory=SFTStep)
     export: ExportStep = Field(default_factory=ExportStep)

@@ -23,6 +23,7 @@ from training.config import (
     MergeStep,
     PublishStep,
     RerankerStep,
+    SamplesStep,
     SFTStep,
     SynthStep,
 )
@@ -114,8 +115,45 @@ def run_merge(ctx: StepContext) -> dict:
 
 
 def _dpo_needs(cfg: DPOStep) -> tuple[Need, ...]:
-    # given preference pairs replace the offline ones built from Q&A pairs
-    return (Need("model"),) if cfg.pairs else (Need("model"), PAIRS)
+    # given preference pairs replace the offline ones built from Q&A pairs; so do those of an
+    # earlier samples step
+    if cfg.pairs:
+        return (Need("model"),)
+    return (Need("model"), PAIRS, Need("preferences", optional=True))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+@register(
+    "samples",
+    SamplesStep,
+    needs=(PAIRS,),
+    produces={"answers": "answers.jsonl", "preferences": "preferences.jsonl"},
+)
+def run_samples(ctx: StepContext) -> dict:
+    """The model's own answers to training questions, judged: SFT examples and DPO pairs."""
+    from training.samples import sample_answers, select
+
+    cfg: SamplesStep = ctx.config
+    pairs = train_pairs_for(ctx, None, cfg.seed)
+    random.Random(cfg.seed).shuffle(pairs)
+    rows = sample_answers(pairs, cfg, ctx.out / ".samples-cache")
+    examples, prefs, counts = select(rows)
+    if not examples:
+        raise ValueError("samples: no question got a right answer; nothing to train on")
+    with step_dir(ctx.out, ctx.name) as tmp:
+        for name, items in (("answers.jsonl", examples), ("preferences.jsonl", prefs)):
+            with open(tmp / name, "w") as f:
+                for e in items:
+                    f.write(json.dumps(e) + "\n")
+        with open(tmp / "candidates.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        return finish(
+            tmp, "samples", cfg, inputs={"model": cfg.model, "pairs": len(pairs)}, metrics=counts
+        )
 
 
 @register("dpo", DPOStep, needs=_dpo_needs, produces={"model": "hf"})
@@ -130,6 +168,13 @@ def run_dpo(ctx: StepContext) -> dict:
     model, tok = load_causal_lm(src)
     if cfg.pairs:
         pairs = load_pairs(cfg.pairs)[: cfg.n_pairs]
+    elif ctx.has("preferences"):
+        pairs = load_pairs(ctx.input("preferences"))[: cfg.n_pairs]
+        if not pairs:
+            raise ValueError(
+                f"dpo: {ctx.input('preferences')} holds no pair (no question got both a right "
+                "and a wrong answer): sample more questions or candidates"
+            )
     else:
         pairs = build_pairs(model, tok, train_pairs_for(ctx, cfg.n_pairs, cfg.seed), cfg)
     with step_dir(ctx.out, ctx.name) as tmp:
@@ -145,15 +190,21 @@ def run_dpo(ctx: StepContext) -> dict:
         )
 
 
-@register("sft", SFTStep, needs=(Need("model"), PAIRS), produces={"model": "hf"})
+@register(
+    "sft",
+    SFTStep,
+    needs=(Need("model"), PAIRS, Need("answers", optional=True)),
+    produces={"model": "hf"},
+)
 def run_sft(ctx: StepContext) -> dict:
     """LoRA SFT (optionally retrieval-augmented); the adapter is merged into the saved model."""
     from training.data import sft_examples
-    from training.hf import load_causal_lm, save_hf, weight_delta
-    from training.lora import train_sft
 
     cfg: SFTStep = ctx.config
     src = ctx.input("model")
+    if ctx.has("answers"):  # the model's own right answers (an earlier samples step)
+        examples = _jsonl(ctx.input("answers"))[: cfg.limit]
+        return _train_sft(ctx, src, examples, {"answers": str(ctx.input("answers"))})
     # the grounded target skips pairs, so it draws from every (shuffled) pair up to the limit
     skips = cfg.rag and cfg.target == "grounded"
     pairs = train_pairs_for(ctx, None if skips else cfg.limit, cfg.seed)
@@ -168,6 +219,14 @@ def run_sft(ctx: StepContext) -> dict:
         seed=cfg.seed,
         limit=cfg.limit,
     )
+    return _train_sft(ctx, src, examples, {"pairs": len(pairs)})
+
+
+def _train_sft(ctx: StepContext, src: Path, examples: list[dict], inputs: dict) -> dict:
+    from training.hf import load_causal_lm, save_hf, weight_delta
+    from training.lora import train_sft
+
+    cfg: SFTStep = ctx.config
     with step_dir(ctx.out, ctx.name) as tmp:
         model, tok = load_causal_lm(src)
         ref, _ = load_causal_lm(src)
@@ -181,7 +240,7 @@ def run_sft(ctx: StepContext) -> dict:
             tmp,
             "sft",
             cfg,
-            inputs={"model": str(src), "pairs": len(pairs), "examples": len(examples)},
+            inputs={"model": str(src), **inputs, "examples": len(examples)},
             metrics=metrics,
         )
 
