@@ -178,7 +178,7 @@ class SamplesStep(_Cfg):
         ge=8,
         le=4096,
         description="Tokens per answer (None = the settings' retrieval.answer_max_tokens); an "
-        "answer cut at this length is judged wrong.",
+        "answer cut at this length is judged, and taught, up to its last whole sentence.",
     )
     k_chunks: int = Field(3, ge=1, le=20, description="Excerpts per prompt (gold + distractors).")
     n_ctx: int = Field(2048, ge=256, le=131072, description="llama.cpp context for answering.")

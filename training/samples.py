@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,8 +87,8 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
     ``cfg.limit`` questions have been answered (questions whose reference names no real
     identifier the evidence lines hold are skipped: ``names_something``). -> one row per
     question: prompt, the reference identifiers it must state, evidence, and every answer with
-    its verdict. Rows already in
-    ``cache/candidates.jsonl`` for the same model and settings are reused."""
+    its verdict. Rows already in ``cache/candidates.jsonl`` for the same model and settings
+    are reused."""
     from docqa.settings import load_settings
     from models.store import ModelStore
     from retrieval.answers import CITE
@@ -158,8 +155,8 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
                         n_gpu_layers=s.model.n_gpu_layers,
                     )
                     fmt = chat_formatter(llm)
-                if fmt is None:
-                    raise ValueError(f"{cfg.model}: the GGUF has no chat template")
+                    if fmt is None:
+                        raise ValueError(f"{cfg.model}: the GGUF has no chat template")
                 prompt = fmt(messages=ex["prompt"]).prompt  # as the server renders it
                 answers = []
                 for i in range(cfg.candidates):

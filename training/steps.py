@@ -34,12 +34,15 @@ log = logging.getLogger(__name__)
 PAIRS = Need("pairs", optional=True)  # synth's pairs when an earlier step makes them, else CSV
 
 
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
 def read_pairs(path: Path, limit: int | None = None, seed: int = 0):
     """Q&A pairs from a JSONL file (question/answer per line), held-out questions dropped."""
     from docqa.data import QAPair, is_heldout
 
-    rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
-    pairs = [QAPair(r["question"], r["answer"]) for r in rows]
+    pairs = [QAPair(r["question"], r["answer"]) for r in _jsonl(path)]
     pairs = [p for p in pairs if not is_heldout(p.question)]
     return random.Random(seed).sample(pairs, min(limit, len(pairs))) if limit else pairs
 
@@ -120,10 +123,6 @@ def _dpo_needs(cfg: DPOStep) -> tuple[Need, ...]:
     if cfg.pairs:
         return (Need("model"),)
     return (Need("model"), PAIRS, Need("preferences", optional=True))
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
 @register(
