@@ -98,7 +98,7 @@ def test_the_recipe_publishes_the_choice_under_its_own_name():
     assert steps["quant_select"].sources == {"model": "base"}
     assert steps["publish"].sources == {"gguf": "quant_select", "gate": "quant_select"}
     assert recipe.publish.name == "smollm2-135m-fast"
-    assert recipe.quant_select.quants == ["Q8_0", "Q4_0"]
+    assert recipe.quant_select.quants == ["Q8_0", "Q4_0", "F16"]
     assert recipe.quant_select.quality.against == REF
 
 

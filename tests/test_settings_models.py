@@ -83,21 +83,39 @@ def test_model_resolution(tmp_path):
         store.resolve(str(tmp_path / "missing.gguf"))
 
 
-def test_derived_q8_0_is_made_once_from_the_embedded_model(tmp_path, monkeypatch):
-    """The Q8_0 of the embedded model is made on first use, in the cache shared by every
+@pytest.mark.parametrize("quant", ["Q8_0", "F16"])
+def test_derived_quant_is_made_once_from_the_embedded_model(quant, tmp_path, monkeypatch):
+    """A derived quant of the embedded model is made on first use, in the cache shared by every
     store, atomically, with provenance; later resolutions reuse it; one made from another
     version of the embedded file is made again."""
     import gguf
 
     monkeypatch.setenv("DOCQA_CACHE_DIR", str(tmp_path / "cache"))
-    cid = "smollm2-135m-instruct-q8_0"
+    cid = f"smollm2-135m-instruct-{quant.lower()}"
     m = ModelStore(tmp_path / "a").resolve(cid)
     assert m.id == cid and m.path.parent == tmp_path / "cache" / "models"
     r = gguf.GGUFReader(m.path)
     types = {t.tensor_type.name for t in r.tensors}
-    assert "Q8_0" in types and "Q4_1" not in types, types
+    assert quant in types and "Q4_1" not in types, types
     prov = m.provenance
-    assert prov["config"]["quant"] == "Q8_0" and prov["sha256"] and prov["inputs"]["source_sha256"]
+    assert prov["config"]["quant"] == quant and prov["sha256"] and prov["inputs"]["source_sha256"]
+    if quant == "F16":  # the shipped Q4_1's own weights, in half precision
+        import numpy as np
+        from gguf.quants import dequantize
+
+        from models.store import embedded_path
+
+        src = {t.name: t for t in gguf.GGUFReader(embedded_path("smollm2-135m-instruct")).tensors}
+        n_q41 = 0
+        for t in r.tensors:
+            s = src[t.name]
+            if s.tensor_type.name != "Q4_1":
+                continue
+            n_q41 += 1
+            want = dequantize(s.data, s.tensor_type).reshape(-1)
+            got = np.asarray(t.data, dtype=np.float32).reshape(-1)
+            assert np.allclose(got, want, rtol=2**-10, atol=2**-24), t.name
+        assert n_q41 > 100
     assert not list(m.path.parent.glob("*.part"))
     stamp = m.path.stat().st_mtime_ns
     again = ModelStore(tmp_path / "b").resolve_id(cid)  # another store, by id: the same file
