@@ -181,8 +181,9 @@ class ModelSettings(_Section):
         min_length=1,
         description="Model to serve: a store name, the embedded model (smollm2-135m-instruct, "
         "the shipped Q4_1: the default), a quant made from it on first use "
-        "(smollm2-135m-instruct-q8_0: faster prefill and batching, but 3 fewer grounded facts "
-        "of 100, beyond the quality gate's margin; docs/benchmarks.md), or a GGUF path.",
+        "(smollm2-135m-instruct-f16: its weights in half precision, prefill ~2x; "
+        "smollm2-135m-instruct-q8_0: faster prefill and batching; both 3-5 grounded facts of "
+        "100 behind, beyond the quality gate's margin; docs/benchmarks.md), or a GGUF path.",
     )
     store_dir: Path = Field(
         Path("models/store"), description="Model store directory (GGUF + provenance JSON)."
