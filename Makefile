@@ -67,6 +67,9 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/bench_p1.py
 	$(BIN)/python benchmarks/bench_retrieval.py
+	$(BIN)/python benchmarks/bench_steps.py --model smollm2-135m-instruct \
+		--model smollm2-135m-instruct-q8_0 --model smollm2-135m-instruct-f16
+	$(BIN)/python benchmarks/bench_batching.py --tokens 96 --n-parallel -1 --n-ctx 4096
 
 eval: install
 	$(BIN)/python -m eval.run_benchmark --write docs/benchmarks.md
