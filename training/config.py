@@ -254,7 +254,7 @@ class QuantSelectStep(_Cfg):
     quants: list[str] = Field(
         default_factory=lambda: ["Q8_0", "Q4_0"],
         min_length=1,
-        description="llama.cpp quantizations to export and measure (Q8_0, Q4_0, Q4_K_M, ...).",
+        description="llama.cpp quantizations to export and measure (Q8_0, Q4_0, Q4_K_M, F16, ...).",
     )
     quality: GateStep = Field(
         default_factory=lambda: GateStep(mcq_limit=0, against=DEFAULT_MODEL),
