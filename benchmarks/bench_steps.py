@@ -12,6 +12,7 @@ best at 8 clients before any engine or HTTP overhead (P2's ceiling). Medians of 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,24 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def measure(path: str, threads: int, prompt: int, reps: int) -> dict:
-    import llama_cpp as L
+    """Timed on the batch engine's own context (``BatchContext``: unified KV, 8 sequences)."""
+    import llama_cpp
 
-    m = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
-    cp = L.llama_context_default_params()
-    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 4096, 512, 512, 8
-    cp.kv_unified = True
-    cp.n_threads = cp.n_threads_batch = threads
-    ctx = L.llama_init_from_model(m, cp)
-    batch = L.llama_batch_init(512, 0, 8)
-    mem = L.llama_get_memory(ctx)
+    from server.engine import load_llama
+    from server.generation import BatchContext
+
+    llm = load_llama(Path(path), n_ctx=512, n_batch=512, n_threads=threads, n_gpu_layers=0)
+    bctx = BatchContext(llm, 8, 512, threads)
 
     def decode(items: list[tuple[int, int, int, bool]]) -> float:
-        batch.n_tokens = len(items)
-        for i, (tok, pos, seq, logits) in enumerate(items):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        for i, item in enumerate(items):
+            bctx.add(i, *item)
+        bctx.batch.n_tokens = len(items)
         t = time.perf_counter()
-        if L.llama_decode(ctx, batch) != 0:
+        if llama_cpp.llama_decode(bctx.ctx, bctx.batch) != 0:
             raise RuntimeError("llama_decode failed")
         return time.perf_counter() - t
 
@@ -46,22 +44,21 @@ def measure(path: str, threads: int, prompt: int, reps: int) -> dict:
         toks = [(i * 37) % 20000 + 100 for i in range(prompt)]  # any ids: timing only
         pf = []
         for _ in range(3):
-            L.llama_memory_clear(mem, True)
+            llama_cpp.llama_memory_clear(bctx.mem, True)
             pf.append(decode([(t, p, 0, p == prompt - 1) for p, t in enumerate(toks)]))
         for s in range(1, 8):
-            L.llama_memory_seq_cp(mem, 0, s, -1, -1)
+            llama_cpp.llama_memory_seq_cp(bctx.mem, 0, s, -1, -1)
         step = {}
         for n in (1, 8):
             ts = []
             for _ in range(reps):
                 ts.append(decode([(500 + s, prompt, s, True) for s in range(n)]))
                 for s in range(8):
-                    L.llama_memory_seq_rm(mem, s, prompt, -1)
+                    llama_cpp.llama_memory_seq_rm(bctx.mem, s, prompt, -1)
             step[n] = statistics.median(ts)
     finally:
-        L.llama_batch_free(batch)
-        L.llama_free(ctx)
-        L.llama_model_free(m)
+        bctx.close()
+        llm.close()
     return {
         "prefill_tok_s": prompt / statistics.median(pf),
         "step1_ms": step[1] * 1000,
@@ -71,6 +68,8 @@ def measure(path: str, threads: int, prompt: int, reps: int) -> dict:
 
 
 def main() -> None:
+    import llama_cpp
+
     from docqa.settings import load_settings
     from models.store import ModelStore
 
@@ -80,11 +79,6 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="default: model.n_threads or all")
     ap.add_argument("--reps", type=int, default=12)
     a = ap.parse_args()
-    import os
-
-    import llama_cpp
-
-    llama_cpp.llama_backend_init()
     quiet = llama_cpp.llama_log_callback(lambda level, text, user: None)
     llama_cpp.llama_log_set(quiet, None)  # llama.cpp's load logs would bury the table
     s = load_settings()

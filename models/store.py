@@ -87,8 +87,6 @@ def quantize(src: Path, dst: Path, quant: str, requantize: bool = False) -> Path
 
     name = quant.upper()
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
-    if ftype is None and name == "F32":
-        ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
     if ftype is None:
         raise ValueError(f"unknown quantization {quant!r}")
     params = llama_cpp.llama_model_quantize_default_params()
