@@ -22,7 +22,13 @@ class SuiteConfig:
 
 
 def evaluate_model(
-    model: str, *, rag: bool, index: str | None, cfg: SuiteConfig, progress: bool = True
+    model: str,
+    *,
+    rag: bool,
+    index: str | None,
+    cfg: SuiteConfig,
+    progress: bool = True,
+    settings: dict | None = None,
 ) -> dict:
     from docqa.data import load_qa, split_qa
     from eval.mcq import read_mcq, run_letter
@@ -35,7 +41,7 @@ def evaluate_model(
     t0 = time.time()
     _, held = split_qa(load_qa())
     pairs = held[: cfg.qa_limit]
-    with open_target(model, rag=rag, index=index if rag else None) as t:
+    with open_target(model, rag=rag, index=index if rag else None, settings=settings) as t:
         out["name"] = t.name
         if cfg.facts:
             f = run_facts(t, fact_set(cfg.facts_set)[: cfg.facts_limit], progress=progress)

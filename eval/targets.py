@@ -95,8 +95,10 @@ def open_target(
     index: str | None = None,
     name: str | None = None,
     api_key_env: str = "OPENAI_API_KEY",
+    settings: dict | None = None,
 ):
-    """Yield a ready ``Target`` for a URL or a GGUF (served locally for the run)."""
+    """Yield a ready ``Target`` for a URL or a GGUF (served locally for the run, with
+    ``settings``, section by section, over the defaults)."""
     kind, value = parse_target(spec)
     if kind == "url":
         key = os.environ.get(api_key_env, "unused")
@@ -111,7 +113,7 @@ def open_target(
             raise ValueError(f"give --model for {value}")
         yield Target(name or chosen, value, chosen, key, is_docqa)
         return
-    with local_server(value, index if rag else None) as url:
+    with local_server(value, index if rag else None, extra=settings) as url:
         ids = model_ids(url)
         chosen = "docqa" if rag and "docqa" in ids else next(i for i in ids if i != "docqa")
         yield Target(

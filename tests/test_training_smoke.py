@@ -200,6 +200,57 @@ def test_stitched_sft_learns_the_served_layout(tmp_path):
     assert changed and all(n.startswith(allowed) for n in changed), sorted(changed)[:5]
 
 
+def test_distilled_sft_learns_to_read_stitched_prompts_as_plain_ones(tmp_path):
+    """``sft.objective: distill``: the KL divergence from the starting model's plain forward
+    pass to the stitched one is zero where a prompt is not cut into lines and positive where it
+    is; a short distilled run lowers it on the stitched prompts and leaves the teacher (the
+    starting weights) untouched."""
+    import torch
+
+    from docqa.settings import load_settings
+    from training.blocks import OPEN, block_example, collate, distill_loss
+    from training.config import SFTStep
+    from training.data import sft_examples, train_pairs
+    from training.hf import load_causal_lm
+    from training.lora import train_sft
+
+    with pytest.raises(ValueError, match="block_attention"):
+        SFTStep(objective="distill")
+    pairs = train_pairs(limit=60, seed=2)
+    ex = sft_examples(pairs, rag=True, k=3, p_missing=0.0, target="grounded", limit=3)
+    model, tok = load_causal_lm(load_settings().model.model)  # the embedded model
+    teacher, _ = load_causal_lm(load_settings().model.model)
+    retrieval = load_settings().retrieval
+    rows = [block_example(tok, e, retrieval) for e in ex]
+    assert all(max(r["segments"]) >= 2 for r in rows)  # several lines: stitching matters
+    plain = [dict(r, segments=[OPEN] * len(r["segments"])) for r in rows]
+
+    def kl(batch_rows, m=model):
+        with torch.no_grad():
+            return float(distill_loss(m, teacher, collate(batch_rows)))
+
+    assert abs(kl(plain)) < 1e-4
+    before_kl = kl(rows)
+    assert before_kl > 1e-3
+    cfg = SFTStep(
+        block_attention=True,
+        objective="distill",
+        lora=None,
+        train_layers=4,
+        threads=1,
+        max_steps=8,
+        batch_size=3,
+        learning_rate=2e-4,
+        warmup_ratio=0.0,
+        max_length=1024,
+    )
+    start = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    trained, m = train_sft(model, tok, ex, cfg, tmp_path)
+    assert m["stitched_examples"] == len(ex) and m["steps"] == 8
+    assert kl(rows, trained) < 0.5 * before_kl, (before_kl, kl(rows, trained))
+    assert all(torch.equal(p, start[n]) for n, p in teacher.named_parameters())
+
+
 def test_samples_feed_sft_and_dpo_with_the_models_own_judged_answers(smoke_run, tmp_path):
     """The samples step in small (smollm2-reader-self's chain): the embedded model answers real
     train questions through llama.cpp; every SFT example is one of its own answers judged

@@ -107,6 +107,32 @@ def test_gate_requires_a_significant_facts_gain_when_asked():
     assert decide({"facts_accuracy": 15 / 34, "facts_correct": mixed}, pub, 0.02)["passed"]
 
 
+def test_gate_serves_the_candidate_with_its_settings(monkeypatch):
+    """``gate.candidate_settings`` reach the candidate's server (smollm2-kv: unit KV caches
+    on) and not the published model's, which is served with the defaults."""
+    from training import gate
+    from training.config import GateStep
+
+    calls = []
+
+    def fake_evaluate_model(model, *, rag, index, cfg, progress=True, settings=None):
+        calls.append((model, settings))
+        return {"facts_accuracy": 0.3, "qa_f1": 0.2}
+
+    monkeypatch.setattr(gate, "evaluate_model", fake_evaluate_model)
+    cfg = GateStep(candidate_settings={"retrieval": {"kv_cache": True}}, mcq_limit=0)
+    out = gate.compare("cand.gguf", cfg)
+    assert calls == [
+        ("cand.gguf", {"retrieval": {"kv_cache": True}}),
+        (cfg.against, None),
+    ]
+    assert out["passed"]
+    recipe = load_recipe("smollm2-kv")
+    assert recipe.gate.candidate_settings == {"retrieval": {"kv_cache": True}}
+    assert recipe.sft.objective == "distill" and recipe.sft.block_attention
+    assert recipe.sft.own_answers == "greedy" and recipe.samples.candidates == 1
+
+
 def test_identifiers_are_the_exact_names_the_chunk_holds():
     from training.data import identifiers
 

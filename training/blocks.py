@@ -176,3 +176,30 @@ def stitched_loss(model, batch: dict, num_items=None):
         count += int((target != -100).sum())
     denom = num_items if num_items is not None else max(count, 1)
     return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
+
+
+def distill_loss(model, teacher, batch: dict, num_items=None):
+    """Summed KL divergence, at every completion token of every example of ``batch``
+    (``collate``), from ``teacher``'s plain forward pass (full attention: what plain prefill
+    computes) to ``model``'s ``stitched_forward``, divided by ``num_items`` (the batch's label
+    count if None). With ``teacher`` a frozen copy of the starting model, the student learns
+    to read stitched prompts as it read plain ones, and nothing else (``sft.objective:
+    distill``)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = None, 0
+    dev = next(model.parameters()).device
+    for ids, labels, segments in zip(batch["input_ids"], batch["labels"], batch["segments"]):
+        ids, labels, segments = ids.to(dev), labels.to(dev), segments.to(dev)
+        s = _runs(segments.tolist())[-1][1]
+        keep = (labels[s + 1 :] != -100).nonzero().squeeze(-1)
+        student = stitched_forward(model, ids, segments).logits[0, :-1][keep].float()
+        with torch.no_grad():
+            target = teacher(input_ids=ids[None], logits_to_keep=len(ids) - s).logits[0, :-1]
+            target = F.log_softmax(target[keep].float(), -1)
+        kl = F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="sum")
+        total = kl if total is None else total + kl
+        count += int(keep.numel())
+    denom = num_items if num_items is not None else max(count, 1)
+    return total / torch.as_tensor(denom, device=total.device).clamp(min=1)

@@ -164,7 +164,11 @@ class SamplesStep(_Cfg):
         "the reference's identifiers (others are skipped). None = every such pair.",
     )
     candidates: int = Field(
-        5, ge=2, le=32, description="Answers per question: the greedy one and the rest sampled."
+        5,
+        ge=1,
+        le=32,
+        description="Answers per question: the greedy one and the rest sampled (1: the greedy "
+        "answer only, for sft.own_answers: greedy).",
     )
     temperature: float | None = Field(
         None,
@@ -206,6 +210,26 @@ class SFTStep(TrainCommon):
         "evidence and itself, the question and answer see everything (training/blocks.py). "
         "Needs rag and the evidence layout; a model trained so is served with kv_cache on.",
     )
+    objective: Literal["labels", "distill"] = Field(
+        "labels",
+        description="labels: cross-entropy on the completion. distill (needs block_attention): "
+        "the KL divergence at every completion token from the starting model's plain-prefill "
+        "distribution (a frozen copy, full attention) to the stitched forward pass, so the "
+        "model learns to read prompts from unit KV caches as it reads plain ones and keeps "
+        "its answers otherwise (training/blocks.py distill_loss).",
+    )
+    own_answers: Literal["right", "greedy"] = Field(
+        "right",
+        description="Which of an earlier samples step's answers to train on: its judged-right "
+        "answers (answers.jsonl) or every question's greedy answer (greedy.jsonl: what the "
+        "model says now, the completions distill matches it on).",
+    )
+
+    @model_validator(mode="after")
+    def _distill_needs_blocks(self):
+        if self.objective == "distill" and not self.block_attention:
+            raise ValueError("sft.objective distill needs block_attention: true")
+        return self
 
 
 class ExportStep(_Cfg):
@@ -230,6 +254,12 @@ class GateStep(_Cfg):
         "later and independently), all (100: the paired test has the most power).",
     )
     enforce: bool = Field(True, description="Refuse to publish when the gate fails.")
+    candidate_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings the candidate is served with in the gate, section by section "
+        "over the defaults (e.g. {retrieval: {kv_cache: true}} for a model made to be served "
+        "from unit KV caches); the published model is served with the defaults.",
+    )
     min_gain: float | None = Field(
         None,
         ge=0,

@@ -68,9 +68,9 @@ def _loglik(model: str, index: str, cfg: GateStep) -> dict:
     return {"mcq_loglik": res.accuracy[0]}
 
 
-def evaluate(model: str, cfg: GateStep) -> dict:
+def evaluate(model: str, cfg: GateStep, settings: dict | None = None) -> dict:
     """The gate's evaluation of one model (a GGUF path or a store name) with RAG on the Nitro
-    index: the figures :func:`decide` compares."""
+    index, served with ``settings`` over the defaults: the figures :func:`decide` compares."""
     from retrieval.corpus import nitro_index
 
     index = str(nitro_index())
@@ -83,14 +83,14 @@ def evaluate(model: str, cfg: GateStep) -> dict:
         mcq_limit=cfg.mcq_limit,
         mcq_rounds=cfg.mcq_rounds,
     )
-    out = evaluate_model(model, rag=True, index=index, cfg=suite, progress=False)
+    out = evaluate_model(model, rag=True, index=index, cfg=suite, progress=False, settings=settings)
     if cfg.mcq_loglik and cfg.mcq_limit:
         out |= _loglik(model, index, cfg)
     return out
 
 
 def compare(candidate_gguf: str, cfg: GateStep) -> dict:
-    cand = evaluate(candidate_gguf, cfg)
+    cand = evaluate(candidate_gguf, cfg, cfg.candidate_settings or None)
     pub = evaluate(cfg.against, cfg)
     return decide(cand, pub, cfg.margin, cfg.min_gain, cfg.alpha) | {
         "candidate": cand,

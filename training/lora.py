@@ -148,7 +148,7 @@ def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: 
     from transformers import Trainer, TrainingArguments
 
     from docqa.settings import load_settings
-    from training.blocks import block_example, collate, stitched_loss
+    from training.blocks import block_example, collate, distill_loss, stitched_loss
 
     retrieval = load_settings().retrieval
     if retrieval.shows_excerpts:
@@ -160,11 +160,21 @@ def _stitched_trainer(model, tok, examples: list[dict], cfg: TrainCommon, work: 
     if not rows:
         raise ValueError("no example left for stitched training")
 
+    teacher = None
+    if getattr(cfg, "objective", "labels") == "distill":  # the starting model, frozen
+        import copy
+
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
+
     class StitchedTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:  # the list batches are not counted by Trainer itself
                 self.state.num_input_tokens_seen += sum(x.numel() for x in inputs["input_ids"])
-            loss = stitched_loss(model, inputs, num_items_in_batch)
+            if teacher is not None:
+                loss = distill_loss(model, teacher, inputs, num_items_in_batch)
+            else:
+                loss = stitched_loss(model, inputs, num_items_in_batch)
             return (loss, None) if return_outputs else loss
 
         def floating_point_ops(self, inputs):

@@ -207,17 +207,33 @@ def chosen_index(row: dict) -> int | None:
     return max(right, key=lambda i: (grounding_score(row["answers"][i]["text"], ev), -i))
 
 
+def greedy_examples(rows: list[dict]) -> list[dict]:
+    """Every question's greedy answer, right or wrong, as an SFT example (with its evidence
+    lines): what the model says now (``sft.own_answers: greedy``, the completions
+    ``sft.objective: distill`` matches the stitched model to the plain one on)."""
+    return [
+        {
+            "prompt": row["prompt"],
+            "completion": [{"role": "assistant", "content": row["answers"][0]["text"]}],
+            "evidence": row["evidence"],
+        }
+        for row in rows
+        if row["answers"] and row["answers"][0]["text"]
+    ]
+
+
 def select(rows: list[dict]) -> tuple[list[dict], list[dict], dict]:
     """-> (SFT examples, DPO pairs, counts). A question with a right answer gives an example;
     one with a right and a wrong answer also gives a pair, its rejected answer the greedy one
     when that is wrong, else the first wrong one."""
     examples, prefs = [], []
     for row in rows:
+        ev = row["evidence"]  # (unit, tag) pairs: stitched training cuts the prompt by them
         i = chosen_index(row)
         if i is None:
             continue
         chosen = [{"role": "assistant", "content": row["answers"][i]["text"]}]
-        examples.append({"prompt": row["prompt"], "completion": chosen})
+        examples.append({"prompt": row["prompt"], "completion": chosen, "evidence": ev})
         wrong = [j for j, a in enumerate(row["answers"]) if not a["right"] and a["text"]]
         if wrong:
             rejected = [{"role": "assistant", "content": row["answers"][wrong[0]]["text"]}]

@@ -129,21 +129,27 @@ def _dpo_needs(cfg: DPOStep) -> tuple[Need, ...]:
     "samples",
     SamplesStep,
     needs=(PAIRS,),
-    produces={"answers": "answers.jsonl", "preferences": "preferences.jsonl"},
+    produces={
+        "answers": "answers.jsonl",
+        "preferences": "preferences.jsonl",
+        "greedy": "greedy.jsonl",
+    },
 )
 def run_samples(ctx: StepContext) -> dict:
     """The model's own answers to training questions, judged: SFT examples and DPO pairs."""
-    from training.samples import sample_answers, select
+    from training.samples import greedy_examples, sample_answers, select
 
     cfg: SamplesStep = ctx.config
     pairs = train_pairs_for(ctx, None, cfg.seed)
     random.Random(cfg.seed).shuffle(pairs)
     rows = sample_answers(pairs, cfg, ctx.out / ".samples-cache")
     examples, prefs, counts = select(rows)
-    if not examples:
-        raise ValueError("samples: no question got a right answer; nothing to train on")
+    greedy = greedy_examples(rows)
+    if not examples and not greedy:
+        raise ValueError("samples: no question got an answer; nothing to train on")
     with step_dir(ctx.out, ctx.name) as tmp:
-        for name, items in (("answers.jsonl", examples), ("preferences.jsonl", prefs)):
+        files = (("answers.jsonl", examples), ("preferences.jsonl", prefs))
+        for name, items in files + (("greedy.jsonl", greedy),):
             with open(tmp / name, "w") as f:
                 for e in items:
                     f.write(json.dumps(e) + "\n")
@@ -192,7 +198,12 @@ def run_dpo(ctx: StepContext) -> dict:
 @register(
     "sft",
     SFTStep,
-    needs=(Need("model"), PAIRS, Need("answers", optional=True)),
+    needs=(
+        Need("model"),
+        PAIRS,
+        Need("answers", optional=True),
+        Need("greedy", optional=True),
+    ),
     produces={"model": "hf"},
 )
 def run_sft(ctx: StepContext) -> dict:
@@ -201,9 +212,10 @@ def run_sft(ctx: StepContext) -> dict:
 
     cfg: SFTStep = ctx.config
     src = ctx.input("model")
-    if ctx.has("answers"):  # the model's own right answers (an earlier samples step)
-        examples = _jsonl(ctx.input("answers"))[: cfg.limit]
-        return _train_sft(ctx, src, examples, {"answers": str(ctx.input("answers"))})
+    own = "greedy" if cfg.own_answers == "greedy" else "answers"
+    if ctx.has(own):  # the model's own answers (an earlier samples step): right, or greedy
+        examples = _jsonl(ctx.input(own))[: cfg.limit]
+        return _train_sft(ctx, src, examples, {own: str(ctx.input(own))})
     # the grounded target skips pairs, so it draws from every (shuffled) pair up to the limit
     skips = cfg.rag and cfg.target == "grounded"
     pairs = train_pairs_for(ctx, None if skips else cfg.limit, cfg.seed)
