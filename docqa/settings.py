@@ -511,6 +511,15 @@ class RetrievalSettings(_Section):
         None,
         description="Where chunk KV caches are kept (None = beside the index: <index_dir>.kv).",
     )
+    kv_recompute: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="With kv_cache: the first N tokens of every cached piece after the first "
+        "(evidence line or excerpt), and its tag, are evaluated again once the pieces are "
+        "placed, attending to the pieces before them (a CacheBlend-style partial recompute): "
+        "some of the quality the caches lose, for a few more tokens of prefill. 0 = off.",
+    )
     database_url: str | None = Field(
         None,
         description="PostgreSQL URL (postgresql://user:pass@host/db) of a shared store: "

@@ -136,6 +136,9 @@ class KVPlan:
     items: list[KVItem]
     suffix: list[int]
     prefix_hash: str = ""
+    # retrieval.kv_recompute: the first N tokens of every piece after the first, and its
+    # tail, are evaluated again once the pieces are placed (``recompute_runs``)
+    recompute: int = 0
 
     def __post_init__(self):
         self.prefix_hash = self.prefix_hash or tokens_hash(self.prefix)
@@ -540,12 +543,43 @@ def stitch(
         n_past += n
     if labels:
         _labels(bctx, seq, labels, label_seq, n_batch)
-    elif shifted:
+    runs = recompute_runs(plan)
+    if runs:  # each decode applies pending shifts first
+        _recompute(bctx, seq, runs, label_seq, n_batch)
+    elif not labels and shifted:
         try:  # any token, alone on the empty label sequence: the shifts are applied first
             _decode(bctx, prefix[:1], 0, label_seq, False, n_batch)
         finally:
             llama_cpp.llama_memory_seq_rm(mem, label_seq, -1, -1)
     return n_past
+
+
+def recompute_runs(plan: KVPlan) -> list[tuple[list[int], int]]:
+    """(tokens, position) of what ``plan.recompute`` evaluates again in a stitched prompt:
+    the first ``recompute`` tokens of every piece after the first and that piece's tail.
+    A cached piece attends only to the prefix and itself; these tokens then attend to the
+    pieces before them too (CacheBlend, Yao et al. 2025, recomputes a few tokens per chunk
+    the same way). The first piece is computed right after the prefix, as plain prefill
+    would: nothing to redo."""
+    if plan.recompute <= 0:
+        return []
+    runs, at = [], len(plan.prefix)
+    for i, it in enumerate(plan.items):
+        at += len(it.label)
+        if i:
+            runs.append((it.span[: plan.recompute], at))
+            if it.tail:
+                runs.append((it.tail, at + len(it.span)))
+        at += len(it.span) + len(it.tail)
+    return [(toks, pos) for toks, pos in runs if toks]
+
+
+def _recompute(bctx, seq: int, runs: list[tuple[list[int], int]], lseq: int, n_batch: int):
+    """Evaluate ``runs`` again in ``seq`` (its cells there are dropped first), in order, each
+    attending to everything before it (``_labels``)."""
+    for toks, at in runs:
+        llama_cpp.llama_memory_seq_rm(bctx.mem, seq, at, at + len(toks))
+    _labels(bctx, seq, runs, lseq, n_batch)
 
 
 def _labels(bctx, seq: int, labels: list[tuple[list[int], int]], lseq: int, n_batch: int):

@@ -212,6 +212,7 @@ class RagService:
         if plan is None or plan.tokens != tokens:
             log.debug("grounded prompt not cut for chunk KV caches: plain prefill")
             return None
+        plan.recompute = self.settings.kv_recompute
         return plan
 
     def augment(self, rt: ModelRuntime, messages: list[dict[str, str]]):
