@@ -78,6 +78,12 @@ def main() -> None:
         "--no-excerpts", action="store_true", help="skip the excerpts layout (plain and kv)"
     )
     ap.add_argument("--model", default=None, help="model.model (default: the settings')")
+    ap.add_argument(
+        "--recompute",
+        type=int,
+        default=0,
+        help="also time unit KV caches with retrieval.kv_recompute N (0: not timed)",
+    )
     args = ap.parse_args()
     model = {"n_parallel": 1, **({"model": args.model} if args.model else {})}
 
@@ -100,6 +106,15 @@ def main() -> None:
         model=model,
         retrieval={"mode": "bm25", "kv_cache": True, "kv_cache_dir": str(tmp / "kv")},
     )
+    s_evrc = load_settings(  # ... with the heads and tags of later lines evaluated again
+        model=model,
+        retrieval={
+            "mode": "bm25",
+            "kv_cache": True,
+            "kv_cache_dir": str(tmp / "kv"),
+            "kv_recompute": max(args.recompute, 0),
+        },
+    )
     ms = s.model
     rt = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64, tmp / "kv")
     index = load_index(args.index)
@@ -108,12 +123,15 @@ def main() -> None:
     rag = RagService(s.retrieval, IndexService(retriever, None))
     rag_ev = RagService(s_ev.retrieval, IndexService(retriever, None))
     rag_evkv = RagService(s_evkv.retrieval, IndexService(retriever, None))
+    rag_evrc = RagService(s_evrc.retrieval, IndexService(retriever, None))
     items = yaml.safe_load((ROOT / "eval/data/grounded_facts.yaml").read_text())
     items = items[: args.questions]
     qs = [it["q"] for it in items]
 
-    def grounded(q: str, kv: bool, max_tokens: int = 1, evidence: bool = False) -> GenParams:
-        svc = (rag_evkv if kv else rag_ev) if evidence else rag
+    def grounded(
+        q: str, kv: bool, max_tokens: int = 1, evidence: bool = False, rc: bool = False
+    ) -> GenParams:
+        svc = (rag_evrc if rc else rag_evkv if kv else rag_ev) if evidence else rag
         hits = svc.search(q).hits
         msgs, used, ev = svc.build_messages(
             rt, [{"role": "user", "content": q}], hits, svc.evidence(q, hits)
@@ -159,13 +177,20 @@ def main() -> None:
         pu = grounded(q, True, args.answer_tokens, evidence=True)
         r["ev_kv_warm"], _, _, r["ev_kv_answer"] = run(single, pu)
         r["ev_kv_ok"] = has_facts(r["ev_kv_answer"], item["facts"])
+        if args.recompute:  # the same units, warm, with the later lines' heads redone
+            run(single, grounded(prev, True, evidence=True, rc=True))
+            pr = grounded(q, True, args.answer_tokens, evidence=True, rc=True)
+            r["ev_kv_rc"], _, _, r["ev_kv_rc_answer"] = run(single, pr)
+            r["ev_kv_rc_ok"] = has_facts(r["ev_kv_rc_answer"], item["facts"])
+            r["n_recomputed"] = sum(len(t) for t, _ in kvcache.recompute_runs(pr.kv_plan))
         if args.no_excerpts:
             rows.append(r)
             print(
                 f"[{i + 1}/{len(qs)}] bare {r['bare']:.3f}s  evidence {r['evidence']:.3f}s "
                 f"({r['n_prompt_ev']} tok)  units cold {r['ev_kv_cold']:.3f}s warm "
-                f"{r['ev_kv_warm']:.3f}s ({r['n_units']} units)  facts evidence {r['ev_ok']} "
-                f"units {r['ev_kv_ok']}",
+                f"{r['ev_kv_warm']:.3f}s ({r['n_units']} units)  "
+                + (f"recompute {r['ev_kv_rc']:.3f}s  " if args.recompute else "")
+                + f"facts evidence {r['ev_ok']} units {r['ev_kv_ok']}",
                 flush=True,
             )
             continue
@@ -189,6 +214,8 @@ def main() -> None:
         )
 
     keys = ["bare", "evidence", "ev_kv_cold", "ev_kv_warm"]
+    if args.recompute:
+        keys.append("ev_kv_rc")
     if not args.no_excerpts:
         keys += ["plain", "kv_cold", "kv_warm"]
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
@@ -204,12 +231,19 @@ def main() -> None:
     thr = {}
     n_ans = args.clients_answers
     work = [qs[i % len(qs)] for i in range(n_ans)]
-    variants = ["evidence", "units"] + ([] if args.no_excerpts else ["plain", "kv"])
+    variants = ["evidence", "units"] + (["units_rc"] if args.recompute else [])
+    variants += [] if args.no_excerpts else ["plain", "kv"]
     for name in variants:
         for clients in (1, 4, 8):
             engine = single if clients == 1 else be
             params = [
-                grounded(q, name in ("units", "kv"), 32, evidence=name in ("evidence", "units"))
+                grounded(
+                    q,
+                    name in ("units", "units_rc", "kv"),
+                    32,
+                    evidence=name in ("evidence", "units", "units_rc"),
+                    rc=name == "units_rc",
+                )
                 for q in work
             ]
 
@@ -263,6 +297,18 @@ def main() -> None:
         "facts_evidence_only": sum(r["ev_ok"] and not r["ev_kv_ok"] for r in rows),
         "facts_units_only": sum(r["ev_kv_ok"] and not r["ev_ok"] for r in rows),
         "same_answers_units": sum(r["ev_answer"] == r["ev_kv_answer"] for r in rows),
+        **(
+            {
+                "recompute": args.recompute,
+                "median_recomputed_tokens": statistics.median(r["n_recomputed"] for r in rows),
+                "facts_units_recompute": sum(r["ev_kv_rc_ok"] for r in rows),
+                "same_answers_units_recompute": sum(
+                    r["ev_answer"] == r["ev_kv_rc_answer"] for r in rows
+                ),
+            }
+            if args.recompute
+            else {}
+        ),
         **(
             {}
             if args.no_excerpts

@@ -563,15 +563,22 @@ def recompute_runs(plan: KVPlan) -> list[tuple[list[int], int]]:
     would: nothing to redo."""
     if plan.recompute <= 0:
         return []
-    runs, at = [], len(plan.prefix)
+    runs: list[tuple[list[int], int]] = []
+
+    def add(toks: list[int], pos: int) -> None:
+        if runs and runs[-1][1] + len(runs[-1][0]) == pos:  # contiguous: one decode
+            runs[-1] = (runs[-1][0] + toks, runs[-1][1])
+        elif toks:
+            runs.append((list(toks), pos))
+
+    at = len(plan.prefix)
     for i, it in enumerate(plan.items):
         at += len(it.label)
         if i:
-            runs.append((it.span[: plan.recompute], at))
-            if it.tail:
-                runs.append((it.tail, at + len(it.span)))
+            add(it.span[: plan.recompute], at)
+            add(it.tail, at + len(it.span))
         at += len(it.span) + len(it.tail)
-    return [(toks, pos) for toks, pos in runs if toks]
+    return runs
 
 
 def _recompute(bctx, seq: int, runs: list[tuple[list[int], int]], lseq: int, n_batch: int):
