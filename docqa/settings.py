@@ -496,29 +496,32 @@ class RetrievalSettings(_Section):
         default_factory=list, description="Server paths POST /v1/documents may ingest from."
     )
     kv_cache: bool = Field(
-        False,
+        True,
         description="Chunk KV cache (TurboRAG): the KV of each excerpt (in the evidence "
         "layout: of each evidence unit) is computed once after the system prompt and saved "
         "(docqa index kv, or on first use), and a grounded request loads it instead of "
-        "prefilling it (only the labels, the question and scaffolding are prefilled): a "
-        "grounded answer's first token in ~1.5x a bare one's instead of ~4.7x. Cached pieces "
-        "attend to the system prompt and themselves, not to each other, which costs quality: "
-        "QA F1 0.254 vs 0.282 over 266 held-out pairs (p = 0.001) and 29 vs 37 grounded facts "
-        "of 100 (docs/benchmarks.md), so it is off by default. About 5.5 GB of disk per "
-        "1,000 chunks (f16 KV). Bad or other-model cache files are logged and ignored.",
+        "prefilling it (only the labels, the question and scaffolding are prefilled, and "
+        "kv_recompute's tokens): a grounded answer's first token in ~2.1x a bare one's "
+        "instead of ~5.6x. Cached pieces attend to the system prompt and themselves, not to "
+        "each other; alone that costs QA F1 (0.250 vs 0.280 over 266 held-out pairs, p < "
+        "0.001), with kv_recompute 2 it is within noise of plain prefill (0.277, p = 0.67; "
+        "grounded facts 31 vs 37 of 100, p = 0.29; docs/benchmarks.md, session 17). About "
+        "5.5 GB of disk per 1,000 chunks (f16 KV). Bad or other-model cache files are "
+        "logged and ignored.",
     )
     kv_cache_dir: Path | None = Field(
         None,
         description="Where chunk KV caches are kept (None = beside the index: <index_dir>.kv).",
     )
     kv_recompute: int = Field(
-        0,
+        2,
         ge=0,
         le=1024,
         description="With kv_cache: the first N tokens of every cached piece after the first "
         "(evidence line or excerpt), and its tag, are evaluated again once the pieces are "
         "placed, attending to the pieces before them (a CacheBlend-style partial recompute): "
-        "some of the quality the caches lose, for a few more tokens of prefill. 0 = off.",
+        "the QA F1 the caches lose without it (2: ~12 tokens, +40 ms on 2 cores; "
+        "docs/benchmarks.md, session 17). 0 = off.",
     )
     database_url: str | None = Field(
         None,
