@@ -144,7 +144,8 @@ class BatchEngine(Worker):
         if p.kv_plan is not None and self.kv is not None and not p.cad:
             n_past = self._stitch(slot.seq, p.kv_plan)
             if n_past is not None:
-                slot.n_past, slot.pending, slot.stitched = n_past, list(p.kv_plan.suffix), True
+                rest = p.kv_plan.tokens[n_past:]  # the suffix (and a last recomputed run)
+                slot.n_past, slot.pending, slot.stitched = n_past, rest, True
                 return slot
         slot.n_past = self._reuse_prefix(slot.seq, slot.pending)
         slot.pending = slot.pending[slot.n_past :]

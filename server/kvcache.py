@@ -509,7 +509,8 @@ def stitch(
 ) -> int:
     """Fill ``seq`` with the plan's prefix (its first ``n_have`` cells are there already), its
     spans and tails (loaded from ``payloads``, or computed and saved where None) and its
-    labels; the suffix is left to the caller. -> cells filled. Raises on a llama.cpp failure
+    labels; the rest (``plan.tokens[n:]``: the suffix, and a last recomputed run) is left to
+    the caller. -> cells filled (n). Raises on a llama.cpp failure
     (the caller clears ``seq`` and falls back).
 
     Every span is placed first and the labels are evaluated afterwards (``_labels``, on
@@ -544,6 +545,13 @@ def stitch(
     if labels:
         _labels(bctx, seq, labels, label_seq, n_batch)
     runs = recompute_runs(plan)
+    if runs and runs[-1][1] + len(runs[-1][0]) == n_past:
+        # the last run (the last line's tag) ends where the suffix starts: its cells are
+        # dropped, and the caller evaluates it with the suffix (``plan.tokens[n_past:]``), in
+        # the decode it runs anyway: the same attention, one small decode fewer
+        toks, at = runs.pop()
+        llama_cpp.llama_memory_seq_rm(bctx.mem, seq, at, -1)
+        n_past = at
     if runs:  # each decode applies pending shifts first
         _recompute(bctx, seq, runs, label_seq, n_batch)
     elif not labels and shifted:
@@ -791,8 +799,9 @@ class KVRunner:
         n_vocab = self.llm.n_vocab()
         chain = sampler_chain(bctx.vocab, p, seed)
         try:
-            _decode(bctx, p.kv_plan.suffix, n_past, self.MAIN, True, self.llm.n_batch)
-            pos = n_past + len(p.kv_plan.suffix)
+            rest = p.kv_plan.tokens[n_past:]  # the suffix (and a last recomputed run)
+            _decode(bctx, rest, n_past, self.MAIN, True, self.llm.n_batch)
+            pos = n_past + len(rest)
             while True:
                 tok = llama_cpp.llama_sampler_sample(chain, bctx.ctx, -1)
                 yield tok, (logits_at(bctx.ctx, -1, n_vocab) if p.logprobs else None)
