@@ -104,7 +104,12 @@ def main() -> None:
     s_ev = load_settings(model=model, retrieval={"mode": "bm25"})  # the default
     s_evkv = load_settings(  # the default layout with its evidence units cached
         model=model,
-        retrieval={"mode": "bm25", "kv_cache": True, "kv_cache_dir": str(tmp / "kv")},
+        retrieval={
+            "mode": "bm25",
+            "kv_cache": True,
+            "kv_cache_dir": str(tmp / "kv"),
+            "kv_recompute": 0,  # the caches alone (--recompute times the default's recompute)
+        },
     )
     s_evrc = load_settings(  # ... with the heads and tags of later lines evaluated again
         model=model,
