@@ -549,7 +549,7 @@ def stitch(
         # the last run (the last line's tag) ends where the suffix starts: its cells are
         # dropped, and the caller evaluates it with the suffix (``plan.tokens[n_past:]``), in
         # the decode it runs anyway: the same attention, one small decode fewer
-        toks, at = runs.pop()
+        at = runs.pop()[1]
         llama_cpp.llama_memory_seq_rm(bctx.mem, seq, at, -1)
         n_past = at
     if runs:  # each decode applies pending shifts first

@@ -157,25 +157,36 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
-def stitched_loss(model, batch: dict, num_items=None):
-    """Summed token cross-entropy of every example of ``batch`` (``collate``) under
-    ``stitched_forward``, divided by ``num_items`` (the batch's label count if None)."""
+def _summed(model, batch: dict, num_items, per_example):
+    """The loop both losses share: ``per_example(ids, labels, s)`` (``s``: where the open
+    tail starts; tensors on the model's device) -> (summed loss, label count), summed over
+    ``batch`` (``collate``) and divided by ``num_items`` (the label count if None)."""
     import torch
-    import torch.nn.functional as F
 
     total, count = None, 0
     dev = next(model.parameters()).device
     for ids, labels, segments in zip(batch["input_ids"], batch["labels"], batch["segments"]):
         ids, labels, segments = ids.to(dev), labels.to(dev), segments.to(dev)
-        s = _runs(segments.tolist())[-1][1]
+        loss, n = per_example(ids, labels, segments, _runs(segments.tolist())[-1][1])
+        total = loss if total is None else total + loss
+        count += n
+    denom = num_items if num_items is not None else max(count, 1)
+    return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
+
+
+def stitched_loss(model, batch: dict, num_items=None):
+    """Summed token cross-entropy of every example of ``batch`` (``collate``) under
+    ``stitched_forward``, divided by ``num_items`` (the batch's label count if None)."""
+    import torch.nn.functional as F
+
+    def one(ids, labels, segments, s):
         logits = stitched_forward(model, ids, segments).logits[0]
         # the tail's first label is predicted by the token before the tail: a prompt token
         target = labels[s + 1 :]
         loss = F.cross_entropy(logits[:-1].float(), target, ignore_index=-100, reduction="sum")
-        total = loss if total is None else total + loss
-        count += int((target != -100).sum())
-    denom = num_items if num_items is not None else max(count, 1)
-    return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
+        return loss, int((target != -100).sum())
+
+    return _summed(model, batch, num_items, one)
 
 
 def distill_loss(model, teacher, batch: dict, num_items=None):
@@ -188,18 +199,13 @@ def distill_loss(model, teacher, batch: dict, num_items=None):
     import torch
     import torch.nn.functional as F
 
-    total, count = None, 0
-    dev = next(model.parameters()).device
-    for ids, labels, segments in zip(batch["input_ids"], batch["labels"], batch["segments"]):
-        ids, labels, segments = ids.to(dev), labels.to(dev), segments.to(dev)
-        s = _runs(segments.tolist())[-1][1]
+    def one(ids, labels, segments, s):
         keep = (labels[s + 1 :] != -100).nonzero().squeeze(-1)
         student = stitched_forward(model, ids, segments).logits[0, :-1][keep].float()
         with torch.no_grad():
             target = teacher(input_ids=ids[None], logits_to_keep=len(ids) - s).logits[0, :-1]
             target = F.log_softmax(target[keep].float(), -1)
         kl = F.kl_div(F.log_softmax(student, -1), target, log_target=True, reduction="sum")
-        total = kl if total is None else total + kl
-        count += int(keep.numel())
-    denom = num_items if num_items is not None else max(count, 1)
-    return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
+        return kl, int(keep.numel())
+
+    return _summed(model, batch, num_items, one)
