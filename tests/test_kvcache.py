@@ -454,6 +454,86 @@ def test_copied_cells_hold_the_applied_shifts(rt, ev_rag):
     assert np.allclose(logits[0], logits[1], atol=1e-3), np.abs(logits[0] - logits[1]).max()
 
 
+def test_moved_keys_are_llama_cpps_shift_without_its_pass(rt, ev_rag, caplog):
+    """``kvcache.moved`` puts a cached entry at another position in Python (cell positions
+    moved, keys rotated): the cells equal llama.cpp's own K-shift of the same entry to within
+    f16 rounding, and a stitched prompt built that way gives the same next token as one
+    llama.cpp shifted. The assembler checks the rotation once against llama.cpp and turns it
+    off when it does not match (a wrong rope here)."""
+    import dataclasses
+
+    import numpy as np
+
+    from server.generation import BatchContext, logits_at
+
+    rope = kvcache.Rope.of(rt.llm)
+    assert rope is not None and not rope.neox and rope.n_rot == rope.head_dim == 64
+    both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
+    plan = _ev_params(rt, ev_rag, both, [1, 0, 2]).kv_plan
+    _run(rt.engine, _ev_params(rt, ev_rag, both, [1, 0, 2]))  # the entries exist
+    payloads = kvcache.check(rt.kv, plan)
+    span, tail = payloads[1]
+    assert kvcache._layout(np.zeros(64, np.uint8)) is None  # not a state blob: no move
+    asm = BatchContext(rt.llm, 1, 512, 1, extra_seqs=1, n_cells=1024)
+    try:
+
+        def shifted(payload, delta):  # llama.cpp's shift, applied by a decode
+            assert kvcache._load_span(asm, 1, payload)
+            llama_cpp.llama_memory_seq_add(asm.mem, 1, 0, -1, delta)
+            kvcache._decode(asm, [0], 0, 2, False, 1)
+            llama_cpp.llama_memory_seq_rm(asm.mem, 2, -1, -1)
+            out = np.frombuffer(kvcache._state(asm, 1), dtype=np.uint8).copy()
+            llama_cpp.llama_memory_seq_rm(asm.mem, 1, -1, -1)
+            return out
+
+        for payload, delta in ((span, 5), (span, 61), (tail, 23)):
+            ref = kvcache._layout(shifted(payload, delta))
+            for r, want in ((rope, True), (dataclasses.replace(rope, neox=True), False)):
+                got = kvcache._layout(kvcache.moved(payload, delta, r))
+                assert (got[0][:, 0] == ref[0][:, 0]).all()  # the positions
+                k_ref, k_got = (x[1].astype(np.float32) for x in (ref, got))
+                err = float(np.abs(k_ref - k_got).max())
+                assert (err < 1e-3 * float(np.abs(k_ref).max()) + 1e-3) == want, (delta, err)
+        moved_bytes = kvcache.moved(span, 5, rope)
+        assert moved_bytes is not None and not np.array_equal(moved_bytes, np.asarray(span))
+    finally:
+        asm.close()
+
+    n_vocab = rt.llm.n_vocab()
+
+    def next_token(use: kvcache.Rope | None):
+        gen = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+        a = kvcache.Assembler(rt.llm, rt.kv)
+        a.rope = use
+        try:
+            n = a.install(plan, gen.ctx, 0)
+            assert n is not None
+            kvcache._decode(gen, plan.tokens[n:], n, 0, True, 512)
+            x = logits_at(gen.ctx, -1, n_vocab).astype(np.float64).copy()
+            return x, a.rope
+        finally:
+            a.close()
+            gen.close()
+
+    by_llama, _ = next_token(None)
+    with caplog.at_level(logging.INFO, logger="server.kvcache"):
+        in_python, kept = next_token(rope)
+        assert kept == rope  # the check passed: entries were moved in Python
+        wrong, dropped = next_token(dataclasses.replace(rope, neox=True))
+    assert dropped is None  # a rotation unlike llama.cpp's is never used
+    assert any("cannot be moved in Python" in r.getMessage() for r in caplog.records)
+
+    def kl(a, b):
+        a, b = a - a.max(), b - b.max()
+        a, b = a - np.log(np.exp(a).sum()), b - np.log(np.exp(b).sum())
+        return float((np.exp(a) * (a - b)).sum())
+
+    print("KL", kl(by_llama, in_python), kl(by_llama, wrong))
+    assert by_llama.argmax() == in_python.argmax() == wrong.argmax()
+    assert kl(by_llama, in_python) < 0.01
+    assert np.array_equal(by_llama, wrong)  # after the failed check: llama.cpp's shift
+
+
 def test_a_tail_is_never_read_for_another_tag(rt, ev_rag):
     """A tail entry copied to another tag's place is refused (its header names its key)."""
     both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
