@@ -12,8 +12,10 @@ prefix (``KVStore``). A request then:
 
 1. in the engine's ``Assembler`` (a small context of its own): keeps the prefix from the last
    request (or evaluates it); for each excerpt loads the span's saved cells into a scratch
-   sequence, shifts their positions to leave room for its label (llama.cpp re-applies RoPE
-   to shifted keys) and copies them into the prompt's sequence; then evaluates the labels
+   sequence at their place, after the labels before it (positions moved and keys rotated
+   in Python, ``moved``, as llama.cpp's K-shift would; or shifted by llama.cpp where the
+   model's rope is not one ``Rope`` knows) and copies them into the prompt's sequence; then
+   evaluates the labels
    (``[n]``: a few tokens each, attending to what precedes them),
 2. copies the assembled cells into the request's sequence of the generating context,
 3. prefills only the suffix there, then samples as usual.
@@ -39,8 +41,9 @@ suffix``: there the cached spans are the evidence units (sentences, list items, 
 the chunks, as ``retrieval.evidence.units`` cuts them and ``retrieval.prompting.evidence_text``
 shows them), keyed by a hash of their text (``unit_id``), each followed by its *tail*, the
 line's tag `` [n]\\n``, cached per unit and tag (``<unit id>.t<tag hash>.kv``, evaluated after
-the prefix and the unit alone): no label is left to evaluate per request, and one one-token
-decode applies the shifts. ``docqa index kv`` computes every unit of every chunk with its
+the prefix and the unit alone): no label is left to evaluate per request, and with the
+entries moved in Python nothing is left to decode but the recomputed tokens
+(``retrieval.kv_recompute``). ``docqa index kv`` computes every unit of every chunk with its
 tails for the tags ``[1]`` .. ``[top_k]``.
 """
 
@@ -774,7 +777,9 @@ class Assembler:
     token prompts, where the pass costs ~10 ms; it grows for a longer prompt, up to
     ``PROMPT_CELLS`` + ``SCRATCH_CELLS``); all shifts of a request are applied in one pass
     (``stitch``), and the generating context receives cells already in place
-    (``llama_state_seq_get/set_data``: a copy, no shift). Sequence 0 keeps the last prefix
+    (``llama_state_seq_get/set_data``: a copy, no shift). Even that pass (~14 ms here) is
+    left out where ``moved`` does the rotation (``Rope``, checked once against llama.cpp's
+    shift per assembler). Sequence 0 keeps the last prefix
     between requests (prompt reuse). Used from one engine thread; created on first use."""
 
     MAIN, SCRATCH, LABEL = 0, 1, 2
