@@ -399,6 +399,13 @@ class RetrievalSettings(_Section):
         description="Extra stop strings for grounded answers: where a small model starts "
         "echoing the prompt's scaffolding, the answer ends.",
     )
+    drop_scaffolding: bool = Field(
+        True,
+        description="Grounded answers (chat with retrieval, ticket replies) leave out fenced "
+        "code blocks that stay empty or hold only comment lines (a small model's echo of an "
+        "excerpt header, '```bash [1]' with nothing in it); a streamed block is held back "
+        "until it has a line of code. The rest of the text is the model's own.",
+    )
     loop_repeats: int = Field(
         3,
         ge=0,

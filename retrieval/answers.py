@@ -26,7 +26,6 @@ _SCAFFOLD = [
         re.compile(r"(documentation excerpts|most relevant lines|relevant lines)\s*:", re.I),
     ),
     ("question template", re.compile(r"^\s*question\s*:", re.I | re.M)),
-    ("empty code block", re.compile(r"```[^\n`]*\n(?:\s*(?:#[^\n]*)?\n)*\s*```")),
     # the built-in worked example's made-up product and option (retrieval.examples)
     (
         "worked example",
@@ -35,12 +34,90 @@ _SCAFFOLD = [
 ]
 
 
+_FENCE = re.compile(r"^[^\S\n]*```", re.M)
+
+
+def code_blocks(text: str, final: bool = True) -> tuple[list[tuple[int, int]], int | None]:
+    """Empty fenced code blocks of ``text``: (start, end) of every closed block holding
+    nothing but blank lines and ``#`` comment lines (``"```bash [1]\n```"``, a block holding
+    only an excerpt header), and the start of a last block that is still open with nothing
+    in it yet (None when there is none). Fences are paired in order (a fence line opens a
+    block, the next one closes it), so the closing fence of one block and the opening fence
+    of the next are never taken for an empty block between them. Unless ``final`` (the
+    whole answer), a closing fence with no line end yet leaves its block open."""
+    empty: list[tuple[int, int]] = []
+    start: int | None = None
+    content = False
+    for m in _FENCE.finditer(text):
+        line_end = text.find("\n", m.end())
+        line_end = len(text) if line_end < 0 else line_end + 1
+        if start is None:
+            if "```" in text[m.end() : line_end]:  # "```x```" on one line: inline code
+                continue
+            start, content = m.start(), False
+            body_from = line_end
+            continue
+        if not final and not text.endswith("\n", 0, line_end):  # a fence still growing
+            break
+        body = text[body_from : m.start()]
+        content = any(ln.strip() and not ln.strip().startswith("#") for ln in body.split("\n"))
+        if not content:
+            empty.append((start, line_end))
+        start = None
+    if start is not None:
+        *lines, last = text[body_from:].split("\n")
+        # the last line may still be growing: code once it starts with neither "#" (a
+        # comment) nor "`" (the closing fence)
+        if any(ln.strip() and not ln.strip().startswith("#") for ln in lines) or (
+            last.strip() and last.strip()[0] not in "#`"
+        ):
+            start = None
+    return empty, start
+
+
+def drop_empty_code(text: str, final: bool = False, since: int = 0) -> tuple[str, int]:
+    """``text`` without its closed empty code blocks that start at ``since`` or later
+    (``code_blocks``; with ``final``, also an open one at its end) -> (text, where the text
+    still to be held back starts: an open block with nothing in it yet, or the text's
+    length)."""
+    empty, open_at = code_blocks(text, final)
+    if final and open_at is not None:
+        empty.append((open_at, len(text)))
+        open_at = None
+    empty = [(a, b) for a, b in empty if a >= since]
+    for a, b in reversed(empty):
+        text = text[:a] + text[b:]
+    if open_at is not None:
+        open_at -= sum(b - a for a, b in empty if b <= open_at)
+    return text, len(text) if open_at is None else open_at
+
+
+def drop_echo(text: str, labels: list[str], final: bool = False) -> tuple[str, int]:
+    """``text`` (an answer's start, nothing sent yet) without a first line that echoes the
+    prompt's question line (it starts with one of ``labels``, such as "Question:") and the
+    blank lines after it -> (text, where the text to hold back starts: 0 while the first line
+    may still become such an echo)."""
+    lead = text.lstrip()
+    for label in labels:
+        if not final and len(lead) < len(label) and label.startswith(lead):
+            return text, 0  # "Ques": may become the label
+        if lead.startswith(label):
+            nl = lead.find("\n")
+            if nl < 0:
+                return ("", 0) if final else (text, 0)
+            rest = lead[nl + 1 :].lstrip("\n")
+            return drop_echo(rest, labels, final) if rest else (rest, 0)
+    return text, len(text)
+
+
 def scaffolding(answer: str) -> list[tuple[str, str]]:
     """(kind, matched text) of every piece of prompt scaffolding the answer echoes."""
-    return [(kind, m.group(0)) for kind, rx in _SCAFFOLD for m in rx.finditer(answer)]
+    found = [(kind, m.group(0)) for kind, rx in _SCAFFOLD for m in rx.finditer(answer)]
+    return found + [("empty code block", answer[a:b]) for a, b in code_blocks(answer)[0]]
 
 
 def strip_scaffolding(answer: str) -> str:
+    answer, _ = drop_empty_code(answer)
     for _, rx in _SCAFFOLD:
         answer = rx.sub(" ", answer)
     return answer

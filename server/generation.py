@@ -18,6 +18,8 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from retrieval.answers import drop_echo, drop_empty_code
+
 
 @dataclass
 class GenParams:
@@ -48,6 +50,11 @@ class GenParams:
     # Loop guard (grounded answers, retrieval.loop_repeats): the answer stops where its text
     # turns into one piece repeated this many times, or a run of citations; 0 = off.
     loop_repeats: int = 0
+    # Grounded answers (retrieval.drop_scaffolding): fenced code blocks that stay empty (or
+    # hold only comments, such as an echoed excerpt header) are left out of the text, a
+    # block held back until it has a line of code; so is a first line echoing the prompt's
+    # question line (a stop string's text after its line break, "Question:").
+    drop_scaffolding: bool = False
     # Chunk KV cache (server.kvcache): the grounded prompt cut into prefix, excerpts and
     # suffix (``prompt_tokens`` is its concatenation); engines with a store stitch it.
     kv_plan: Any = None
@@ -223,10 +230,13 @@ class TextStream:
         if lp is not None:
             self.pending_lp.append(lp)
         self.full += self.decoder.decode(piece)
+        hold = self._clean(False) if p.drop_scaffolding else None
         if p.loop_repeats:
             cut = loop_cut(self.full, p.loop_repeats)
             if cut is not None:  # a loop: the answer ends after its first copy
                 self.full = self.full[: max(cut, self.sent)].rstrip() or self.full[: self.sent]
+                if p.drop_scaffolding:
+                    self._clean(True)
                 self.stop_hit = True
                 d = Delta(self.full[self.sent :], self.pending_lp)
                 self.pending_lp, self.sent = [], max(self.sent, len(self.full))
@@ -236,6 +246,12 @@ class TextStream:
             hits = [i for i in (self.full.find(s, window) for s in p.stop) if i >= 0]
             if hits:
                 hit = min(hits)
+                if p.drop_scaffolding:  # the answer ends at the stop string
+                    head = self.full[:hit]
+                    if self.sent == 0:
+                        head, _ = drop_echo(head, self._echo_labels(), True)
+                    head, _ = drop_empty_code(head, True, self.sent)
+                    self.full, hit = head + self.full[hit:], len(head)
                 self.stop_hit = True
                 if hit > self.sent or self.pending_lp:
                     d = Delta(self.full[self.sent : hit], self.pending_lp)
@@ -245,13 +261,32 @@ class TextStream:
         end = len(self.full) - _held_back(self.full, p.stop) if p.stop else len(self.full)
         if p.loop_repeats:  # hold back what a loop found later may cut
             end = max(self.sent, min(end, len(self.full) - loop_hold(self.full)))
+        if hold is not None:  # a code block with nothing in it yet
+            end = max(self.sent, min(end, hold))
         if end > self.sent or self.pending_lp:
             d = Delta(self.full[self.sent : end], self.pending_lp)
             self.pending_lp, self.sent = [], end
             return d
         return None
 
+    def _echo_labels(self) -> list[str]:
+        """The prompt's line labels an answer may echo first: the stop strings that start a
+        line ("\\nQuestion:" -> "Question:")."""
+        return [s[1:] for s in self.p.stop if s.startswith("\n") and len(s) > 1]
+
+    def _clean(self, final: bool) -> int:
+        """Drop the unsent empty code blocks (``final``: also an open one at the end) and,
+        before anything is sent, a first line echoing the question line -> where the text
+        to hold back starts."""
+        hold = len(self.full)
+        if self.sent == 0:
+            self.full, hold = drop_echo(self.full, self._echo_labels(), final)
+        self.full, code = drop_empty_code(self.full, final, self.sent)
+        return min(hold, code)
+
     def flush(self) -> Delta | None:
+        if self.p.drop_scaffolding and not self.stop_hit:
+            self._clean(True)
         if not self.stop_hit and self.sent < len(self.full):
             d = Delta(self.full[self.sent :], [])
             self.sent = len(self.full)

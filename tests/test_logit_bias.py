@@ -91,6 +91,27 @@ def test_a_grammar_still_wins_over_a_ban(rt, engines, name):
         assert asyncio.run(_collect(engines[name], p)) == "a"
 
 
+@pytest.mark.parametrize("name", ["single", "batch"])
+def test_engines_leave_out_empty_code_blocks(rt, engines, name):
+    """``drop_scaffolding`` (grounded answers, ``retrieval.drop_scaffolding``) in both engines,
+    on the real model's generation (a grammar makes it write an empty block and a real one):
+    the empty block is left out of the text, streamed or whole; the real one is kept."""
+    text = "Load it:\\n```bash [1]\\n```\\nThen run:\\n```bash\\ncurl -d x\\n```"
+    prompt = rt.prompt_tokens(rt.format_chat([{"role": "user", "content": "How to load?"}]))
+    out = {}
+    for drop in (False, True):
+        p = GenParams(
+            prompt_tokens=prompt,
+            max_tokens=64,
+            temperature=0.0,
+            grammar=grammar_for(None, f'root ::= "{text}"'),
+            drop_scaffolding=drop,
+        )
+        out[drop] = asyncio.run(_collect(engines[name], p))
+    assert out[False] == "Load it:\n```bash [1]\n```\nThen run:\n```bash\ncurl -d x\n```"
+    assert out[True] == "Load it:\nThen run:\n```bash\ncurl -d x\n```"
+
+
 def test_merged_biases_stay_in_range_and_keep_bans():
     """The request's bias and the evidence bias add up within [-100, 100]; a ban from either
     stays a ban."""

@@ -75,6 +75,80 @@ def test_scaffolding_check_flags_echoes_and_keeps_clean_answers():
     assert has_facts("Use `ctx_len` [1].", ["ctx_len"])
 
 
+@pytest.mark.parametrize(
+    ("text", "empty"),
+    [
+        ("- Run:\n\n    ```bash [1]\n```\n\nDone", ["    ```bash [1]\n```\n"]),
+        ("It is:\n```\n# On MacOS:\n#   cmd: x\n```\nok", ["```\n# On MacOS:\n#   cmd: x\n```\n"]),
+        # the closing fence of one block and the opening fence of the next are not a block
+        ("```python\ndef f():\n    pass\n```\n\n```python\nprint(1)\n```", []),
+        ("Use ```curl``` here.\n```bash\ncurl -d x\n```", []),
+    ],
+)
+def test_empty_code_blocks_are_paired_in_order(text, empty):
+    from retrieval.answers import code_blocks
+
+    assert [text[a:b] for a, b in code_blocks(text)[0]] == empty
+    assert [t for k, t in scaffolding(text) if k == "empty code block"] == empty
+
+
+def _code_stream(pieces: list[str], drop: bool = True, stop=()) -> list[str]:
+    ts = TextStream(GenParams([1], 64, drop_scaffolding=drop, stop=list(stop)))
+    out = []
+    for piece in pieces:
+        d = ts.push(piece.encode(), None)
+        out.append(d.text if d is not None else "")
+        if ts.stop_hit:
+            break
+    d = ts.flush()
+    out.append(d.text if d is not None else "")
+    return out
+
+
+def test_streamed_answers_leave_out_empty_code_blocks():
+    """``retrieval.drop_scaffolding``: a block that closes (or the answer ends) with nothing in
+    it but comments is never sent; a block with code is sent whole, held back only until its
+    first line of code; the text around both is sent as generated."""
+    pieces = ["Load", " it:", "\n\n", "```", "bash", " [1]", "\n", "```", "\n", "Then", " call"]
+    out = _code_stream(pieces)
+    assert "".join(out) == "Load it:\n\nThen call"
+    assert out[1] == " it:"  # text before a block is not delayed
+    assert "".join(_code_stream(pieces, drop=False)) == "".join(pieces)  # off: as generated
+    code = ["Run", ":\n", "```", "bash", "\n", "#", " start", "\n", "curl", " -d", " x", "\n"]
+    code += ["```", "\n", "Done"]
+    out = _code_stream(code)
+    assert "".join(out) == "".join(code)
+    at = code.index("curl")
+    assert "".join(out[:at]) == "Run:\n"  # held while the block held only a comment
+    assert "".join(out[: at + 2]).endswith("```bash\n# start\ncurl -d")  # then released
+    # an answer ending (a stop string, or the last token) inside an empty block drops it
+    assert (
+        "".join(
+            _code_stream(["A", ":", "\n```", "bash", "\n", "\nQuestion:"], stop=["\nQuestion:"])
+        )
+        == "A:\n"
+    )
+    assert "".join(_code_stream(["A", ":", "\n```", "bash", "\n", "#", " (x.md > y)"])) == "A:\n"
+
+
+def test_streamed_answers_leave_out_a_first_line_echoing_the_question():
+    """An answer that starts by echoing the prompt's question line ("Question: ...", the
+    text of the stop string "\\nQuestion:") is sent without that line; an answer that only
+    mentions a question is sent as generated."""
+    stop = ["\nQuestion:", "Documentation excerpts:"]
+    echo = ["Question", ":", " Which", " port", "?", "\n\n", "The", " port", " is", " 3928", "."]
+    out = _code_stream(echo, stop=stop)
+    assert "".join(out) == "The port is 3928."
+    assert "".join(_code_stream(echo, drop=False, stop=stop)) == "".join(echo)
+    plain = ["Questions", " about", " ports", ":", " use", " 3928", "."]
+    assert "".join(_code_stream(plain, stop=stop)) == "".join(plain)
+    only = ["Question", ":", " Which", " port", "?"]  # nothing but the echo
+    assert "".join(_code_stream(only, stop=stop)) == ""
+    # the echo, then the prompt again: the stop string ends the answer, which is empty
+    again = ["Question", ":", " Which", "?", "\nQuestion", ":", " x"]
+    assert "".join(_code_stream(again, stop=stop)) == ""
+
+
 def test_reader_evidence_is_never_empty():
     # no unit shares a word with the question: the first units of the best chunk stand in
     ev = for_reader("Quelle est la réponse ?", [CHUNK, "Other."], _idf, 2)

@@ -78,6 +78,7 @@ class ChatService:
             params.stop = [*params.stop, *self.settings.retrieval.stop]
             if params.grammar is None:  # never cut a tool call or a structured output
                 params.loop_repeats = self.settings.retrieval.loop_repeats
+                params.drop_scaffolding = self.settings.retrieval.drop_scaffolding
             alpha = self.settings.retrieval.cad_alpha if req.cad_alpha is None else req.cad_alpha
             # (not with tools: the context-free prompt would not describe them)
             if grounding.hits and alpha > 0 and not calling:

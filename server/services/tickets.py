@@ -171,6 +171,7 @@ def _params(
         seed=0,  # sampled candidates (retrieval.answer_candidates): same ticket, same reply
         stop=list(r.stop),
         loop_repeats=r.loop_repeats,
+        drop_scaffolding=r.drop_scaffolding,
         logit_bias=logit_bias,
     )
     params.messages = messages  # what a remote engine sends
