@@ -95,8 +95,8 @@ def drop_empty_code(text: str, final: bool = False, since: int = 0) -> tuple[str
 def drop_echo(text: str, labels: list[str], final: bool = False) -> tuple[str, int]:
     """``text`` (an answer's start, nothing sent yet) without a first line that echoes the
     prompt's question line (it starts with one of ``labels``, such as "Question:") and the
-    blank lines after it -> (text, where the text to hold back starts: 0 while the first line
-    may still become such an echo)."""
+    blank lines after it, and any blank line the text starts with -> (text, where the text to
+    hold back starts: 0 while the first line may still become such an echo)."""
     lead = text.lstrip()
     for label in labels:
         if not final and len(lead) < len(label) and label.startswith(lead):
@@ -107,6 +107,7 @@ def drop_echo(text: str, labels: list[str], final: bool = False) -> tuple[str, i
                 return ("", 0) if final else (text, 0)
             rest = lead[nl + 1 :].lstrip("\n")
             return drop_echo(rest, labels, final) if rest else (rest, 0)
+    text = text.lstrip("\n")  # blank lines before the answer (after a dropped echo)
     return text, len(text)
 
 

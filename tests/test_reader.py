@@ -136,7 +136,8 @@ def test_streamed_answers_leave_out_a_first_line_echoing_the_question():
     text of the stop string "\\nQuestion:") is sent without that line; an answer that only
     mentions a question is sent as generated."""
     stop = ["\nQuestion:", "Documentation excerpts:"]
-    echo = ["Question", ":", " Which", " port", "?", "\n\n", "The", " port", " is", " 3928", "."]
+    echo = ["Question", ":", " Which", " port", "?", "\n", "\n"]
+    echo += ["The", " port", " is", " 3928", "."]
     out = _code_stream(echo, stop=stop)
     assert "".join(out) == "The port is 3928."
     assert "".join(_code_stream(echo, drop=False, stop=stop)) == "".join(echo)
