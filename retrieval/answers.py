@@ -84,7 +84,8 @@ def drop_empty_code(text: str, final: bool = False, since: int = 0) -> tuple[str
     if final and open_at is not None:
         empty.append((open_at, len(text)))
         open_at = None
-    empty = [(a, b) for a, b in empty if a >= since]
+    # a block whose indentation only was sent already: the rest of it goes
+    empty = [(max(a, since), b) for a, b in empty if b > since and not text[a:since].strip()]
     for a, b in reversed(empty):
         text = text[:a] + text[b:]
     if open_at is not None:

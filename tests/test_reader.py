@@ -110,6 +110,10 @@ def test_streamed_answers_leave_out_empty_code_blocks():
     it but comments is never sent; a block with code is sent whole, held back only until its
     first line of code; the text around both is sent as generated."""
     pieces = ["Load", " it:", "\n\n", "```", "bash", " [1]", "\n", "```", "\n", "Then", " call"]
+    # the model's own tokens, an indented block: its indentation streamed before the fence
+    indented = [":**", "\n\n   ", " ```", "bash", " [", "1", "]", "\n", "```", "\n"]
+    indented += ["\n", "-", " x"]
+    assert "".join(_code_stream(indented)) == ":**\n\n   \n-" + " x"
     out = _code_stream(pieces)
     assert "".join(out) == "Load it:\n\nThen call"
     assert out[1] == " it:"  # text before a block is not delayed
