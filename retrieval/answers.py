@@ -37,14 +37,18 @@ _SCAFFOLD = [
 _FENCE = re.compile(r"^[^\S\n]*```", re.M)
 
 
-def code_blocks(text: str, final: bool = True) -> tuple[list[tuple[int, int]], int | None]:
+def code_blocks(
+    text: str, final: bool = True, pending: tuple[str, ...] = ()
+) -> tuple[list[tuple[int, int]], int | None]:
     """Empty fenced code blocks of ``text``: (start, end) of every closed block holding
     nothing but blank lines and ``#`` comment lines (``"```bash [1]\n```"``, a block holding
     only an excerpt header), and the start of a last block that is still open with nothing
     in it yet (None when there is none). Fences are paired in order (a fence line opens a
     block, the next one closes it), so the closing fence of one block and the opening fence
     of the next are never taken for an empty block between them. Unless ``final`` (the
-    whole answer), a closing fence with no line end yet leaves its block open."""
+    whole answer), a closing fence with no line end yet leaves its block open, and so does
+    a last line that may still become one of ``pending`` (stop strings: they end the answer
+    there)."""
     empty: list[tuple[int, int]] = []
     start: int | None = None
     content = False
@@ -67,20 +71,23 @@ def code_blocks(text: str, final: bool = True) -> tuple[list[tuple[int, int]], i
     if start is not None:
         *lines, last = text[body_from:].split("\n")
         # the last line may still be growing: code once it starts with neither "#" (a
-        # comment) nor "`" (the closing fence)
+        # comment) nor "`" (the closing fence) and is not the start of a stop string
+        grown = last.strip()
         if any(ln.strip() and not ln.strip().startswith("#") for ln in lines) or (
-            last.strip() and last.strip()[0] not in "#`"
+            grown and grown[0] not in "#`" and not any(s.strip().startswith(grown) for s in pending)
         ):
             start = None
     return empty, start
 
 
-def drop_empty_code(text: str, final: bool = False, since: int = 0) -> tuple[str, int]:
+def drop_empty_code(
+    text: str, final: bool = False, since: int = 0, pending: tuple[str, ...] = ()
+) -> tuple[str, int, list[int]]:
     """``text`` without its closed empty code blocks that start at ``since`` or later
     (``code_blocks``; with ``final``, also an open one at its end) -> (text, where the text
     still to be held back starts: an open block with nothing in it yet, or the text's
-    length)."""
-    empty, open_at = code_blocks(text, final)
+    length; where each block was taken out, in the returned text)."""
+    empty, open_at = code_blocks(text, final, pending)
     if final and open_at is not None:
         empty.append((open_at, len(text)))
         open_at = None
@@ -90,7 +97,11 @@ def drop_empty_code(text: str, final: bool = False, since: int = 0) -> tuple[str
         text = text[:a] + text[b:]
     if open_at is not None:
         open_at -= sum(b - a for a, b in empty if b <= open_at)
-    return text, len(text) if open_at is None else open_at
+    cuts, gone = [], 0
+    for a, b in empty:
+        cuts.append(a - gone)
+        gone += b - a
+    return text, len(text) if open_at is None else open_at, cuts
 
 
 def drop_echo(text: str, labels: list[str], final: bool = False) -> tuple[str, int]:
@@ -104,8 +115,11 @@ def drop_echo(text: str, labels: list[str], final: bool = False) -> tuple[str, i
             return text, 0  # "Ques": may become the label
         if lead.startswith(label):
             nl = lead.find("\n")
+            if nl < 0 and final:  # one line in all: only the label goes
+                rest = lead[len(label) :].lstrip()
+                return rest, len(rest)
             if nl < 0:
-                return ("", 0) if final else (text, 0)
+                return text, 0
             rest = lead[nl + 1 :].lstrip("\n")
             return drop_echo(rest, labels, final) if rest else (rest, 0)
     text = text.lstrip("\n")  # blank lines before the answer (after a dropped echo)
@@ -119,7 +133,7 @@ def scaffolding(answer: str) -> list[tuple[str, str]]:
 
 
 def strip_scaffolding(answer: str) -> str:
-    answer, _ = drop_empty_code(answer)
+    answer = drop_empty_code(answer, True)[0]
     for _, rx in _SCAFFOLD:
         answer = rx.sub(" ", answer)
     return answer

@@ -224,15 +224,21 @@ class TextStream:
         self.sent = 0
         self.pending_lp: list[TokenLogprob] = []
         self.stop_hit = False
+        # empty code blocks left out one after another (drop_scaffolding): where the last
+        # went, how many in a row, and where a run of loop_repeats of them ends the answer
+        self._drop_at: int | None = None
+        self._drop_run = 0
+        self._drop_loop: int | None = None
 
     def push(self, piece: bytes, lp: TokenLogprob | None) -> Delta | None:
         p = self.p
         if lp is not None:
             self.pending_lp.append(lp)
         self.full += self.decoder.decode(piece)
-        hold = self._clean(False) if p.drop_scaffolding else None
         if p.loop_repeats:
             cut = loop_cut(self.full, p.loop_repeats)
+            if self._drop_loop is not None:  # empty blocks in a loop: the answer ends there
+                cut = self._drop_loop if cut is None else min(cut, self._drop_loop)
             if cut is not None:  # a loop: the answer ends after its first copy
                 self.full = self.full[: max(cut, self.sent)].rstrip() or self.full[: self.sent]
                 if p.drop_scaffolding:
@@ -250,7 +256,7 @@ class TextStream:
                     head = self.full[:hit]
                     if self.sent == 0:
                         head, _ = drop_echo(head, self._echo_labels(), True)
-                    head, _ = drop_empty_code(head, True, self.sent)
+                    head = drop_empty_code(head, True, self.sent)[0]
                     self.full, hit = head + self.full[hit:], len(head)
                 self.stop_hit = True
                 if hit > self.sent or self.pending_lp:
@@ -258,6 +264,8 @@ class TextStream:
                     self.pending_lp, self.sent = [], hit
                     return d
                 return None
+        # after the loop guard and the stop strings, which see the text as generated
+        hold = self._clean(False) if p.drop_scaffolding else None
         end = len(self.full) - _held_back(self.full, p.stop) if p.stop else len(self.full)
         if p.loop_repeats:  # hold back what a loop found later may cut
             end = max(self.sent, min(end, len(self.full) - loop_hold(self.full)))
@@ -272,16 +280,25 @@ class TextStream:
     def _echo_labels(self) -> list[str]:
         """The prompt's line labels an answer may echo first: the stop strings that start a
         line ("\\nQuestion:" -> "Question:")."""
-        return [s[1:] for s in self.p.stop if s.startswith("\n") and len(s) > 1]
+        return [s[1:] for s in self.p.stop if s.startswith("\n") and s.endswith(":")]
 
     def _clean(self, final: bool) -> int:
         """Drop the unsent empty code blocks (``final``: also an open one at the end) and,
         before anything is sent, a first line echoing the question line -> where the text
         to hold back starts."""
         hold = len(self.full)
-        if self.sent == 0:
+        if self.sent == 0 and not final and _held_back(self.full, self.p.stop):
+            hold = 0  # a stop string may be starting: the echo line waits for it
+        elif self.sent == 0:
             self.full, hold = drop_echo(self.full, self._echo_labels(), final)
-        self.full, code = drop_empty_code(self.full, final, self.sent)
+        pending = () if final else tuple(self.p.stop)
+        self.full, code, cuts = drop_empty_code(self.full, final, self.sent, pending)
+        for at in cuts:  # blocks with nothing but blank lines between them: one run
+            gap = self.full[self._drop_at : at] if self._drop_at is not None else "x"
+            self._drop_run = self._drop_run + 1 if not gap.strip() else 1
+            self._drop_at = at
+            if self.p.loop_repeats and self._drop_run >= self.p.loop_repeats:
+                self._drop_loop = at if self._drop_loop is None else self._drop_loop
         return min(hold, code)
 
     def flush(self) -> Delta | None:

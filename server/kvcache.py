@@ -890,8 +890,10 @@ class Assembler:
         """``self.rope`` once cells moved by ``moved`` have matched llama.cpp's own shift of
         the same cells (checked once, on the prefix's first tokens evaluated on the scratch
         sequence; None from a mismatch on: llama.cpp shifts)."""
-        if self.rope is None or self.rope_checked or not plan.prefix:
+        if self.rope is None or self.rope_checked:
             return self.rope
+        if not plan.prefix:  # nothing to check it on yet: llama.cpp shifts
+            return None
         self.rope_checked = True
         delta, mem, ok = 37, bctx.mem, False
         try:

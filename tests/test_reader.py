@@ -147,11 +147,34 @@ def test_streamed_answers_leave_out_a_first_line_echoing_the_question():
     assert "".join(_code_stream(echo, drop=False, stop=stop)) == "".join(echo)
     plain = ["Questions", " about", " ports", ":", " use", " 3928", "."]
     assert "".join(_code_stream(plain, stop=stop)) == "".join(plain)
-    only = ["Question", ":", " Which", " port", "?"]  # nothing but the echo
-    assert "".join(_code_stream(only, stop=stop)) == ""
-    # the echo, then the prompt again: the stop string ends the answer, which is empty
+    only = ["Question", ":", " Which", " port", "?"]  # one line in all: only the label goes
+    assert "".join(_code_stream(only, stop=stop)) == "Which port?"
+    # the echo, then the prompt again: the stop string ends the answer after the echo
     again = ["Question", ":", " Which", "?", "\nQuestion", ":", " x"]
-    assert "".join(_code_stream(again, stop=stop)) == ""
+    assert "".join(_code_stream(again, stop=stop)) == "Which?"
+
+
+def test_scaffolding_guard_edge_cases():
+    """A held block is not released by the start of a stop string; empty blocks repeated end
+    the answer like any loop (``loop_repeats``); a client's stop string is no echo label; a
+    one-line echo keeps what follows its label; the check strips a block that ends the
+    answer without a line end."""
+    from retrieval.answers import strip_scaffolding
+
+    stop = ["\nQuestion:", "Documentation excerpts:"]
+    out = _code_stream(["See [1].\n", "```bash [1]\n", "Documentation", " excerpts:\n"], stop=stop)
+    assert "".join(out) == "See [1].\n"
+    ts = TextStream(GenParams([1], 64, drop_scaffolding=True, loop_repeats=3))
+    for _ in range(40):
+        ts.push(b"```bash [1]\n```\n", None)
+        if ts.stop_hit:
+            break
+    assert ts.stop_hit and ts.full.strip() == ""
+    users = ["Users", " can", " set", " X", ".\n", "More", "."]
+    assert "".join(_code_stream(users, stop=["\nUser"])) == "Users can set X.\nMore."
+    one = ["Question", ":", " how", "?", " Run", " foo", " [1]."]
+    assert "".join(_code_stream(one, stop=stop)) == "how? Run foo [1]."
+    assert strip_scaffolding("Answer.\n```bash [1]\n```").strip() == "Answer."
 
 
 def test_reader_evidence_is_never_empty():
