@@ -403,8 +403,9 @@ class RetrievalSettings(_Section):
         True,
         description="Grounded answers (chat with retrieval, ticket replies) leave out fenced "
         "code blocks that stay empty or hold only comment lines (a small model's echo of an "
-        "excerpt header, '```bash [1]' with nothing in it); a streamed block is held back "
-        "until it has a line of code. The rest of the text is the model's own.",
+        "excerpt header, '```bash [1]' with nothing in it), and a first line that echoes the "
+        "prompt's question line (a stop string such as '\\nQuestion:'); a streamed block is "
+        "held back until it has a line of code. The rest of the text is the model's own.",
     )
     loop_repeats: int = Field(
         3,

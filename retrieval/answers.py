@@ -51,21 +51,18 @@ def code_blocks(
     there)."""
     empty: list[tuple[int, int]] = []
     start: int | None = None
-    content = False
     for m in _FENCE.finditer(text):
         line_end = text.find("\n", m.end())
         line_end = len(text) if line_end < 0 else line_end + 1
         if start is None:
             if "```" in text[m.end() : line_end]:  # "```x```" on one line: inline code
                 continue
-            start, content = m.start(), False
-            body_from = line_end
+            start, body_from = m.start(), line_end
             continue
         if not final and not text.endswith("\n", 0, line_end):  # a fence still growing
             break
         body = text[body_from : m.start()]
-        content = any(ln.strip() and not ln.strip().startswith("#") for ln in body.split("\n"))
-        if not content:
+        if not any(ln.strip() and not ln.strip().startswith("#") for ln in body.split("\n")):
             empty.append((start, line_end))
         start = None
     if start is not None:

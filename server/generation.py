@@ -253,11 +253,9 @@ class TextStream:
             if hits:
                 hit = min(hits)
                 if p.drop_scaffolding:  # the answer ends at the stop string
-                    head = self.full[:hit]
-                    if self.sent == 0:
-                        head, _ = drop_echo(head, self._echo_labels(), True)
-                    head = drop_empty_code(head, True, self.sent)[0]
-                    self.full, hit = head + self.full[hit:], len(head)
+                    self.full, rest = self.full[:hit], self.full[hit:]
+                    self._clean(True)
+                    self.full, hit = self.full + rest, len(self.full)
                 self.stop_hit = True
                 if hit > self.sent or self.pending_lp:
                     d = Delta(self.full[self.sent : hit], self.pending_lp)
