@@ -382,10 +382,11 @@ def test_recomputed_lines_bring_the_stitched_prompt_back_to_plain_prefill(rt, ev
     after = plan.items[2].span[:2] if len(plan.items) > 2 else []
     assert runs[1][0] == plan.items[1].tail + after
 
-    def logprobs(recompute: int | None):
+    def logprobs(recompute: int | None, labels: int = kvcache.Assembler.LABELS):
         plan.recompute = recompute or 0
         ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
         asm = kvcache.Assembler(rt.llm, rt.kv)
+        asm.LABELS = labels  # runs decoded together (the default) or one at a time
         try:
             if recompute is None:
                 kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
@@ -410,11 +411,78 @@ def test_recomputed_lines_bring_the_stitched_prompt_back_to_plain_prefill(rt, ev
     stitched = logprobs(0)
     whole = logprobs(max(len(it.span) for it in plan.items))
     heads = logprobs(2)
+    one_by_one = logprobs(2, labels=1)  # each run sees the runs before it recomputed
     # measured: 0.005 (whole lines: the numeric noise of other batch splits), 0.13
     # (stitched), 0.010 (two tokens and the tag of each line)
     assert kl(plain, whole) < 0.02 and plain.argmax() == whole.argmax()
     assert kl(plain, stitched) > 10 * kl(plain, whole)
     assert kl(plain, heads) < kl(plain, stitched)
+    assert kl(plain, one_by_one) < kl(plain, stitched)
+
+
+def test_recomputed_runs_share_one_decode(rt, ev_rag):
+    """Three lines give two recomputed runs before the suffix; the assembler evaluates them in
+    one decode, each on a sequence of its own, seeing the other's cached cells instead of its
+    recomputed ones: close to evaluating them one after the other (each seeing the runs before
+    it recomputed), and as close to plain prefill."""
+    import numpy as np
+
+    from server.generation import BatchContext, logits_at
+
+    three = (
+        "Which port does the Zephyrd HTTP API use, which setting limits parallel jobs, "
+        "and how do I write json logs?"
+    )
+    p = _ev_params(rt, ev_rag, three, [0, 1, 2])
+    plan = p.kv_plan
+    runs = kvcache.recompute_runs(plan)
+    assert len(plan.items) == 3 and len(runs) == 3  # the last goes with the suffix
+    n_vocab = rt.llm.n_vocab()
+
+    def logprobs(recompute: int | None, labels: int = kvcache.Assembler.LABELS):
+        plan.recompute = recompute or 0
+        ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+        asm = kvcache.Assembler(rt.llm, rt.kv)
+        asm.LABELS = labels
+        decodes = []
+        real = llama_cpp.llama_decode
+
+        def counted(c, b):
+            decodes.append(b.n_tokens)
+            return real(c, b)
+
+        try:
+            if recompute is None:
+                kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
+            else:
+                llama_cpp.llama_decode = counted
+                try:
+                    n = asm.install(plan, ctx.ctx, 0)
+                finally:
+                    llama_cpp.llama_decode = real
+                kvcache._decode(ctx, plan.tokens[n:], n, 0, True, 512)
+            x = logits_at(ctx.ctx, -1, n_vocab).astype(np.float64)
+        finally:
+            asm.close()
+            ctx.close()
+        x -= x.max()
+        return x - np.log(np.exp(x).sum()), decodes
+
+    def kl(a, b):
+        return float((np.exp(a) * (a - b)).sum())
+
+    _run(rt.engine, p)  # the entries exist
+    plain, _ = logprobs(None)
+    stitched, _ = logprobs(0)
+    together, d_together = logprobs(2)
+    one_by_one, d_one = logprobs(2, labels=1)
+    n_runs = sum(len(t) for t, _ in runs[:-1])
+    assert d_together[-1] == n_runs  # both runs, one decode
+    assert d_one[-2:] == [len(runs[0][0]), len(runs[1][0])]
+    assert kl(plain, together) < kl(plain, stitched)
+    assert kl(plain, one_by_one) < kl(plain, stitched)
+    # a small change against what recomputing does at all
+    assert kl(one_by_one, together) < 0.25 * (kl(plain, stitched) - kl(plain, one_by_one))
 
 
 def test_copied_cells_hold_the_applied_shifts(rt, ev_rag):
