@@ -80,10 +80,19 @@ class Job:
         self.cancelled.set()
 
     def _put(self, item: Any) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, item)
+        self._call(self._events.put_nowait, item)
 
     def _mark_started(self) -> None:
-        self._loop.call_soon_threadsafe(self.started.set)
+        self._call(self.started.set)
+
+    def _call(self, fn, *args) -> None:
+        """Run ``fn`` on the submitter's event loop. A loop that is closed has no one left to
+        read the job: it is cancelled (the worker frees its place at its next step) instead
+        of the error reaching, and ending, the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed
+            self.cancelled.set()
 
     async def __aiter__(self) -> AsyncIterator[Delta | Finish]:
         while True:

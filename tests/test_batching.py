@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -236,3 +237,37 @@ def test_auto_parallel_slots(model):
     assert parallel_slots(model.llm, ms, memory=4 * (4 + 2) * per_slot) == 4
     assert parallel_slots(model.llm, ms, memory=1) == 1
     assert parallel_slots(model.llm, load_settings(model={"n_parallel": 3}).model) == 3
+
+
+@pytest.mark.parametrize("kind", ["single", "batch"])
+def test_a_closed_event_loop_does_not_end_the_engine(model, kind):
+    """An in-process caller (a script, a job runner) whose event loop ends while its request is
+    still generating: the engine must not die on handing it the next token. The request is
+    dropped, and the engine serves the next one, from another loop."""
+    engine = model.engine if kind == "single" else Batch(model, 16, n_seq=2)
+    try:
+        toks = model.prompt_tokens(model.format_chat([{"role": "user", "content": PROMPTS[0]}]))
+
+        async def first_token_then_leave():
+            job = engine.submit(GenParams(prompt_tokens=toks, max_tokens=200, temperature=0.0))
+            async for ev in job:
+                if isinstance(ev, Delta):
+                    return job  # the loop closes with the job still running
+
+        job = _run(first_token_then_leave())
+        for _ in range(200):  # the engine notices at its next token
+            if job.cancelled.is_set():
+                break
+            time.sleep(0.01)
+        assert job.cancelled.is_set()
+
+        async def whole():
+            job = engine.submit(GenParams(prompt_tokens=toks, max_tokens=8, temperature=0.0))
+            return [ev async for ev in job]
+
+        events = _run(whole())
+        assert isinstance(events[-1], Finish) and events[-1].completion_tokens > 0
+        assert engine._thread.is_alive()
+    finally:
+        if kind == "batch":
+            engine.close()
