@@ -528,10 +528,10 @@ class Engine(Worker):
             if job is None:
                 return
             try:
-                if job.cancelled.is_set():
+                job._mark_started()
+                if job.cancelled.is_set():  # also: its loop closed, seen by _mark_started
                     job._put(Finish("cancelled", len(job.params.prompt_tokens), 0))
                     continue
-                job._mark_started()
                 p = job.params
                 events = None
                 if p.kv_plan is not None and self.kv is not None and not p.cad:

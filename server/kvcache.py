@@ -683,7 +683,8 @@ def stitch(
         llama_cpp.llama_memory_seq_rm(bctx.mem, seq, at, -1)
         n_past = at
     if runs:  # each decode applies pending shifts first
-        _recompute(bctx, seq, runs, range(label_seq, label_seq + n_labels), n_batch)
+        room = llama_cpp.llama_n_ctx(bctx.ctx) - n_past  # free cells: the scratch's, at least
+        _recompute(bctx, seq, runs, range(label_seq, label_seq + n_labels), n_batch, room)
     elif not labels and shifted:
         try:  # any token, alone on the empty label sequence: the shifts are applied first
             _decode(bctx, prefix[:1], 0, label_seq, False, n_batch)
@@ -719,15 +720,23 @@ def recompute_runs(plan: KVPlan) -> list[tuple[list[int], int]]:
     return runs
 
 
-def _recompute(bctx, seq: int, runs: list[tuple[list[int], int]], lseqs, n_batch: int):
+def _recompute(
+    bctx, seq: int, runs: list[tuple[list[int], int]], lseqs, n_batch: int, room: int | None = None
+):
     """Evaluate ``runs`` again in ``seq`` (their cells there are replaced), as many at once as
     there are free sequences in ``lseqs``: each run on one of them, holding ``seq``'s cells
     before it. A run sees the runs before it in their cached form when they share its decode,
     recomputed otherwise. (llama.cpp takes a sequence's new tokens only right after its last
     cell, so runs that see each other recomputed need a decode each; one decode for all costs
     ~5 ms less per request on 2 cores, and moves the next-token distribution from plain
-    prefill's by 0.040 KL per answer token instead of 0.039, docs/benchmarks.md.)"""
+    prefill's by 0.040 KL per answer token instead of 0.039, docs/benchmarks.md.)
+
+    A run's cached cells stay until its decode ends (the later runs' sequences hold them), so
+    the runs sharing a decode take at most ``room`` tokens (the context's free cells) besides
+    the batch's ``n_batch``; a run alone needs none."""
     lseqs = list(lseqs)
+    assert lseqs, "no label sequence"
+    cap = n_batch if room is None else max(0, min(n_batch, room))  # 0: one run per decode
     group: list[tuple[list[int], int]] = []
     for run in runs:
         if len(run[0]) > n_batch:  # longer than a batch: alone, in parts (``_decode``)
@@ -736,7 +745,7 @@ def _recompute(bctx, seq: int, runs: list[tuple[list[int], int]], lseqs, n_batch
             _labels(bctx, seq, [run], lseqs[0], n_batch)
             group = []
             continue
-        if len(group) == len(lseqs) or sum(len(t) for t, _ in group) + len(run[0]) > n_batch:
+        if len(group) == len(lseqs) or sum(len(t) for t, _ in group) + len(run[0]) > cap:
             _decode_runs(bctx, seq, group, lseqs)
             group = []
         group.append(run)

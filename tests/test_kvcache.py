@@ -435,6 +435,7 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
     )
     p = _ev_params(rt, ev_rag, three, [0, 1, 2])
     plan = p.kv_plan
+    plan.recompute = 2
     runs = kvcache.recompute_runs(plan)
     assert len(plan.items) == 3 and len(runs) == 3  # the last goes with the suffix
     n_vocab = rt.llm.n_vocab()
@@ -460,6 +461,7 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
                     n = asm.install(plan, ctx.ctx, 0)
                 finally:
                     llama_cpp.llama_decode = real
+                cells.append((n, llama_cpp.llama_state_seq_get_size(ctx.ctx, 0)))
                 kvcache._decode(ctx, plan.tokens[n:], n, 0, True, 512)
             x = logits_at(ctx.ctx, -1, n_vocab).astype(np.float64)
         finally:
@@ -471,6 +473,7 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
     def kl(a, b):
         return float((np.exp(a) * (a - b)).sum())
 
+    cells = []  # (cells installed, their state size)
     _run(rt.engine, p)  # the entries exist
     plain, _ = logprobs(None)
     stitched, _ = logprobs(0)
@@ -483,6 +486,31 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
     assert kl(plain, one_by_one) < kl(plain, stitched)
     # a small change against what recomputing does at all
     assert kl(one_by_one, together) < 0.25 * (kl(plain, stitched) - kl(plain, one_by_one))
+    # one cell per position, nothing left of the cached runs: the state of a plain prefill
+    n = cells[-1][0]
+    ref = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+    try:
+        kvcache._decode(ref, plan.tokens[:n], 0, 0, False, 512)
+        size = llama_cpp.llama_state_seq_get_size(ref.ctx, 0)
+    finally:
+        ref.close()
+    assert cells[-1] == cells[-2] == (n, size)
+
+    # runs that do not fit one batch together are split: here 7 tokens a batch for 2 + 6
+    plan.recompute = 2
+    asm = BatchContext(rt.llm, 1, 512, 1, extra_seqs=8, n_cells=1024)
+    decodes = []
+    real = llama_cpp.llama_decode
+    try:
+        llama_cpp.llama_decode = lambda c, b: decodes.append(b.n_tokens) or real(c, b)
+        payloads = kvcache.check(rt.kv, plan)
+        got = kvcache.stitch(asm, 0, 1, 2, plan, rt.kv, payloads, 0, 7, n_labels=8)
+        llama_cpp.llama_decode = real
+        assert got == n and decodes[-2:] == [len(runs[0][0]), len(runs[1][0])]
+        assert llama_cpp.llama_state_seq_get_size(asm.ctx, 0) == size
+    finally:
+        llama_cpp.llama_decode = real
+        asm.close()
 
 
 def test_copied_cells_hold_the_applied_shifts(rt, ev_rag):
