@@ -356,20 +356,68 @@ def test_stitched_unit_cells_match_a_plain_prefill(rt, ev_rag):
     assert all(f.is_file() for f in files)
 
 
+class _Decodes(list):
+    """The batch size of every ``llama_decode`` while in the ``with`` block."""
+
+    def __enter__(self):
+        self.real = llama_cpp.llama_decode
+        llama_cpp.llama_decode = lambda c, b: self.append(b.n_tokens) or self.real(c, b)
+        return self
+
+    def __exit__(self, *exc):
+        llama_cpp.llama_decode = self.real
+
+
+def _next_logprobs(rt, p, recompute: int | None, labels: int = kvcache.Assembler.LABELS):
+    """The next-token log-probabilities after ``p``'s prompt: prefilled plainly (``recompute``
+    None) or stitched by an assembler with ``recompute`` and ``labels`` label sequences (the
+    default: recomputed runs in one decode; 1: one run per decode) -> (log-probabilities,
+    the assembler's decode sizes, (cells installed, their state size))."""
+    import numpy as np
+
+    from server.generation import BatchContext, logits_at
+
+    plan = p.kv_plan
+    plan.recompute = recompute or 0
+    ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
+    asm = kvcache.Assembler(rt.llm, rt.kv)
+    asm.LABELS = labels
+    decodes, cells = _Decodes(), None
+    try:
+        if recompute is None:
+            kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
+        else:
+            with decodes:
+                n = asm.install(plan, ctx.ctx, 0)
+            # a last recomputed run (the last line's tag) is left to go with the suffix
+            end = len(p.prompt_tokens) - len(plan.suffix)
+            rs = kvcache.recompute_runs(plan)
+            assert n == (rs[-1][1] if rs and rs[-1][1] + len(rs[-1][0]) == end else end)
+            cells = (n, llama_cpp.llama_state_seq_get_size(ctx.ctx, 0))
+            kvcache._decode(ctx, plan.tokens[n:], n, 0, True, 512)
+        x = logits_at(ctx.ctx, -1, rt.llm.n_vocab()).astype(np.float64)
+    finally:
+        asm.close()
+        ctx.close()
+    x -= x.max()
+    return x - np.log(np.exp(x).sum()), list(decodes), cells
+
+
+def _kl(a, b) -> float:
+    import numpy as np
+
+    return float((np.exp(a) * (a - b)).sum())
+
+
 def test_recomputed_lines_bring_the_stitched_prompt_back_to_plain_prefill(rt, ev_rag):
     """``retrieval.kv_recompute``: the recomputed tokens are the heads and tags of the lines
     after the first, at their places; recomputing whole lines gives a plain prefill's
     next-token distribution (each line then attends to the lines before it), while the plain
     stitched prompt does not; a cache read for a plan with recompute is the same entry."""
-    import numpy as np
-
-    from server.generation import BatchContext, logits_at
-
     both = "Which port does the Zephyrd HTTP API use, and which setting limits parallel jobs?"
     p = _ev_params(rt, ev_rag, both, [1, 0, 2])
     plan = p.kv_plan
     assert len(plan.items) >= 2 and plan.recompute == 2  # the default
-    n_vocab = rt.llm.n_vocab()
     plan.recompute = 2
     runs = kvcache.recompute_runs(plan)
     # a line's tag and the next line's head are one run: one decode for each
@@ -383,29 +431,7 @@ def test_recomputed_lines_bring_the_stitched_prompt_back_to_plain_prefill(rt, ev
     assert runs[1][0] == plan.items[1].tail + after
 
     def logprobs(recompute: int | None, labels: int = kvcache.Assembler.LABELS):
-        plan.recompute = recompute or 0
-        ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
-        asm = kvcache.Assembler(rt.llm, rt.kv)
-        asm.LABELS = labels  # runs decoded together (the default) or one at a time
-        try:
-            if recompute is None:
-                kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
-            else:
-                n = asm.install(plan, ctx.ctx, 0)
-                # a last recomputed run (the last line's tag) is left to go with the suffix
-                end = len(p.prompt_tokens) - len(plan.suffix)
-                rs = kvcache.recompute_runs(plan)
-                assert n == (rs[-1][1] if rs and rs[-1][1] + len(rs[-1][0]) == end else end)
-                kvcache._decode(ctx, plan.tokens[n:], n, 0, True, 512)
-            x = logits_at(ctx.ctx, -1, n_vocab).astype(np.float64)
-        finally:
-            asm.close()
-            ctx.close()
-        x -= x.max()
-        return x - np.log(np.exp(x).sum())
-
-    def kl(a, b):
-        return float((np.exp(a) * (a - b)).sum())
+        return _next_logprobs(rt, p, recompute, labels)[0]
 
     plain = logprobs(None)
     stitched = logprobs(0)
@@ -414,10 +440,10 @@ def test_recomputed_lines_bring_the_stitched_prompt_back_to_plain_prefill(rt, ev
     one_by_one = logprobs(2, labels=1)  # each run sees the runs before it recomputed
     # measured: 0.005 (whole lines: the numeric noise of other batch splits), 0.13
     # (stitched), 0.010 (two tokens and the tag of each line)
-    assert kl(plain, whole) < 0.02 and plain.argmax() == whole.argmax()
-    assert kl(plain, stitched) > 10 * kl(plain, whole)
-    assert kl(plain, heads) < kl(plain, stitched)
-    assert kl(plain, one_by_one) < kl(plain, stitched)
+    assert _kl(plain, whole) < 0.02 and plain.argmax() == whole.argmax()
+    assert _kl(plain, stitched) > 10 * _kl(plain, whole)
+    assert _kl(plain, heads) < _kl(plain, stitched)
+    assert _kl(plain, one_by_one) < _kl(plain, stitched)
 
 
 def test_recomputed_runs_share_one_decode(rt, ev_rag):
@@ -425,9 +451,7 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
     one decode, each on a sequence of its own, seeing the other's cached cells instead of its
     recomputed ones: close to evaluating them one after the other (each seeing the runs before
     it recomputed), and as close to plain prefill."""
-    import numpy as np
-
-    from server.generation import BatchContext, logits_at
+    from server.generation import BatchContext
 
     three = (
         "Which port does the Zephyrd HTTP API use, which setting limits parallel jobs, "
@@ -438,78 +462,38 @@ def test_recomputed_runs_share_one_decode(rt, ev_rag):
     plan.recompute = 2
     runs = kvcache.recompute_runs(plan)
     assert len(plan.items) == 3 and len(runs) == 3  # the last goes with the suffix
-    n_vocab = rt.llm.n_vocab()
-
-    def logprobs(recompute: int | None, labels: int = kvcache.Assembler.LABELS):
-        plan.recompute = recompute or 0
-        ctx = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
-        asm = kvcache.Assembler(rt.llm, rt.kv)
-        asm.LABELS = labels
-        decodes = []
-        real = llama_cpp.llama_decode
-
-        def counted(c, b):
-            decodes.append(b.n_tokens)
-            return real(c, b)
-
-        try:
-            if recompute is None:
-                kvcache._decode(ctx, p.prompt_tokens, 0, 0, True, 512)
-            else:
-                llama_cpp.llama_decode = counted
-                try:
-                    n = asm.install(plan, ctx.ctx, 0)
-                finally:
-                    llama_cpp.llama_decode = real
-                cells.append((n, llama_cpp.llama_state_seq_get_size(ctx.ctx, 0)))
-                kvcache._decode(ctx, plan.tokens[n:], n, 0, True, 512)
-            x = logits_at(ctx.ctx, -1, n_vocab).astype(np.float64)
-        finally:
-            asm.close()
-            ctx.close()
-        x -= x.max()
-        return x - np.log(np.exp(x).sum()), decodes
-
-    def kl(a, b):
-        return float((np.exp(a) * (a - b)).sum())
-
-    cells = []  # (cells installed, their state size)
     _run(rt.engine, p)  # the entries exist
-    plain, _ = logprobs(None)
-    stitched, _ = logprobs(0)
-    together, d_together = logprobs(2)
-    one_by_one, d_one = logprobs(2, labels=1)
+    plain, _, _ = _next_logprobs(rt, p, None)
+    stitched, _, _ = _next_logprobs(rt, p, 0)
+    together, d_together, cells = _next_logprobs(rt, p, 2)
+    one_by_one, d_one, cells_one = _next_logprobs(rt, p, 2, labels=1)
     n_runs = sum(len(t) for t, _ in runs[:-1])
     assert d_together[-1] == n_runs  # both runs, one decode
     assert d_one[-2:] == [len(runs[0][0]), len(runs[1][0])]
-    assert kl(plain, together) < kl(plain, stitched)
-    assert kl(plain, one_by_one) < kl(plain, stitched)
+    assert _kl(plain, together) < _kl(plain, stitched)
+    assert _kl(plain, one_by_one) < _kl(plain, stitched)
     # a small change against what recomputing does at all
-    assert kl(one_by_one, together) < 0.25 * (kl(plain, stitched) - kl(plain, one_by_one))
+    assert _kl(one_by_one, together) < 0.25 * (_kl(plain, stitched) - _kl(plain, one_by_one))
     # one cell per position, nothing left of the cached runs: the state of a plain prefill
-    n = cells[-1][0]
+    n = cells[0]
     ref = BatchContext(rt.llm, 1, 512, 1, n_cells=1024)
     try:
         kvcache._decode(ref, plan.tokens[:n], 0, 0, False, 512)
         size = llama_cpp.llama_state_seq_get_size(ref.ctx, 0)
     finally:
         ref.close()
-    assert cells[-1] == cells[-2] == (n, size)
+    assert cells == cells_one == (n, size)
 
     # runs that do not fit one batch together are split: here 7 tokens a batch for 2 + 6
     plan.recompute = 2
     asm = BatchContext(rt.llm, 1, 512, 1, extra_seqs=8, n_cells=1024)
-    decodes = []
-    real = llama_cpp.llama_decode
     try:
-        llama_cpp.llama_decode = lambda c, b: decodes.append(b.n_tokens) or real(c, b)
         payloads = kvcache.check(rt.kv, plan)
-        got = kvcache.stitch(asm, 0, 1, 2, plan, rt.kv, payloads, 0, 7, n_labels=8)
-        llama_cpp.llama_decode = real
+        with _Decodes() as decodes:
+            got = kvcache.stitch(asm, 0, 1, 2, plan, rt.kv, payloads, 0, 7, n_labels=8)
         assert got == n and decodes[-2:] == [len(runs[0][0]), len(runs[1][0])]
         assert llama_cpp.llama_state_seq_get_size(asm.ctx, 0) == size
     finally:
-        llama_cpp.llama_decode = real
         asm.close()
 
 
