@@ -102,24 +102,20 @@ def main() -> None:
         },
     )
     s_ev = load_settings(model=model, retrieval={"mode": "bm25"})  # the default
-    s_evkv = load_settings(  # the default layout with its evidence units cached
-        model=model,
-        retrieval={
-            "mode": "bm25",
-            "kv_cache": True,
-            "kv_cache_dir": str(tmp / "kv"),
-            "kv_recompute": 0,  # the caches alone (--recompute times the default's recompute)
-        },
-    )
-    s_evrc = load_settings(  # ... with the heads and tags of later lines evaluated again
-        model=model,
-        retrieval={
-            "mode": "bm25",
-            "kv_cache": True,
-            "kv_cache_dir": str(tmp / "kv"),
-            "kv_recompute": max(args.recompute, 0),
-        },
-    )
+
+    def s_cached(recompute: int):  # the default layout with its evidence units cached
+        return load_settings(
+            model=model,
+            retrieval={
+                "mode": "bm25",
+                "kv_cache": True,
+                "kv_cache_dir": str(tmp / "kv"),
+                "kv_recompute": recompute,
+            },
+        )
+
+    s_evkv = s_cached(0)  # the caches alone (--recompute times the default's recompute)
+    s_evrc = s_cached(max(args.recompute, 0))  # + later lines' heads and tags evaluated again
     ms = s.model
     rt = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 64, tmp / "kv")
     index = load_index(args.index)
