@@ -86,7 +86,7 @@ def _config(size: int, overlap: int, tok: Tokenizer) -> dict:
     return {"chunk_tokens": size, "chunk_overlap": overlap, "tokenizer": tok.name}
 
 
-def _embedder_info(embedder) -> dict:
+def embedder_info(embedder) -> dict:
     info = {"name": embedder.name, "path": str(embedder.path), "dim": embedder.dim}
     fingerprint = getattr(embedder, "fingerprint", None)
     if fingerprint:
@@ -114,7 +114,7 @@ def build_index(
     emb = _embed(chunks, embedder, {}, progress)
     files = {d.path: {"sha256": file_sha(d.text), "title": d.title} for d in docs}
     manifest = new_manifest(
-        str(Path(docs_root).resolve()), files, _config(size, overlap, tok), _embedder_info(embedder)
+        str(Path(docs_root).resolve()), files, _config(size, overlap, tok), embedder_info(embedder)
     )
     manifest["skipped"] = report.skipped
     attached = None

@@ -144,7 +144,12 @@ def iter_files(root: Path) -> list[Path]:
     )
 
 
-def load_tree(root: str | Path, report: LoadReport | None = None) -> list[Document]:
+def load_tree(
+    root: str | Path, report: LoadReport | None = None, within: Path | None = None
+) -> list[Document]:
+    """The documents under ``root`` (a folder or one file). With ``within``, a file whose real
+    path (symbolic links followed) is outside that folder is skipped: a link inside an allowed
+    root must not ingest what lies outside it."""
     root = Path(root)
     if not root.exists():
         raise FileNotFoundError(f"docs folder not found: {root}")
@@ -153,6 +158,10 @@ def load_tree(root: str | Path, report: LoadReport | None = None) -> list[Docume
     docs = []
     for p in iter_files(root):
         rel = p.relative_to(base).as_posix()
+        if within is not None and within != p.resolve() and within not in p.resolve().parents:
+            log.warning("skipping %s: a link to a file outside %s", rel, within)
+            report.skipped.append((rel, "links outside the allowed root"))
+            continue
         if p.suffix.lower() not in SUPPORTED:
             try:
                 binary = is_binary(p.read_bytes()[:8192])

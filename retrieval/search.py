@@ -174,7 +174,11 @@ class Retriever:
     def _allowed(self, prefix: str | None) -> np.ndarray | None:
         if not prefix:
             return None
-        p = prefix.lstrip("./")
+        p = prefix
+        while p.startswith(("./", "/")):  # "./docs", "/docs" -> "docs"; ".github" stays
+            p = p[1:] if p[0] == "/" else p[2:]
+        if p in ("", "."):
+            return None
         return np.array([c.path.startswith(p) for c in self.index.chunks], dtype=bool)
 
     def with_index(self, index: Index) -> Retriever:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from .conftest import FIXTURES, SERVED
+from .conftest import FIXTURES, SERVED, api_error
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +215,26 @@ def test_upload_multipart_and_allowed_path(rag_server):
     assert r.status_code == 200 and r.json()["data"][0]["path"] == "flux.md"
     httpx.delete(url + "/v1/documents/up/flux.md")
     httpx.delete(url + "/v1/documents/flux.md")
+
+
+def test_ingest_by_path_skips_links_out_of_the_allowed_root(rag_server, tmp_path):
+    """A symbolic link inside an allowed root (a git checkout can hold them) must not ingest
+    the file it points to outside the root; the linked file itself is refused by its real
+    path."""
+    url = rag_server.url
+    outside = tmp_path / "secret.md"
+    outside.write_text("# Keys\n\nThe zorblax master key is hunter2-zorblax.\n")
+    folder = rag_server.extra / "linked"
+    folder.mkdir()
+    (folder / "ok.md").write_text("# Ok\n\nThe quibble port is 7070.\n")
+    (folder / "notes.md").symlink_to(outside)
+    r = httpx.post(url + "/v1/documents", json={"path": str(folder)}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [d["path"] for d in r.json()["data"]] == ["linked/ok.md"]
+    assert "linked/notes.md" not in _paths(url, "zorblax master key")
+    r = httpx.post(url + "/v1/documents", json={"path": str(folder / "notes.md")}, timeout=60)
+    assert api_error(r, 403)["param"] == "path"
+    assert httpx.delete(url + "/v1/documents/linked/ok.md").status_code == 200
 
 
 def test_failed_ingest_keeps_index(rag_server):

@@ -135,6 +135,51 @@ def test_hybrid_search_and_filter(built, embedder):
     assert off.best_sim < res.best_sim
 
 
+def test_path_prefix_keeps_a_leading_dot_of_a_folder(built, tok, embedder):
+    """``./`` and ``/`` in front of a prefix are dropped; the dot of ``.github`` is not."""
+    idx, _ = built
+    idx = update_index(
+        idx,
+        embedder,
+        tok,
+        add=[
+            Document(".github/contributing.md", "Open a pull request against main.", "c"),
+            Document("github/notes.md", "Notes about a pull request.", "n"),
+        ],
+    )
+    r = build_retriever(idx, Settings(), embedder)
+
+    def paths(prefix):
+        return {h.chunk.path for h in r.search("pull request", 5, path_prefix=prefix).hits}
+
+    assert paths(".github/") == paths(".github") == {".github/contributing.md"}
+    assert paths("github/") == paths("./github") == paths("/github/") == {"github/notes.md"}
+    assert paths(".") == paths(None)  # everything
+
+
+def test_an_index_grown_from_empty_names_its_embedder(tmp_path, tok, embedder):
+    """A server started without an index saves, after its first ingest, an index whose
+    manifest names the embedder's size and weights, so a restart with another embedder is
+    refused instead of serving meaningless dense scores (before: only its name)."""
+    from retrieval.index import EmbedderMismatch
+    from server.services.index import open_index
+
+    s = Settings(retrieval={"index_dir": str(tmp_path / "ix"), "reranker": None})
+    svc = open_index(s, embedder, tok, reranker=False)
+    assert len(svc.retriever.index) == 0
+    with svc.write_lock:
+        svc.update(
+            lambda base: update_index(
+                base, embedder, tok, add=[Document("a.md", "Run the quux valve at 7 bar.", "a")]
+            )
+        )
+    info = load_index(tmp_path / "ix").manifest["embedder"]
+    assert info["dim"] == 384 and info["fingerprint"] == embedder.fingerprint
+    other = type("Other", (), {"name": "other", "dim": 384, "fingerprint": "f" * 16})()
+    with pytest.raises(EmbedderMismatch, match="rebuild the index"):
+        open_index(s, other, tok, reranker=False)
+
+
 def test_save_load_roundtrip_mmap(built, tmp_path, embedder):
     idx, _ = built
     out = save_index(idx, tmp_path / "ix")

@@ -108,7 +108,7 @@ class DocumentsService:
             raise bad_request("body must be a JSON object")
         if "path" in body and "content" not in body:
             p, root = self._under_allowed(str(body["path"]))
-            docs = load_tree(p)
+            docs = load_tree(p, within=root)
             base = p.parent if p.is_file() else p
             for d in docs:
                 d.path = (base / d.path).relative_to(root).as_posix()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from docqa.settings import Settings
-from retrieval.builder import Tokenizer, build_index
+from retrieval.builder import Tokenizer, build_index, embedder_info
 from retrieval.factory import build_retriever
 from retrieval.index import (
     Index,
@@ -138,17 +138,7 @@ def open_index(settings: Settings, embedder, tok: Tokenizer, reranker=None) -> I
             save_index(index, r.index_dir)
     else:
         log.warning("no index at %s: starting with an empty one", r.index_dir)
-        manifest = new_manifest(
-            "",
-            {},
-            {
-                "chunk_tokens": r.chunk_tokens,
-                "chunk_overlap": r.chunk_overlap,
-                "tokenizer": tok.name,
-            },
-            {"name": embedder.name},
-        )
-        index = assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)
+        index = _empty(settings, embedder, tok)
     retriever = build_retriever(index, settings, embedder, reranker=reranker)
     retriever.idf  # noqa: B018 - evidence weights built at start-up, not on the first request
     log.info("retrieval ready: %d chunks", len(index))
@@ -230,7 +220,7 @@ def _empty(settings: Settings, embedder, tok: Tokenizer) -> Index:
         "",
         {},
         {"chunk_tokens": r.chunk_tokens, "chunk_overlap": r.chunk_overlap, "tokenizer": tok.name},
-        {"name": embedder.name, "dim": embedder.dim},
+        embedder_info(embedder),  # what check_embedder compares after ingests and restarts
     )
     return assemble([], np.zeros((0, embedder.dim), dtype=np.float32), manifest)
 
