@@ -409,11 +409,13 @@ class BatchEngine(Worker):
             self._finish(s, "cancelled")
         active.clear()
 
-    def close(self) -> None:
-        """Stop the scheduler, then free the context (the model is the runtime's)."""
+    def close(self) -> bool:
+        """Stop the scheduler, then free the context (the model is the runtime's). False when
+        the scheduler did not stop: it may still be decoding, so nothing is freed."""
         if not self._stop_worker():
             log.error("batch scheduler did not stop; leaking its context rather than freeing it")
-            return
+            return False
         if self.assembler is not None:
             self.assembler.close()
         self.bctx.close()
+        return True

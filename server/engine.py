@@ -463,6 +463,7 @@ class Worker:
 
     admission: Admission
     _thread: threading.Thread
+    stop_timeout_s: float = 60  # how long close() waits for the worker's current step
 
     def _start_worker(
         self, max_queue: int, name: str, max_wait_s: float | None, wait_bound: bool, lanes: int = 1
@@ -474,10 +475,10 @@ class Worker:
     def _run(self) -> None:  # pragma: no cover - each engine has its own
         raise NotImplementedError
 
-    def _stop_worker(self, timeout: float = 60) -> bool:
+    def _stop_worker(self) -> bool:
         """Stop after the jobs already queued; True when the thread has ended."""
         self.admission.stop()
-        self._thread.join(timeout=timeout)
+        self._thread.join(timeout=self.stop_timeout_s)
         return not self._thread.is_alive()
 
     @property
@@ -547,12 +548,14 @@ class Engine(Worker):
             finally:
                 self.admission.release(job)
 
-    def close(self) -> None:
+    def close(self) -> bool:
         """Stop the worker after the jobs already queued (cancel them first to be quick), then
-        free the CAD context."""
-        if self._stop_worker():
-            self.cad.close()
-            if self.kv is not None:
-                self.kv.close()
-        else:
+        free the CAD context. False when the worker did not stop: it may still be decoding in
+        the model's context, so nothing it uses is freed (the owner must not free the model)."""
+        if not self._stop_worker():
             log.error("engine worker did not stop; leaking its CAD context rather than freeing it")
+            return False
+        self.cad.close()
+        if self.kv is not None:
+            self.kv.close()
+        return True

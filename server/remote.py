@@ -190,9 +190,10 @@ class EndpointPool:
             j.cancel()
         return len(jobs)
 
-    def close(self) -> None:
+    def close(self) -> bool:
         self._stop.set()
         self._clients.clear()  # their connections close with the loop
+        return True  # no thread of its own uses the vocabulary-only model
 
 
 def _body(params: GenParams, model: str | None) -> tuple[str, dict]:

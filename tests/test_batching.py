@@ -271,3 +271,28 @@ def test_a_closed_event_loop_does_not_end_the_engine(model, kind):
     finally:
         if kind == "batch":
             engine.close()
+
+
+def test_a_runtime_whose_engine_does_not_stop_keeps_its_model(monkeypatch):
+    """Closing (or retiring after a reload) frees the model only once the engine's worker has
+    ended: a worker still inside a long step keeps using the model's context, and freeing it
+    under the worker crashes the process (before: freed anyway, with the engine's "leaking"
+    message logged)."""
+    import threading
+
+    rt = _runtime()
+    stuck = threading.Event()
+    real_thread = rt.engine._thread  # noqa: SLF001
+    rt.engine._thread = threading.Thread(target=stuck.wait, daemon=True)  # noqa: SLF001
+    rt.engine._thread.start()  # noqa: SLF001
+    rt.engine.stop_timeout_s = 0.2
+    freed = []
+    monkeypatch.setattr(rt.llm, "close", lambda: freed.append(True))
+    rt.retire(0.1)
+    assert freed == []  # leaked, not freed under a running worker
+    assert rt.llm.tokenize(b"still usable")
+    stuck.set()
+    real_thread.join(timeout=10)
+    assert not real_thread.is_alive()  # the real worker saw the stop
+    monkeypatch.undo()
+    rt.llm.close()
