@@ -374,9 +374,13 @@ class BatchContext:
         # sequence); n_cells: the KV cache size when the caller knows better (a shift of
         # cached cells costs a pass over every cell: server.kvcache.Assembler keeps it small)
         cp.n_ctx = n_cells or self.per_seq_ctx * (n_seq + 1)
-        cp.n_batch = n_batch
-        cp.n_ubatch = min(n_batch, 512)
         cp.n_seq_max = n_seq + 1 + extra_seqs
+        # a step holds a token of every sequence, and llama.cpp aborts the process when a
+        # context's batch is smaller than its sequence count: model.n_batch 1..n_seq_max
+        # must not (it only sets how many prompt tokens callers put in one decode)
+        self.capacity = max(n_batch, cp.n_seq_max)
+        cp.n_batch = self.capacity
+        cp.n_ubatch = min(self.capacity, 512)
         cp.kv_unified = True
         nt = n_threads or llm.n_threads
         if nt:
@@ -385,7 +389,7 @@ class BatchContext:
         if not self.ctx:
             raise RuntimeError("could not create the batched llama.cpp context")
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
         self.vocab = llm._model.vocab  # noqa: SLF001
 
     def add(self, i: int, tok: int, pos: int, seq: int, logits: bool) -> None:

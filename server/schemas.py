@@ -74,6 +74,8 @@ class _Sampling(_Lenient):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Stop) -> Stop:
+        if v == "":  # would match before the first token: every answer empty
+            raise ValueError("stop sequences must be non-empty")
         if isinstance(v, list):
             if len(v) > 16:
                 raise ValueError("at most 16 stop sequences")

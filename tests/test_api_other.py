@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -24,6 +25,38 @@ def test_completions_whole_stream_echo(client, model_id):
     assert echo.choices[0].text == kw["prompt"] + whole.choices[0].text
     lp = echo.choices[0].logprobs
     assert len(lp.tokens) == 6 and all(len(t) == 2 for t in lp.top_logprobs)
+
+
+def test_streamed_logprobs_offsets_match_the_whole_answer(server, model_id):
+    """With stop strings, text is held back until it cannot start one; the streamed chunks'
+    ``text_offset`` still count every token's text, as the whole answer's do (before: they
+    counted the text sent so far, and went wrong after each held-back piece)."""
+    stop = [f"{c} zzq" for c in "eaostnrdy"]  # most words end in one of these: held back
+    body = {
+        "model": model_id,
+        "prompt": "Once upon a time there was",
+        "max_tokens": 24,
+        "temperature": 0,
+        "logprobs": 1,
+        "stop": stop,
+    }
+    whole = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+    wl = whole["choices"][0]["logprobs"]
+    text, tokens, offsets = "", [], []
+    with httpx.stream(
+        "POST", server.url + "/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ch = json.loads(line[6:])["choices"][0]
+            text += ch["text"]
+            if ch["logprobs"]:
+                tokens += ch["logprobs"]["tokens"]
+                offsets += ch["logprobs"]["text_offset"]
+    assert text == whole["choices"][0]["text"] and tokens == wl["tokens"]
+    assert offsets == wl["text_offset"]
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
 
 
 def test_completion_token_prompt(client, model_id, server):

@@ -29,6 +29,21 @@ def test_empty_prompt_is_400(server, model_id):
         assert _err(r, 400)["param"] == "prompt"
 
 
+def test_an_empty_stop_string_is_400(server, model_id):
+    """``stop: ""`` would match before the first token and end every answer empty (before: a
+    200 with no text); it is refused like ``[""]``."""
+    for path, body in (
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+        ),
+    ):
+        for stop in ("", [""], ["ok", ""]):
+            r = httpx.post(server.url + path, json={"model": model_id, **body, "stop": stop})
+            assert _err(r, 400)["param"] == "stop", (path, stop)
+
+
 def test_lone_surrogates_are_400_everywhere(server, guarded_server, model_id):
     chat = '{"model": "%s", "max_tokens": 2, "messages": [{"role": "user", "content": "a\\ud800"}]}'
     cases = [

@@ -144,6 +144,34 @@ def test_grammar_and_two_slot_admission(rt, engines):
     assert engines["batch"].busy == 0
 
 
+def test_a_batch_smaller_than_the_sequences_does_not_abort(rt):
+    """``model.n_batch`` may be smaller than the sequences a context holds (1 for the single
+    engine's CAD context, 2 for four batched sequences plus CAD's second ones): llama.cpp
+    aborted the whole process then (GGML_ASSERT on n_outputs_max), and a step of one token
+    per sequence overran the batch. Now the answers are the same as with a large batch."""
+    ms = load_settings(model={"n_ctx": 512, "n_threads": 1, "n_parallel": 1, "n_batch": 1}).model
+    small = ModelRuntime(ModelStore(ms.store_dir).resolve(ms.model), ms, 16)
+    full, free = _prompts(rt)
+    try:
+        want = _run(rt.engine, full, free, 0.5)[0]
+        assert want and _run(small.engine, full, free, 0.5)[0] == want
+    finally:
+        small.close()
+    be = BatchEngine(rt.llm, 16, n_seq=4, n_batch=2)
+
+    async def together():
+        jobs = [GenParams(full, 12, temperature=0.0) for _ in range(3)]
+        jobs.append(GenParams(full, 12, temperature=0.0, cad_alpha=0.5, cad_prompt_tokens=free))
+        return await asyncio.gather(*(_collect(be, p) for p in jobs))
+
+    try:
+        results = asyncio.run(together())
+        assert all(text and fin.reason in ("stop", "length") for text, _, fin in results)
+        assert len({text for text, _, _ in results[:3]}) == 1
+    finally:
+        be.close()
+
+
 def test_one_slot_batch_engine_refuses_cad(rt):
     full, free = _prompts(rt)
     be = BatchEngine(rt.llm, 4, n_seq=1)

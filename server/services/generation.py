@@ -450,8 +450,9 @@ async def stream(
         c.update(choices=[ch], **use, **(extra or {}))
         return _sse(c)
 
-    offset = len(prep.echo or "")
+    offset = len(prep.echo or "")  # text_offset of the next token (completions' logprobs)
     produced: list[str] = []
+    held: list[TokenLogprob] = []  # logprobs of text held back until call-or-text is known
     # with tools, the first character tells a call ("<", held back until the end) from text
     calling: bool | None = None if (chat and prep.tools is not None) else False
     try:
@@ -466,21 +467,24 @@ async def stream(
                     fin = ev
                     break
                 _first_text(job, ev)
-                lp = None
-                if prep.params.logprobs:
-                    lp = (
-                        _chat_logprobs(ev.logprobs) if chat else _text_logprobs(ev.logprobs, offset)
-                    )
-                offset += len(ev.text)
+                entries = ev.logprobs or []
                 produced.append(ev.text)
                 if calling is None:
+                    held.extend(entries)
                     head = "".join(produced).lstrip()
                     if not head:
                         continue
                     calling = head.startswith("<")
                     if not calling:  # plain text: what was held back goes out now
+                        lp = _chat_logprobs(held) if prep.params.logprobs else None
                         yield chunk({"content": "".join(produced)}, lp)
                         continue
+                lp = None
+                if prep.params.logprobs:
+                    # offsets count the tokens' own text, as the whole answer's do: a token
+                    # held back for a possible stop string still moves them
+                    lp = _chat_logprobs(entries) if chat else _text_logprobs(entries, offset)
+                    offset += sum(len(e.token) for e in entries)
                 if calling:
                     if tools.repeated("".join(produced)):
                         job.cancel()
