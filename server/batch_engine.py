@@ -316,6 +316,8 @@ class BatchEngine(Worker):
                         job = self.admission.jobs.get(block=not active, timeout=None)
                     except queue.Empty:
                         break
+                    if job is not None and not self.admission.take(job):
+                        continue  # withdrawn while it waited: already ended
                 if job is None:
                     self._stopped(active)
                     return

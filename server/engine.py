@@ -78,6 +78,8 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.slot is not None:  # still waiting in the queue: ends now and frees its place
+            self.slot._admission.withdraw(self)  # noqa: SLF001
 
     def _put(self, item: Any) -> None:
         self._call(self._events.put_nowait, item)
@@ -198,6 +200,7 @@ class Admission:
         self.admitted = 0
         self._lock = threading.Lock()
         self._live: set[Job] = set()
+        self._queued: set[Job] = set()  # submitted, not yet taken by the worker
         self._stopped = False
         self._held: collections.deque[float] = collections.deque(maxlen=32)  # seconds
         # busy time (some place admitted) accumulated, and its value at each of the last 33
@@ -403,8 +406,28 @@ class Admission:
             slot.job = job
             slot.jobs += 1
             self._live.add(job)
+            self._queued.add(job)
             self.jobs.put(job)
         return job
+
+    def take(self, job: Job) -> bool:
+        """The worker takes ``job`` off the queue: False when it was withdrawn (cancelled while
+        waiting; it has ended and its place is free), and the worker skips it."""
+        with self._lock:
+            if job not in self._queued:
+                return False
+            self._queued.discard(job)
+            return True
+
+    def withdraw(self, job: Job) -> None:
+        """A job cancelled before the worker took it ends at once and frees its place, instead
+        of holding it (and refusing others) until the worker reaches it."""
+        with self._lock:
+            if job not in self._queued:
+                return
+            self._queued.discard(job)
+        job._put(Finish("cancelled", len(job.params.prompt_tokens), 0))
+        self.release(job)
 
     def _free(self, slot: Slot) -> None:  # with the lock held
         if not slot.freed:
@@ -528,6 +551,8 @@ class Engine(Worker):
             job = self.admission.jobs.get()
             if job is None:
                 return
+            if not self.admission.take(job):  # withdrawn: already ended
+                continue
             try:
                 job._mark_started()
                 if job.cancelled.is_set():  # also: its loop closed, seen by _mark_started

@@ -296,3 +296,42 @@ def test_a_runtime_whose_engine_does_not_stop_keeps_its_model(monkeypatch):
     assert not real_thread.is_alive()  # the real worker saw the stop
     monkeypatch.undo()
     rt.llm.close()
+
+
+@pytest.mark.parametrize("kind", ["single", "batch"])
+def test_a_request_cancelled_while_queued_frees_its_place_at_once(model, kind):
+    """A client that leaves while its request still waits behind others: the request ends as
+    cancelled and its place is free at once (before: it kept the place, and a full queue kept
+    refusing others, until the worker reached it, after the answers ahead of it)."""
+    engine = model.engine if kind == "single" else Batch(model, 16, n_seq=1)
+    try:
+        toks = model.prompt_tokens(model.format_chat([{"role": "user", "content": PROMPTS[1]}]))
+
+        async def scenario():
+            ahead = engine.submit(GenParams(prompt_tokens=toks, max_tokens=200, temperature=0.0))
+            waiting = engine.submit(GenParams(prompt_tokens=toks, max_tokens=8, temperature=0.0))
+            async for _ev in ahead:  # the first answer is running: the second one waits
+                break
+            assert engine.busy == 2
+            waiting.cancel()
+            assert engine.busy == 1  # freed in cancel(), not when the worker gets to it
+            events = [ev async for ev in waiting]
+            done_ahead = ahead.cancelled.is_set()
+            ahead.cancel()
+            rest = [ev async for ev in ahead]
+            return events, done_ahead, rest
+
+        events, ahead_cancelled, rest = _run(scenario())
+        assert len(events) == 1 and events[0].reason == "cancelled", events
+        assert not ahead_cancelled and rest[-1].reason == "cancelled"
+        assert engine.busy == 0
+
+        async def next_one():  # the worker skips the withdrawn job and serves the next one
+            job = engine.submit(GenParams(prompt_tokens=toks, max_tokens=4, temperature=0.0))
+            return [ev async for ev in job]
+
+        assert _run(next_one())[-1].completion_tokens == 4
+        assert engine.busy == 0
+    finally:
+        if kind == "batch":
+            engine.close()
