@@ -37,8 +37,10 @@ class Chunk:
         return f"{self.heading}\n{self.text}" if self.heading else self.text
 
 
-def chunk_id(path: str, text: str) -> str:
-    return hashlib.sha256(f"{path}\n{text}".encode()).hexdigest()[:16]
+def chunk_id(path: str, heading: str, text: str) -> str:
+    """Stable id of what is indexed (``Chunk.search_text``) at ``path``: a renamed heading is
+    a new chunk (its vector, BM25 terms, store row and KV cache entry are made again)."""
+    return hashlib.sha256(f"{path}\n{heading}\n{text}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -125,9 +127,11 @@ def chunk_document(
     for trail, text, n in pieces:
         if not text:
             continue
-        cid = chunk_id(doc.path, text)
-        if cid in seen:
+        if text in seen:  # the same text twice in a document is indexed once
             continue
-        seen.add(cid)
-        chunks.append(Chunk(cid, doc.path, " > ".join(trail), text, n, len(chunks)))
+        seen.add(text)
+        heading = " > ".join(trail)
+        chunks.append(
+            Chunk(chunk_id(doc.path, heading, text), doc.path, heading, text, n, len(chunks))
+        )
     return chunks

@@ -142,7 +142,11 @@ class BatchEngine(Worker):
             max_tokens=min(p.max_tokens, self.per_seq_ctx - p.n_prompt_max),
         )
         if p.kv_plan is not None and self.kv is not None and not p.cad:
-            n_past = self._stitch(slot.seq, p.kv_plan)
+            try:
+                n_past = self._stitch(slot.seq, p.kv_plan)
+            except BaseException:  # the caller fails the job: its sampler is not kept
+                llama_cpp.llama_sampler_free(slot.sampler)
+                raise
             if n_past is not None:
                 rest = p.kv_plan.tokens[n_past:]  # the suffix (and a last recomputed run)
                 slot.n_past, slot.pending, slot.stitched = n_past, rest, True

@@ -84,8 +84,8 @@ def model_fingerprint(path: str | Path, params: dict | None = None) -> str:
     h.update(json.dumps(params or {}, sort_keys=True).encode())
     with open(path, "rb") as f:
         h.update(f.read(4 << 20))
-        if size > 8 << 20:
-            f.seek(size - (4 << 20))
+        if size > 4 << 20:  # the last 4 MiB, or all the rest of a smaller file
+            f.seek(max(4 << 20, size - (4 << 20)))
             h.update(f.read())
     return h.hexdigest()
 
@@ -291,9 +291,6 @@ class KVStore:
         p = self.path(plan.prefix_hash, key)
         try:
             size = p.stat().st_size
-        except FileNotFoundError:
-            return None
-        try:
             with open(p, "rb") as f:
                 head = f.read(len(MAGIC) + 4)
                 if len(head) < len(MAGIC) + 4 or head[: len(MAGIC)] != MAGIC:
@@ -303,8 +300,12 @@ class KVStore:
                 if len(raw) != n:
                     raise BadEntry("truncated header")
                 hdr = json.loads(raw)
-        except (OSError, ValueError, UnicodeDecodeError) as exc:
+        except FileNotFoundError:  # none yet, or pruned meanwhile
+            return None
+        except (OSError, ValueError, UnicodeDecodeError) as exc:  # unreadable: not loaded
             raise BadEntry(str(exc)) from exc
+        if not isinstance(hdr, dict):
+            raise BadEntry("the header is not a JSON object")
         off = len(MAGIC) + 4 + n
         want = {
             "fingerprint": self.fingerprint,
@@ -319,7 +320,12 @@ class KVStore:
             raise BadEntry("tail tokens differ" if tail else "span tokens differ")
         if size - off != hdr.get("size"):
             raise BadEntry(f"payload is {size - off} bytes, header says {hdr.get('size')}")
-        data = np.memmap(p, dtype=np.uint8, mode="r", offset=off, shape=(size - off,))
+        try:
+            data = np.memmap(p, dtype=np.uint8, mode="r", offset=off, shape=(size - off,))
+        except FileNotFoundError:  # pruned since the header was read
+            return None
+        except (OSError, ValueError) as exc:
+            raise BadEntry(str(exc)) from exc
         if hashlib.sha256(data).hexdigest() != hdr.get("sha256"):
             raise BadEntry("checksum mismatch")
         return data
@@ -895,7 +901,11 @@ class Assembler:
         empty, the caller runs plain prefill)."""
         if not self.fits(plan):
             return None
-        payloads = check(self.store, plan)
+        try:
+            payloads = check(self.store, plan)
+        except Exception:  # noqa: BLE001 - a cache that cannot be read is a cache miss
+            log.exception("chunk KV caches unreadable: plain prefill")
+            return None
         if payloads is None:
             return None
         try:
@@ -1011,7 +1021,11 @@ class KVRunner:
         not usable (the caller runs plain prefill)."""
         from server.generation import token_loop
 
-        bctx = self._context()
+        try:
+            bctx = self._context()
+        except Exception:  # noqa: BLE001 - e.g. out of memory: plain prefill still works
+            log.exception("could not create the chunk-KV generation context: plain prefill")
+            return None
         n_past = self.assembler.install(p.kv_plan, bctx.ctx, self.MAIN)
         if n_past is None:
             return None

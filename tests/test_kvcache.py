@@ -45,7 +45,7 @@ QUESTIONS = [
 
 
 def _chunk(i: int, heading: str, text: str) -> Chunk:
-    return Chunk(chunk_id(f"guide/{i}.md", text), f"guide/{i}.md", heading, text, 40, 0)
+    return Chunk(chunk_id(f"guide/{i}.md", heading, text), f"guide/{i}.md", heading, text, 40, 0)
 
 
 CHUNKS = [_chunk(i, h, t) for i, (h, t) in enumerate(DOCS)]
@@ -188,11 +188,13 @@ def _corrupt(path, how: str) -> None:
         (n,) = struct.unpack("<I", data[len(kvcache.MAGIC) : n0])
         hdr = json.loads(data[n0 : n0 + n])
         hdr["fingerprint"] = "f" * 64
+        if how == "not-an-object":  # valid JSON, but a list (read() raised AttributeError)
+            hdr = list(hdr)
         raw = json.dumps(hdr).encode()
         path.write_bytes(kvcache.MAGIC + struct.pack("<I", len(raw)) + raw + data[n0 + n :])
 
 
-@pytest.mark.parametrize("how", ["truncated", "corrupt", "other-model"])
+@pytest.mark.parametrize("how", ["truncated", "corrupt", "other-model", "not-an-object"])
 @pytest.mark.parametrize("name", ["single", "batch"])
 def test_bad_cache_file_falls_back_to_plain_prefill(rt, batch, rag, caplog, how, name):
     """A truncated, corrupt or other-model cache file is detected, logged and never loaded:
@@ -218,6 +220,29 @@ def test_bad_cache_file_falls_back_to_plain_prefill(rt, batch, rag, caplog, how,
     finally:
         target.write_bytes(saved)
     assert rt.kv.read(p.kv_plan, p.kv_plan.items[1]) is not None
+
+
+def test_a_generation_context_that_cannot_be_made_means_plain_prefill(rt, rag, monkeypatch):
+    """The single engine makes its chunk-KV generation context on first use; when that fails
+    (out of memory on a GPU, say), the request is answered by plain prefill (before: the error
+    failed every grounded request)."""
+    import server.generation as generation
+
+    q, order = QUESTIONS[1], [0, 1, 2]
+    plain, _ = _run(rt.engine, _params(rt, rag, q, order, plan=False))
+    runner = rt.engine.kv
+    kept, runner.bctx = runner.bctx, None
+
+    def no_memory(*a, **k):
+        raise RuntimeError("could not create the batched llama.cpp context")
+
+    monkeypatch.setattr(generation.BatchContext, "__init__", no_memory)
+    try:
+        text, fin = _run(rt.engine, _params(rt, rag, q, order))
+        assert fin.reason in ("stop", "length") and text == plain
+    finally:
+        monkeypatch.undo()
+        runner.bctx = kept
 
 
 def test_real_server_writes_and_reuses_chunk_caches(server_factory, fixture_index):
@@ -774,3 +799,15 @@ def test_stitched_training_forward_is_the_served_computation(rt, ev_rag):
     stitched, noise = served(True), kl(served(False), plain)
     assert kl(stitched, ours) < max(3 * noise, 0.02), (kl(stitched, ours), noise)
     assert kl(stitched, ours) < kl(stitched, plain) / 3, (kl(stitched, ours), kl(stitched, plain))
+
+
+def test_a_model_fingerprint_covers_the_end_of_a_small_file(tmp_path):
+    """Files of 4-8 MiB: the fingerprint covers their last bytes too (before: only the first
+    4 MiB, so two such files that differ at the end shared their cache entries)."""
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    data = bytearray(6 << 20)
+    a.write_bytes(bytes(data))
+    data[-1] = 1
+    b.write_bytes(bytes(data))
+    assert kvcache.model_fingerprint(a) != kvcache.model_fingerprint(b)
+    assert kvcache.model_fingerprint(a) == kvcache.model_fingerprint(a)

@@ -97,6 +97,25 @@ def test_stable_ids_and_no_duplicates_on_reingest(built, tok, embedder):
     assert len(same) == len(idx)
 
 
+def test_a_renamed_heading_makes_new_chunks(built, tok, embedder):
+    """A chunk's id covers what is indexed (heading trail + text): re-ingesting a page whose
+    title (the trail of a page without headings) changed embeds its chunks again (before: the
+    id covered only the text, so the old title's vector was reused, and a shared store kept
+    the old row)."""
+    idx, _ = built
+    body = "Set quux_valve_bar to the pressure at which the valve opens; it defaults to 7."
+    before = update_index(idx, embedder, tok, add=[Document("guide/valve.md", body, "Valve")])
+    after = update_index(
+        before, embedder, tok, add=[Document("guide/valve.md", body, "Pressure relief")]
+    )
+    (old,) = [c for c in before.chunks if c.path == "guide/valve.md"]
+    (new,) = [c for c in after.chunks if c.path == "guide/valve.md"]
+    assert (old.heading, new.heading) == ("Valve", "Pressure relief") and old.text == new.text
+    assert new.id != old.id
+    fresh = embedder.embed([new.search_text])[0]
+    assert np.allclose(after.embeddings[after.pos[new.id]], fresh, atol=1e-5)
+
+
 def test_bm25_matches_rank_bm25(built):
     idx, _ = built
     corpus = [tokenize(c.search_text) for c in idx.chunks]
