@@ -1,11 +1,14 @@
 """Folders written whole or not at all: indexes, training step artifacts, cached query encoders.
 
 ``atomic_dir(target)`` yields a fresh temporary folder beside ``target``
-(``.NAME.tmp-PID-*``). When the block ends without an exception the folder replaces
-``target``: the previous ``target`` is first renamed aside to a backup (``.NAME.old-PID-*``),
-the new folder is renamed into place, then the backup is removed. When the block raises, the
-temporary folder is removed and ``target`` is left as it was.
-
+(``.NAME.tmp-PID.TOKEN-*``: the writer's process id and a token drawn once per process, so a
+later process with the same id, such as a restarted container's PID 1, knows the folder is
+not its own). When the block ends without an exception its files are flushed to disk
+(fsync) and the folder replaces ``target``: the previous ``target`` is first renamed aside to
+a backup (``.NAME.old-PID.TOKEN-*``), the new folder is renamed into place, the parent folder
+is flushed (a power loss cannot keep the rename and lose the data), then the backup is
+removed. When the block raises, the temporary folder is removed and ``target`` is left as it
+was.
 A process that dies between the two renames leaves no ``target`` but a complete backup:
 ``resolve(target)`` returns that backup, so readers keep working, and the next successful write
 removes it. Leftovers of writers that are no longer running are swept by the next write,
@@ -24,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -42,8 +46,34 @@ STEPS = (
 )
 
 
+_TOKEN = secrets.token_hex(4)  # this process's, in its folder names (see the module's doc)
+
+
 def _step(name: str) -> None:
     """A hook between the steps of a write (see ``STEPS``); tests replace it."""
+
+
+def owner() -> str:
+    """How this process names its temporary folders and backups: ``PID.TOKEN``."""
+    return f"{os.getpid()}.{_TOKEN}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` (and ``root``) to disk."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                _fsync(p)
+        _fsync(Path(dirpath))
 
 
 def _prefix(target: Path, kind: str) -> str:
@@ -77,9 +107,15 @@ def _mtime(p: Path) -> float:
 
 
 def _stale(path: Path, target: Path, kind: str) -> bool:
-    """True when the writer that named ``path`` is no longer running (or is unknown)."""
-    pid = path.name[len(_prefix(target, kind)) :].split("-", 1)[0]
-    return not pid.isdigit() or not _alive(int(pid))
+    """True when the writer that named ``path`` is no longer running (or is unknown). A name
+    with this process's id but not its token is an earlier process's (the id was reused)."""
+    who = path.name[len(_prefix(target, kind)) :].split("-", 1)[0]
+    pid, _, token = who.partition(".")
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return token != _TOKEN
+    return not _alive(int(pid))
 
 
 def leftovers(target: str | Path) -> list[Path]:
@@ -140,7 +176,7 @@ def _swap(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` to ``target``, moving what was there aside first and removing it after.
     A folder another writer puts in place between the two renames is moved aside too (the last
     writer wins); when the rename fails otherwise, the previous ``target`` is put back."""
-    stem = f"{_prefix(target, 'old')}{os.getpid()}-{tmp.name.rsplit('-', 1)[-1]}"
+    stem = f"{_prefix(target, 'old')}{owner()}-{tmp.name.rsplit('-', 1)[-1]}"
     aside: list[Path] = []
     for attempt in range(_SWAP_TRIES):
         backup = target.with_name(f"{stem}-{attempt}")
@@ -160,6 +196,7 @@ def _swap(tmp: Path, target: Path) -> None:
             for p in aside:
                 shutil.rmtree(p, ignore_errors=True)
             raise
+    _fsync(target.parent)  # the renames themselves reach the disk before the backup goes
     _step("swapped")
     for p in aside:
         shutil.rmtree(p, ignore_errors=True)
@@ -173,10 +210,11 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _sweep(target)
-    prefix = f"{_prefix(target, 'tmp')}{os.getpid()}-"
+    prefix = f"{_prefix(target, 'tmp')}{owner()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
         yield tmp
+        _sync_tree(tmp)
         _step("written")
         _swap(tmp, target)
     except BaseException:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from docqa.atomic import atomic_dir, leftovers, resolve
+from docqa import atomic
+from docqa.atomic import atomic_dir, leftovers, recover, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_leftovers_of_dead_writers_are_swept(tmp_path):
     assert len(stale) == 1 and (stale[0] / "data.txt").read_text() == "half"
     legacy = tmp_path / ".ix.old-notapid"  # an unparseable owner counts as gone
     legacy.mkdir()
-    mine = tmp_path / f".ix.tmp-{os.getpid()}-busy"  # a live writer's folder is not touched
+    mine = tmp_path / f".ix.tmp-{atomic.owner()}-busy"  # a live writer's folder is not touched
     mine.mkdir()
     assert sorted(leftovers(target)) == sorted([stale[0], legacy])
 
@@ -170,3 +171,54 @@ def test_leftovers_of_dead_writers_are_swept(tmp_path):
     assert _hidden(tmp_path) == sorted([mine.name, *(p.name for p in leftovers(other))])
     assert (target / "data.txt").read_text() == "new"
     assert (other / "data.txt").read_text() == "other"  # another target's remains are its own
+
+
+def test_a_reused_process_id_is_not_mistaken_for_a_live_writer(tmp_path):
+    """A restarted container's server is PID 1 again: the leftovers of the process before it
+    carry the same id. They are that earlier process's (another token, or none in the older
+    naming), so a missing target is restored from its backup and the rest is swept (before:
+    taken for this process's own, the backup served from aside and every crash left two full
+    copies behind)."""
+    target = tmp_path / "ix"
+    pid = os.getpid()
+    backup = tmp_path / f".ix.old-{pid}.0badc0de-abcd-0"  # died between the two renames
+    backup.mkdir()
+    _write(backup, "good")
+    half = tmp_path / f".ix.tmp-{pid}-abcd"  # the older naming, this id
+    half.mkdir()
+    assert sorted(leftovers(target)) == [half]  # the backup is the last good copy
+    assert recover(target, "done") == target
+    assert (target / "data.txt").read_text() == "good"
+    assert _hidden(tmp_path) == []
+    live = tmp_path / f".ix.tmp-{atomic.owner()}-x"  # this process's own, at work
+    live.mkdir()
+    assert leftovers(target) == []
+
+
+def test_a_write_reaches_the_disk_before_the_swap(tmp_path, monkeypatch):
+    """Every file and folder of the new copy is flushed before it replaces the target, and the
+    parent after the renames, before the backup is removed: a power loss cannot leave a
+    manifest naming data files that never reached the disk, with no backup left."""
+    target = tmp_path / "ix"
+    with atomic_dir(target) as tmp:
+        _write(tmp, "old")
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    steps: list[tuple[str, int]] = []
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "_step", lambda name: steps.append((name, len(synced))))
+    with atomic_dir(target) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "part.npy").write_bytes(b"x" * 10)
+        _write(tmp, "new")
+        names = {str(tmp / "data.txt"), str(tmp / "done"), str(tmp / "sub" / "part.npy")}
+        folders = {str(tmp), str(tmp / "sub")}
+    before_swap = dict(steps)["written"]
+    assert names | folders <= set(synced[:before_swap])
+    assert synced[before_swap : dict(steps)["swapped"]] == [str(tmp_path)]
+    assert (target / "data.txt").read_text() == "new"
