@@ -9,6 +9,7 @@ a backup (``.NAME.old-PID.TOKEN-*``), the new folder is renamed into place, the 
 is flushed (a power loss cannot keep the rename and lose the data), then the backup is
 removed. When the block raises, the temporary folder is removed and ``target`` is left as it
 was.
+
 A process that dies between the two renames leaves no ``target`` but a complete backup:
 ``resolve(target)`` returns that backup, so readers keep working, and the next successful write
 removes it. Leftovers of writers that are no longer running are swept by the next write,
