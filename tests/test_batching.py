@@ -335,3 +335,21 @@ def test_a_request_cancelled_while_queued_frees_its_place_at_once(model, kind):
     finally:
         if kind == "batch":
             engine.close()
+
+
+def test_a_place_reserved_before_the_engine_stops_is_a_503(model):
+    """A request that reserved its place, then found the engine stopped when it submitted (a
+    model reload whose drain ran out meanwhile) gets a 503 with Retry-After, as a full queue
+    does (before: EngineStopped surfaced as a 500)."""
+    from docqa.settings import ServerSettings
+    from server.errors import APIError
+    from server.services import generation as gen
+
+    toks = model.prompt_tokens(model.format_chat([{"role": "user", "content": "Hi"}]))
+    prep = gen.Prepared("text", model.id, GenParams(prompt_tokens=toks, max_tokens=4))
+    slot = model.reserve()
+    model.engine.admission.stop()
+    with pytest.raises(APIError) as err:
+        gen.submit(slot, model, prep, ServerSettings())
+    slot.release()
+    assert err.value.status == 503 and "Retry-After" in err.value.headers

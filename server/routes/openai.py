@@ -64,7 +64,7 @@ async def respond(
     try:
         with gen.reserve(held.runtime, chat.settings.server) as slot:
             prep = await anyio.to_thread.run_sync(prepare, held.runtime)
-            job = gen.submit(slot, held.runtime, prep)
+            job = gen.submit(slot, held.runtime, prep, chat.settings.server)
     except BaseException:
         held.release()
         raise

@@ -180,10 +180,11 @@ def reserve(rt, server: ServerSettings) -> Slot:
         raise busy(exc, server) from exc
 
 
-def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
+def submit(slot: Slot, rt, prep: Prepared, server: ServerSettings) -> Job | CannedJob:
     """Turn the reserved ``slot`` into the job of ``prep`` on the runtime ``rt`` (a
     ``server.runtime.ModelRuntime``); a canned answer needs no job (the slot is freed when its
-    owner releases it)."""
+    owner releases it). A runtime stopped since the place was reserved (a reload that
+    outlasted its drain) is a 503 with ``Retry-After``, like a full queue."""
     if prep.canned is not None:
         return _stamp(CannedJob(prep.canned, rt, len(prep.params.prompt_tokens)))
     try:
@@ -195,7 +196,10 @@ def submit(slot: Slot, rt, prep: Prepared) -> Job | CannedJob:
             param="messages" if prep.kind == "chat" else "prompt",
             code="context_length_exceeded",
         ) from exc
-    job = slot.submit(prep.params)
+    try:
+        job = slot.submit(prep.params)
+    except QueueFull as exc:  # EngineStopped
+        raise busy(exc, server) from exc
     if prep.alternatives:
         evidence = prep.evidence
         job = with_candidates(rt, job, prep.alternatives, lambda t: grounding_score(t, evidence))
