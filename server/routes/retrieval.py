@@ -105,7 +105,9 @@ async def add_documents(
                 param="file",
                 code="file_too_large",
             )
-        parsed = docs.from_upload(name, data, "path" if form.get("path") else "file")
+        param = "path" if form.get("path") else "file"
+        # parsing (a PDF, say) runs off the event loop, like the JSON path's
+        parsed = await asyncio.to_thread(docs.from_upload, name, data, param)
     else:
         parsed = await asyncio.to_thread(docs.from_json, await request.body())
     index, data = await asyncio.to_thread(docs.ingest, parsed)
