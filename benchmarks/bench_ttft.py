@@ -9,7 +9,8 @@ question so that a busy machine slows every variant alike:
   (the default template), and in the excerpts layout with plain prefill, and with chunk KV
   caches cold (no entry: computed and saved) and warm (loaded);
 - prefill tok/s (grounded prompt tokens / plain TTFT) and decode tok/s (bare, 64 tokens);
-- answers/s with 1 (single engine), 4 and 8 clients (batch engine, 8 slots), plain vs cache;
+- answers/s with 1 (single engine, and batch engine: "1b"), 4 and 8 clients (batch engine, 8
+  slots), plain vs cache, and the grounded P2 (8 clients over 1 on the batch engine);
 - KV cache size per 1,000 chunks and the time ``docqa index kv`` adds to an index build.
 
     DOCQA_MODEL__N_THREADS=2 .venv/bin/python benchmarks/bench_ttft.py [--questions 12]
@@ -234,9 +235,11 @@ def main() -> None:
     work = [qs[i % len(qs)] for i in range(n_ans)]
     variants = ["evidence", "units"] + (["units_rc"] if args.recompute else [])
     variants += [] if args.no_excerpts else ["plain", "kv"]
+    # "1b": one client on the batch engine, which serves every request under the defaults
+    # (n_parallel auto): the grounded P2 is 8 clients' answers/s over it
+    loads = ((1, single, "1"), (1, be, "1b"), (4, be, "4"), (8, be, "8"))
     for name in variants:
-        for clients in (1, 4, 8):
-            engine = single if clients == 1 else be
+        for clients, engine, key in loads:
             params = [
                 grounded(
                     q,
@@ -259,9 +262,14 @@ def main() -> None:
 
             t0 = time.perf_counter()
             asyncio.run(load())
-            thr[f"{name}_{clients}"] = n_ans / (time.perf_counter() - t0)
-            print(f"answers/s {name} x{clients}: {thr[list(thr)[-1]]:.3f}")
+            thr[f"{name}_{key}"] = n_ans / (time.perf_counter() - t0)
+            print(f"answers/s {name} x{key}: {thr[list(thr)[-1]]:.3f}")
     be.close()
+    p2 = {name: thr[f"{name}_8"] / thr[f"{name}_1b"] for name in variants}
+    print(
+        "grounded P2 (8 clients / 1, batch engine): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in p2.items())
+    )
 
     # the index build step: every chunk of the index, into an empty store
     rt.kv = kvcache.KVStore(tmp / "kv-build", rt.kv.fingerprint, rt.id)
@@ -284,6 +292,7 @@ def main() -> None:
         "prefill_tok_s_evidence": prefill,
         "decode_tok_s": decode,
         "answers_per_s": thr,
+        "p2_grounded": p2,
         "index_chunks": len(index.chunks),
         "kv_bytes_per_1000_chunks": per_1000,
         "kv_build_s": build["seconds"],
