@@ -85,6 +85,16 @@ class ServerSettings(_Section):
         description="Start without api_key while listening beyond loopback (anyone who can "
         "reach the port may then add and delete documents). Off: such a start is refused.",
     )
+
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, v):
+        """An empty key (``DOCQA_SERVER__ADMIN_KEY=`` from an unset shell variable) is no key:
+        admin endpoints off, and no api_key beyond loopback refused at start. Before, it
+        switched the key check off, and every route was open."""
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return None if isinstance(raw, str) and not raw.strip() else v
+
     max_queue: int = Field(
         16, ge=1, le=4096, description="Requests admitted (running + waiting) before 503."
     )

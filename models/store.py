@@ -228,8 +228,8 @@ class ModelStore:
                 published_as=cid,
                 **({"upstream": provenance} if provenance else {}),
             )
+            os.replace(tmp, dest)  # the file first: its provenance never describes another
             write_provenance(provenance_path(dest), record)
-            os.replace(tmp, dest)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -343,8 +343,8 @@ def pull(
             "choices": choices,
         },
     )
-    write_provenance(provenance_path(dest), record)
     os.replace(local, dest)  # same filesystem: the complete file appears at once
+    write_provenance(provenance_path(dest), record)  # then what describes it
     shutil.rmtree(staging, ignore_errors=True)
     log.info("pulled %s/%s as %s (sha256 %s)", repo, chosen, dest, digest)
     return ResolvedModel(cid, dest, record)

@@ -153,6 +153,11 @@ def test_admin_key_is_separate_and_required(monkeypatch):
     with _Uvicorn(_unit_app(monkeypatch, api_key=KEY)) as u:  # no admin_key: admin is off
         r = httpx.post(u.url + "/admin/reload", json={}, headers=H)
         assert _err(r, 403)["code"] == "admin_disabled"
+    # an empty admin key (DOCQA_SERVER__ADMIN_KEY= from an unset shell variable) is no key:
+    # admin stays off (before: the key check was skipped and anyone could reload)
+    with _Uvicorn(_unit_app(monkeypatch, api_key=KEY, admin_key="  ")) as u:
+        assert _err(httpx.post(u.url + "/admin/reload", json={}), 403)["code"] == "admin_disabled"
+    assert Settings(server={"api_key": "", "admin_key": ""}).server.admin_key is None
     with _Uvicorn(_unit_app(monkeypatch, api_key=KEY, admin_key=ADMIN_KEY)) as u:
         assert _err(httpx.post(u.url + "/admin/reload", json={}, headers=H), 401)
         adm = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -167,6 +172,8 @@ def test_refuses_to_listen_beyond_loopback_without_a_key(monkeypatch):
         with pytest.raises(InsecureSettings, match="api_key"):
             create_app(Settings(server={"host": host}))
     create_app(Settings(server={"host": "0.0.0.0", "api_key": "k"}))
+    with pytest.raises(InsecureSettings, match="api_key"):  # an empty key is no key
+        create_app(Settings(server={"host": "0.0.0.0", "api_key": ""}))
     create_app(Settings(server={"host": "0.0.0.0", "allow_insecure_writes": True}))
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         create_app(Settings(server={"host": host}))

@@ -15,6 +15,7 @@ from server.services.tickets import (
     Answer,
     check_reply,
     clean_ticket,
+    scope_hits,
     split_questions,
     support,
     ticket_query,
@@ -34,6 +35,19 @@ def test_clean_ticket_strips_quotes_signatures_greetings():
     assert clean_ticket("Re: Re: Setup", body) == "Setup\nHow do I set the port?"
     assert "old stuff" not in clean_ticket("", "Q?\n> quoted?\n> more")
     assert clean_ticket("", "Q here?\n-- \nsig line") == "Q here?"
+
+
+def test_scope_words_match_their_inflections_and_greetings_keep_their_sentence():
+    """ "invoices", "refunds", "charged" are billing words too (before: only the exact word),
+    and a first line that says more than hello is not dropped as a greeting."""
+    words = TicketSettings().out_of_scope
+    text = "We were charged twice and want refunds on both invoices. Which port?"
+    assert set(scope_hits(text, words)) == {"charge", "refund", "invoice"}
+    assert scope_hits("Our passwords and accounts", words) == ["account", "password"]
+    assert scope_hits("The chargeable port is 8080.", words) == []  # not a longer word
+    assert clean_ticket("", "Hi, I need a refund for my invoice.\nWhich port?").startswith("Hi,")
+    assert clean_ticket("", "Hello, how do I set the port?") == "Hello, how do I set the port?"
+    assert clean_ticket("", "Dear support team,\nWhich port?") == "Which port?"
 
 
 def test_split_questions():
@@ -174,6 +188,35 @@ def test_batch_decisions_and_resume(ticket_server, tmp_path):
     paths7 = {s["path"] for s in by["t7"]["sources"]}
     assert {"guide/config.md", "api/openapi.yaml"} & paths7
     assert by["line-8"]["decision"] == "human" and "error" in by["line-8"]
+
+
+def test_tickets_a_human_should_see_are_not_sent(ticket_server, server_factory, tmp_path):
+    """A billing question behind a greeting, more questions than are answered, and a reply cut
+    off by max_tokens all go to a human (before: each went out automatically)."""
+    url = ticket_server.url + "/v1/tickets/reply"
+    port = "Which port does the Zephyrd HTTP API use?"
+
+    def reply(url, body):
+        r = httpx.post(url, json={"id": 1, "subject": "Help", "body": body}, timeout=180)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    rec = reply(url, f"Hi, we were charged twice on our invoices.\n{port}")
+    assert rec["decision"] == "human" and "out of scope" in rec["reason"], rec
+    rec = reply(url, " ".join([port] * 4 + ["Can you mail me a cake recipe?"]))
+    assert rec["decision"] == "human" and "5 questions, only 4 answered" in rec["reason"], rec
+    docs = tmp_path / "docs"
+    shutil.copytree(FIXTURES / "docs", docs)
+    short = server_factory(
+        {
+            "model": {"n_ctx": 2048},
+            "retrieval": {"docs_dir": str(docs), "chunk_tokens": 120, "chunk_overlap": 20},
+            "tickets": {"max_tokens": 16, "min_similarity": 0.3},
+        },
+        "tickets-short",
+    )
+    rec = reply(short.url + "/v1/tickets/reply", "How do I install Zephyrd on Linux, step by step?")
+    assert rec["decision"] == "human" and "reply cut off" in rec["reason"], rec
 
 
 def test_leaning_question_is_retrieved_with_its_ticket(ticket_server):

@@ -303,11 +303,13 @@ def test_every_recipe_dry_runs(path, tmp_path):
 
 def test_dry_run_shows_which_steps_would_resume(tmp_path):
     from training.artifacts import finish
-    from training.rebuild import rebuild
+    from training.rebuild import mark_made, rebuild
 
     recipe = load_recipe("smollm2-nitro")
     (tmp_path / "base").mkdir()
     finish(tmp_path / "base", "base", recipe.base, inputs={}, metrics={})
+    assert rebuild(recipe, tmp_path, dry_run=True)[0]["status"] == "would run"  # from what?
+    mark_made(recipe, tmp_path, "base")  # as `docqa train base` does after the step
     rows = rebuild(recipe, tmp_path, dry_run=True)
     assert [r["status"] for r in rows[:2]] == ["would resume", "would run"]
     assert rows[1]["inputs"] == {} and rows[2]["inputs"] == {"model": "base", "pairs": "synth"}
@@ -448,3 +450,99 @@ def test_samples_select_the_best_grounded_right_answer_and_pair_it_with_a_wrong_
         "examples": 2,
         "preference_pairs": 1,
     }
+
+
+def test_a_step_whose_upstream_was_made_again_is_not_resumed(tmp_path, monkeypatch):
+    """A rebuild that reran sft and export, then failed in the gate, keeps the gate's old
+    artifact (atomic steps). The next rebuild must judge the new model, not resume the old
+    verdict and publish a model no gate has seen (before: only a step's own config counted).
+    Publish also refuses a gate verdict on another file than the GGUF it would ship."""
+    from training.artifacts import finish, step_dir
+    from training.config import Recipe
+    from training.rebuild import rebuild
+    from training.registry import REGISTRY, Step, steps
+    from training.steps import GateRefused
+
+    steps()
+    crash = {"gate": False}
+
+    def sft(ctx):
+        with step_dir(ctx.out, ctx.name) as tmp:
+            (tmp / "hf").mkdir()
+            (tmp / "hf" / "w").write_text(f"lr={ctx.config.learning_rate}")
+            return finish(tmp, "sft", ctx.config, inputs={}, metrics={})
+
+    def export(ctx):
+        with step_dir(ctx.out, ctx.name) as tmp:
+            (tmp / "model.gguf").write_text((ctx.input("model") / "w").read_text())
+            return finish(tmp, "export", ctx.config, inputs={}, metrics={})
+
+    def gate(ctx):
+        from docqa.provenance import sha256_file
+
+        if crash["gate"]:
+            raise RuntimeError("the evaluation server died")
+        with step_dir(ctx.out, ctx.name) as tmp:
+            judged = ctx.input("gguf").read_text()
+            sha = sha256_file(ctx.input("gguf"))
+            return finish(
+                tmp,
+                "gate",
+                ctx.config,
+                inputs={"judged": judged},
+                metrics={},
+                passed=True,
+                sha256=sha,
+            )
+
+    for name, fn in (("sft", sft), ("export", export), ("gate", gate)):
+        s = REGISTRY[name]
+        monkeypatch.setitem(REGISTRY, name, Step(name, s.config, fn, s.produces, s.needs))
+    given = tmp_path / "base"
+    given.mkdir()
+    out = tmp_path / "run"
+    recipe = {
+        "name": "r",
+        "steps": ["sft", "export", "gate", "publish"],
+        "inputs": {"model": str(given)},
+        "publish": {"store_dir": str(tmp_path / "store")},
+    }
+
+    def run(lr):
+        r = Recipe.model_validate(recipe | {"sft": {"learning_rate": lr}})
+        return [(row["step"], row["status"]) for row in rebuild(r, out)]
+
+    assert [s for _, s in run(1e-4)] == ["done"] * 4
+    assert [s for _, s in run(1e-4)] == ["resumed"] * 4
+    crash["gate"] = True
+    with pytest.raises(RuntimeError, match="server died"):
+        run(0.5)
+    crash["gate"] = False
+    assert run(0.5) == [
+        ("sft", "resumed"),
+        ("export", "resumed"),
+        ("gate", "done"),
+        ("publish", "done"),
+    ]
+    assert json.loads((out / "gate" / "provenance.json").read_text())["inputs"]["judged"] == (
+        "lr=0.5"
+    )
+    (given / "new.txt").write_text("a given input changed")  # everything after it reruns
+    assert [s for _, s in run(0.5)] == ["done"] * 4
+    (out / "export" / "model.gguf").write_text("made again, never judged")
+    monkeypatch.setitem(
+        REGISTRY,
+        "export",
+        Step(
+            "export",
+            REGISTRY["export"].config,
+            lambda ctx: None,
+            REGISTRY["export"].produces,
+            REGISTRY["export"].needs,
+        ),
+    )
+    from training.registry import plan_for
+
+    r = Recipe.model_validate(recipe | {"sft": {"learning_rate": 0.5}})
+    with pytest.raises(GateRefused, match="judged another file"):
+        plan_for(r, "publish").run(r, out)

@@ -6,11 +6,15 @@ returns rows (one per step); rendering them is the CLI's job (training.cli).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from docqa.provenance import atomic_write_text
 from training.artifacts import done
 from training.config import Recipe
 from training.registry import plan, plan_for
@@ -18,10 +22,103 @@ from training.registry import plan, plan_for
 log = logging.getLogger(__name__)
 
 
+CHAIN = "chain.json"  # in ``out``: what each step was made from (see ``_upstream``)
+
+
+def _path_stamp(value) -> str | None:
+    """A fingerprint of the file or folder a config value names (sizes and mtimes), else
+    None: a given model folder or CSV that changed on disk makes the step stale."""
+    if not isinstance(value, str) or not value or len(value) > 4096:
+        return None
+    p = Path(value)
+    try:
+        if p.is_file():
+            st = p.stat()
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        if p.is_dir():
+            h = hashlib.sha256()
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for name in sorted(files):
+                    st = (Path(root) / name).stat()
+                    rel = os.path.relpath(Path(root) / name, p)
+                    h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            return h.hexdigest()[:16]
+    except OSError:
+        return None
+    return None
+
+
+_OUTPUTS = {"store_dir"}  # config fields naming where a step writes, not what it reads
+
+
+def _paths_in(data) -> dict[str, str]:
+    """Every string in ``data`` (a config dump) that names an existing path -> its stamp
+    (fields naming where a step writes left out)."""
+    found: dict[str, str] = {}
+
+    def walk(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if k not in _OUTPUTS:
+                    walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif (stamp := _path_stamp(v)) is not None:
+            found[v] = stamp
+
+    walk(data)
+    return found
+
+
+def _upstream(recipe: Recipe, made: list[list[str]], config) -> str:
+    """What a step is made from: the recipe's given inputs and Q&A CSV as they are on disk,
+    the steps before it (each one's config hash and when it was made), and any path its own
+    config names. A step resumes only when this is what it was made from; before, only its
+    own config counted, so a step whose upstream was rerun (or whose given files changed)
+    was resumed as it stood, and a gate could pass a model it had never evaluated."""
+    cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+    given = {"inputs": dict(recipe.inputs), "csv": recipe.synth.csv}
+    doc = {"given": _paths_in(given), "steps": made, "own": _paths_in(cfg)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_chain(out: Path) -> dict:
+    try:
+        return json.loads((out / CHAIN).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _stamp(name: str, prov: dict) -> list[str]:
+    return [name, str(prov.get("config_hash")), str(prov.get("created_unix"))]
+
+
+def mark_made(recipe: Recipe, out: str | Path, step: str) -> None:
+    """Record what ``step``'s artifact in ``out`` was made from (the steps before it in the
+    recipe's plan, as they are on disk now), so that a rebuild may resume it."""
+    out = Path(out)
+    made = []
+    p = plan_for(recipe, step)
+    for q in plan(recipe):
+        if q.name == step:
+            break
+        prov = done(out, q.name)
+        if prov is not None:
+            made.append(_stamp(q.name, prov))
+    chain = _read_chain(out)
+    chain[step] = _upstream(recipe, made, p.config)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CHAIN, json.dumps(chain, indent=2, sort_keys=True) + "\n")
+
+
 def run_step(recipe: Recipe, step: str, out: str | Path) -> dict:
     """Run one step of the recipe (its inputs as the recipe's plan resolves them); returns
     the step's provenance. A step the recipe does not list runs as if appended to it."""
-    return plan_for(recipe, step).run(recipe, Path(out))
+    prov = plan_for(recipe, step).run(recipe, Path(out))
+    mark_made(recipe, out, step)
+    return prov
 
 
 def rebuild(
@@ -52,14 +149,20 @@ def rebuild(
         emit(row)
 
     changed = force
+    chain = _read_chain(out)
+    made: list[list[str]] = []  # [step, config hash, made at] of the steps so far
     for p in plan(recipe):
+        upstream = _upstream(recipe, made, p.config)
         prov = None if changed else done(out, p.name, p.config)
+        if prov is not None and chain.get(p.name) != upstream:
+            prov = None  # made from other upstream artifacts or inputs than those now
         if dry_run:
             changed = changed or prov is None
             status = "would resume" if prov is not None else "would run"
             add({"step": p.name, "status": status, "seconds": 0.0, "metrics": {}, **p.describe()})
             continue
         if prov is not None:
+            made.append(_stamp(p.name, prov))
             add(
                 {
                     "step": p.name,
@@ -84,6 +187,10 @@ def rebuild(
                 }
             )
             raise
+        chain[p.name] = upstream
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / CHAIN, json.dumps(chain, indent=2, sort_keys=True) + "\n")
+        made.append(_stamp(p.name, prov))
         add(
             {
                 "step": p.name,

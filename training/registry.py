@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from training.artifacts import step_path
+from training.artifacts import PROV, step_path
 
 # a training.config.Recipe; not imported here, so config (which validates recipes with ``plan``)
 # and the registry do not import each other
@@ -178,6 +178,8 @@ class PlannedStep:
         prov = self.step.run(ctx)
         for kind, rel in self.step.produces.items():
             if not (step_path(ctx.out, self.name) / rel).exists():
+                # its provenance goes, so the next rebuild runs it again, not resume it
+                (step_path(ctx.out, self.name) / PROV).unlink(missing_ok=True)
                 raise RuntimeError(f"step {self.name!r} did not produce {kind!r} ({rel})")
         return prov
 

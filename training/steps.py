@@ -305,7 +305,10 @@ def run_gate(ctx: StepContext) -> dict:
 
     cfg: GateStep = ctx.config
     gguf = ctx.input("gguf")
+    from docqa.provenance import sha256_file
+
     with step_dir(ctx.out, ctx.name) as tmp:
+        sha = sha256_file(gguf)  # what was judged: publish ships only this file
         result = compare(str(gguf), cfg)
         (tmp / "comparison.json").write_text(json.dumps(result, indent=2))
         return finish(
@@ -315,6 +318,7 @@ def run_gate(ctx: StepContext) -> dict:
             inputs={"candidate": str(gguf), "against": cfg.against},
             metrics=result,
             passed=result["passed"],
+            sha256=sha,
         )
 
 
@@ -343,6 +347,13 @@ def run_publish(ctx: StepContext) -> dict:
             raise GateRefused("publish needs a gate result: run the gate step first")
         if not gate_prov.get("passed"):
             raise GateRefused("the gate refused this model; the published model stays")
+        from docqa.provenance import sha256_file
+
+        if gate_prov.get("sha256") != sha256_file(gguf):
+            raise GateRefused(
+                f"the gate judged another file than {gguf} (it was made again since): run "
+                "the gate again; the published model stays"
+            )
     # the provenance of the step that made the GGUF (export, or quant_select: its choice table)
     upstream = {"export": read_provenance(gguf.parent / PROV), "gate": gate_prov}
     with step_dir(ctx.out, ctx.name) as tmp:

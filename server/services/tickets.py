@@ -14,7 +14,7 @@ from retrieval.bm25 import content_words
 from retrieval.evidence import Evidence, coverage
 from retrieval.search import SearchResult, rrf
 from server.engine import Slot
-from server.generation import Delta, GenParams
+from server.generation import Delta, Finish, GenParams
 from server.runtime import ModelManager, ModelRuntime
 from server.services.generation import alternatives, merge_bias, with_cad, with_candidates
 from server.services.rag import _FOLLOWUP, RagService
@@ -27,16 +27,18 @@ _SIGNATURE = re.compile(
     r"thank you,?|cheers,?|sent from my .+)\s*$",
     re.I,
 )
+# a salutation and at most three names ("Hi John,", "Dear support team,"), nothing more: a
+# line that goes on ("Hi, I need a refund for my invoice.") is kept
 _GREETING = re.compile(
-    r"^\s*(hi|hello|hey|dear|good (morning|afternoon|evening))\b[^\n]{0,40}"
-    r"[,!.]?\s*$",
+    r"^\s*(hi|hello|hey|dear|good (morning|afternoon|evening))\b(\s+[\w.'-]+){0,3}"
+    r"\s*[,!.]?\s*$",
     re.I,
 )
 _SENT = re.compile(r"(?<=[.!?])\s+")
 
 
-def clean_ticket(subject: str, body: str) -> str:
-    """Strip quoted earlier replies, signatures and greetings."""
+def clean_ticket(subject: str, body: str, greetings: bool = True) -> str:
+    """Strip quoted earlier replies, signatures and (with ``greetings``) greetings."""
     m = _QUOTED_HEADER.search(body)
     if m:
         body = body[: m.start()]
@@ -46,7 +48,7 @@ def clean_ticket(subject: str, body: str) -> str:
             continue
         if _SIGNATURE.match(line):
             break
-        if not lines and _GREETING.match(line):
+        if greetings and not lines and _GREETING.match(line):
             continue
         lines.append(line)
     text = "\n".join(lines).strip()
@@ -61,13 +63,20 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT.split(flat) if s.strip()]
 
 
-def split_questions(text: str, limit: int) -> list[str]:
+def split_questions(text: str, limit: int | None = None) -> list[str]:
     flat = " ".join(text.split())
     sents = sentences(flat)
     qs = [s for s in sents if s.endswith("?")]
     if not qs:
         return [flat] if flat else []
     return qs[:limit]
+
+
+def scope_hits(text: str, words: list[str]) -> list[str]:
+    """The out-of-scope ``words`` in ``text``, inflected forms too ("invoices", "charged",
+    "refunding"): before, only the exact word counted, and a billing ticket went out."""
+    lowered = f" {text.lower()} "
+    return [w for w in words if re.search(rf"\b{re.escape(w.lower())}(s|es|d|ed|ing)?\b", lowered)]
 
 
 def ticket_query(subject: str, text: str, question: str, n_before: int) -> str:
@@ -197,6 +206,17 @@ async def _generate(
     thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With a
     ``score`` (text -> comparable) and ``r.answer_candidates`` > 1, sampled candidates run
     beside it in spare places and the best scored answer is returned (``BestOfJob``)."""
+    text, _ = await _generate_finished(
+        rt, messages, max_tokens, r, context_free, cad_alpha, slot, logit_bias, score
+    )
+    return text
+
+
+async def _generate_finished(
+    rt, messages, max_tokens, r, context_free, cad_alpha, slot, logit_bias, score
+) -> tuple[str, str]:
+    """``_generate``'s answer and how it ended (``Finish.reason``: "stop", "length",
+    "cancelled", ...)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
@@ -204,11 +224,13 @@ async def _generate(
     if score is not None and r.answer_candidates > 1:
         more = alternatives(params, r.answer_candidates - 1, r.answer_candidate_temperature)
         job = with_candidates(rt, job, more, score)
-    out = []
+    out, reason = [], "stop"
     async for ev in job:
         if isinstance(ev, Delta):
             out.append(ev.text)
-    return "".join(out).strip()
+        elif isinstance(ev, Finish):
+            reason = ev.reason
+    return "".join(out).strip(), reason
 
 
 class TicketService:
@@ -238,11 +260,13 @@ async def reply_ticket(
     text = await anyio.to_thread.run_sync(clean_ticket, subject, body)
     if not re.search(r"[A-Za-z]{3,}", text):
         return {"id": tid, "error": "empty or unreadable ticket", "decision": "human"}
-    lowered = f" {text.lower()} "
-    scope_hits = [w for w in cfg.out_of_scope if re.search(rf"\b{re.escape(w)}\b", lowered)]
+    # the scope check reads the ticket before greetings are dropped: nothing hides from it
+    raw = await anyio.to_thread.run_sync(clean_ticket, subject, body, False)
+    hits = scope_hits(raw, cfg.out_of_scope)
     answers: list[Answer] = []
     alpha = settings.retrieval.cad_alpha
-    for q in split_questions(text, cfg.max_questions):
+    asked_all = split_questions(text)
+    for q in asked_all[: cfg.max_questions]:
         a = Answer(q)
 
         def ground(q=q):
@@ -277,20 +301,23 @@ async def reply_ticket(
             check_reply(b, asked, grounding.evidence, rag.index.retriever.idf, cfg)
             return (b.reason is None, b.evidence_support, b.support)
 
-        a.text = await _generate(
+        a.text, ended = await _generate_finished(
             rt,
             new_messages,
             cfg.max_tokens,
             settings.retrieval,
-            context_free=rag.context_free(rt, messages) if alpha > 0 else None,
-            cad_alpha=alpha,
-            slot=slot,
-            logit_bias=bias,
-            score=passes,
+            rag.context_free(rt, messages) if alpha > 0 else None,
+            alpha,
+            slot,
+            bias,
+            passes,
         )
         fields = grounding.finalize(a.text)
         a.sources = fields["sources"]
         check_reply(a, asked, grounding.evidence, rag.index.retriever.idf, cfg)
+        if ended != "stop":  # cut off by max_tokens, or cancelled: never sent as it is
+            why = f"reply {'cut off' if ended == 'length' else ended}: {q[:80]}"
+            a.reason = f"{why}; {a.reason}" if a.reason else why
         answers.append(a)
     answered = [a for a in answers if a.text]
     reply = "\n\n".join(a.text for a in answered) or settings.retrieval.abstain_message
@@ -298,8 +325,12 @@ async def reply_ticket(
     sups = [a.support for a in answers] or [0.0]
     confidence = round(min(sims) * 0.5 + min(sups) * 0.5, 4)
     reasons = [a.reason for a in answers if a.reason]
-    if scope_hits:
-        reasons.insert(0, f"out of scope: {', '.join(scope_hits)}")
+    if len(asked_all) > cfg.max_questions:
+        reasons.append(
+            f"{len(asked_all)} questions, only {cfg.max_questions} answered (tickets.max_questions)"
+        )
+    if hits:
+        reasons.insert(0, f"out of scope: {', '.join(hits)}")
     if not reasons and confidence < cfg.auto_threshold:
         reasons.append(f"low confidence {confidence:.2f}")
     seen, sources = set(), []
