@@ -546,3 +546,74 @@ def test_a_step_whose_upstream_was_made_again_is_not_resumed(tmp_path, monkeypat
     r = Recipe.model_validate(recipe | {"sft": {"learning_rate": 0.5}})
     with pytest.raises(GateRefused, match="judged another file"):
         plan_for(r, "publish").run(r, out)
+
+
+def test_export_f32_writes_f32_and_quant_select_uses_candidate_settings(tmp_path, monkeypatch):
+    """``export.quant: F32`` asks the converter for F32 (before: an F16 file named F32), and
+    ``quant_select.quality.candidate_settings`` serves the quants with those settings, the
+    reference with the defaults (before: accepted and ignored)."""
+    from pathlib import Path
+
+    import eval.speed as speed
+    import models.store as store
+    import training.export as export
+    import training.gate as gate
+    import training.quants as quants
+    from training.config import Recipe
+    from training.registry import plan_for
+
+    calls = []
+
+    def convert(hf, out_file, outtype="f16"):
+        calls.append(outtype)
+        out_file.write_bytes(b"gguf-" + outtype.encode())
+        return out_file
+
+    monkeypatch.setattr(export, "convert_to_gguf", convert)
+    given = tmp_path / "hf"
+    given.mkdir()
+    rec = Recipe.model_validate(
+        {
+            "name": "r",
+            "steps": ["export"],
+            "inputs": {"model": str(given)},
+            "export": {"quant": "F32"},
+        }
+    )
+    plan_for(rec, "export").run(rec, tmp_path / "run")
+    assert calls == ["f32"] and (tmp_path / "run/export/model.gguf").read_bytes() == b"gguf-f32"
+
+    seen = []
+
+    def evaluate(model, cfg, settings=None):
+        seen.append((Path(model).name, settings))
+        return {"facts_accuracy": 0.5, "qa_f1": 0.3}
+
+    def export_quants(model, out_dir, names):
+        for n in names:
+            (out_dir / f"{n}.gguf").write_bytes(b"x")
+        return {n: out_dir / f"{n}.gguf" for n in names}
+
+    ref = tmp_path / "ref.gguf"
+    ref.write_bytes(b"r")
+    monkeypatch.setattr(gate, "evaluate", evaluate)
+    monkeypatch.setattr(quants, "export_quants", export_quants)
+    monkeypatch.setattr(
+        speed,
+        "measure_speed",
+        lambda paths, **kw: {n: {"prefill_tok_s": 1.0, "decode_tok_s": 1.0} for n in paths},
+    )
+    monkeypatch.setattr(store.ModelStore, "resolve", lambda self, n: store.ResolvedModel(n, ref))
+    kv = {"retrieval": {"kv_cache": True}}
+    rec = Recipe.model_validate(
+        {
+            "name": "r",
+            "steps": ["quant_select"],
+            "inputs": {"model": str(given)},
+            "quant_select": {"quants": ["Q8_0"], "quality": {"candidate_settings": kv}},
+        }
+    )
+    plan_for(rec, "quant_select").run(rec, tmp_path / "run2")
+    assert rec.quant_select.quality.against == "smollm2-135m-instruct"  # not the served one
+    assert rec.quant_select.quality.mcq_limit == 0
+    assert sorted(seen, key=str) == [("Q8_0.gguf", kv), ("smollm2-135m-instruct", None)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from docqa.settings import ModelSettings
 from eval.qa import DEFAULT_FACT_SET
@@ -296,6 +296,20 @@ class QuantSelectStep(_Cfg):
     prompt_tokens: int = Field(
         256, ge=8, le=8192, description="Prompt prefilled per speed round (a grounded prompt)."
     )
+
+    @field_validator("quality")
+    @classmethod
+    def _reference_is_the_embedded_model(cls, v: GateStep) -> GateStep:
+        """A ``quality`` block that does not name ``against`` still measures against the
+        embedded model the quants are made from (before: GateStep's own default, the model
+        served by default, took its place) and asks no MCQ unless told to."""
+        updates = {}
+        if "against" not in v.model_fields_set:
+            updates["against"] = DEFAULT_MODEL
+        if "mcq_limit" not in v.model_fields_set:
+            updates["mcq_limit"] = 0
+        return v.model_copy(update=updates) if updates else v
+
     decode_tokens: int = Field(32, ge=1, le=4096, description="Tokens decoded per speed round.")
     rounds: int = Field(3, ge=1, le=50, description="Speed rounds; the medians are kept.")
     min_speedup: float = Field(

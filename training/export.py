@@ -42,10 +42,10 @@ def run_export(ctx: StepContext) -> dict:
     cfg: ExportStep = ctx.config
     src = ctx.input("model")
     with step_dir(ctx.out, ctx.name) as tmp:
-        f16 = convert_to_gguf(src, tmp / "model.f16.gguf")
-        if cfg.quant.upper() in ("F16", "F32"):
-            final = f16.rename(tmp / "model.gguf")
+        if cfg.quant.upper() in ("F16", "F32", "BF16"):  # the converter writes these itself
+            final = convert_to_gguf(src, tmp / "model.gguf", cfg.quant.lower())
         else:
+            f16 = convert_to_gguf(src, tmp / "model.f16.gguf")
             final = quantize(f16, tmp / "model.gguf", cfg.quant)
             f16.unlink()
         return finish(

@@ -236,7 +236,11 @@ def run_quant_select(ctx: StepContext) -> dict:
         figures = {}
         for name, path in paths.items():
             log.info("quant_select: evaluating %s", name)
-            quality = evaluate(reference if name == reference else str(path), cfg.quality)
+            quality = evaluate(  # the quants served with the candidate's settings, if any
+                reference if name == reference else str(path),
+                cfg.quality,
+                None if name == reference else (cfg.quality.candidate_settings or None),
+            )
             figures[name] = {"size_bytes": Path(path).stat().st_size, **speed[name], **quality}
         result = choose(figures, reference, cfg.quality.margin, cfg.quality.alpha, cfg.min_speedup)
         chosen = result["chosen"]

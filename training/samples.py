@@ -104,6 +104,7 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
         [
             str(path),
             path.stat().st_size,
+            path.stat().st_mtime_ns,  # a model exported again at the same path and size
             cfg.model_dump(exclude={"limit"}),
             r.stop,
             max_tokens,
