@@ -64,6 +64,15 @@ def test_parse_upload_reports_bad_input():
     assert [e["line"] for e in errors] == [3, 4]
     [t], _ = parse_upload("m.eml", b"Subject: Ports\n\nWhich port is used?\n", 10_000)
     assert t == {"id": "m.eml", "subject": "Ports", "body": "Which port is used?\n"}
+    latin = (  # a mail in its own charset is read in it (before: refused as not UTF-8)
+        "Subject: Port\nContent-Type: text/plain; charset=iso-8859-1\n\nQuel port, café?\n"
+    ).encode("latin-1")
+    [t], _ = parse_upload("l.eml", latin, 10_000)
+    assert t["body"] == "Quel port, café?\n"
+    odd = b"Subject: x\nContent-Type: text/plain; charset=x-nonesuch\n\nhello\n"
+    with pytest.raises(APIError) as e:  # an unknown charset: a 400 (before: a 500)
+        parse_upload("odd.eml", odd, 10_000)
+    assert (e.value.status, e.value.code) == (400, "not_text")
     for name, data, status, code in [
         ("big.txt", b"x" * 101, 413, "file_too_large"),
         ("bin.txt", b"abc\x00def", 400, "not_text"),
@@ -505,3 +514,13 @@ def test_restart_with_api_key_keeps_queue(browser, web):
         page.context.close()
     finally:
         s.stop()
+
+
+def test_a_json_body_nested_too_deep_is_a_400():
+    """Nesting under the body limit can still exhaust the parser's recursion: a 400, not a
+    500."""
+    from server.routes.ticket_queue import _tickets_from_json
+
+    with pytest.raises(APIError) as e:
+        _tickets_from_json(b"[" * 100_000 + b"]" * 100_000)
+    assert (e.value.status, e.value.code) == (400, "invalid_json")

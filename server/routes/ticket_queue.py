@@ -34,7 +34,7 @@ class QueueUpdate(BaseModel):
 def _tickets_from_json(raw: bytes) -> list[dict]:
     try:
         body = json.loads(raw or b"null")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from exc
     tickets = body.get("tickets") if isinstance(body, dict) and "tickets" in body else [body]
     if not isinstance(tickets, list) or not tickets:

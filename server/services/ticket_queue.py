@@ -70,13 +70,20 @@ def parse_upload(name: str, data: bytes, max_bytes: int) -> tuple[list[dict], li
         )
     if b"\x00" in data:
         raise APIError(400, f"{name} is not a text file", param="file", code="not_text")
+    if suffix == ".eml":  # a mail names its own charset (Latin-1 is common)
+        try:
+            return [ticket_from_mail(name, data)], []
+        except (LookupError, ValueError, UnicodeError) as exc:  # an unknown charset, say
+            raise APIError(
+                400, f"{name} is not a readable mail: {exc}", param="file", code="not_text"
+            ) from exc
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise APIError(
             400, f"{name} is not UTF-8 text: {exc}", param="file", code="not_text"
         ) from exc
-    if suffix in (".txt", ".eml"):
+    if suffix == ".txt":
         return [ticket_from_mail(name, data)], []
     tickets, errors = [], []
     for n, t in tickets_from_jsonl(text):
