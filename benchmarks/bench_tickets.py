@@ -28,12 +28,16 @@ TICKETS = Path(__file__).resolve().parents[1] / "eval" / "data" / "nitro_tickets
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=None, help="default: the served model (model.model)")
     ap.add_argument("--out", type=Path, help="keep the replies here (JSONL)")
     args = ap.parse_args()
     tickets = read_tickets(TICKETS)
     out = args.out or Path(tempfile.mkdtemp()) / "replies.jsonl"
     out.unlink(missing_ok=True)
+    if args.model is None:
+        from docqa.settings import load_settings
+
+        args.model = load_settings().model.model
     with local_server(args.model, str(nitro_index())) as url:
         t0 = time.time()
         reply_all(tickets, out, url, progress=False)

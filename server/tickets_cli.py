@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,22 +45,72 @@ def done_ids(out: Path) -> set[str]:
     return ids
 
 
+def _trim_partial_line(out: Path) -> None:
+    """A run killed mid-write leaves a last line without its newline: cut it off, so the
+    resumed run's first record starts on a line of its own (before: it was glued to it, and
+    both were lost)."""
+    if not out.is_file():
+        return
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(out, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class _Transient(Exception):
+    """A busy or unreachable server: the ticket is left for the next run, not recorded."""
+
+
+def _post(client: httpx.Client, url: str, ticket: dict, headers: dict, tries: int, wait_max: float):
+    """The server's answer; a 503 (busy, model loading) or a connection error is retried
+    after Retry-After (at most ``wait_max`` s), ``tries`` times in all, then ``_Transient``."""
+    for attempt in range(tries):
+        try:
+            r = client.post(url, json=ticket, headers=headers)
+        except httpx.TransportError as exc:
+            why, wait = f"{type(exc).__name__}: {exc}", 1.0
+        else:
+            if r.status_code != 503:
+                return r
+            why = f"503: {r.text[:200]}"
+            try:
+                wait = float(r.headers.get("retry-after", "1"))
+            except ValueError:
+                wait = 1.0
+        if attempt + 1 < tries:
+            time.sleep(min(max(wait, 0.0), wait_max))
+    raise _Transient(why)
+
+
 def reply_all(
-    tickets: list[dict], out: Path, base_url: str, api_key: str = "", progress: bool = True
+    tickets: list[dict],
+    out: Path,
+    base_url: str,
+    api_key: str = "",
+    progress: bool = True,
+    tries: int = 5,
+    wait_max: float = 30.0,
+    transport: httpx.BaseTransport | None = None,
 ) -> dict:
+    """Reply to every ticket not in ``out`` yet, appending a record per ticket. A ticket the
+    server could not take (busy or unreachable after ``tries``) gets no record: counted as
+    ``retry``, a rerun asks again."""
+    _trim_partial_line(out)
     finished = done_ids(out)
     todo = [t for t in tickets if str(t.get("id")) not in finished]
-    counts = {"auto": 0, "human": 0, "skipped": len(tickets) - len(todo)}
+    counts = {"auto": 0, "human": 0, "retry": 0, "skipped": len(tickets) - len(todo)}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with open(out, "a", encoding="utf-8") as f, httpx.Client(timeout=600) as client:
+    url = base_url.rstrip("/") + "/tickets/reply"
+    with (
+        open(out, "a", encoding="utf-8") as f,
+        httpx.Client(timeout=600, transport=transport) as client,
+    ):
         for t in tqdm(todo, desc="tickets", disable=not progress):
             if "_error" in t:
                 rec = {"id": str(t["id"]), "error": t["_error"], "decision": "human"}
             else:
                 try:
-                    r = client.post(
-                        base_url.rstrip("/") + "/tickets/reply", json=t, headers=headers
-                    )
+                    r = _post(client, url, t, headers, tries, wait_max)
                     rec = (
                         r.json()
                         if r.status_code == 200
@@ -69,6 +120,10 @@ def reply_all(
                             "error": r.json().get("error", {}).get("message", r.text),
                         }
                     )
+                except _Transient as exc:
+                    log.warning("ticket %s left for the next run: %s", t.get("id"), exc)
+                    counts["retry"] += 1
+                    continue
                 except Exception as exc:  # noqa: BLE001 - the run continues
                     rec = {
                         "id": str(t["id"]),
@@ -98,11 +153,15 @@ def command(
         base = target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1")
         counts = reply_all(tickets, out, base, api_key)
     else:
+        from docqa.settings import load_settings
         from server.launch import local_server
 
-        with local_server(model or "smollm2-135m-instruct", str(index or "var/index")) as base:
+        s = load_settings()  # the served model and index unless given
+        idx = index or s.retrieval.index_dir or "var/index"
+        with local_server(model or s.model.model, str(idx)) as base:
             counts = reply_all(tickets, out, base)
     typer.echo(
         f"{len(tickets)} tickets: {counts['auto']} auto, {counts['human']} human, "
-        f"{counts['skipped']} already done -> {out}"
+        f"{counts['skipped']} already done, {counts['retry']} left for the next run (server "
+        f"busy or unreachable) -> {out}"
     )

@@ -125,6 +125,37 @@ def test_read_tickets_handles_bad_lines(tmp_path):
     assert got["b.eml"]["subject"] == "Ports" and "port" in got["b.eml"]["body"]
 
 
+def test_reply_all_mends_a_cut_line_and_leaves_busy_tickets_for_the_next_run(tmp_path):
+    """A run killed mid-write left half a line: it is cut off, not glued to the next record.
+    A ticket the server was too busy for (503, after retries) gets no record, so the next run
+    asks again (before: it was recorded as done, for a human)."""
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "decision": "auto"}\n{"id": "b", "reply": "long repl')
+    busy = {"c": 3}  # c is refused three times, then answered
+    calls = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        t = json.loads(request.content)
+        calls.append(t["id"])
+        if busy.get(t["id"], 0) > 0:
+            busy[t["id"]] -= 1
+            return httpx.Response(
+                503, json={"error": {"message": "busy"}}, headers={"Retry-After": "0"}
+            )
+        return httpx.Response(200, json={"id": t["id"], "decision": "auto", "reply": "ok"})
+
+    tickets = [{"id": x, "body": "Which port?"} for x in "abc"]
+    mock = httpx.MockTransport(handle)
+    counts = reply_all(tickets, out, "http://x/v1", progress=False, tries=2, transport=mock)
+    assert counts == {"auto": 1, "human": 0, "retry": 1, "skipped": 1}
+    recs = [json.loads(line) for line in out.read_text().splitlines()]  # every line is JSON
+    assert [r["id"] for r in recs] == ["a", "b"]
+    counts = reply_all(tickets, out, "http://x/v1", progress=False, tries=2, transport=mock)
+    assert counts == {"auto": 1, "human": 0, "retry": 0, "skipped": 2}
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "c"]
+    assert calls == ["b", "c", "c", "c", "c"]
+
+
 @pytest.fixture(scope="module")
 def ticket_server(server_factory, tmp_path_factory):
     docs = tmp_path_factory.mktemp("tdocs")
