@@ -617,3 +617,28 @@ def test_export_f32_writes_f32_and_quant_select_uses_candidate_settings(tmp_path
     assert rec.quant_select.quality.against == "smollm2-135m-instruct"  # not the served one
     assert rec.quant_select.quality.mcq_limit == 0
     assert sorted(seen, key=str) == [("Q8_0.gguf", kv), ("smollm2-135m-instruct", None)]
+
+
+def test_publish_without_a_store_dir_uses_the_servers_store(tmp_path, monkeypatch):
+    """``publish.store_dir`` unset publishes into the settings' ``model.store_dir``, the store
+    the server reads (before: a hard-coded models/store, so a server with another store could
+    not find, or reload to, the published model)."""
+    from training.config import Recipe
+    from training.registry import plan_for
+
+    store = tmp_path / "srv-store"
+    monkeypatch.setenv("DOCQA_MODEL__STORE_DIR", str(store))
+    gguf_dir = tmp_path / "given"
+    gguf_dir.mkdir()
+    (gguf_dir / "model.gguf").write_bytes(b"GGUF-made-elsewhere")
+    rec = Recipe.model_validate(
+        {
+            "name": "r",
+            "steps": ["publish"],
+            "inputs": {"gguf": str(gguf_dir / "model.gguf")},
+            "export": {"name": "mine"},
+        }
+    )
+    assert rec.publish.store_dir is None
+    plan_for(rec, "publish").run(rec, tmp_path / "run")
+    assert (store / "mine.gguf").read_bytes() == b"GGUF-made-elsewhere"

@@ -332,7 +332,11 @@ class QuantSelectStep(_Cfg):
 
 
 class PublishStep(_Cfg):
-    store_dir: str = Field("models/store", description="Model store directory.")
+    store_dir: str | None = Field(
+        None,
+        description="Model store directory; None = the settings' model.store_dir (the store "
+        "the server reads).",
+    )
     name: str | None = Field(
         None, description="Store name; None = the export step's ``name``.", min_length=1
     )

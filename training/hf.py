@@ -19,7 +19,7 @@ def is_hf_dir(path: str | Path) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str = "models/store"):
+def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str | None = None):
     """-> (model, tokenizer). ``source``: an HF folder, a GGUF path or a store name. A GGUF is
     dequantized by transformers, then copied into a fresh model so it saves without the
     GGUF ``quantization_config``."""
@@ -34,6 +34,10 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str = 
         return model, tok
     from models.store import ModelStore
 
+    if store_dir is None:  # the settings' store, as the server and the gate read it
+        from docqa.settings import load_settings
+
+        store_dir = load_settings().model.store_dir
     gguf = ModelStore(store_dir).resolve(str(source)).path
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=tdtype

@@ -358,7 +358,10 @@ def run_publish(ctx: StepContext) -> dict:
     upstream = {"export": read_provenance(gguf.parent / PROV), "gate": gate_prov}
     with step_dir(ctx.out, ctx.name) as tmp:
         name = cfg.name or ctx.recipe.export.name
-        resolved = ModelStore(cfg.store_dir).publish(gguf, name, upstream)
+        from docqa.settings import load_settings
+
+        store_dir = cfg.store_dir or load_settings().model.store_dir
+        resolved = ModelStore(store_dir).publish(gguf, name, upstream)
         reloaded = notify_server(cfg, resolved.id)
         shutil.copyfile(resolved.path.with_suffix(".json"), tmp / "published.json")
         return finish(
