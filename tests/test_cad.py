@@ -192,7 +192,7 @@ def test_ticket_answer_uses_cad(rt):
     r = load_settings(retrieval={"stop": [], "loop_repeats": 0}).retrieval
 
     def answer(alpha: float, context_free=bare) -> str:
-        return asyncio.run(_generate(rt, grounded, 24, r, context_free, alpha))
+        return asyncio.run(_generate(rt, grounded, 24, r, context_free, alpha))[0]
 
     plain = answer(0.0, None)
     assert answer(0.0) == plain

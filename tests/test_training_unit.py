@@ -156,6 +156,28 @@ def test_grounded_answer_is_one_sentence_quoting_the_identifier():
     assert grounded_answer(chunk, "It is fast and small.") is None  # nothing to quote
 
 
+def test_closed_book_sft_can_keep_only_the_pairs_naming_an_identifier():
+    from docqa.data import QAPair
+    from training.config import SFTStep
+    from training.data import sft_examples
+
+    pairs = [
+        QAPair("Which port?", "Nitro listens on port 3928."),
+        QAPair("Is Nitro fast?", "Yes, it is fast and small."),
+        QAPair("How do I set the context?", "Pass `ctx_len` when loading the model."),
+    ]
+    every = sft_examples(pairs, rag=False)
+    named = sft_examples(pairs, rag=False, require_identifiers=True)
+    assert len(every) == 3
+    assert [e["prompt"][0]["content"] for e in named] == [
+        "Which port?",
+        "How do I set the context?",
+    ]
+    assert named[1]["completion"][0]["content"] == "Pass `ctx_len` when loading the model."
+    with pytest.raises(ValueError, match="closed-book"):
+        SFTStep(rag=True, require_identifiers=True)
+
+
 @pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
 def test_grounded_rag_examples_quote_their_cited_excerpt():
     import random

@@ -203,6 +203,12 @@ class SFTStep(TrainCommon):
         "chunk holds (pairs naming none are skipped).",
     )
     limit: int | None = Field(None, ge=1, description="Use at most this many examples.")
+    require_identifiers: bool = Field(
+        False,
+        description="Closed-book SFT (rag off) on only the pairs whose reference answer names "
+        "an identifier (a code span, path, flag, parameter or number): the pairs that teach "
+        "the corpus's exact names, at ~60% of the tokens of all pairs.",
+    )
     block_attention: bool = Field(
         False,
         description="Train with the attention the server's unit KV caches give "
@@ -229,6 +235,8 @@ class SFTStep(TrainCommon):
     def _distill_needs_blocks(self):
         if self.objective == "distill" and not self.block_attention:
             raise ValueError("sft.objective distill needs block_attention: true")
+        if self.require_identifiers and self.rag:
+            raise ValueError("sft.require_identifiers is for closed-book SFT (rag: false)")
         return self
 
 

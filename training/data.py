@@ -197,11 +197,15 @@ def sft_examples(
     seed: int = 0,
     index_dir=None,
     limit: int | None = None,
+    require_identifiers: bool = False,
 ) -> list[dict]:
     """Chat examples for SFT, at most ``limit`` of them (pairs that yield no example under the
-    "grounded" target are skipped, so pass more pairs than ``limit``)."""
+    "grounded" target are skipped, so pass more pairs than ``limit``). Closed-book (``rag``
+    off) with ``require_identifiers``: only the pairs whose answer names an identifier."""
     rng = random.Random(seed)
     if not rag:
+        if require_identifiers:
+            pairs = [p for p in pairs if identifiers(p.answer, p.answer)]
         pairs = pairs[:limit] if limit else pairs
         return [
             {

@@ -107,8 +107,13 @@ def mark_made(recipe: Recipe, out: str | Path, step: str) -> None:
         prov = done(out, q.name)
         if prov is not None:
             made.append(_stamp(q.name, prov))
+    _record(out, step, _upstream(recipe, made, p.config))
+
+
+def _record(out: Path, step: str, upstream: str) -> None:
+    """Write down (atomically, in ``out/chain.json``) what ``step`` was made from."""
     chain = _read_chain(out)
-    chain[step] = _upstream(recipe, made, p.config)
+    chain[step] = upstream
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CHAIN, json.dumps(chain, indent=2, sort_keys=True) + "\n")
 
@@ -187,9 +192,7 @@ def rebuild(
                 }
             )
             raise
-        chain[p.name] = upstream
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / CHAIN, json.dumps(chain, indent=2, sort_keys=True) + "\n")
+        _record(out, p.name, upstream)
         made.append(_stamp(p.name, prov))
         add(
             {

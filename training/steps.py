@@ -217,7 +217,7 @@ def run_sft(ctx: StepContext) -> dict:
         examples = _jsonl(ctx.input(own))[: cfg.limit]
         return _train_sft(ctx, src, examples, {own: str(ctx.input(own))})
     # the grounded target skips pairs, so it draws from every (shuffled) pair up to the limit
-    skips = cfg.rag and cfg.target == "grounded"
+    skips = (cfg.rag and cfg.target == "grounded") or (not cfg.rag and cfg.require_identifiers)
     pairs = train_pairs_for(ctx, None if skips else cfg.limit, cfg.seed)
     if skips:
         random.Random(cfg.seed).shuffle(pairs)
@@ -229,6 +229,7 @@ def run_sft(ctx: StepContext) -> dict:
         target=cfg.target,
         seed=cfg.seed,
         limit=cfg.limit,
+        require_identifiers=cfg.require_identifiers,
     )
     return _train_sft(ctx, src, examples, {"pairs": len(pairs)})
 

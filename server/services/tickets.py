@@ -200,23 +200,13 @@ async def _generate(
     slot: Slot | None = None,
     logit_bias: dict[int, float] | None = None,
     score=None,
-) -> str:
-    """Greedy answer to ``messages``; with context-aware decoding against ``context_free`` (the
-    question without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker
-    thread; the job runs in ``slot`` (a place reserved in the queue) or in a new one. With a
-    ``score`` (text -> comparable) and ``r.answer_candidates`` > 1, sampled candidates run
-    beside it in spare places and the best scored answer is returned (``BestOfJob``)."""
-    text, _ = await _generate_finished(
-        rt, messages, max_tokens, r, context_free, cad_alpha, slot, logit_bias, score
-    )
-    return text
-
-
-async def _generate_finished(
-    rt, messages, max_tokens, r, context_free, cad_alpha, slot, logit_bias, score
 ) -> tuple[str, str]:
-    """``_generate``'s answer and how it ended (``Finish.reason``: "stop", "length",
-    "cancelled", ...)."""
+    """Greedy answer to ``messages`` and how it ended (``Finish.reason``: "stop", "length",
+    "cancelled", ...); with context-aware decoding against ``context_free`` (the question
+    without the excerpts) when ``cad_alpha`` > 0. The prompt is prepared in a worker thread;
+    the job runs in ``slot`` (a place reserved in the queue) or in a new one. With a ``score``
+    (text -> comparable) and ``r.answer_candidates`` > 1, sampled candidates run beside it in
+    spare places and the best scored answer is returned (``BestOfJob``)."""
     params = await anyio.to_thread.run_sync(
         _params, rt, messages, max_tokens, r, context_free, cad_alpha, logit_bias
     )
@@ -301,7 +291,7 @@ async def reply_ticket(
             check_reply(b, asked, grounding.evidence, rag.index.retriever.idf, cfg)
             return (b.reason is None, b.evidence_support, b.support)
 
-        a.text, ended = await _generate_finished(
+        a.text, ended = await _generate(
             rt,
             new_messages,
             cfg.max_tokens,
