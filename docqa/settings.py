@@ -631,6 +631,16 @@ class TicketSettings(_Section):
     )
     max_tokens: int = Field(200, ge=16, le=4096, description="Tokens per answer.")
     max_questions: int = Field(4, ge=1, le=20, description="Questions answered per ticket.")
+    queue_lease_s: float = Field(
+        30.0,
+        ge=1,
+        le=3600,
+        description="The ticket queue's claim on an item being drafted is a lease: the "
+        "drafting server renews it every third of this, and an item whose lease ran out (its "
+        "server stopped mid-draft) goes back to 'new'. Several servers can share one queue "
+        "file; none drafts an item another holds, and a draft whose claim was lost is not "
+        "stored over the new holder's.",
+    )
     context_sentences: int = Field(
         2,
         ge=0,

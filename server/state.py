@@ -76,7 +76,9 @@ class Services:
             models.close()
             raise
         chat = ChatService(settings, models, rag)
-        queue = TicketQueue(settings.server.data_dir / QUEUE_FILE, tickets)
+        queue = TicketQueue(
+            settings.server.data_dir / QUEUE_FILE, tickets, settings.tickets.queue_lease_s
+        )
         return cls(
             settings, models, embedder, index, documents, rag, chat, tickets, queue, reranker
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,7 @@ CAP = 4096  # server.max_upload_bytes for the browser server: small, to test the
 # -- the queue's storage (no model) --------------------------------------------------------
 def test_queue_storage_roundtrip(tmp_path):
     db = tmp_path / "data" / "q.sqlite3"
-    q = TicketQueue(db, None)
+    q = TicketQueue(db, None, 0.3)
     a, b = q.add(
         [
             {"id": "t1", "subject": "Port", "body": "Which port?", "customer": "acme"},
@@ -48,12 +49,90 @@ def test_queue_storage_roundtrip(tmp_path):
     assert e.value.status == 404
     q._claim(b["id"])  # a draft was running when the server stopped
     q.close()
-    q = TicketQueue(db, None)  # reopened: the same queue, the claim released
+    q = TicketQueue(db, None, 0.3)  # reopened: the same queue, the claim released
+    time.sleep(0.35)  # once its lease ran out
     items = {it["id"]: it for it in q.list()}
     assert items[a["id"]]["reply"] == "Port 7431." and items[b["id"]]["status"] == "new"
     [rec] = q.export()
     assert rec["id"] == "t1" and rec["reply"] == "Port 7431." and rec["customer"] == "acme"
     assert rec["edited"] is True  # no draft: the reply is the agent's own
+    q.close()
+
+
+def test_two_servers_sharing_a_queue_do_not_draft_one_item_twice(tmp_path):
+    """Each server's queue holds its claims as leases: another server neither releases nor
+    drafts an item held by a live one (before: every start released every claim, and a
+    draft was stored whoever held the item); a claim that ran out is drafted again, and the
+    late draft of its first holder is dropped, not stored over the new one."""
+    db = tmp_path / "q.sqlite3"
+    a, b = TicketQueue(db, None, 1.0), TicketQueue(db, None, 1.0)
+    [item] = a.add([{"id": "t1", "body": "Which port?"}])
+    a._claim(item["id"])
+    c = TicketQueue(db, None, 1.0)  # a third server starting: the live claim stays
+    assert c.get(item["id"])["status"] == "drafting"
+    with pytest.raises(APIError) as e:
+        b._claim(item["id"])
+    assert (e.value.status, e.value.code) == (409, "not_new")
+    for _ in range(4):  # renewed, the claim outlives its lease
+        time.sleep(0.3)
+        assert a._renew(item["id"])
+    assert b.get(item["id"])["status"] == "drafting"
+    time.sleep(1.2)  # a stopped renewing (its server died): the item is new again
+    assert b.get(item["id"])["status"] == "new"
+    b._claim(item["id"])
+    assert not a._renew(item["id"])
+    late = a._finish(item["id"], {"reply": "from a"})  # a's draft came too late
+    assert (late["status"], late["draft"]) == ("drafting", None)
+    done = b._finish(item["id"], {"reply": "from b"})
+    assert (done["status"], done["reply"]) == ("review", "from b")
+    for q in (a, b, c):
+        q.close()
+
+
+def test_a_draft_longer_than_the_lease_keeps_its_claim(tmp_path):
+    """While a draft runs, its server renews the claim: another server sees the item held
+    throughout, and the draft is stored when it ends."""
+    import asyncio
+
+    db = tmp_path / "q.sqlite3"
+    seen = []
+
+    class SlowTickets:  # the ticket service's part the queue uses: reply(ticket) -> record
+        async def reply(self, ticket):
+            for _ in range(5):
+                await asyncio.sleep(0.3)
+                seen.append(other.get(item["id"])["status"])
+            return {"id": ticket["id"], "reply": "Port 3928."}
+
+    q, other = TicketQueue(db, SlowTickets(), 0.6), TicketQueue(db, None, 0.6)
+    [item] = q.add([{"id": "t1", "body": "Which port?"}])
+    done = asyncio.run(q.draft(item["id"]))
+    assert seen == ["drafting"] * 5  # 1.5 s of drafting under a 0.6 s lease
+    assert (done["status"], done["reply"]) == ("review", "Port 3928.")
+    q.close()
+    other.close()
+
+
+def test_a_queue_file_from_before_leases_is_opened_and_its_claims_released(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "q.sqlite3"
+    old = sqlite3.connect(db)
+    old.executescript(
+        "CREATE TABLE queue (id INTEGER PRIMARY KEY AUTOINCREMENT, ticket TEXT NOT NULL, "
+        "origin TEXT NOT NULL DEFAULT '', status TEXT NOT NULL DEFAULT 'new', draft TEXT, "
+        "reply TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '', version INTEGER NOT "
+        "NULL DEFAULT 1, created REAL NOT NULL, updated REAL NOT NULL);"
+        "INSERT INTO queue (ticket, status, created, updated) "
+        "VALUES ('{\"id\": \"x\"}', 'drafting', 0, 0);"
+    )
+    old.commit()
+    old.close()
+    q = TicketQueue(db, None, 30)
+    [it] = q.list()
+    assert it["status"] == "new" and it["ticket"] == {"id": "x"}
+    q._claim(it["id"])
+    assert q._finish(it["id"], {"reply": "r"})["status"] == "review"
     q.close()
 
 

@@ -4,19 +4,27 @@ server's data directory (``server.data_dir``) so that the queue survives a resta
 browser tab sees the same one.
 
 An item moves ``new`` -> ``drafting`` -> ``review`` -> ``approved`` | ``escalated`` (an agent
-may move it back to ``review``). ``drafting`` is a claim: one caller drafts an item at a time,
-and a claim left by a server that stopped mid-draft is released when the queue is opened.
+may move it back to ``review``). ``drafting`` is a claim: one caller drafts an item at a time.
+The claim is a lease (``tickets.queue_lease_s``) held by one queue object (its ``owner``
+token) and renewed while the draft runs, so several servers may share one queue file: an
+item another server holds is not drafted again, a claim left by a server that stopped
+mid-draft is released once its lease runs out, and a draft whose claim was lost meanwhile is
+not stored over the new holder's.
 Every change bumps the item's ``version``; an update that names an older version is refused
 (409), so one tab cannot silently overwrite what another tab saved.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +54,8 @@ CREATE TABLE IF NOT EXISTS queue (
     updated REAL NOT NULL
 );
 """
+# added after the first release: columns an older queue file gets when it is opened
+_COLUMNS = {"owner": "TEXT", "lease_until": "REAL NOT NULL DEFAULT 0"}
 
 
 # -- uploads --------------------------------------------------------------------------
@@ -116,11 +126,14 @@ def _item(row: sqlite3.Row) -> dict:
 
 
 class TicketQueue:
-    """The queue in ``path`` (opened on first use); ``tickets`` drafts replies."""
+    """The queue in ``path`` (opened on first use); ``tickets`` drafts replies; a claim on
+    an item being drafted lasts ``lease_s`` unless renewed."""
 
-    def __init__(self, path: Path, tickets: TicketService | None):
+    def __init__(self, path: Path, tickets: TicketService | None, lease_s: float):
         self.path = Path(path)
         self.tickets = tickets
+        self.lease_s = float(lease_s)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
 
@@ -134,10 +147,10 @@ class TicketQueue:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
-                # a draft that was running when the server stopped is drafted again
-                db.execute(
-                    "UPDATE queue SET status='new', version=version+1 WHERE status='drafting'"
-                )
+                have = {r["name"] for r in db.execute("PRAGMA table_info(queue)")}
+                for name, decl in _COLUMNS.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE queue ADD COLUMN {name} {decl}")
             except (OSError, sqlite3.Error) as exc:
                 raise APIError(
                     500,
@@ -146,7 +159,27 @@ class TicketQueue:
                 ) from exc
             self._db = db
             log.info("ticket queue: %s", self.path)
+        self._release_expired(self._db)
         return self._db
+
+    def _release_expired(self, db: sqlite3.Connection) -> None:
+        """A draft whose lease ran out (its server stopped mid-draft) is drafted again."""
+        try:
+            cur = db.execute(
+                "UPDATE queue SET status='new', owner=NULL, version=version+1 "
+                "WHERE status='drafting' AND lease_until < ?",
+                (time.time(),),
+            )
+        except sqlite3.Error as exc:
+            raise APIError(
+                500,
+                f"the ticket queue {self.path} cannot be written: {exc}",
+                code="queue_unavailable",
+            ) from exc
+        if cur.rowcount:
+            log.warning(
+                "ticket queue: %d draft claim(s) ran out; the items are new again", cur.rowcount
+            )
 
     def _row(self, db: sqlite3.Connection, qid: int) -> sqlite3.Row:
         row = db.execute("SELECT * FROM queue WHERE id=?", (qid,)).fetchone()
@@ -287,10 +320,11 @@ class TicketQueue:
     def _claim(self, qid: int) -> dict:
         with self._lock:
             db = self._conn()
+            now = time.time()
             cur = db.execute(
-                "UPDATE queue SET status='drafting', version=version+1, updated=? "
-                "WHERE id=? AND status='new'",
-                (time.time(), qid),
+                "UPDATE queue SET status='drafting', owner=?, lease_until=?, version=version+1, "
+                "updated=? WHERE id=? AND status='new'",
+                (self.owner, now + self.lease_s, now, qid),
             )
             row = self._row(db, qid)
             if cur.rowcount == 0:
@@ -302,27 +336,60 @@ class TicketQueue:
                 )
             return _item(row)
 
+    def _renew(self, qid: int) -> bool:
+        """Extend this queue's claim on ``qid``; False when it no longer holds it."""
+        with self._lock:
+            cur = self._conn().execute(
+                "UPDATE queue SET lease_until=? WHERE id=? AND status='drafting' AND owner=?",
+                (time.time() + self.lease_s, qid, self.owner),
+            )
+            return cur.rowcount > 0
+
     def _finish(self, qid: int, record: dict | None) -> dict:
-        """Store a draft (status ``review``), or release the claim (``record`` None)."""
+        """Store a draft (status ``review``), or release the claim (``record`` None), if this
+        queue still holds the claim; a claim lost meanwhile (its lease ran out and the item
+        was released or claimed again) leaves the item as it is now."""
         with self._lock:
             db = self._conn()
+            held = "WHERE id=? AND status='drafting' AND owner=?"
             if record is None:
-                db.execute(
-                    "UPDATE queue SET status='new', version=version+1, updated=? WHERE id=?",
-                    (time.time(), qid),
+                cur = db.execute(
+                    "UPDATE queue SET status='new', owner=NULL, version=version+1, updated=? "
+                    + held,
+                    (time.time(), qid, self.owner),
                 )
             else:
-                db.execute(
-                    "UPDATE queue SET status='review', draft=?, reply=?, version=version+1, "
-                    "updated=? WHERE id=?",
+                cur = db.execute(
+                    "UPDATE queue SET status='review', owner=NULL, draft=?, reply=?, "
+                    "version=version+1, updated=? " + held,
                     (
                         json.dumps(record, ensure_ascii=False),
                         record.get("reply", ""),
                         time.time(),
                         qid,
+                        self.owner,
                     ),
                 )
+            if cur.rowcount == 0:
+                log.warning(
+                    "ticket queue: the claim on item %d ran out during its draft; the draft "
+                    "is dropped (the item is %s now)",
+                    qid,
+                    self._row(db, qid)["status"],
+                )
             return _item(self._row(db, qid))
+
+    async def _keep_claim(self, qid: int, done: asyncio.Event) -> None:
+        """Renew the claim on ``qid`` every third of the lease until ``done``."""
+        while True:
+            try:
+                await asyncio.wait_for(done.wait(), self.lease_s / 3)
+                return
+            except TimeoutError:
+                pass
+            if not await asyncio.to_thread(self._renew, qid):
+                log.warning("ticket queue: the claim on item %d was lost mid-draft", qid)
+                return
 
     async def draft(self, qid: int) -> dict:
         """Draft the reply of a ``new`` item with the ticket service: the same record
@@ -336,6 +403,8 @@ class TicketQueue:
                 code="retrieval_disabled",
             )
         item = self._claim(qid)
+        done = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_claim(qid, done))
         try:
             try:
                 record = await self.tickets.reply(item["ticket"])
@@ -345,4 +414,7 @@ class TicketQueue:
         except BaseException:
             self._finish(qid, None)
             raise
+        finally:
+            done.set()
+            await asyncio.gather(keeper, return_exceptions=True)
         return self._finish(qid, record)
