@@ -57,6 +57,14 @@ class SynthStep(_Cfg):
     max_retries: int = Field(4, ge=0, le=20, description="Retries per chunk with backoff.")
     csv: str | None = Field(None, description="Existing Q&A CSV (None = the Nitro pairs).")
     limit: int | None = Field(None, ge=1, description="Use at most this many training pairs.")
+    max_failed_share: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of chunks whose request may fail (after its retries) with the step "
+        "still done. Beyond it the step fails; the chunks answered stay cached, so a rerun "
+        "asks only the failed ones.",
+    )
 
 
 class LoraCfg(_Cfg):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from docqa.provenance import atomic_write_text
 from training.config import SynthStep
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ Excerpt ({path} > {heading}):
 
 class BadReply(ValueError):
     pass
+
+
+class SynthFailed(RuntimeError):
+    """More chunks failed than ``synth.max_failed_share`` allows."""
 
 
 def parse_pairs(reply: str) -> list[dict]:
@@ -129,9 +134,12 @@ def synthesize(cfg: SynthStep, out_file: Path, cache: Path) -> dict:
     for c in chunks:
         key = hashlib.sha256(f"{cfg.model}|{cfg.pairs_per_chunk}|{c.id}".encode()).hexdigest()[:20]
         f = cache / f"{key}.json"
-        if f.is_file():
+        try:
             results[c.id] = json.loads(f.read_text())
-        else:
+        except FileNotFoundError:
+            todo.append((c, f))
+        except (OSError, ValueError) as exc:  # a damaged cache entry: asked again
+            log.warning("synth cache %s unreadable (%s): asking again", f, exc)
             todo.append((c, f))
     failed = 0
     with (
@@ -152,12 +160,18 @@ def synthesize(cfg: SynthStep, out_file: Path, cache: Path) -> dict:
             c, f = futs[fut]
             try:
                 pairs = fut.result()
-                f.write_text(json.dumps(pairs))
+                atomic_write_text(f, json.dumps(pairs))
                 results[c.id] = pairs
             except Exception as exc:  # noqa: BLE001 - reported, the run continues
                 failed += 1
                 log.warning("chunk %s failed: %s", c.id, exc)
             bar.update()
+    if failed > cfg.max_failed_share * len(chunks):
+        raise SynthFailed(
+            f"{failed} of {len(chunks)} chunks failed at {cfg.endpoint} (synth.max_failed_share "
+            f"{cfg.max_failed_share}); the {len(results)} answered are cached in {cache}, so a "
+            "rerun asks only the failed ones"
+        )
     allp = dedupe(
         [p | {"chunk_id": cid} for c in chunks for cid in [c.id] for p in results.get(cid, [])]
     )
