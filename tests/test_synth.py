@@ -114,7 +114,8 @@ def test_a_damaged_cache_entry_is_asked_again(endpoint, tmp_path):
     synthesize(cfg, out, cache)
     n = len(endpoint.asked)
     entry = sorted(cache.glob("*.json"))[0]
-    entry.write_text('[{"question": "cut off')  # a crash mid-write, before atomic writes
-    endpoint.asked = []
-    stats = synthesize(cfg, out, cache)
-    assert len(endpoint.asked) == 1 and stats["chunks"] == n
+    for damage in ('[{"question": "cut off', "null", '[{"q": 1}]'):  # a crash mid-write, ...
+        entry.write_text(damage)
+        endpoint.asked = []
+        stats = synthesize(cfg, out, cache)
+        assert len(endpoint.asked) == 1 and stats["chunks"] == n

@@ -67,7 +67,7 @@ def test_two_servers_sharing_a_queue_do_not_draft_one_item_twice(tmp_path):
     db = tmp_path / "q.sqlite3"
     a, b = TicketQueue(db, None, 1.0), TicketQueue(db, None, 1.0)
     [item] = a.add([{"id": "t1", "body": "Which port?"}])
-    a._claim(item["id"])
+    _, ta = a._claim(item["id"])
     c = TicketQueue(db, None, 1.0)  # a third server starting: the live claim stays
     assert c.get(item["id"])["status"] == "drafting"
     with pytest.raises(APIError) as e:
@@ -75,18 +75,38 @@ def test_two_servers_sharing_a_queue_do_not_draft_one_item_twice(tmp_path):
     assert (e.value.status, e.value.code) == (409, "not_new")
     for _ in range(4):  # renewed, the claim outlives its lease
         time.sleep(0.3)
-        assert a._renew(item["id"])
+        assert a._renew(item["id"], ta)
     assert b.get(item["id"])["status"] == "drafting"
     time.sleep(1.2)  # a stopped renewing (its server died): the item is new again
     assert b.get(item["id"])["status"] == "new"
-    b._claim(item["id"])
-    assert not a._renew(item["id"])
-    late = a._finish(item["id"], {"reply": "from a"})  # a's draft came too late
-    assert (late["status"], late["draft"]) == ("drafting", None)
-    done = b._finish(item["id"], {"reply": "from b"})
-    assert (done["status"], done["reply"]) == ("review", "from b")
+    _, tb = b._claim(item["id"])
+    assert not a._renew(item["id"], ta)
+    late, stored = a._finish(item["id"], {"reply": "from a"}, ta)  # a's draft came too late
+    assert not stored and (late["status"], late["draft"]) == ("drafting", None)
+    done, stored = b._finish(item["id"], {"reply": "from b"}, tb)
+    assert stored and (done["status"], done["reply"]) == ("review", "from b")
     for q in (a, b, c):
         q.close()
+
+
+def test_a_claim_is_its_own_not_its_servers(tmp_path):
+    """Two claims of one server on one item (the first ran out, a second tab drafted it
+    again): the first draft's release or result touches neither the second claim nor the
+    item; a claim that ran out but that nobody released or took is still stored."""
+    db = tmp_path / "q.sqlite3"
+    q = TicketQueue(db, None, 0.3)
+    [item] = q.add([{"id": "t1", "body": "Which port?"}])
+    _, first = q._claim(item["id"])
+    time.sleep(0.4)
+    assert q.list()[0]["status"] == "new"  # released: its lease ran out
+    _, second = q._claim(item["id"])
+    assert q._finish(item["id"], None, first)[1] is False  # the first draft failed late
+    assert q.get(item["id"])["status"] == "drafting"
+    assert not q._renew(item["id"], first) and q._renew(item["id"], second)
+    time.sleep(0.4)  # the second ran out too, but nobody looked: its draft is stored
+    done, stored = q._finish(item["id"], {"reply": "Port 3928."}, second)
+    assert stored and done["status"] == "review"
+    q.close()
 
 
 def test_a_draft_longer_than_the_lease_keeps_its_claim(tmp_path):
@@ -113,6 +133,45 @@ def test_a_draft_longer_than_the_lease_keeps_its_claim(tmp_path):
     other.close()
 
 
+def test_a_failed_renewal_is_tried_again_and_a_lost_claim_is_a_409(tmp_path, monkeypatch):
+    import asyncio
+    import sqlite3
+
+    db = tmp_path / "q.sqlite3"
+    q = TicketQueue(db, None, 0.6)
+    renew, fails = q._renew, []
+
+    def flaky(qid, token):  # the file locked by another server, once
+        if not fails:
+            fails.append(qid)
+            raise sqlite3.OperationalError("database is locked")
+        return renew(qid, token)
+
+    monkeypatch.setattr(q, "_renew", flaky)
+
+    class SlowTickets:
+        steal = False
+
+        async def reply(self, ticket):
+            await asyncio.sleep(1.0)
+            if self.steal:  # another server took the item meanwhile
+                with sqlite3.connect(db) as other:
+                    other.execute("UPDATE queue SET owner='elsewhere' WHERE id=?", (item["id"],))
+            return {"id": ticket["id"], "reply": "Port 3928."}
+
+    q.tickets = SlowTickets()
+    [item] = q.add([{"id": "t1", "body": "Which port?"}])
+    done = asyncio.run(q.draft(item["id"]))  # 1 s under a 0.6 s lease, one renewal failed
+    assert fails and done["status"] == "review"
+    [item] = q.add([{"id": "t2", "body": "Which port?"}])
+    q.tickets.steal = True
+    with pytest.raises(APIError) as e:
+        asyncio.run(q.draft(item["id"]))
+    assert (e.value.status, e.value.code) == (409, "claim_lost")
+    assert q.get(item["id"])["draft"] is None  # not stored over the new holder's
+    q.close()
+
+
 def test_a_queue_file_from_before_leases_is_opened_and_its_claims_released(tmp_path):
     import sqlite3
 
@@ -128,11 +187,31 @@ def test_a_queue_file_from_before_leases_is_opened_and_its_claims_released(tmp_p
     )
     old.commit()
     old.close()
-    q = TicketQueue(db, None, 30)
+    import threading
+
+    queues = [TicketQueue(db, None, 30) for _ in range(4)]  # servers opening it at once
+    gate, errors = threading.Barrier(4), []
+
+    def open_one(q):
+        gate.wait()
+        try:
+            q.list()
+        except Exception as exc:  # noqa: BLE001 - collected for the assert
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(q,)) for q in queues]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors  # before: "duplicate column name" for all but one
+    for extra in queues[1:]:
+        extra.close()
+    q = queues[0]
     [it] = q.list()
     assert it["status"] == "new" and it["ticket"] == {"id": "x"}
-    q._claim(it["id"])
-    assert q._finish(it["id"], {"reply": "r"})["status"] == "review"
+    _, token = q._claim(it["id"])
+    assert q._finish(it["id"], {"reply": "r"}, token)[0]["status"] == "review"
     q.close()
 
 

@@ -135,7 +135,12 @@ def synthesize(cfg: SynthStep, out_file: Path, cache: Path) -> dict:
         key = hashlib.sha256(f"{cfg.model}|{cfg.pairs_per_chunk}|{c.id}".encode()).hexdigest()[:20]
         f = cache / f"{key}.json"
         try:
-            results[c.id] = json.loads(f.read_text())
+            cached = json.loads(f.read_text())
+            if not isinstance(cached, list) or not all(
+                isinstance(p, dict) and {"question", "answer"} <= p.keys() for p in cached
+            ):
+                raise ValueError("not a list of question/answer pairs")
+            results[c.id] = cached
         except FileNotFoundError:
             todo.append((c, f))
         except (OSError, ValueError) as exc:  # a damaged cache entry: asked again

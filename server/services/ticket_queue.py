@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS queue (
     note    TEXT NOT NULL DEFAULT '',
     version INTEGER NOT NULL DEFAULT 1,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    owner   TEXT,
+    lease_until REAL NOT NULL DEFAULT 0
 );
 """
 # added after the first release: columns an older queue file gets when it is opened
@@ -140,18 +142,20 @@ class TicketQueue:
     # -- storage ---------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
+            db = None
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+                db = sqlite3.connect(
+                    self.path, check_same_thread=False, isolation_level=None, timeout=10
+                )
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
                 db.executescript(_SCHEMA)
-                have = {r["name"] for r in db.execute("PRAGMA table_info(queue)")}
-                for name, decl in _COLUMNS.items():
-                    if name not in have:
-                        db.execute(f"ALTER TABLE queue ADD COLUMN {name} {decl}")
+                self._migrate(db)
             except (OSError, sqlite3.Error) as exc:
+                if db is not None:
+                    db.close()
                 raise APIError(
                     500,
                     f"the ticket queue {self.path} cannot be opened: {exc}",
@@ -159,16 +163,40 @@ class TicketQueue:
                 ) from exc
             self._db = db
             log.info("ticket queue: %s", self.path)
-        self._release_expired(self._db)
         return self._db
 
-    def _release_expired(self, db: sqlite3.Connection) -> None:
-        """A draft whose lease ran out (its server stopped mid-draft) is drafted again."""
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Give a queue file from before leases their columns (under the write lock: several
+        servers may open it at once)."""
+        have = {r["name"] for r in db.execute("PRAGMA table_info(queue)")}
+        if all(name in have for name in _COLUMNS):
+            return
+        db.execute("BEGIN IMMEDIATE")
         try:
+            have = {r["name"] for r in db.execute("PRAGMA table_info(queue)")}
+            for name, decl in _COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE queue ADD COLUMN {name} {decl}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _release_expired(self, db: sqlite3.Connection) -> None:
+        """A draft whose lease ran out (its server stopped mid-draft) is drafted again. A
+        read only looks: the write (and its lock) happens only when there is one."""
+        now = time.time()
+        try:
+            expired = db.execute(
+                "SELECT 1 FROM queue WHERE status='drafting' AND lease_until < ? LIMIT 1", (now,)
+            ).fetchone()
+            if expired is None:
+                return
             cur = db.execute(
-                "UPDATE queue SET status='new', owner=NULL, version=version+1 "
+                "UPDATE queue SET status='new', owner=NULL, version=version+1, updated=? "
                 "WHERE status='drafting' AND lease_until < ?",
-                (time.time(),),
+                (now, now),
             )
         except sqlite3.Error as exc:
             raise APIError(
@@ -180,6 +208,12 @@ class TicketQueue:
             log.warning(
                 "ticket queue: %d draft claim(s) ran out; the items are new again", cur.rowcount
             )
+
+    def _open(self) -> sqlite3.Connection:
+        """The connection, with claims that ran out released first."""
+        db = self._conn()
+        self._release_expired(db)
+        return db
 
     def _row(self, db: sqlite3.Connection, qid: int) -> sqlite3.Row:
         row = db.execute("SELECT * FROM queue WHERE id=?", (qid,)).fetchone()
@@ -203,7 +237,7 @@ class TicketQueue:
                 code="invalid_value",
             )
         with self._lock:
-            db = self._conn()
+            db = self._open()
             if status is None:
                 rows = db.execute("SELECT * FROM queue ORDER BY id").fetchall()
             else:
@@ -214,7 +248,7 @@ class TicketQueue:
 
     def get(self, qid: int) -> dict:
         with self._lock:
-            return _item(self._row(self._conn(), qid))
+            return _item(self._row(self._open(), qid))
 
     def export(self) -> list[dict]:
         """One record per approved item, as ``docqa reply`` writes them, with the agent's
@@ -278,7 +312,7 @@ class TicketQueue:
     ) -> dict:
         """The agent's edit and decision; ``version``, when given, must be the item's."""
         with self._lock:
-            db = self._conn()
+            db = self._open()
             row = self._row(db, qid)
             if version is not None and version != row["version"]:
                 raise APIError(
@@ -317,14 +351,16 @@ class TicketQueue:
             )
             return _item(self._row(db, qid))
 
-    def _claim(self, qid: int) -> dict:
+    def _claim(self, qid: int) -> tuple[dict, str]:
+        """Claim a ``new`` item for drafting -> (the item, the claim's token)."""
+        token = f"{self.owner}:{uuid.uuid4().hex[:8]}"  # one per claim, not per queue
         with self._lock:
-            db = self._conn()
+            db = self._open()
             now = time.time()
             cur = db.execute(
                 "UPDATE queue SET status='drafting', owner=?, lease_until=?, version=version+1, "
                 "updated=? WHERE id=? AND status='new'",
-                (self.owner, now + self.lease_s, now, qid),
+                (token, now + self.lease_s, now, qid),
             )
             row = self._row(db, qid)
             if cur.rowcount == 0:
@@ -334,29 +370,31 @@ class TicketQueue:
                     param="id",
                     code="not_new",
                 )
-            return _item(row)
+            return _item(row), token
 
-    def _renew(self, qid: int) -> bool:
-        """Extend this queue's claim on ``qid``; False when it no longer holds it."""
+    def _renew(self, qid: int, token: str) -> bool:
+        """Extend the claim ``token`` on ``qid``; False when it is no longer held. A claim
+        whose lease ran out but that nobody released or took is still held."""
         with self._lock:
             cur = self._conn().execute(
                 "UPDATE queue SET lease_until=? WHERE id=? AND status='drafting' AND owner=?",
-                (time.time() + self.lease_s, qid, self.owner),
+                (time.time() + self.lease_s, qid, token),
             )
             return cur.rowcount > 0
 
-    def _finish(self, qid: int, record: dict | None) -> dict:
-        """Store a draft (status ``review``), or release the claim (``record`` None), if this
-        queue still holds the claim; a claim lost meanwhile (its lease ran out and the item
-        was released or claimed again) leaves the item as it is now."""
+    def _finish(self, qid: int, record: dict | None, token: str) -> tuple[dict, bool]:
+        """Store a draft (status ``review``), or release the claim (``record`` None), if the
+        claim ``token`` is still held -> (the item now, whether it was). A claim lost
+        meanwhile (its lease ran out and the item was released, or claimed again) leaves the
+        item as it is."""
         with self._lock:
-            db = self._conn()
+            db = self._conn()  # not _open: a claim that ran out but is still ours counts
             held = "WHERE id=? AND status='drafting' AND owner=?"
             if record is None:
                 cur = db.execute(
                     "UPDATE queue SET status='new', owner=NULL, version=version+1, updated=? "
                     + held,
-                    (time.time(), qid, self.owner),
+                    (time.time(), qid, token),
                 )
             else:
                 cur = db.execute(
@@ -367,27 +405,36 @@ class TicketQueue:
                         record.get("reply", ""),
                         time.time(),
                         qid,
-                        self.owner,
+                        token,
                     ),
                 )
+            row = self._row(db, qid)
             if cur.rowcount == 0:
                 log.warning(
                     "ticket queue: the claim on item %d ran out during its draft; the draft "
                     "is dropped (the item is %s now)",
                     qid,
-                    self._row(db, qid)["status"],
+                    row["status"],
                 )
-            return _item(self._row(db, qid))
+            return _item(row), cur.rowcount > 0
 
-    async def _keep_claim(self, qid: int, done: asyncio.Event) -> None:
-        """Renew the claim on ``qid`` every third of the lease until ``done``."""
+    async def _keep_claim(self, qid: int, token: str, done: asyncio.Event) -> None:
+        """Renew the claim on ``qid`` every third of the lease until ``done``; a failed
+        renewal (the file locked by another server, say) is tried again at the next tick."""
         while True:
             try:
                 await asyncio.wait_for(done.wait(), self.lease_s / 3)
                 return
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 pass
-            if not await asyncio.to_thread(self._renew, qid):
+            try:
+                held = await asyncio.to_thread(self._renew, qid, token)
+            except Exception:  # noqa: BLE001 - logged; the lease has two more ticks
+                log.warning(
+                    "ticket queue: renewing the claim on item %d failed", qid, exc_info=True
+                )
+                continue
+            if not held:
                 log.warning("ticket queue: the claim on item %d was lost mid-draft", qid)
                 return
 
@@ -402,9 +449,9 @@ class TicketQueue:
                 "ticket replies need an index: start docqa with --index or --docs",
                 code="retrieval_disabled",
             )
-        item = self._claim(qid)
+        item, token = await asyncio.to_thread(self._claim, qid)
         done = asyncio.Event()
-        keeper = asyncio.create_task(self._keep_claim(qid, done))
+        keeper = asyncio.create_task(self._keep_claim(qid, token, done))
         try:
             try:
                 record = await self.tickets.reply(item["ticket"])
@@ -412,9 +459,21 @@ class TicketQueue:
                 record = {"id": str(item["ticket"].get("id")), "error": str(exc)}
                 record["decision"] = "human"
         except BaseException:
-            self._finish(qid, None)
-            raise
-        finally:
             done.set()
-            await asyncio.gather(keeper, return_exceptions=True)
-        return self._finish(qid, record)
+            keeper.cancel()
+            self._finish(qid, None, token)
+            raise
+        done.set()
+        keeper.cancel()
+        # a cancellation from here on cannot lose the draft: the thread storing it runs to
+        # its end even when its awaiter is cancelled
+        item, stored = await asyncio.to_thread(self._finish, qid, record, token)
+        if not stored:
+            raise APIError(
+                409,
+                f"the claim on queue item {qid} ran out while it was drafted (it is "
+                f"{item['status']} now); the draft was dropped",
+                param="id",
+                code="claim_lost",
+            )
+        return item
