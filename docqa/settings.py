@@ -220,7 +220,11 @@ class ModelSettings(_Section):
         "different batch shapes): set 1 for bit-reproducible answers (docs/benchmarks.md).",
     )
     chat_format: str | None = Field(
-        None, description="llama.cpp chat format; None uses the GGUF's own template."
+        None,
+        description="A llama.cpp chat format by name (chatml, llama-2, llama-3, "
+        "mistral-instruct, gemma, zephyr, ...) for a model whose GGUF has no chat template or "
+        "a wrong one; None uses the GGUF's own template. An unknown name stops the start "
+        "with the list of known ones.",
     )
     default_max_tokens: int = Field(
         512, ge=1, le=262144, description="max_tokens when a request gives none."

@@ -119,7 +119,29 @@ def load_llama(path: Path, *, n_ctx: int, n_batch: int, n_threads: int | None, n
     )
 
 
-def chat_formatter(llm: llama_cpp.Llama) -> Jinja2ChatFormatter | None:
+def named_chat_format(name: str):
+    """llama-cpp-python's chat format ``name`` (``chatml``, ``llama-2``, ``mistral-instruct``,
+    ...) as a formatter: ``f(messages=...) -> ChatFormatterResponse``; ValueError naming the
+    known ones for another name."""
+    from llama_cpp import llama_chat_format as formats
+
+    known = sorted(n[len("format_") :] for n in dir(formats) if n.startswith("format_"))
+    key = name.strip().lower().replace("-", "_")
+    if key == "llama_2":
+        key = "llama2"
+    if key not in known:
+        raise ValueError(
+            f"model.chat_format {name!r} is not a llama.cpp chat format; known: "
+            + ", ".join(k.replace("_", "-") for k in known)
+        )
+    return getattr(formats, f"format_{key}")
+
+
+def chat_formatter(llm: llama_cpp.Llama, name: str | None = None):
+    """The formatter of ``name`` (``model.chat_format``) or else of the GGUF's own chat
+    template; None when the model has neither."""
+    if name:
+        return named_chat_format(name)
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
         return None

@@ -356,7 +356,7 @@ class RemoteRuntime(ModelRuntime):
         self.provenance = {"kind": "remote", "endpoints": list(ms.endpoints)}
         self.llm = llama_cpp.Llama(str(counter.path), vocab_only=True, verbose=False)
         try:
-            self._read_vocab()
+            self._read_vocab(ms.chat_format)
             self.engine = EndpointPool(ms, None, max_queue, self.tokenize)
             self.id = self.engine.model = self._model_name(ms)
         except BaseException:

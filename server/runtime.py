@@ -62,6 +62,30 @@ def parallel_slots(llm, ms: ModelSettings, memory: int | None = None) -> int:
     return n
 
 
+def fold_roles(messages: list[dict]) -> list[dict]:
+    """``messages`` for a chat template that takes no system role and wants user and
+    assistant turns to alternate: system text goes first in the first user turn, and turns of
+    one role in a row are joined (a blank line between)."""
+    system = [m["content"] for m in messages if m["role"] == "system" and m.get("content")]
+    out: list[dict] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        role = "assistant" if m["role"] == "assistant" else "user"
+        if out and out[-1]["role"] == role:
+            prev, text = out[-1].get("content") or "", m.get("content") or ""
+            out[-1] = {**out[-1], "content": f"{prev}\n\n{text}" if prev and text else prev + text}
+        else:
+            out.append({**m, "role": role})
+    if system:
+        if not out or out[0]["role"] != "user":
+            out.insert(0, {"role": "user", "content": ""})
+        head = "\n\n".join(system)
+        body = out[0].get("content") or ""
+        out[0] = {**out[0], "content": f"{head}\n\n{body}" if body else head}
+    return out
+
+
 class ModelRuntime:
     """A loaded model with its engine. Created by ``ModelManager``; closed by it."""
 
@@ -96,7 +120,7 @@ class ModelRuntime:
 
                 fp = kvcache.model_fingerprint(resolved.path, kvcache.context_params())
                 self.kv = kvcache.KVStore(kv_root, fp, resolved.id)
-            self._read_vocab()
+            self._read_vocab(ms.chat_format)
             self.n_parallel = parallel_slots(self.llm, ms)
             if self.n_parallel > 1:
                 from server.batch_engine import BatchEngine
@@ -135,10 +159,27 @@ class ModelRuntime:
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
 
     def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """The model's chat template over ``messages``. A template that refuses some turns
+        (Mistral's: no system role, user and assistant strictly alternating; tool results
+        are user turns here) gets them folded: system text into the first user turn, turns
+        of one role in a row joined. Still refused: a 400 naming the template's reason."""
         if self.formatter is None:
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text + "assistant: "
-        return self.formatter(messages=messages).prompt
+        try:
+            return self.formatter(messages=messages).prompt
+        except Exception as exc:  # noqa: BLE001 - jinja2's raise_exception, TemplateError
+            first = exc
+        try:
+            return self.formatter(messages=fold_roles(messages)).prompt
+        except Exception:  # noqa: BLE001 - reported with the first refusal
+            from server.errors import bad_request
+
+            raise bad_request(
+                f"the model's chat template refuses these messages: {first}",
+                "messages",
+                "unsupported_messages",
+            ) from first
 
     def prompt_tokens(self, prompt: str) -> list[int]:
         add_bos = self._add_bos and not (self._bos_text and prompt.startswith(self._bos_text))
@@ -157,10 +198,11 @@ class ModelRuntime:
 
         return Tokenizer.from_llama(self.llm, self.id)
 
-    def _read_vocab(self) -> None:
-        """Chat formatter, vocabulary size and BOS handling of ``self.llm`` (a full model, or a
-        vocabulary-only one for a remote runtime)."""
-        self.formatter = chat_formatter(self.llm)
+    def _read_vocab(self, chat_format: str | None) -> None:
+        """Chat formatter (``model.chat_format``, or the GGUF's template), vocabulary size and
+        BOS handling of ``self.llm`` (a full model, or a vocabulary-only one for a remote
+        runtime)."""
+        self.formatter = chat_formatter(self.llm, chat_format)
         self.n_vocab = self.llm.n_vocab()
         self._add_bos = bool(self.llm._model.add_bos_token())  # noqa: SLF001
         self._bos_text = (

@@ -5,11 +5,28 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """An explicit ``null`` for an optional field means its default, as OpenAI's API
+        takes it (``"stream": null``, ``"n": null``, ``"logprobs": null``); before, such a
+        field typed ``bool`` or ``int`` refused it with a 400."""
+        if not isinstance(data, dict):
+            return data
+        drop = [
+            key
+            for name, f in cls.model_fields.items()
+            if not f.is_required()
+            and f.default is not None
+            and data.get(key := f.alias or name, ...) is None
+        ]
+        return {k: v for k, v in data.items() if k not in drop} if drop else data
 
 
 class ContentPart(_Lenient):
@@ -24,6 +41,17 @@ class ChatMessage(_Lenient):
     # assistant turns: the calls it made; tool turns: the call answered (server.tools)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _tool_calls(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, c in enumerate(v or []):
+            fn = c.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise ValueError(f"tool_calls[{i}].function must be an object with a name")
+            if not isinstance(fn.get("arguments", "{}"), str | dict):
+                raise ValueError(f"tool_calls[{i}].function.arguments must be a JSON string")
+        return v
 
     def text(self) -> str:
         if self.content is None:

@@ -382,3 +382,52 @@ def test_metrics_count_retrieval_and_index(tool_server, tc):
     assert values["docqa_retrieval_seconds_count"] >= 1
     assert values["docqa_index_documents"] >= 3
     assert values["docqa_index_chunks"] >= values["docqa_index_documents"]
+
+
+def test_calls_cut_by_max_tokens_come_back_as_calls(tc, tool_server):
+    """A forced call answer that runs into max_tokens after a complete call (the model starts
+    another): the complete calls come back as tool_calls with finish_reason "length", whole
+    and streamed, never the call markup as text (before: content "<tool_call>\\n{...")."""
+    kw = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris and in Rome, please."}],
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=40,
+        temperature=0,
+    )
+    r = tc.chat.completions.create(**kw)
+    ch = r.choices[0]
+    assert ch.finish_reason in ("tool_calls", "length"), ch
+    assert ch.message.tool_calls and not ch.message.content, ch.message
+    for call in ch.message.tool_calls:
+        _valid(call)
+    streamed, reasons, content = [], [], []
+    for c in tc.chat.completions.create(**kw, stream=True):
+        for d in c.choices:
+            reasons += [d.finish_reason] if d.finish_reason else []
+            content.append(d.delta.content or "")
+            streamed += [t.function.name for t in d.delta.tool_calls or [] if t.function.name]
+    assert reasons == [ch.finish_reason] and not "".join(content)
+    assert streamed == [c.function.name for c in ch.message.tool_calls]
+
+
+def test_odd_but_valid_fields_and_a_malformed_call_history(tool_server):
+    url = tool_server.url + "/v1/chat/completions"
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    # null means the default, as OpenAI's API takes it (before: 400 for each)
+    nulls = {"n": None, "stream": None, "logprobs": None, "stream_options": None}
+    r = httpx.post(url, json=base | nulls, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["logprobs"] is None
+    bad = base | {
+        "messages": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "function": "x"}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+    }
+    r = httpx.post(url, json=bad, timeout=120)  # before: a 500 (AttributeError)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"].startswith("messages.1.tool_calls") and "function" in err["message"]

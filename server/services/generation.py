@@ -423,12 +423,18 @@ async def _drain(job: Job, watch_calls: bool = False) -> list:
 def _tool_finish(prep: Prepared, text: str, reason: str) -> tuple[str, list[dict] | None]:
     """(finish_reason, tool_calls): an answer of complete tool calls ends with "tool_calls"
     (also when it was stopped at a repeated call, or ran on into ``max_tokens`` after one
-    before the stop took effect); one cut by max_tokens otherwise keeps "length"."""
+    before the stop took effect). One cut by max_tokens keeps "length" and the calls it
+    completed (the unfinished one dropped: before, the client got the raw call markup as
+    text). A reason OpenAI's API does not have (an answer the server ended) is "stop"."""
+    if reason not in ("stop", "length"):
+        reason = "stop"  # e.g. "cancelled": tools' loop guard ended a plain answer
     if prep.tools is None or prep.kind != "chat":
         return reason, None
     calls = tools.parse_calls(text)
-    if calls and (reason in ("stop", "cancelled") or tools.looped(text)):
+    if calls and (reason == "stop" or tools.looped(text)):
         return "tool_calls", calls
+    if calls:
+        return "length", calls
     return reason, None
 
 
