@@ -5,10 +5,17 @@ server, another docqa) instead of a local GGUF.
 built and measured here (the embedded model's tokenizer and chat template count tokens, so the
 context budget, chunking and ``check_fits`` work as with a local model; ``n_ctx`` comes from
 ``model.n_ctx``), and each job is sent to the least busy healthy endpoint as a streamed
-``/chat/completions`` (the request's messages) or ``/completions`` (a raw prompt). An endpoint
-that fails (connection error, 5xx, 429) before the first token is marked unhealthy and the job
-is retried on another; a background check (``GET /models`` every ``endpoint_health_s``) marks
-endpoints healthy again. With none healthy, ``submit`` answers 503 with Retry-After.
+``/chat/completions`` (the request's messages) or ``/completions`` (a raw prompt).
+
+Before the first token, a job moves on to another endpoint when its endpoint cannot be reached
+or drops the connection (that endpoint is marked unhealthy until a background check, ``GET
+/models`` every ``endpoint_health_s``, passes again) or answers busy or failed (429, 5xx: tried
+elsewhere, not marked). An endpoint that does not answer within ``endpoint_timeout_s`` is a
+504, not retried (it may still be working on it); a failure after the first token, an endpoint
+refusing docqa itself (401, 403, 404) or every endpoint failing is a 502 ``upstream_error``;
+only the request's own faults (400, 413, 422) are passed through. With none healthy, ``submit``
+answers 503 with Retry-After. A cancelled job (its client left) closes its request at once, so
+the endpoint stops generating.
 """
 
 from __future__ import annotations
@@ -83,7 +90,9 @@ class EndpointPool:
         self._reserved = 0  # places taken by requests still preparing (RemoteSlot)
         self._next = 0
         self._stop = threading.Event()
-        self._clients: dict[int, httpx.AsyncClient] = {}
+        # one client per event loop (its connections belong to the loop), closed with the pool
+        self._clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+        self.on_listed = None  # called after a health check lists an endpoint's models
         self.check_all()
         self._thread = threading.Thread(target=self._watch, name="docqa-endpoints", daemon=True)
         self._thread.start()
@@ -104,6 +113,12 @@ class EndpointPool:
             ep.healthy, ep.error = True, None
         except Exception as exc:  # noqa: BLE001
             self.mark_down(ep, f"health check: {exc}")
+            return
+        if self.on_listed is not None:
+            try:
+                self.on_listed()
+            except Exception:  # noqa: BLE001 - logged; the checks go on
+                log.exception("checking the served model name failed")
 
     def check_all(self) -> None:
         for ep in self.endpoints:
@@ -136,13 +151,17 @@ class EndpointPool:
             ep.busy -= 1
 
     def client(self) -> httpx.AsyncClient:
-        loop = id(asyncio.get_running_loop())
-        c = self._clients.get(loop)
-        if c is None:
-            c = self._clients[loop] = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout, connect=5.0), headers=self.headers
+        loop = asyncio.get_running_loop()
+        entry = self._clients.get(id(loop))
+        if entry is None or entry[0] is not loop:  # a new loop (or a dead one's id reused)
+            c = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout, connect=min(5.0, self.timeout)),
+                headers=self.headers,
+                # every admitted job may hold a connection (httpx's default is 100)
+                limits=httpx.Limits(max_connections=max(100, self.max_queue)),
             )
-        return c
+            entry = self._clients[id(loop)] = (loop, c)
+        return entry[1]
 
     # -- engine interface -------------------------------------------------------------------
     def _check_healthy(self) -> None:
@@ -192,7 +211,16 @@ class EndpointPool:
 
     def close(self) -> bool:
         self._stop.set()
-        self._clients.clear()  # their connections close with the loop
+        clients, self._clients = list(self._clients.values()), {}
+        for loop, c in clients:  # closed on their own loops (a reload must not leak sockets)
+            if loop.is_closed():  # so are its connections
+                continue
+            coro = c.aclose()
+            try:
+                asyncio.run_coroutine_threadsafe(coro, loop)
+            except RuntimeError:  # closed meanwhile
+                coro.close()
+        self._thread.join(timeout=min(5.0, self.timeout) + 1)
         return True  # no thread of its own uses the vocabulary-only model
 
 
@@ -227,9 +255,16 @@ class _Retry(Exception):
     pass
 
 
+_END = object()  # the end of a pump's events
+
+
+def _upstream(status: int, message: str, code: str = "upstream_error") -> APIError:
+    return APIError(status, message, code=code)
+
+
 class RemoteJob:
     """One remote generation with the interface of an engine ``Job``: an async iterator of
-    ``Delta`` events ending with a ``Finish``, and ``cancel()``."""
+    ``Delta`` events ending with a ``Finish``, and ``cancel()`` (from any thread)."""
 
     def __init__(self, pool: EndpointPool, params: GenParams):
         self.pool = pool
@@ -237,30 +272,48 @@ class RemoteJob:
         self.cancelled = threading.Event()
         self.endpoint: str | None = None
         self._started = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
         if not self._started:  # never iterated (the client left first): free its admission
             self.pool._finished(self)  # noqa: SLF001
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:  # wakes the iterator at once, which closes the request
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # its loop is closed: nothing left to stop
+                pass
 
     async def __aiter__(self) -> AsyncIterator[Delta | Finish]:
         pool = self.pool
         tried: set[str] = set()
+        failures: list[str] = []
         self._started = True
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         try:
+            if self.cancelled.is_set():  # cancelled before it started: nothing is sent
+                yield Finish("cancelled", len(self.params.prompt_tokens), 0)
+                return
             while True:
                 ep = pool.pick(tried)
                 if ep is None:
+                    if failures:  # every endpoint answered, each with a failure
+                        raise _upstream(502, "every endpoint failed: " + "; ".join(failures))
                     why = "; ".join(f"{e.base}: {e.error}" for e in pool.endpoints)
                     raise NoEndpoint(why, pool.retry_after)
                 tried.add(ep.base)
                 self.endpoint = ep.base
                 try:
                     async for ev in self._run(ep):
+                        if isinstance(ev, Finish):
+                            ep.served += 1  # before the consumer stops at the Finish
                         yield ev
-                    ep.served += 1
                     return
-                except _Retry:
+                except _Retry as r:
+                    if r.args:
+                        failures.append(f"{ep.base}: {r.args[0]}")
                     continue  # nothing was streamed yet: another endpoint
                 finally:
                     pool.done(ep)
@@ -268,6 +321,43 @@ class RemoteJob:
             pool._finished(self)  # noqa: SLF001
 
     async def _run(self, ep: Endpoint) -> AsyncIterator[Delta | Finish]:
+        """The events of ``_pump`` on ``ep``; a cancel closes its request at once (before:
+        only when the endpoint sent its next line, up to ``endpoint_timeout_s`` later)."""
+        q: asyncio.Queue = asyncio.Queue()
+        pump = asyncio.create_task(self._pump(ep, q))
+        waker = asyncio.create_task(self._wake.wait())
+        n_out = 0
+        try:
+            while True:
+                getter = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:  # cancelled: the request is closed by the finally
+                    getter.cancel()
+                    yield Finish("cancelled", len(self.params.prompt_tokens), n_out)
+                    return
+                item = getter.result()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                n_out += isinstance(item, Delta)
+                yield item
+        finally:
+            pump.cancel()
+            waker.cancel()
+            await asyncio.gather(pump, waker, return_exceptions=True)
+
+    async def _pump(self, ep: Endpoint, q: asyncio.Queue) -> None:
+        try:
+            async for ev in self._stream(ep):
+                q.put_nowait(ev)
+            q.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the iterator
+            q.put_nowait(exc)
+
+    async def _stream(self, ep: Endpoint) -> AsyncIterator[Delta | Finish]:
         pool = self.pool
         path, body = _body(self.params, pool.model)
         started = False
@@ -277,24 +367,29 @@ class RemoteJob:
         t0 = time.perf_counter()
         try:
             async with pool.client().stream("POST", ep.base + path, json=body) as r:
-                if r.status_code >= 500 or r.status_code == 429:
+                if r.status_code >= 500 or r.status_code == 429:  # busy or failed: elsewhere
                     detail = (await r.aread()).decode(errors="replace")[:300]
-                    pool.mark_down(ep, f"HTTP {r.status_code}: {detail}")
-                    raise _Retry
-                if r.status_code >= 400:  # the request's own fault: no other endpoint will do
-                    raise _remote_error(r.status_code, (await r.aread()).decode(errors="replace"))
+                    raise _Retry(f"HTTP {r.status_code}: {detail}")
+                if r.status_code >= 400:
+                    raise _remote_error(
+                        ep.base, r.status_code, (await r.aread()).decode(errors="replace")
+                    )
                 async for line in r.aiter_lines():
-                    if self.cancelled.is_set():
-                        reason = "cancelled"
-                        break
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    obj = json.loads(data)
+                    try:
+                        obj = json.loads(data)
+                    except ValueError as exc:
+                        raise _upstream(
+                            502, f"endpoint {ep.base} sent a line that is not JSON: {data[:200]}"
+                        ) from exc
                     if "error" in obj:
-                        raise RuntimeError(f"{ep.base}: {obj['error'].get('message')}")
+                        err = obj["error"]
+                        msg = err.get("message") if isinstance(err, dict) else err
+                        raise _upstream(502, f"endpoint {ep.base} failed: {msg}")
                     usage = obj.get("usage") or usage
                     for ch in obj.get("choices") or []:
                         piece = (ch.get("delta") or {}).get("content") if "delta" in ch else None
@@ -306,11 +401,22 @@ class RemoteJob:
                             yield Delta(piece, [])
                         if ch.get("finish_reason"):
                             reason = ch["finish_reason"]
-        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):  # never reached: not working on it
+                pool.mark_down(ep, f"{type(exc).__name__}: {exc}")
+                raise _Retry(str(exc) or type(exc).__name__) from exc
+            # still working on it, maybe: another endpoint would do it twice
+            raise _upstream(
+                504,
+                f"endpoint {ep.base} did not answer within {pool.timeout:g} s "
+                "(model.endpoint_timeout_s)",
+                "upstream_timeout",
+            ) from exc
+        except httpx.TransportError as exc:  # refused, reset, dropped: the endpoint is down
             pool.mark_down(ep, f"{type(exc).__name__}: {exc}")
-            if started:  # the client has part of the answer: the failure is reported in-band
-                raise RuntimeError(f"endpoint {ep.base} failed mid-answer: {exc}") from exc
-            raise _Retry from exc
+            if started:  # the client has part of the answer
+                raise _upstream(502, f"endpoint {ep.base} failed mid-answer: {exc}") from exc
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
         n_prompt = (usage or {}).get("prompt_tokens") or len(self.params.prompt_tokens)
         n_out = (usage or {}).get("completion_tokens")
         if n_out is None:
@@ -321,14 +427,18 @@ class RemoteJob:
         )
 
 
-def _remote_error(status: int, text: str) -> APIError:
+def _remote_error(base: str, status: int, text: str) -> APIError:
+    """An endpoint's 4xx: the request's own fault (400, 413, 422) is passed through; one
+    about docqa itself (a wrong ``endpoint_api_key``: 401, 403; a model it does not serve:
+    404) is a 502, so that the client is not told its own key or model is wrong."""
     try:
         err = json.loads(text)["error"]
-        return APIError(
-            status, err.get("message", text), param=err.get("param"), code=err.get("code")
-        )
-    except (ValueError, KeyError, TypeError):
-        return APIError(status, text[:500], code="remote_error")
+        msg, param, code = err.get("message", text), err.get("param"), err.get("code")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        msg, param, code = text[:500], None, "remote_error"
+    if status in (400, 413, 422):
+        return APIError(status, msg, param=param, code=code)
+    return _upstream(502, f"endpoint {base} refused the request: HTTP {status}: {msg}")
 
 
 class RemoteRuntime(ModelRuntime):
@@ -359,6 +469,9 @@ class RemoteRuntime(ModelRuntime):
             self._read_vocab(ms.chat_format)
             self.engine = EndpointPool(ms, None, max_queue, self.tokenize)
             self.id = self.engine.model = self._model_name(ms)
+            # no endpoint listed its models yet: the name is checked when one does
+            self._named = any(e.models for e in self.engine.endpoints)
+            self.engine.on_listed = lambda: self._relisted(ms)
         except BaseException:
             if getattr(self, "engine", None) is not None:
                 self.engine.close()
@@ -390,6 +503,21 @@ class RemoteRuntime(ModelRuntime):
         raise ValueError(
             f"model {ms.model!r} is not served by the endpoints (they list {', '.join(listed)})"
         )
+
+    def _relisted(self, ms: ModelSettings) -> None:
+        """The served name, once an endpoint lists its models (docqa started before its
+        endpoints: the default name is then the first id listed, not the embedded model's)."""
+        if self._named or not any(e.models for e in self.engine.endpoints):
+            return
+        try:
+            name = self._model_name(ms)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return
+        self._named = True
+        if name != self.id:
+            log.info("remote model name: %s (listed by the endpoints)", name)
+            self.id = self.engine.model = name
 
     @property
     def endpoints(self) -> list[dict]:
