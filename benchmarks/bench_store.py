@@ -86,7 +86,8 @@ def run(url: str, args) -> None:
     )
 
     # -- whole-index write and load -----------------------------------------------------------
-    store = PgStore(url).open()
+    r = settings.retrieval
+    store = PgStore(url, r.db_pool_size, r.db_connect_timeout_s).open()
     store.migrate()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ix"
@@ -179,10 +180,12 @@ def run(url: str, args) -> None:
     b = IndexService(
         build_retriever(from_pg, settings, emb),
         None,
-        store=PgStore(url).open(),
+        store=PgStore(url, r.db_pool_size, r.db_connect_timeout_s).open(),
         version=store.version(),
     )
-    b.watcher = Watcher(url, b.refresh, settings.retrieval.db_refresh_s).start()
+    b.watcher = Watcher(
+        url, b.refresh, r.db_refresh_s, r.db_retry_s, r.db_connect_timeout_s
+    ).start()
     time.sleep(1.0)
     lags, cur = [], from_pg
     for i in range(args.changes):

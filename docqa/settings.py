@@ -568,7 +568,15 @@ class RetrievalSettings(_Section):
         2.0,
         gt=0,
         le=600,
-        description="Seconds between connection attempts while the shared store is unreachable.",
+        description="Seconds between connection attempts while the shared store is "
+        "unreachable; also the Retry-After of a document change refused meanwhile.",
+    )
+    db_connect_timeout_s: float = Field(
+        5.0,
+        ge=1,
+        le=600,
+        description="Longest wait for a connection to the shared store (opening it, taking "
+        "one from the pool, the change listener's).",
     )
 
     @field_validator("user_template")

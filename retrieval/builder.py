@@ -82,6 +82,18 @@ def _embed(chunks: list[Chunk], embedder, reuse: dict[str, np.ndarray], progress
     return np.stack([vecs[c.id] for c in chunks]).astype(np.float32)
 
 
+def embed_documents(index: Index, embedder, tok: Tokenizer, docs: list[Document]) -> dict:
+    """The vectors of ``docs``' chunks that ``index`` lacks, chunked as ``index`` is: the slow
+    part of an ingest, done before a shared store's write transaction opens
+    (``update_index(..., vectors=)``), not while it holds the store's lock."""
+    cfg = index.manifest.get("config", {})
+    size, overlap = cfg.get("chunk_tokens", 300), cfg.get("chunk_overlap", 30)
+    todo = [c for c in chunk_documents(list(docs), tok, size, overlap) if c.id not in index.pos]
+    if not todo:
+        return {}
+    return dict(zip([c.id for c in todo], _embed(todo, embedder, {}, False)))
+
+
 def _config(size: int, overlap: int, tok: Tokenizer) -> dict:
     return {"chunk_tokens": size, "chunk_overlap": overlap, "tokenizer": tok.name}
 
@@ -134,8 +146,10 @@ def update_index(
     add: list[Document] = (),
     remove: list[str] = (),
     progress: bool = False,
+    vectors: dict[str, np.ndarray] | None = None,
 ) -> Index:
-    """A new index with ``remove`` paths dropped and ``add`` documents (re)placed."""
+    """A new index with ``remove`` paths dropped and ``add`` documents (re)placed; chunks
+    found in ``vectors`` (``embed_documents``, computed earlier) are not embedded again."""
     cfg = index.manifest.get("config", {})
     size, overlap = cfg.get("chunk_tokens", 300), cfg.get("chunk_overlap", 30)
     replaced = {d.path for d in add} | set(remove)
@@ -147,6 +161,7 @@ def update_index(
     known = {c.id for c in kept}
     new = [c for c in new if c.id not in known]
     reuse = {c.id: np.asarray(index.embeddings[index.pos[c.id]]) for c in index.chunks}
+    reuse.update(vectors or {})
     chunks = kept + new
     emb = _embed(chunks, embedder, {c.id: reuse[c.id] for c in chunks if c.id in reuse}, progress)
     manifest = {k: v for k, v in index.manifest.items()}

@@ -69,7 +69,7 @@ def build(
     if s.retrieval.database_url:  # the shared store: one transaction replaces its contents
         from retrieval.pgstore import PgStore, redact
 
-        store = PgStore(s.retrieval.database_url, pool_size=1).open()
+        store = PgStore(s.retrieval.database_url, 1, s.retrieval.db_connect_timeout_s).open()
         try:
             store.migrate()
             version = store.save(idx)

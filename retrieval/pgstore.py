@@ -93,7 +93,7 @@ class PgStore:
     """A connection pool on the store's database. ``open()`` raises ``StoreUnavailable`` when
     it cannot connect; ``migrate()`` creates or upgrades the schema."""
 
-    def __init__(self, url: str, pool_size: int = 4, connect_timeout: float = 5.0):
+    def __init__(self, url: str, pool_size: int, connect_timeout: float):
         self.url = url
         self.pool_size = pool_size
         self.connect_timeout = connect_timeout
@@ -337,12 +337,18 @@ class Watcher:
     versions itself, so extra calls cost one small query."""
 
     def __init__(
-        self, url: str, on_change: Callable[[], None], interval: float, retry: float = 2.0
+        self,
+        url: str,
+        on_change: Callable[[], None],
+        interval: float,
+        retry: float,
+        connect_timeout: float,
     ):
         self.url = url
         self.on_change = on_change
         self.interval = interval
         self.retry = retry
+        self.connect_timeout = connect_timeout
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="docqa-store-watch", daemon=True)
 
@@ -366,7 +372,10 @@ class Watcher:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
-                    self.url, autocommit=True, connect_timeout=5, application_name="docqa-watch"
+                    self.url,
+                    autocommit=True,
+                    connect_timeout=int(self.connect_timeout),
+                    application_name="docqa-watch",
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._check()  # what changed while not listening

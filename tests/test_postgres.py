@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from docqa.settings import Settings
+from docqa.settings import Settings, load_settings
 from retrieval.builder import build_index, default_tokenizer, update_index
 from retrieval.embedder import Embedder
 from retrieval.factory import build_retriever
@@ -50,7 +50,8 @@ def local(tok, embedder):
 @pytest.fixture
 def store(postgres):
     postgres.reset()
-    s = PgStore(postgres.url).open()
+    r = load_settings().retrieval
+    s = PgStore(postgres.url, r.db_pool_size, r.db_connect_timeout_s).open()
     s.migrate()
     yield s
     s.close()
@@ -111,7 +112,7 @@ class _NoEmbed:  # removing a document embeds nothing
 
 def test_unreachable_database_is_reported():
     with pytest.raises(StoreUnavailable, match="cannot connect"):
-        PgStore("postgresql://nobody@127.0.0.1:1/x", connect_timeout=1).open()
+        PgStore("postgresql://nobody@127.0.0.1:1/x", 1, 1).open()
 
 
 # -- two real replicas on one database ---------------------------------------------------

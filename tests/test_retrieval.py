@@ -97,6 +97,27 @@ def test_stable_ids_and_no_duplicates_on_reingest(built, tok, embedder):
     assert len(same) == len(idx)
 
 
+def test_an_ingest_embeds_before_the_store_transaction(built, tok, embedder):
+    """``embed_documents`` does the embedding before a shared store's write lock is taken;
+    the update inside the transaction then embeds nothing and gives the same index."""
+    from retrieval.builder import embed_documents
+
+    class NoEmbed:  # the model must not run inside the transaction
+        dim = embedder.dim
+
+        def embed(self, texts):
+            raise AssertionError("embedded inside the transaction")
+
+    idx, _ = built
+    doc = Document("guide/valve.md", "Set quux_valve_bar to the opening pressure.", "Valve")
+    vectors = embed_documents(idx, embedder, tok, [doc])
+    assert len(vectors) == 1 and not embed_documents(idx, embedder, tok, [])
+    inside = update_index(idx, NoEmbed(), tok, add=[doc], vectors=vectors)
+    plain = update_index(idx, embedder, tok, add=[doc])
+    assert [c.id for c in inside.chunks] == [c.id for c in plain.chunks]
+    assert np.allclose(inside.embeddings, plain.embeddings)
+
+
 def test_a_renamed_heading_makes_new_chunks(built, tok, embedder):
     """A chunk's id covers what is indexed (heading trail + text): re-ingesting a page whose
     title (the trail of a page without headings) changed embeds its chunks again (before: the

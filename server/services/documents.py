@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
 import re
 import tempfile
 from pathlib import Path
 
 from docqa.settings import RequestLimits, RetrievalSettings
-from retrieval.builder import chunk_documents, update_index
+from retrieval.builder import chunk_documents, embed_documents, update_index
 from retrieval.index import Index
 from retrieval.loaders import SUPPORTED, Document, load_file, load_tree
 from server.errors import APIError, bad_request
@@ -21,6 +22,8 @@ from server.services.index import IndexService, StoreUnavailable
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DRIVE = re.compile(r"^[A-Za-z]:")
+
+log = logging.getLogger(__name__)
 
 
 def normalize_path(raw: str, param: str = "path") -> str:
@@ -164,11 +167,15 @@ class DocumentsService:
             tok = rt.chunk_tokenizer()
             self._check_chunks(docs, tok)
             try:
+                # embedded first: a shared store's write lock is not held while the model runs
+                vectors = embed_documents(self.index.index, self.index.embedder, tok, docs)
                 new = self.index.update(
-                    lambda base: update_index(base, self.index.embedder, tok, add=docs)
+                    lambda base: update_index(
+                        base, self.index.embedder, tok, add=docs, vectors=vectors
+                    )
                 )
             except StoreUnavailable as exc:
-                raise _store_down(exc) from exc
+                raise _store_down(exc, self.settings.db_retry_s) from exc
             except Exception as exc:  # noqa: BLE001 - the old index keeps serving
                 raise APIError(
                     500,
@@ -213,16 +220,19 @@ class DocumentsService:
             try:
                 self.index.update(change)
             except StoreUnavailable as exc:
-                raise _store_down(exc) from exc
+                raise _store_down(exc, self.settings.db_retry_s) from exc
         path = found[-1]
         return {"object": "document.deleted", "id": doc_id(path), "path": path, "deleted": True}
 
 
-def _store_down(exc: Exception) -> APIError:
+def _store_down(exc: Exception, retry_s: float) -> APIError:
+    """The client's 503: what happened and when to retry, not the database's error text (it
+    can name hosts and users; the log has it)."""
+    log.warning("shared store unavailable: %s", exc)
     return APIError(
         503,
-        f"the shared store is unavailable, the document was not changed (the index in memory "
-        f"is still served): {exc}",
+        "the shared store is unavailable, the document was not changed (the index in memory "
+        "is still served); retry later",
         code="store_unavailable",
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(max(1, round(retry_s)))},
     )

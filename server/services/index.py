@@ -160,7 +160,7 @@ def open_shared_index(
     and starts watching for changes."""
     r = settings.retrieval
     stop = stop or threading.Event()
-    store = PgStore(r.database_url, pool_size=r.db_pool_size)
+    store = PgStore(r.database_url, r.db_pool_size, r.db_connect_timeout_s)
     while True:
         try:
             store.open()
@@ -200,7 +200,9 @@ def open_shared_index(
         retriever = build_retriever(index, settings, embedder, reranker=reranker)
         retriever.idf  # noqa: B018 - evidence weights built at start-up
         service = IndexService(retriever, None, store=store, version=version)
-        service.watcher = Watcher(r.database_url, service.refresh, r.db_refresh_s, r.db_retry_s)
+        service.watcher = Watcher(
+            r.database_url, service.refresh, r.db_refresh_s, r.db_retry_s, r.db_connect_timeout_s
+        )
         service.watcher.start()
     except BaseException:
         store.close()
