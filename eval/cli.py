@@ -168,16 +168,21 @@ def run_mcq_target(
     from eval.targets import open_target
 
     if mode == "loglik":
+        from docqa.settings import load_settings
         from models.store import ModelStore
 
+        s = load_settings()
         retr = None
         if rag:
-            from docqa.settings import load_settings
             from retrieval.factory import build_retriever
 
-            retr = build_retriever(index, load_settings())
-        path = ModelStore("models/store").resolve(spec).path
-        return run_loglik(path, items, retr).to_dict() | {"name": name or spec}
+            retr = build_retriever(index, s)
+        path = (
+            Path(spec)
+            if spec.endswith(".gguf")
+            else ModelStore(s.model.store_dir).resolve(spec).path
+        )
+        return run_loglik(path, items, s.model, retr).to_dict() | {"name": name or spec}
     with open_target(spec, model=model, rag=rag, index=index, name=name) as t:
         return run_letter(t, items, rounds, temperature).to_dict() | {"name": t.name}
 

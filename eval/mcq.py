@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def read_mcq(path: str | Path) -> list[MCQ]:
     with open(path, newline="", encoding="utf-8") as f:
         for i, row in enumerate(csv.DictReader(f), start=2):
             row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            correct = row.get("correct", "").strip().upper()[:1]
-            if correct not in LETTERS or not row.get("question"):
+            correct = _key_letter(row.get("correct", ""))
+            if correct is None or not row.get("question"):
                 raise ValueError(f"{path}:{i}: needs question,a,b,c,d,correct (A-D)")
             opts = {L: _strip_prefix(row.get(L.lower(), ""), L) for L in LETTERS}
             items.append(MCQ(row["question"], opts, correct))
@@ -89,11 +90,22 @@ def build_dev_mcq(pairs: list[QAPair], embedder, n: int = 100, seed: int = 0) ->
 
 
 def parse_letter(reply: str | None) -> str | None:
-    """Exactly one letter A-D (surrounding whitespace allowed), else None (= invalid)."""
+    """Exactly one letter A-D (surrounding whitespace allowed), else None (= invalid): the
+    letter protocol asks for the letter alone, as the published case did."""
     if reply is None:
         return None
     t = reply.strip()
     return t if len(t) == 1 and t in LETTERS else None
+
+
+_KEY = re.compile(r"(?:answer\s*(?:is)?\s*:?\s*)?[(\[]?([A-Da-d])[)\].:]?", re.IGNORECASE)
+
+
+def _key_letter(text: str) -> str | None:
+    """A dev set's answer key: "B", "b", "(B)", "B.", "Answer: C"; None for anything else
+    (before, its first character was taken: "Answer: C" read as A, "D is right" as D)."""
+    m = _KEY.fullmatch(text.strip())
+    return m.group(1).upper() if m else None
 
 
 @dataclass
@@ -169,17 +181,27 @@ def run_letter(
 def run_loglik(
     gguf: str | Path,
     items: list[MCQ],
+    ms,
     retriever=None,
     top_k: int | None = None,
-    n_ctx: int = 4096,
     progress: bool = True,
 ) -> MCQResult:
-    """Pick the option whose text has the highest mean log-probability as the answer."""
+    """Pick the option whose text has the highest mean log-probability as the answer; the
+    model loaded as the settings' ``model`` section (``ms``: context, threads, GPU layers)
+    says."""
     import llama_cpp
 
     from server.engine import chat_formatter
 
-    llm = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, logits_all=True, verbose=False)
+    n_ctx = ms.n_ctx
+    llm = llama_cpp.Llama(
+        str(gguf),
+        n_ctx=n_ctx,
+        n_threads=ms.n_threads,
+        n_gpu_layers=ms.n_gpu_layers,
+        logits_all=True,
+        verbose=False,
+    )
     fmt = chat_formatter(llm)
     answers = []
     for it in tqdm(items, desc="mcq loglik", disable=not progress):

@@ -54,9 +54,15 @@ def load_offtopic(path: str | Path = DATA / "offtopic.txt") -> list[str]:
 
 
 def abstained(reply) -> bool:
+    """The reply declines: docqa's configured ``retrieval.abstain_message`` (the served one,
+    in this process's settings), or a usual way of saying it (any target, curly quotes too)."""
     if reply.error:
         return False
-    return bool(_ABSTAIN.search(reply.text))
+    from docqa.settings import load_settings
+
+    text = reply.text.replace("\u2019", "'")
+    own = load_settings().retrieval.abstain_message.replace("\u2019", "'")
+    return own.lower() in text.lower() or bool(_ABSTAIN.search(text))
 
 
 def _ask(target, q: str, max_tokens: int):

@@ -9,6 +9,7 @@ import pytest
 from scipy import stats
 
 from docqa.data import QAPair, is_heldout, load_qa, split_qa
+from docqa.settings import load_settings
 from eval.mcq import MCQ, parse_letter, read_mcq, run_letter, run_loglik, write_mcq
 from eval.metrics import has_facts, rouge_l, summarize, token_f1, welch
 from eval.qa import fact_set, load_facts, load_offtopic, run_facts
@@ -97,7 +98,8 @@ def test_loglik_picks_planted_answer():
             "D",
         ),
     ]
-    res = run_loglik(gguf, items, n_ctx=512, progress=False)
+    ms = load_settings(model={"n_ctx": 512, "n_threads": 1}).model
+    res = run_loglik(gguf, items, ms, progress=False)
     assert res.accuracy == [1.0]
 
 
@@ -306,3 +308,18 @@ def test_heldout_split_is_deterministic_and_disjoint():
     assert 0.07 < len(held) / len(pairs) < 0.13
     assert all(is_heldout(p.question) for p in held)
     assert np.mean([is_heldout(p.question) for p in train]) == 0
+
+
+def test_an_answer_key_is_read_whole(tmp_path):
+    from eval.mcq import read_mcq
+
+    rows = ["question,a,b,c,d,correct"]
+    for key in ("B", "(c)", "Answer: D", "a."):
+        rows.append(f"Which?,A. one,B. two,C. three,D. four,{key}")
+    f = tmp_path / "mcq.csv"
+    f.write_text("\n".join(rows) + "\n")
+    assert [it.correct for it in read_mcq(f)] == ["B", "C", "D", "A"]
+    for bad in ("Answer: E", "D is right"):  # before: read as A and D
+        f.write_text(f"question,a,b,c,d,correct\nWhich?,A. x,B. y,C. z,D. w,{bad}\n")
+        with pytest.raises(ValueError, match="correct"):
+            read_mcq(f)
