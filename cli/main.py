@@ -11,6 +11,7 @@ import typer
 
 from docqa.logs import setup_logging
 from docqa.settings import load_settings
+from models.store import ModelNotFound
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML settings file.", exists=True)
 
@@ -40,9 +41,10 @@ def serve(
     )
     setup_logging(settings.server.log_level)
     try:
+        _preflight(settings)
         app = create_app(settings)
-    except InsecureSettings as exc:
-        typer.echo(f"docqa serve: {exc}", err=True)
+    except (InsecureSettings, ModelNotFound, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"docqa serve: {_one_line(exc)}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(
         app,
@@ -52,6 +54,36 @@ def serve(
         access_log=False,
         timeout_keep_alive=settings.server.keep_alive_s,
     )
+
+
+def _preflight(settings) -> None:
+    """What would only fail once the server runs, in the background load (a /health of 503
+    for ever): the model, the chat format and the index are checked before it starts."""
+    from models.store import ModelStore
+    from server.engine import named_chat_format
+
+    ms, r = settings.model, settings.retrieval
+    if r.index_dir is not None and r.docs_dir is None and r.database_url is None:
+        if not Path(r.index_dir).is_dir():
+            raise FileNotFoundError(
+                f"no index at {r.index_dir} (build one with `docqa index build`, or give --docs)"
+            )
+    if ms.chat_format:
+        named_chat_format(ms.chat_format)
+    if not ms.endpoints:  # a remote model is named by its endpoints (last: may make the F16)
+        ModelStore(ms.store_dir).resolve(ms.model)
+
+
+def _one_line(exc: BaseException) -> str:
+    """A settings, file or model error as one line (pydantic: one clause per field)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if isinstance(exc, LookupError) else " ".join(text.split())
 
 
 def index_kv(
@@ -113,7 +145,20 @@ def build_app() -> typer.Typer:
 
 
 def main() -> None:
-    build_app()()
+    """The console script: a bad settings file, value or environment variable, a missing file
+    or an unknown model is one line on stderr and exit code 2, not a traceback."""
+    import sys
+
+    import yaml
+    from pydantic import ValidationError
+
+    from models.store import ModelNotFound
+
+    try:
+        build_app()()
+    except (ValidationError, yaml.YAMLError, FileNotFoundError, ModelNotFound) as exc:
+        print(f"docqa: {_one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

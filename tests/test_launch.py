@@ -37,3 +37,31 @@ def test_temp_workdir_is_removed_and_config_gets_loopback_port():
         s.wait_ready(timeout=120)
     s.stop()
     assert not s.workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, env, args, says",
+    [
+        ("server: {port: 99999}\n", {}, [], "server.port: Input should be less than or equal"),
+        ("server: [\n", {}, [], "while parsing"),
+        ("{}\n", {"DOCQA_SERVER__PORT": "abc"}, [], "server.port: Input should be a valid integer"),
+        ("{}\n", {}, ["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        ("{}\n", {}, ["--index", "/nonexistent-index"], "no index at /nonexistent-index"),
+        ("{}\n", {"DOCQA_MODEL__CHAT_FORMAT": "nope"}, [], "not a llama.cpp chat format"),
+    ],
+    ids=["bound", "yaml", "env", "model", "index", "chat-format"],
+)
+def test_a_bad_start_is_one_line_and_exit_code_2(tmp_path, yaml_text, env, args, says):
+    """Before: a long traceback (settings, YAML), or a server that started anyway and
+    answered 503 for ever (an unknown model, a missing index, an unknown chat format)."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    cmd = [sys.executable, "-m", "cli.main", "serve", "-c", str(cfg), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0], r.stderr[-2000:]
