@@ -149,18 +149,34 @@ def running_server(
         server.stop()
 
 
+def child_config(settings) -> dict:
+    """``settings`` as the config of a child server: every section as this process loaded it
+    (its YAML, environment and flags), secrets in clear (the file is the child's own, in its
+    private temp folder)."""
+    cfg = settings.model_dump(mode="json")
+    for section, name in (
+        ("server", "api_key"),
+        ("server", "admin_key"),
+        ("model", "endpoint_api_key"),
+    ):
+        v = getattr(getattr(settings, section), name)
+        cfg[section][name] = v.get_secret_value() if v is not None else None
+    return cfg
+
+
 @contextlib.contextmanager
 def local_server(
-    model: str, index: str | None = None, n_ctx: int = 4096, extra: dict | None = None
+    model: str, index: str | None = None, extra: dict | None = None, settings=None
 ) -> Iterator[str]:
     """Serve a GGUF (path or store name), with ``index`` when given, for the block; yields the
-    base URL of its OpenAI API (``.../v1``). ``extra``: more settings, section by section."""
-    cfg: dict = {
-        "server": {"log_level": "WARNING", "max_queue": 64},
-        "model": {"model": model, "n_ctx": n_ctx},
-    }
+    base URL of its OpenAI API (``.../v1``). The child's settings: ``settings`` whole when
+    given (``child_config``), else its defaults and the environment; ``extra``: more settings,
+    section by section, over them."""
+    cfg: dict = child_config(settings) if settings is not None else {}
+    cfg.setdefault("server", {}).update(log_level="WARNING", max_queue=64)
+    cfg.setdefault("model", {})["model"] = model
     if index:
-        cfg["retrieval"] = {"index_dir": str(index)}
+        cfg.setdefault("retrieval", {})["index_dir"] = str(index)
     for k, v in (extra or {}).items():
         cfg.setdefault(k, {}).update(v)
     with running_server(cfg, name="local") as server:

@@ -57,6 +57,11 @@ def _trim_partial_line(out: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
+class Refused(Exception):
+    """The server refused the key (401, 403): the run stops, nothing is recorded (before, every
+    ticket was written down as a human one, and a rerun skipped them as done)."""
+
+
 class _Transient(Exception):
     """A busy or unreachable server: the ticket is left for the next run, not recorded."""
 
@@ -111,6 +116,11 @@ def reply_all(
             else:
                 try:
                     r = _post(client, url, t, headers, tries, wait_max)
+                    if r.status_code in (401, 403):
+                        raise Refused(
+                            f"{base_url} refused the request (HTTP {r.status_code}): "
+                            + ("a wrong key" if api_key else "it needs a key (--api-key)")
+                        )
                     rec = (
                         r.json()
                         if r.status_code == 200
@@ -120,6 +130,8 @@ def reply_all(
                             "error": r.json().get("error", {}).get("message", r.text),
                         }
                     )
+                except Refused:
+                    raise
                 except _Transient as exc:
                     log.warning("ticket %s left for the next run: %s", t.get("id"), exc)
                     counts["retry"] += 1
@@ -139,29 +151,46 @@ def reply_all(
 def command(
     src: Path = typer.Option(..., "--in", exists=True, help="Tickets: JSONL or a folder."),
     out: Path = typer.Option(..., "--out", help="Output JSONL (resumed if it exists)."),
-    index: Optional[Path] = typer.Option(None, help="Index to answer from (default var/index)."),
+    index: Optional[Path] = typer.Option(
+        None, help="Index to answer from (default retrieval.index_dir)."
+    ),
     model: Optional[str] = typer.Option(None, help="Model to serve locally."),
     target: Optional[str] = typer.Option(None, help="A running docqa server URL instead."),
     api_key: str = typer.Option("", envvar="DOCQA_API_KEY", help="Key for --target."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", exists=True, help="YAML settings file (the local server's)."
+    ),
 ):
     """Draft grounded replies for support tickets; decide auto vs human for each."""
     from docqa.logs import setup_logging
 
     setup_logging("WARNING")
     tickets = read_tickets(src)
-    if target:
-        base = target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1")
-        counts = reply_all(tickets, out, base, api_key)
-    else:
-        from docqa.settings import load_settings
-        from server.launch import local_server
-
-        s = load_settings()  # the served model and index unless given
-        idx = index or s.retrieval.index_dir or "var/index"
-        with local_server(model or s.model.model, str(idx)) as base:
-            counts = reply_all(tickets, out, base)
+    try:
+        counts = _run(tickets, out, index, model, target, api_key, config)
+    except Refused as exc:
+        typer.echo(f"docqa reply: {exc}", err=True)
+        raise typer.Exit(2) from exc
     typer.echo(
         f"{len(tickets)} tickets: {counts['auto']} auto, {counts['human']} human, "
         f"{counts['skipped']} already done, {counts['retry']} left for the next run (server "
         f"busy or unreachable) -> {out}"
     )
+
+
+def _run(tickets, out, index, model, target, api_key, config) -> dict:
+    if target:
+        base = target.rstrip("/") + ("" if target.rstrip("/").endswith("/v1") else "/v1")
+        return reply_all(tickets, out, base, api_key)
+    else:
+        from docqa.settings import load_settings
+        from server.launch import local_server
+
+        # the local server runs with these settings whole (YAML, environment), the model and
+        # index given here over them, and is called with its own key
+        s = load_settings(config, model={"model": model}, retrieval={"index_dir": index})
+        if s.retrieval.index_dir is None:
+            raise typer.BadParameter("no index: give --index or set retrieval.index_dir")
+        key = s.server.api_key.get_secret_value() if s.server.api_key else ""
+        with local_server(s.model.model, str(s.retrieval.index_dir), settings=s) as base:
+            return reply_all(tickets, out, base, key)

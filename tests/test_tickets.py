@@ -266,3 +266,54 @@ def test_leaning_question_is_retrieved_with_its_ticket(ticket_server):
     rec = r.json()
     assert r.status_code == 200, rec
     assert "guide/config.md" in [s["path"] for s in rec["sources"]], rec
+
+
+def test_reply_all_stops_on_a_refused_key_and_records_nothing(tmp_path):
+    """401/403: the run stops (before: every ticket was recorded as a human one, and a rerun
+    with the right key skipped them all as done)."""
+    from server.tickets_cli import Refused
+
+    out = tmp_path / "out.jsonl"
+    mock = httpx.MockTransport(
+        lambda r: httpx.Response(401, json={"error": {"message": "Invalid API key"}})
+    )
+    tickets = [{"id": x, "body": "Which port?"} for x in "ab"]
+    with pytest.raises(Refused, match="401"):
+        reply_all(tickets, out, "http://x/v1", "wrong", progress=False, transport=mock)
+    assert out.read_text() == ""
+
+
+def test_docqa_reply_serves_locally_with_the_callers_settings(tmp_path, fixture_index):
+    """``docqa reply`` without --target starts a local server with the caller's settings
+    whole (a YAML file, the environment) and calls it with its key (before: only the model
+    and index went along, and a server key in the environment made every ticket a 401,
+    recorded as a human one)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    tickets = tmp_path / "t.jsonl"
+    tickets.write_text(
+        json.dumps({"id": "p", "subject": "Port", "body": "Which port does Zephyrd use?"}) + "\n"
+    )
+    cfg = tmp_path / "c.yaml"
+    index = fixture_index(chunk_tokens=120, chunk_overlap=20)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"n_ctx": 2048},
+                "retrieval": {"index_dir": str(index)},
+                "tickets": {"max_tokens": 24, "min_similarity": 0.3},
+            }
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "DOCQA_SERVER__API_KEY": "desk-key-21"}
+    cmd = [sys.executable, "-m", "cli.main", "reply", "--in", str(tickets), "--out", str(out)]
+    r = subprocess.run([*cmd, "-c", str(cfg)], capture_output=True, text=True, timeout=400, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    [rec] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert "error" not in rec and rec["reply"], rec
+    assert "guide/install.md" in [s["path"] for s in rec["sources"]]
