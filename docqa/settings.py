@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # grounded prompt layouts (retrieval.user_template): the evidence lines alone (the default), or
@@ -85,6 +85,15 @@ class ServerSettings(_Section):
         description="Start without api_key while listening beyond loopback (anyone who can "
         "reach the port may then add and delete documents). Off: such a start is refused.",
     )
+
+    @model_validator(mode="after")
+    def _retry_after_bounds(self):
+        if self.retry_after_s > self.retry_after_max_s:
+            raise ValueError(
+                f"retry_after_s ({self.retry_after_s}) is above retry_after_max_s "
+                f"({self.retry_after_max_s})"
+            )
+        return self
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
@@ -578,6 +587,15 @@ class RetrievalSettings(_Section):
         description="Longest wait for a connection to the shared store (opening it, taking "
         "one from the pool, the change listener's).",
     )
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self):
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens "
+                f"({self.chunk_tokens})"
+            )
+        return self
 
     @field_validator("user_template")
     @classmethod

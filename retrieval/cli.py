@@ -15,23 +15,34 @@ from docqa.settings import load_settings
 
 app = typer.Typer(help="Build, update and query a retrieval index.", no_args_is_help=True)
 console = Console()
-DEFAULT_INDEX = Path("var/index")
+DEFAULT_INDEX = Path("var/index")  # when neither --index/--out nor retrieval.index_dir names one
 
 
-def _parts(config: Optional[Path]):
+def _settings(config: Optional[Path], **retrieval):
+    """The settings with this command's flags over them (so their bounds apply to the flags
+    too: ``-k 500`` or ``--chunk-tokens 5`` are refused as in a settings file)."""
+    return load_settings(config, retrieval=retrieval)
+
+
+def _index(s, given: Optional[Path]) -> Path:
+    return Path(given or s.retrieval.index_dir or DEFAULT_INDEX)
+
+
+def _parts(s):
     from retrieval.builder import default_tokenizer
     from retrieval.factory import load_embedder
 
-    s = load_settings(config)
     setup_logging("INFO")
-    return s, load_embedder(s.embedder), default_tokenizer(s.model.model, s.model.store_dir)
+    return load_embedder(s.embedder), default_tokenizer(s.model.model, s.model.store_dir)
 
 
 @app.command()
 def build(
     docs: Path = typer.Argument(..., exists=True, help="Docs folder (or one file)."),
-    out: Path = typer.Option(DEFAULT_INDEX, "--out", "-o", help="Index directory to write."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Index directory to write (default retrieval.index_dir)."
+    ),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
     chunk_tokens: Optional[int] = typer.Option(None, help="Chunk size in model tokens."),
     overlap: Optional[int] = typer.Option(None, help="Chunk overlap in tokens."),
     questions: Optional[Path] = typer.Option(
@@ -49,7 +60,9 @@ def build(
     from retrieval.index import save_index
     from retrieval.loaders import LoadReport
 
-    s, emb, tok = _parts(config)
+    s = _settings(config, chunk_tokens=chunk_tokens, chunk_overlap=overlap)
+    out = _index(s, out)
+    emb, tok = _parts(s)
     report = LoadReport()
     pairs = None
     if questions is not None:
@@ -61,8 +74,8 @@ def build(
         docs,
         emb,
         tok,
-        size=chunk_tokens or s.retrieval.chunk_tokens,
-        overlap=overlap if overlap is not None else s.retrieval.chunk_overlap,
+        size=s.retrieval.chunk_tokens,
+        overlap=s.retrieval.chunk_overlap,
         report=report,
         questions=pairs,
     )
@@ -90,16 +103,20 @@ def build(
 @app.command()
 def add(
     files: list[Path] = typer.Argument(..., exists=True, help="Files or folders to (re)ingest."),
-    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
+    index: Optional[Path] = typer.Option(
+        None, "--index", "-i", help="Index directory (default retrieval.index_dir)."
+    ),
     root: Optional[Path] = typer.Option(None, help="Paths are stored relative to this root."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
 ):
     """Add or replace documents in an index."""
     from retrieval.builder import update_index
     from retrieval.index import load_index, save_index
     from retrieval.loaders import load_tree
 
-    _, emb, tok = _parts(config)
+    s = _settings(config)
+    index = _index(s, index)
+    emb, tok = _parts(s)
     idx = load_index(index, mmap=False)
     docs = []
     for f in files:
@@ -116,14 +133,18 @@ def add(
 @app.command()
 def remove(
     paths: list[str] = typer.Argument(..., help="Document paths (as stored in the index)."),
-    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    index: Optional[Path] = typer.Option(
+        None, "--index", "-i", help="Index directory (default retrieval.index_dir)."
+    ),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
 ):
     """Remove documents from an index."""
     from retrieval.builder import update_index
     from retrieval.index import load_index, save_index
 
-    _, emb, tok = _parts(config)
+    s = _settings(config)
+    index = _index(s, index)
+    emb, tok = _parts(s)
     idx = load_index(index, mmap=False)
     new = update_index(idx, emb, tok, remove=list(paths))
     save_index(new, index)
@@ -133,7 +154,9 @@ def remove(
 @app.command()
 def query(
     text: str = typer.Argument(..., help="The question."),
-    index: Path = typer.Option(DEFAULT_INDEX, "--index", "-i"),
+    index: Optional[Path] = typer.Option(
+        None, "--index", "-i", help="Index directory (default retrieval.index_dir)."
+    ),
     top_k: Optional[int] = typer.Option(
         None, "--top-k", "-k", help="Chunks to show (default: retrieval.top_k)."
     ),
@@ -142,19 +165,19 @@ def query(
     ),
     path_prefix: Optional[str] = typer.Option(None, help="Only documents under this path."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
 ):
     """Query an index and print the best chunks."""
     from retrieval.factory import build_retriever, load_embedder
     from retrieval.index import EmbedderMismatch, load_index
 
-    s = load_settings(config)
+    s = _settings(config, top_k=top_k, mode=mode)
     try:
-        ret = build_retriever(load_index(index), s, load_embedder(s.embedder))
+        ret = build_retriever(load_index(_index(s, index)), s, load_embedder(s.embedder))
     except EmbedderMismatch as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from exc
-    res = ret.search(text, top_k, path_prefix=path_prefix, mode=mode)
+    res = ret.search(text, s.retrieval.top_k, path_prefix=path_prefix, mode=s.retrieval.mode)
     if as_json:
         print(
             json.dumps(

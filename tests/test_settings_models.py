@@ -199,3 +199,31 @@ def test_no_setting_is_declared_twice():
             sorted(n for n in names if names.count(n) > 1),
         )
     assert Settings().retrieval.candidates == 30  # the retrieval setting, not the answers'
+
+
+def test_cross_field_bounds_are_checked_when_settings_load():
+    """Before, both were accepted: an overlap as large as the chunk failed only inside
+    chunking, and a Retry-After floor above its cap was silently clipped."""
+    from pydantic import ValidationError
+
+    from docqa.settings import load_settings
+
+    with pytest.raises(ValidationError, match="chunk_overlap .* smaller than chunk_tokens"):
+        load_settings(retrieval={"chunk_tokens": 64, "chunk_overlap": 64})
+    with pytest.raises(ValidationError, match="retry_after_s .* above retry_after_max_s"):
+        load_settings(server={"retry_after_s": 30, "retry_after_max_s": 10})
+
+
+def test_index_commands_take_the_settings_index_and_bounds(tmp_path):
+    """``docqa index query`` reads retrieval.index_dir (was: always var/index) and its flags
+    are held to the settings' bounds (``-k 500`` used to pass)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DOCQA_RETRIEVAL__INDEX_DIR": str(tmp_path / "nowhere")}
+    base = [sys.executable, "-m", "cli.main", "index", "query", "port"]
+    r = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "nowhere" in r.stderr, r.stderr[-1500:]
+    r = subprocess.run([*base, "-k", "500"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "retrieval.top_k" in r.stderr, r.stderr[-1500:]
