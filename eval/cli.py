@@ -135,11 +135,13 @@ def build_mcq(
     seed: int = 0,
 ):
     """Build the dev MCQ set from held-out pairs (same CSV format as the published set)."""
+    from docqa.settings import load_settings
     from eval.mcq import build_dev_mcq, write_mcq
-    from retrieval.embedder import Embedder
+    from retrieval.factory import load_embedder
 
     setup_logging("WARNING")
-    items = build_dev_mcq(_heldout(None), Embedder(), n=n, seed=seed)
+    embedder = load_embedder(load_settings().embedder)  # the settings' (was: its own defaults)
+    items = build_dev_mcq(_heldout(None), embedder, n=n, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_mcq(out, items)
     console.print(f"wrote {len(items)} questions to {out}")
