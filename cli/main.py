@@ -58,16 +58,13 @@ def serve(
 
 def _preflight(settings) -> None:
     """What would only fail once the server runs, in the background load (a /health of 503
-    for ever): the model, the chat format and the index are checked before it starts."""
+    for ever): the chat format and the model are checked before it starts."""
     from models.store import ModelStore
     from server.engine import named_chat_format
 
-    ms, r = settings.model, settings.retrieval
-    if r.index_dir is not None and r.docs_dir is None and r.database_url is None:
-        if not Path(r.index_dir).is_dir():
-            raise FileNotFoundError(
-                f"no index at {r.index_dir} (build one with `docqa index build`, or give --docs)"
-            )
+    ms = settings.model
+    # (a missing index_dir is no error: the server starts an empty index there to ingest into,
+    # or puts back the backup a crash mid-save left)
     if ms.chat_format:
         named_chat_format(ms.chat_format)
     if not ms.endpoints:  # a remote model is named by its endpoints (last: may make the F16)

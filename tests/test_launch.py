@@ -46,14 +46,13 @@ def test_temp_workdir_is_removed_and_config_gets_loopback_port():
         ("server: [\n", {}, [], "while parsing"),
         ("{}\n", {"DOCQA_SERVER__PORT": "abc"}, [], "server.port: Input should be a valid integer"),
         ("{}\n", {}, ["--model", "no-such-model"], "unknown model 'no-such-model'"),
-        ("{}\n", {}, ["--index", "/nonexistent-index"], "no index at /nonexistent-index"),
         ("{}\n", {"DOCQA_MODEL__CHAT_FORMAT": "nope"}, [], "not a llama.cpp chat format"),
     ],
-    ids=["bound", "yaml", "env", "model", "index", "chat-format"],
+    ids=["bound", "yaml", "env", "model", "chat-format"],
 )
 def test_a_bad_start_is_one_line_and_exit_code_2(tmp_path, yaml_text, env, args, says):
     """Before: a long traceback (settings, YAML), or a server that started anyway and
-    answered 503 for ever (an unknown model, a missing index, an unknown chat format)."""
+    answered 503 for ever (an unknown model, an unknown chat format)."""
     import os
     import subprocess
     import sys
