@@ -12,10 +12,11 @@ or drops the connection (that endpoint is marked unhealthy until a background ch
 /models`` every ``endpoint_health_s``, passes again) or answers busy or failed (429, 5xx: tried
 elsewhere, not marked). An endpoint that does not answer within ``endpoint_timeout_s`` is a
 504, not retried (it may still be working on it); a failure after the first token, an endpoint
-refusing docqa itself (401, 403, 404) or every endpoint failing is a 502 ``upstream_error``;
-only the request's own faults (400, 413, 422) are passed through. With none healthy, ``submit``
-answers 503 with Retry-After. A cancelled job (its client left) closes its request at once, so
-the endpoint stops generating.
+refusing docqa itself (401, 403, 404) or every endpoint answering with a failure is a 502
+``upstream_error``; only the request's own faults (400, 413, 422) are passed through. With none
+healthy (at ``submit``, or once each was tried and found unreachable) the answer is 503
+``endpoints_unavailable`` with Retry-After. A cancelled job (its client left) closes its
+request at once, so the endpoint stops generating.
 """
 
 from __future__ import annotations
@@ -299,8 +300,10 @@ class RemoteJob:
             while True:
                 ep = pool.pick(tried)
                 if ep is None:
-                    if failures:  # every endpoint answered, each with a failure
+                    if failures and any(e.healthy for e in pool.endpoints):
+                        # some endpoint is up but answered with a failure (429, 5xx)
                         raise _upstream(502, "every endpoint failed: " + "; ".join(failures))
+                    # every endpoint is down (cannot be reached): unavailable, retry later
                     why = "; ".join(f"{e.base}: {e.error}" for e in pool.endpoints)
                     raise NoEndpoint(why, pool.retry_after)
                 tried.add(ep.base)

@@ -85,6 +85,7 @@ class Scripted:
 
     def close(self):
         self.httpd.shutdown()
+        self.httpd.server_close()  # refused from now on
 
 
 @pytest.fixture
@@ -157,6 +158,24 @@ def test_every_endpoint_failing_is_a_502_and_4xx_are_mapped(scripted):
         with pytest.raises(APIError) as e:
             asyncio.run(_collect(pool.submit(_params())))
         assert e.value.status == 400 and "scripted 400" in str(e.value)
+    finally:
+        pool.close()
+
+
+def test_every_endpoint_unreachable_is_a_503_with_retry_after(scripted):
+    """Endpoints found dead on the way (not by a health check yet) are unavailable, not failing:
+    a 503 the client may retry after, as when none was healthy at submit."""
+    a, b = scripted("ok"), scripted(500)
+    pool = _pool(a, b)
+    try:
+        a.close()
+        b.close()
+        assert all(e.healthy for e in pool.endpoints)  # no health check ran since
+        with pytest.raises(APIError) as e:
+            asyncio.run(_collect(pool.submit(_params())))
+        assert (e.value.status, e.value.code) == (503, "endpoints_unavailable")
+        assert "Retry-After" in e.value.headers
+        assert not any(ep.healthy for ep in pool.endpoints)
     finally:
         pool.close()
 

@@ -186,6 +186,31 @@ def test_closed_book_sft_can_keep_only_the_pairs_naming_an_identifier():
         SFTStep(rag=True, require_identifiers=True)
 
 
+def test_closed_book_sft_can_recite_every_chunk_of_the_index(fixture_index):
+    from docqa.data import QAPair
+    from retrieval.index import load_index
+    from training.config import SFTStep
+    from training.data import sft_examples
+
+    index = fixture_index()
+    chunks = load_index(index).chunks
+    pairs = [QAPair("Which port?", "Nitro listens on port 3928.")]
+    out = sft_examples(pairs, rag=False, index_dir=index, recite_docs=2)
+    assert len(out) == 1 + 2 * len(chunks)
+    recited = [e for e in out if e["prompt"][0]["content"] != "Which port?"]
+    c = chunks[0]
+    mine = [e for e in recited if e["completion"][0]["content"] == c.text.strip()]
+    assert len(mine) == 2 and c.path in mine[0]["prompt"][0]["content"]
+    assert sft_examples(pairs, rag=False, index_dir=index) == [
+        {
+            "prompt": [{"role": "user", "content": "Which port?"}],
+            "completion": [{"role": "assistant", "content": "Nitro listens on port 3928."}],
+        }
+    ]
+    with pytest.raises(ValueError, match="closed-book"):
+        SFTStep(rag=True, recite_docs=1)
+
+
 @pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")
 def test_grounded_rag_examples_quote_their_cited_excerpt():
     import random

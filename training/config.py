@@ -217,6 +217,14 @@ class SFTStep(TrainCommon):
         "an identifier (a code span, path, flag, parameter or number): the pairs that teach "
         "the corpus's exact names, at ~60% of the tokens of all pairs.",
     )
+    recite_docs: int = Field(
+        0,
+        ge=0,
+        le=10,
+        description="Closed-book SFT (rag off): also teach the documentation itself, each "
+        "chunk of the served index this many times an epoch as a question naming its page and "
+        "section, answered by the chunk's text (0 = off): the facts no Q&A pair states.",
+    )
     block_attention: bool = Field(
         False,
         description="Train with the attention the server's unit KV caches give "
@@ -245,6 +253,8 @@ class SFTStep(TrainCommon):
             raise ValueError("sft.objective distill needs block_attention: true")
         if self.require_identifiers and self.rag:
             raise ValueError("sft.require_identifiers is for closed-book SFT (rag: false)")
+        if self.recite_docs and self.rag:
+            raise ValueError("sft.recite_docs is for closed-book SFT (rag: false)")
         return self
 
 

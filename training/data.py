@@ -187,6 +187,29 @@ class RagExamples:
         }
 
 
+def recitations(index_dir=None) -> list[dict]:
+    """One closed-book example per chunk of the index (default: the Nitro docs index the server
+    builds): asked what a page's section says, the model answers with the section's text. The
+    question names the page and the heading trail, as a user would ("What does
+    features/embed.md say about Embedding > Enable?")."""
+    from retrieval.index import load_index
+
+    if index_dir is None:
+        from retrieval.corpus import nitro_index
+
+        index_dir = nitro_index()
+    out = []
+    for c in load_index(index_dir).chunks:
+        where = f"{c.path} say about {c.heading}" if c.heading else f"the page {c.path} say"
+        out.append(
+            {
+                "prompt": [{"role": "user", "content": f"What does {where}?"}],
+                "completion": [{"role": "assistant", "content": c.text.strip()}],
+            }
+        )
+    return out
+
+
 def sft_examples(
     pairs: list[QAPair],
     *,
@@ -198,22 +221,29 @@ def sft_examples(
     index_dir=None,
     limit: int | None = None,
     require_identifiers: bool = False,
+    recite_docs: int = 0,
 ) -> list[dict]:
     """Chat examples for SFT, at most ``limit`` of them (pairs that yield no example under the
     "grounded" target are skipped, so pass more pairs than ``limit``). Closed-book (``rag``
-    off) with ``require_identifiers``: only the pairs whose answer names an identifier."""
+    off) with ``require_identifiers``: only the pairs whose answer names an identifier; with
+    ``recite_docs``: also every chunk of the index that many times (``recitations``), shuffled
+    in among the pairs."""
     rng = random.Random(seed)
     if not rag:
         if require_identifiers:
             pairs = [p for p in pairs if identifiers(p.answer, p.answer)]
         pairs = pairs[:limit] if limit else pairs
-        return [
+        out = [
             {
                 "prompt": [{"role": "user", "content": p.question}],
                 "completion": [{"role": "assistant", "content": p.answer}],
             }
             for p in pairs
         ]
+        if recite_docs:
+            out += recitations(index_dir) * recite_docs
+            rng.shuffle(out)
+        return out
     builder = RagExamples(index_dir)
     out = []
     for p in pairs:

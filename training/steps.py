@@ -230,6 +230,7 @@ def run_sft(ctx: StepContext) -> dict:
         seed=cfg.seed,
         limit=cfg.limit,
         require_identifiers=cfg.require_identifiers,
+        recite_docs=cfg.recite_docs,
     )
     return _train_sft(ctx, src, examples, {"pairs": len(pairs)})
 
