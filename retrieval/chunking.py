@@ -15,7 +15,21 @@ from dataclasses import asdict, dataclass
 
 from retrieval.loaders import Document
 
-_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+_HEADING_OPEN = re.compile(r"(#{1,6})\s+")
+
+
+def heading(line: str) -> tuple[int, str] | None:
+    """(level, title) of a Markdown ATX heading line ("## Load model ##" -> (2, "Load model")),
+    else None. Parsed in linear time: a regex with a lazy title between optional spaces took
+    time cubic in a line's spaces (an uploaded line of 10k spaces held ingest for hours)."""
+    m = _HEADING_OPEN.match(line)
+    if m is None:
+        return None
+    title = line[m.end() :].rstrip()
+    title = title.rstrip("#").rstrip() or title  # a closing run of #s is not the title
+    return (len(m.group(1)), title) if title else None
+
+
 _FENCE = re.compile(r"^\s*(```|~~~)")
 
 
@@ -61,7 +75,7 @@ def split_sections(text: str, title: str = "") -> list[Section]:
 
     def flush(final: bool = False):
         body = "\n".join(buf).strip()
-        only_headings = all(not ln.strip() or _HEADING.match(ln) for ln in buf)
+        only_headings = all(not ln.strip() or heading(ln) for ln in buf)
         if only_headings and not final:
             return  # a bare heading joins the next section instead of becoming a chunk
         if body:
@@ -71,13 +85,13 @@ def split_sections(text: str, title: str = "") -> list[Section]:
     for line in text.splitlines():
         if _FENCE.match(line):
             in_fence = not in_fence
-        m = None if in_fence else _HEADING.match(line)
-        if m:
+        h = None if in_fence else heading(line)
+        if h:
             flush()
-            level = len(m.group(1))
+            level = h[0]
             while stack and stack[-1][0] >= level:
                 stack.pop()
-            stack.append((level, m.group(2).strip()))
+            stack.append(h)
         buf.append(line)
     flush(final=True)
     return sections

@@ -100,9 +100,27 @@ def _write_into(index: Index, d: Path) -> None:
     write_provenance(d / MANIFEST, index.manifest)  # last: marks the dir complete
 
 
+class NotAnIndex(ValueError):
+    """An index folder that exists, holds files and is not an index: replacing it would delete
+    them (``retrieval.index_dir`` pointed at the docs, say)."""
+
+
+def check_index_dir(path: str | Path) -> None:
+    """``NotAnIndex`` when ``path`` is a folder holding files but no index; a missing or empty
+    folder, or an index, may be written."""
+    path = Path(path)
+    if path.is_dir() and not (path / MANIFEST).exists() and any(path.iterdir()):
+        raise NotAnIndex(
+            f"{path} holds files but is not an index (no {MANIFEST}): docqa will not replace "
+            "it; set retrieval.index_dir (--index) to an index folder or to a new one"
+        )
+
+
 def save_index(index: Index, out: str | Path) -> Path:
-    """Write to a temp dir beside ``out`` then swap it in; a failure leaves ``out`` as it was."""
+    """Write to a temp dir beside ``out`` then swap it in; a failure leaves ``out`` as it was.
+    ``NotAnIndex`` (nothing written) when ``out`` holds other files."""
     out = Path(out)
+    check_index_dir(out)
     with atomic_dir(out) as tmp:
         _write_into(index, tmp)
     log.info("index written to %s (%d chunks)", out, len(index))

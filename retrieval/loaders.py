@@ -38,10 +38,25 @@ def is_binary(raw: bytes) -> bool:
     return b"\x00" in raw[:8192]
 
 
-_FRONT = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.S)
-_MDX_LINE = re.compile(r"^\s*(import|export)\s.*$", re.M)
+# spaces and tabs, never \s where it could also run over newlines: each pattern below stays
+# linear in an uploaded file's size (\s* at every line start was quadratic in blank lines)
+_FRONT = re.compile(r"\A---[ \t]*\n(.*?)\n---[ \t]*\n", re.S)
+_MDX_LINE = re.compile(r"^[ \t]*(import|export)[ \t].*$", re.M)
 _JSX_TAG = re.compile(r"</?[A-Z][A-Za-z0-9.]*(\s[^<>]*)?/?>")
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+
+
+def _drop_comments(text: str) -> str:
+    """``text`` without its HTML comments; an unclosed one stays (as a regex left it, but in
+    linear time: ``<!--.*?-->`` rescanned to the end from every unclosed opener)."""
+    out, i = [], 0
+    while (a := text.find("<!--", i)) >= 0:
+        b = text.find("-->", a + 4)
+        if b < 0:
+            break
+        out.append(text[i:a])
+        i = b + 3
+    out.append(text[i:])
+    return "".join(out)
 
 
 def _markdown(text: str, mdx: bool) -> tuple[str, str]:
@@ -55,12 +70,12 @@ def _markdown(text: str, mdx: bool) -> tuple[str, str]:
         except yaml.YAMLError:
             pass
         text = text[m.end() :]
-    text = _HTML_COMMENT.sub("", text)
+    text = _drop_comments(text)
     if mdx:
         text = _MDX_LINE.sub("", text)
         text = _JSX_TAG.sub("", text)
     if not title:
-        h = re.search(r"^#\s+(.+)$", text, re.M)
+        h = re.search(r"^#[ \t]+(.+)$", text, re.M)
         title = h.group(1).strip() if h else ""
     return text, title
 

@@ -201,9 +201,12 @@ class BatchEngine(Worker):
         self.admission.release(job)
 
     def _drop(self, s: _Slot) -> None:
-        """Free the KV cells of the request's sequences."""
+        """Free the KV cells of the request's sequences, and its sampler chain (once)."""
         for seq in s.seqs:
             llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        if s.sampler is not None:
+            sampler, s.sampler = s.sampler, None
+            llama_cpp.llama_sampler_free(sampler)
 
     def _finish(self, s: _Slot, reason: str) -> None:
         if reason != "cancelled":
@@ -212,7 +215,6 @@ class BatchEngine(Worker):
                 s.job._put(d)
         s.job._put(Finish(reason, len(s.job.params.prompt_tokens), s.n_out))
         self._drop(s)
-        llama_cpp.llama_sampler_free(s.sampler)
         self._end(s.job)
 
     def _fill_generating(self, slots: list[_Slot]) -> int:
@@ -384,7 +386,6 @@ class BatchEngine(Worker):
             for s in slots:
                 s.job._put(RuntimeError(f"llama_decode failed ({rc})"))
                 self._drop(s)
-                llama_cpp.llama_sampler_free(s.sampler)
                 self._end(s.job)
                 self._release(s, active, free)
             return

@@ -340,6 +340,7 @@ def sampler_chain(vocab, p: GenParams, seed: int):
             p.grammar._root.encode(),
         )  # noqa: SLF001
         if not g:
+            llama_cpp.llama_sampler_free(chain)  # and the samplers added so far
             raise ValueError("invalid grammar")
         add(chain, g)
     if p.temperature <= 0:

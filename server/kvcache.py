@@ -49,6 +49,7 @@ tails for the tags ``[1]`` .. ``[top_k]``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -58,6 +59,7 @@ import re
 import struct
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1059,6 +1061,7 @@ class KVRunner:
 
 
 _TAIL_SUFFIX = re.compile(r"\.t[0-9a-f]{12}$")
+_TMP_STALE_S = 3600.0  # a temporary entry file this old belongs to no write in progress
 
 
 def prune(d: Path, keep: set[str], units: bool) -> int:
@@ -1074,6 +1077,14 @@ def prune(d: Path, keep: set[str], units: bool) -> int:
         if _TAIL_SUFFIX.sub("", key).startswith("u-") == units and key not in keep:
             f.unlink(missing_ok=True)
             n += 1
+    # a writer killed mid-write leaves its hidden temporary file (``.<key>.kv.tmp-*``): never
+    # loaded, but never renamed either; gone once it is older than any write in progress
+    old = time.time() - _TMP_STALE_S
+    for f in d.glob(".*.kv.tmp-*") if d.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if f.stat().st_mtime < old:
+                f.unlink()
+                n += 1
     return n
 
 

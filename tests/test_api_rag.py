@@ -217,6 +217,36 @@ def test_upload_multipart_and_allowed_path(rag_server):
     httpx.delete(url + "/v1/documents/flux.md")
 
 
+def test_odd_document_names_and_content_types(rag_server):
+    """Found by a review: a name too long for the file system, or a NUL in a server path, were
+    500s; a mixed-case multipart Content-Type was read as JSON."""
+    url = rag_server.url
+    long_name = "a" * 300 + ".md"  # over 255 bytes: stored under its name, not written under it
+    r = httpx.post(
+        url + "/v1/documents",
+        json={"path": long_name, "content": "# Longname\n\nThe wobble port is 6161.\n"},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["path"] == long_name
+    assert httpx.delete(url + "/v1/documents/" + long_name).status_code == 200
+    for bad in (str(rag_server.extra) + "/a\x00.md", str(rag_server.extra) + "/" + "b" * 300):
+        r = httpx.post(url + "/v1/documents", json={"path": bad}, timeout=60)
+        assert api_error(r, 400)["param"] == "path", bad
+    req = httpx.Request(
+        "POST",
+        url + "/v1/documents",
+        files={"file": ("case.md", b"# Case\n\nThe case port is 5151.\n", "text/markdown")},
+    )
+    req.headers["Content-Type"] = req.headers["Content-Type"].replace(
+        "multipart/form-data", "Multipart/Form-Data"
+    )
+    r = httpx.Client(timeout=60).send(req)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["path"] == "case.md"
+    assert httpx.delete(url + "/v1/documents/case.md").status_code == 200
+
+
 def test_ingest_by_path_skips_links_out_of_the_allowed_root(rag_server, tmp_path):
     """A symbolic link inside an allowed root (a git checkout can hold them) must not ingest
     the file it points to outside the root; the linked file itself is refused by its real

@@ -353,3 +353,72 @@ def test_a_place_reserved_before_the_engine_stops_is_a_503(model):
         gen.submit(slot, model, prep, ServerSettings())
     slot.release()
     assert err.value.status == 503 and "Retry-After" in err.value.headers
+
+
+def test_a_request_failing_in_sampling_frees_its_sampler_and_slot(model, monkeypatch):
+    """Found by a review: an error while sampling ended the job but leaked its sampler chain
+    (native memory, a grammar's too). Every chain made is freed once, and the engine serves
+    the next request."""
+    import llama_cpp
+
+    import server.batch_engine as be_mod
+
+    made, freed = [], []
+    real_init, real_free = llama_cpp.llama_sampler_chain_init, llama_cpp.llama_sampler_free
+
+    def init(params):
+        made.append(real_init(params))
+        return made[-1]
+
+    def free(s):
+        freed.append(s)
+        real_free(s)
+
+    monkeypatch.setattr(llama_cpp, "llama_sampler_chain_init", init)
+    monkeypatch.setattr(llama_cpp, "llama_sampler_free", free)
+    real_push = be_mod.TextStream.push
+    calls = {"n": 0}
+
+    def push(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom in push")
+        return real_push(self, *a, **kw)
+
+    monkeypatch.setattr(be_mod.TextStream, "push", push)
+
+    async def go():
+        be = Batch(model, 64, n_seq=2)
+        try:
+            with pytest.raises(RuntimeError, match="boom in push"):
+                await _gen(be, PROMPTS[0], 16, temperature=0.0)
+            text, fin = await _gen(be, PROMPTS[1], 8, temperature=0.0)
+            return fin, be.busy
+        finally:
+            be.close()
+
+    fin, busy = _run(go())
+    assert fin.reason in ("stop", "length") and busy == 0
+    assert len(made) == 2 and sorted(map(id, freed)) == sorted(map(id, made)), (made, freed)
+
+
+def test_an_invalid_grammar_frees_the_chain_it_began(monkeypatch):
+    from types import SimpleNamespace
+
+    import llama_cpp
+
+    from server.generation import sampler_chain
+
+    made, freed = [], []
+    real_init, real_free = llama_cpp.llama_sampler_chain_init, llama_cpp.llama_sampler_free
+    monkeypatch.setattr(
+        llama_cpp, "llama_sampler_chain_init", lambda p: made.append(real_init(p)) or made[-1]
+    )
+    monkeypatch.setattr(llama_cpp, "llama_sampler_free", lambda s: freed.append(s) or real_free(s))
+    monkeypatch.setattr(llama_cpp, "llama_sampler_init_grammar", lambda *a: None)
+    monkeypatch.setattr(llama_cpp, "llama_vocab_n_tokens", lambda v: 10)
+    p = GenParams([1], 5, logit_bias={0: 1.0})
+    p.grammar = SimpleNamespace(_grammar="root ::= x", _root="root")
+    with pytest.raises(ValueError, match="invalid grammar"):
+        sampler_chain(None, p, 0)
+    assert len(made) == 1 and freed == made

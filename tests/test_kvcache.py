@@ -811,3 +811,22 @@ def test_a_model_fingerprint_covers_the_end_of_a_small_file(tmp_path):
     b.write_bytes(bytes(data))
     assert kvcache.model_fingerprint(a) != kvcache.model_fingerprint(b)
     assert kvcache.model_fingerprint(a) == kvcache.model_fingerprint(a)
+
+
+def test_prune_removes_the_temporary_files_of_killed_writers(tmp_path):
+    """Found by a review: a writer killed mid-write left ``.<key>.kv.tmp-*`` for ever (never
+    loaded, never pruned). Stale ones go; a recent one (a write in progress) stays."""
+    import os
+    import time
+
+    from server.kvcache import _TMP_STALE_S, prune
+
+    (tmp_path / "c-abc.kv").write_bytes(b"x")
+    stale = tmp_path / ".c-abc.kv.tmp-1234"
+    fresh = tmp_path / ".c-def.kv.tmp-5678"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - _TMP_STALE_S - 10
+    os.utime(stale, (old, old))
+    assert prune(tmp_path, {"c-abc"}, False) == 1
+    assert not stale.exists() and fresh.exists() and (tmp_path / "c-abc.kv").exists()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -47,8 +48,10 @@ def test_temp_workdir_is_removed_and_config_gets_loopback_port():
         ("{}\n", {"DOCQA_SERVER__PORT": "abc"}, [], "server.port: Input should be a valid integer"),
         ("{}\n", {}, ["--model", "no-such-model"], "unknown model 'no-such-model'"),
         ("{}\n", {"DOCQA_MODEL__CHAT_FORMAT": "nope"}, [], "not a llama.cpp chat format"),
+        # the docs given as the index: the first ingest would have deleted them
+        ("{}\n", {}, ["--index", str(Path(__file__).parent / "fixtures" / "docs")], "not an index"),
     ],
-    ids=["bound", "yaml", "env", "model", "chat-format"],
+    ids=["bound", "yaml", "env", "model", "chat-format", "docs-as-index"],
 )
 def test_a_bad_start_is_one_line_and_exit_code_2(tmp_path, yaml_text, env, args, says):
     """Before: a long traceback (settings, YAML), or a server that started anyway and

@@ -234,6 +234,52 @@ def test_save_load_roundtrip_mmap(built, tmp_path, embedder):
     assert [h.chunk.id for h in a.hits] == [h.chunk.id for h in b.hits]
 
 
+def test_an_index_is_not_saved_over_a_folder_of_other_files(built, tmp_path):
+    """Found by a review: index_dir pointed at a docs folder was deleted by the first save."""
+    from retrieval.index import NotAnIndex
+
+    idx, _ = built
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "keep.md").write_text("# Keep\n")
+    with pytest.raises(NotAnIndex, match="not an index"):
+        save_index(idx, docs)
+    assert (docs / "keep.md").read_text() == "# Keep\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]  # no temp folder left
+    (tmp_path / "empty").mkdir()
+    save_index(idx, tmp_path / "empty")  # an empty folder, a new one or an index: written
+    save_index(idx, tmp_path / "empty")
+    assert len(load_index(tmp_path / "empty")) == len(idx)
+
+
+def test_markdown_parsing_is_linear_in_hostile_input():
+    """Found by a review: a heading line of 10k spaces took hours in the heading regex (cubic),
+    unclosed comments and blank .mdx lines were quadratic, all under ingest's write lock. Each
+    input below took from seconds to hours before; they must finish (in a thread, 60 s)."""
+    import threading
+
+    from retrieval.chunking import heading, split_sections
+    from retrieval.loaders import _markdown
+
+    assert heading("## Load model ##") == (2, "Load model")
+    assert heading("# C#") == (1, "C")
+    assert heading("#nospace") is None and heading("####### seven") is None
+    done = []
+
+    def hostile():
+        split_sections("# a" + " " * 50_000 + "b\n\ntext\n")
+        _markdown("<!--" * 100_000, False)
+        _markdown("\n" * 200_000, True)
+        _markdown("#\n" * 100_000, False)
+        done.append(True)
+
+    t = threading.Thread(target=hostile, daemon=True)
+    t.start()
+    t.join(60)
+    assert done, "markdown parsing did not finish in 60 s"
+    assert _markdown("a <!-- x --> b <!-- open", False)[0] == "a  b <!-- open"
+
+
 def test_crash_mid_write_keeps_previous_index(built, tmp_path, monkeypatch, tok, embedder):
     idx, _ = built
     out = save_index(idx, tmp_path / "ix")

@@ -91,7 +91,7 @@ async def add_documents(
     docs: DocumentsService = Depends(deps.documents),
     cap: int = Depends(deps.max_upload_bytes),
 ):
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if upload is None or not hasattr(upload, "read"):

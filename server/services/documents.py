@@ -136,12 +136,19 @@ class DocumentsService:
                 param="path",
                 code="path_not_allowed",
             )
-        p = Path(raw).expanduser().resolve()
-        for root in roots:
-            if p == root or root in p.parents:
-                if not p.exists():
-                    raise APIError(404, f"path not found: {raw}", param="path", code="not_found")
-                return p, root
+        if _CONTROL.search(raw):
+            raise bad_request(f"path {raw!r} holds a control character", "path")
+        try:
+            p = Path(raw).expanduser().resolve()
+            for root in roots:
+                if p == root or root in p.parents:
+                    if not p.exists():
+                        raise APIError(
+                            404, f"path not found: {raw}", param="path", code="not_found"
+                        )
+                    return p, root
+        except (OSError, ValueError) as exc:  # a name too long for the file system, say
+            raise bad_request(f"path {raw!r} cannot be read: {exc}", "path") from exc
         raise APIError(
             403, f"path is outside the allowed roots: {raw}", param="path", code="path_not_allowed"
         )
@@ -151,7 +158,7 @@ class DocumentsService:
         if Path(name).suffix.lower() not in SUPPORTED:
             raise bad_request(f"unsupported document type: {Path(name).suffix or '(none)'}", "file")
         with tempfile.TemporaryDirectory() as tmp:
-            f = Path(tmp) / Path(name).name
+            f = Path(tmp) / ("upload" + Path(name).suffix)  # any name fits (255 bytes)
             f.write_bytes(data)
             try:
                 doc = load_file(f, name)
