@@ -106,28 +106,38 @@ def add(
     index: Optional[Path] = typer.Option(
         None, "--index", "-i", help="Index directory (default retrieval.index_dir)."
     ),
-    root: Optional[Path] = typer.Option(None, help="Paths are stored relative to this root."),
+    root: Optional[Path] = typer.Option(
+        None,
+        help="Paths are stored relative to this root (default: the folder the index was built "
+        "from, for files under it, so that an edited file replaces its old version).",
+    ),
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
 ):
-    """Add or replace documents in an index."""
-    from retrieval.builder import update_index
-    from retrieval.index import load_index, save_index
+    """Add or replace documents in an index (the shared store's when retrieval.database_url
+    is set)."""
+    from retrieval.builder import embed_documents, update_index
     from retrieval.loaders import load_tree
 
     s = _settings(config)
-    index = _index(s, index)
     emb, tok = _parts(s)
-    idx = load_index(index, mmap=False)
-    docs = []
-    for f in files:
-        base = (f.parent if f.is_file() else f).resolve()
-        for d in load_tree(f):
-            if root is not None:
-                d.path = (base / d.path).relative_to(root.resolve()).as_posix()
-            docs.append(d)
-    new = update_index(idx, emb, tok, add=docs)
-    save_index(new, index)
-    console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
+
+    def change(idx):
+        built_from = (idx.manifest.get("inputs") or {}).get("docs_root")
+        docs = []
+        for f in files:
+            base = (f.parent if f.is_file() else f).resolve()
+            under = root.resolve() if root is not None else None
+            if under is None and built_from and Path(built_from) in (base, *base.parents):
+                under = Path(built_from)
+            for d in load_tree(f):
+                if under is not None:
+                    d.path = (base / d.path).relative_to(under).as_posix()
+                docs.append(d)
+        return lambda current: update_index(
+            current, emb, tok, add=docs, vectors=embed_documents(idx, emb, tok, docs)
+        )
+
+    _edit(s, index, change)
 
 
 @app.command()
@@ -138,17 +148,52 @@ def remove(
     ),
     config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True),
 ):
-    """Remove documents from an index."""
+    """Remove documents from an index (the shared store's when retrieval.database_url is
+    set)."""
     from retrieval.builder import update_index
-    from retrieval.index import load_index, save_index
 
     s = _settings(config)
-    index = _index(s, index)
     emb, tok = _parts(s)
-    idx = load_index(index, mmap=False)
-    new = update_index(idx, emb, tok, remove=list(paths))
-    save_index(new, index)
-    console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
+    _edit(s, index, lambda idx: lambda cur: update_index(cur, emb, tok, remove=list(paths)))
+
+
+def _edit(s, index: Optional[Path], change) -> None:
+    """Apply ``change(snapshot)(current) -> new index`` to the local index (``index``, default
+    retrieval.index_dir), or to the shared store when retrieval.database_url is set: the slow
+    part (``change(snapshot)``: loading and embedding) runs before the store's write
+    transaction opens, the edit itself inside it, on the store's latest index, as the server's
+    ingest does (so replicas see it)."""
+    from retrieval.index import load_index, save_index
+
+    url = s.retrieval.database_url
+    if not url:
+        index = _index(s, index)
+        idx = load_index(index, mmap=False)
+        new = change(idx)(idx)
+        save_index(new, index)
+        console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
+        return
+    from retrieval.pgstore import PgStore, redact
+
+    store = PgStore(url, 1, s.retrieval.db_connect_timeout_s).open()
+    try:
+        store.migrate()
+        _, snapshot = store.load()
+        if snapshot is None:
+            raise typer.BadParameter(
+                f"the shared store {redact(url)} is empty: build it first (docqa index build)"
+            )
+        edit = change(snapshot)
+        with store.transaction() as tx:
+            current = tx.load() or snapshot
+            new = edit(current)
+            tx.apply(current, new)
+    finally:
+        store.close()
+    console.print(
+        f"[green]index[/] {redact(url)} (version {tx.version}): "
+        f"{len(current)} -> {len(new)} chunks"
+    )
 
 
 @app.command()

@@ -292,3 +292,29 @@ def test_sigkill_during_ingest_leaves_the_store_consistent(replicas, late, postg
     )
     assert r.status_code == 200, r.text
     _wait(lambda: "ops/after.md" in _paths(a, "ibis gateway restarts"), PROPAGATION_S)
+
+
+def test_index_cli_add_and_remove_edit_the_shared_store(store, postgres, tmp_path, monkeypatch):
+    """Found by a review: with retrieval.database_url set, `docqa index add/remove` edited a
+    local copy (or failed on a missing one) and said it succeeded; replicas kept the old."""
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    monkeypatch.setenv("DOCQA_RETRIEVAL__DATABASE_URL", postgres.url)
+    monkeypatch.setenv("DOCQA_RETRIEVAL__INDEX_DIR", str(tmp_path / "no-local-index"))
+    run = CliRunner().invoke
+    r = run(app, ["build", str(DOCS), "--chunk-tokens", "120"])
+    assert r.exit_code == 0, r.output
+    v0, built = store.load()
+    extra = tmp_path / "flux.md"
+    extra.write_text("# Flux\n\nThe flux capacitor needs 1.21 gigawatts.\n")
+    r = run(app, ["add", str(extra)])
+    assert r.exit_code == 0, r.output
+    v1, added = store.load()
+    assert v1 == v0 + 1 and set(added.files) == set(built.files) | {"flux.md"}
+    r = run(app, ["remove", "flux.md", "guide/install.md"])
+    assert r.exit_code == 0, r.output
+    v2, removed = store.load()
+    assert v2 == v1 + 1 and set(removed.files) == set(built.files) - {"guide/install.md"}
+    assert not (tmp_path / "no-local-index").exists()  # nothing written beside the store

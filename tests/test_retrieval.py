@@ -479,3 +479,28 @@ def test_index_cli_build_with_questions_and_query(tmp_path):
     assert r.returncode == 0, r.stderr.decode()[-2000:]
     hits = json.loads(r.stdout)
     assert hits[0]["path"] == "guide/config.md" and "max_parallel_jobs" in hits[0]["text"]
+
+
+def test_index_add_replaces_an_edited_file_under_the_built_folder(tmp_path):
+    """Found by a review: `docqa index add docs/guide/install.md` stored it as "install.md",
+    so the index held the old version (guide/install.md) beside the new one."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from retrieval.cli import app
+
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs)
+    out = tmp_path / "ix"
+    run = CliRunner().invoke
+    r = run(app, ["build", str(docs), "--out", str(out), "--chunk-tokens", "120"])
+    assert r.exit_code == 0, r.output
+    before = set(load_index(out).files)
+    f = docs / "guide" / "install.md"
+    f.write_text(f.read_text() + "\n## Upgrades\n\nRun zephyrd upgrade --channel quasar.\n")
+    r = run(app, ["add", str(f), "--index", str(out)])
+    assert r.exit_code == 0, r.output
+    after = load_index(out)
+    assert set(after.files) == before
+    assert any("quasar" in c.text for c in after.chunks if c.path == "guide/install.md")
