@@ -191,8 +191,7 @@ def _edit(s, index: Optional[Path], change) -> None:
     finally:
         store.close()
     console.print(
-        f"[green]index[/] {redact(url)} (version {tx.version}): "
-        f"{len(current)} -> {len(new)} chunks"
+        f"[green]index[/] {redact(url)} (version {tx.version}): {len(current)} -> {len(new)} chunks"
     )
 
 
