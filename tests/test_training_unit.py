@@ -207,8 +207,12 @@ def test_closed_book_sft_can_recite_every_chunk_of_the_index(fixture_index):
             "completion": [{"role": "assistant", "content": "Nitro listens on port 3928."}],
         }
     ]
+    only = sft_examples(pairs, rag=False, index_dir=index, recite_docs=1, qa_pairs=False)
+    assert len(only) == len(chunks) and "Which port?" not in str(only)
     with pytest.raises(ValueError, match="closed-book"):
         SFTStep(rag=True, recite_docs=1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        SFTStep(rag=False, qa_pairs=False)
 
 
 @pytest.mark.skipif(not (SHARED / "nitro-qa").is_dir(), reason="../shared data not present")

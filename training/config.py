@@ -225,6 +225,11 @@ class SFTStep(TrainCommon):
         "chunk of the served index this many times an epoch as a question naming its page and "
         "section, answered by the chunk's text (0 = off): the facts no Q&A pair states.",
     )
+    qa_pairs: bool = Field(
+        True,
+        description="Train on the Q&A pairs; off (closed-book, with recite_docs): only on the "
+        "recited documentation.",
+    )
     block_attention: bool = Field(
         False,
         description="Train with the attention the server's unit KV caches give "
@@ -255,6 +260,8 @@ class SFTStep(TrainCommon):
             raise ValueError("sft.require_identifiers is for closed-book SFT (rag: false)")
         if self.recite_docs and self.rag:
             raise ValueError("sft.recite_docs is for closed-book SFT (rag: false)")
+        if not self.qa_pairs and not (self.recite_docs and not self.rag):
+            raise ValueError("sft.qa_pairs false needs closed-book recite_docs (nothing to train)")
         return self
 
 

@@ -222,14 +222,16 @@ def sft_examples(
     limit: int | None = None,
     require_identifiers: bool = False,
     recite_docs: int = 0,
+    qa_pairs: bool = True,
 ) -> list[dict]:
     """Chat examples for SFT, at most ``limit`` of them (pairs that yield no example under the
     "grounded" target are skipped, so pass more pairs than ``limit``). Closed-book (``rag``
     off) with ``require_identifiers``: only the pairs whose answer names an identifier; with
     ``recite_docs``: also every chunk of the index that many times (``recitations``), shuffled
-    in among the pairs."""
+    in among the pairs (without the pairs when ``qa_pairs`` is off)."""
     rng = random.Random(seed)
     if not rag:
+        pairs = pairs if qa_pairs else []
         if require_identifiers:
             pairs = [p for p in pairs if identifiers(p.answer, p.answer)]
         pairs = pairs[:limit] if limit else pairs

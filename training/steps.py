@@ -231,6 +231,7 @@ def run_sft(ctx: StepContext) -> dict:
         limit=cfg.limit,
         require_identifiers=cfg.require_identifiers,
         recite_docs=cfg.recite_docs,
+        qa_pairs=cfg.qa_pairs,
     )
     return _train_sft(ctx, src, examples, {"pairs": len(pairs)})
 
