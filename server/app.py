@@ -72,7 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.docqa = AppState(settings)
     install_error_handlers(app)
-    # Outermost last: AccessLog > CatchAll > CORS > BodyGuard > routes.
+    # Outermost last: AccessLog > CORS > CatchAll > BodyGuard > routes (CORS outside the
+    # catch-all, so that a browser client reads an unexpected 500 too, not a CORS failure).
     app.add_middleware(
         BodyGuard,
         max_body_bytes=settings.server.limits.max_body_bytes,
@@ -80,13 +81,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         multipart_paths=["/v1/documents", "/v1/tickets/queue"],
         multipart_max_bytes=settings.server.max_upload_bytes + 64 * 1024,
     )
+    app.add_middleware(CatchAll)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.server.cors_origins,
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    app.add_middleware(CatchAll)
     app.add_middleware(AccessLog)
     app.include_router(openai.router, responses=error_responses(400, 401, 404, 413, 415, 503))
     app.include_router(retrieval.router, responses=error_responses(400, 401, 404, 413, 415, 503))

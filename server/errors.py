@@ -97,7 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return APIError(exc.status_code, str(exc.detail), code=code).response()
+        # its headers too: a 405 names the allowed methods (Allow), as HTTP requires
+        return APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers).response()
 
     # No exception_handler(Exception): Starlette runs that one in its outermost middleware,
     # which re-raises after answering, and the server then drops the keep-alive connection

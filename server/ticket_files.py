@@ -31,9 +31,40 @@ def tickets_from_jsonl(text: str) -> list[tuple[int, dict | str]]:
             t = json.loads(line)
             if not isinstance(t, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             out.append((n, f"not a JSON ticket object: {exc}"))
+            continue
+        if not has_text(t):
+            out.append((n, "a ticket needs a subject or a body"))
             continue
         t.setdefault("id", f"line-{n}")
         out.append((n, t))
+    return out
+
+
+def has_text(t: dict) -> bool:
+    """A ticket to answer: a non-empty subject or body."""
+    return bool(str(t.get("subject") or t.get("body") or "").strip())
+
+
+def tickets_from_json(text: str) -> list[tuple[int, dict | str]]:
+    """A ``.json`` file: ``{"tickets": [...]}`` (the paste body), a list of tickets, or one
+    ticket -> ``(ticket number, ticket or error)`` as ``tickets_from_jsonl`` gives per line
+    (one ``(0, error)`` when the file is no JSON at all). A ticket without an id gets
+    ``ticket-N``."""
+    try:
+        body = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return [(0, f"not a JSON file: {exc}")]
+    tickets = body.get("tickets") if isinstance(body, dict) and "tickets" in body else body
+    tickets = tickets if isinstance(tickets, list) else [tickets]
+    out: list[tuple[int, dict | str]] = []
+    for n, t in enumerate(tickets, 1):
+        if not isinstance(t, dict):
+            out.append((n, "not a JSON ticket object"))
+        elif not has_text(t):
+            out.append((n, "a ticket needs a subject or a body"))
+        else:
+            t.setdefault("id", f"ticket-{n}")
+            out.append((n, t))
     return out

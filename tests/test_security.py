@@ -88,6 +88,16 @@ def test_500_keeps_the_keep_alive_connection_usable(unit):
     assert data.startswith(b"HTTP/1.1 500") and b"HTTP/1.1 503" in data, data
 
 
+def test_a_500_reaches_a_browser_client_and_a_405_names_the_allowed_methods(unit):
+    """Found by a review: the catch-all answered outside CORS (a browser saw a CORS failure,
+    not the 500), and a 405 lost its Allow header."""
+    r = httpx.get(unit.url + "/boom", headers={"Origin": UI_ORIGIN})
+    assert _err(r, 500)["code"] == "internal_error"
+    assert r.headers["access-control-allow-origin"] == UI_ORIGIN
+    r = httpx.get(unit.url + "/v1/chat/completions", headers=H)
+    assert _err(r, 405)["code"] == "method_not_allowed" and "POST" in r.headers["allow"]
+
+
 def test_health_and_503s_hide_the_load_error(unit):
     for _ in range(100):
         r = httpx.get(unit.url + "/health")

@@ -231,6 +231,21 @@ def test_parse_upload_reports_bad_input():
     with pytest.raises(APIError) as e:  # an unknown charset: a 400 (before: a 500)
         parse_upload("odd.eml", odd, 10_000)
     assert (e.value.status, e.value.code) == (400, "not_text")
+    # found by a review: .json was read line by line (the paste body became one ticket
+    # wrapping the others), and a ticket with no text was added
+    paste = b'{"tickets": [{"subject": "a", "body": "Which port?"}, {}, {"body": "Logs?"}]}'
+    tickets, errors = parse_upload("t.json", paste, 10_000)
+    assert [(t["id"], t["subject"] if "subject" in t else None) for t in tickets] == [
+        ("ticket-1", "a"),
+        ("ticket-3", None),
+    ]
+    assert errors == [{"line": 2, "message": "a ticket needs a subject or a body"}]
+    pretty = b'[\n  {"id": "x", "body": "Which port?"}\n]\n'
+    assert [t["id"] for t in parse_upload("p.json", pretty, 10_000)[0]] == ["x"]
+    assert parse_upload("e.jsonl", b"{}\n", 10_000) == (
+        [],
+        [{"line": 1, "message": "a ticket needs a subject or a body"}],
+    )
     for name, data, status, code in [
         ("big.txt", b"x" * 101, 413, "file_too_large"),
         ("bin.txt", b"abc\x00def", 400, "not_text"),
@@ -550,6 +565,46 @@ def test_tickets_upload_draft_approve_export(browser, web):
     assert page.outside == [] and page.console_errors == [] and other.console_errors == []
     page.context.close()
     other.context.close()
+
+
+def test_a_busy_server_gets_the_draft_asked_again(browser, web):
+    """Found by a review: after a 503 the page waited its Retry-After, then skipped the item
+    for good (it stayed "new" until the agent reloaded)."""
+    r = httpx.post(
+        web.url + "/v1/tickets/queue",
+        json={"id": "busy-1", "subject": "Port", "body": "Which port does the API listen on?"},
+    )
+    assert r.status_code == 200, r.text
+    qid = r.json()["data"][0]["id"]
+    page = _page(browser, web.url)
+    calls = []
+
+    def draft(route):
+        calls.append(route.request.url)
+        if len(calls) == 1:
+            route.fulfill(
+                status=503,
+                headers={"Retry-After": "1", "Content-Type": "application/json"},
+                body=json.dumps(
+                    {
+                        "error": {
+                            "message": "queue full",
+                            "type": "server_error",
+                            "param": None,
+                            "code": "queue_full",
+                        }
+                    }
+                ),
+            )
+        else:
+            route.continue_()
+
+    page.route("**/v1/tickets/queue/*/draft", draft)
+    page.goto(web.url + "/#tickets")
+    page.select_option("#queue-filter", "")
+    page.wait_for_selector(f"#q-{qid}.status-review", state="attached", timeout=180_000)
+    assert len(calls) >= 2 and page.console_errors == []
+    page.context.close()
 
 
 def test_queue_http_errors(web):

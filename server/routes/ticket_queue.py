@@ -59,7 +59,7 @@ async def add_to_queue(
     """A multipart ``file`` (JSONL, .txt, .eml) or JSON ``{"tickets": [...]}`` / one ticket.
     A malformed JSONL line is reported in ``errors`` and the other lines are added."""
     errors: list[dict] = []
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
         if upload is None or not hasattr(upload, "read"):

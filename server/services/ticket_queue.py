@@ -31,7 +31,7 @@ from pathlib import Path
 from server.engine import PromptTooLong
 from server.errors import APIError
 from server.services.tickets import TicketService
-from server.ticket_files import ticket_from_mail, tickets_from_jsonl
+from server.ticket_files import ticket_from_mail, tickets_from_json, tickets_from_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,9 @@ _COLUMNS = {"owner": "TEXT", "lease_until": "REAL NOT NULL DEFAULT 0"}
 
 # -- uploads --------------------------------------------------------------------------
 def parse_upload(name: str, data: bytes, max_bytes: int) -> tuple[list[dict], list[dict]]:
-    """Tickets in one uploaded file -> (tickets, line errors ``{"line", "message"}``). A file
-    that is too large, not text or of another type is an ``APIError`` (the whole file)."""
+    """Tickets in one uploaded file -> (tickets, line errors ``{"line", "message"}``; in a
+    ``.json`` file "line" is the ticket's number). A file that is too large, not text or of
+    another type is an ``APIError`` (the whole file)."""
     suffix = Path(name).suffix.lower()
     if len(data) > max_bytes:
         raise APIError(
@@ -98,7 +99,8 @@ def parse_upload(name: str, data: bytes, max_bytes: int) -> tuple[list[dict], li
     if suffix == ".txt":
         return [ticket_from_mail(name, data)], []
     tickets, errors = [], []
-    for n, t in tickets_from_jsonl(text):
+    parse = tickets_from_json if suffix == ".json" else tickets_from_jsonl
+    for n, t in parse(text):
         if isinstance(t, str):
             errors.append({"line": n, "message": t})
         else:

@@ -239,8 +239,11 @@ async function copyMarkdown() {
   $("#copy-md").dataset.markdown = md;
 }
 
+let askSeq = 0; // the newest question's number: an older one that ends late draws nothing
+
 async function ask(question) {
   if (askController) askController.abort();
+  const mine = ++askSeq;
   const ctl = new AbortController();
   askController = ctl;
   const box = $("#answer-box"), answer = $("#answer"), kind = $("#answer-kind");
@@ -286,9 +289,11 @@ async function ask(question) {
       ? `The server is busy (${e.message}); try again in a moment.` : `Could not answer: ${e.message}`);
   } finally {
     if (askController === ctl) askController = null;
-    answer.setAttribute("aria-busy", "false");
-    $("#ask-btn").disabled = false; $("#stop-btn").disabled = true;
   }
+  // replaced by a newer question (asked while this one streamed): that one owns the screen
+  if (mine !== askSeq) return;
+  answer.setAttribute("aria-busy", "false");
+  $("#ask-btn").disabled = false; $("#stop-btn").disabled = true;
   const abstained = Array.isArray(sources) && sources.length === 0;
   sources = sources || [];
   text = text.trim();
@@ -412,15 +417,20 @@ function replaceItem(item) {
 }
 
 async function draftOne(id, manual = false) {
+  // -> "done", "retry" (the server was busy: 503, after its Retry-After) or "skip" (another
+  // window claimed it: 409, or it failed)
   try {
     replaceItem({ ...queueItems.find((x) => x.id === id), status: "drafting", version: -1 });
     replaceItem(await api(`/v1/tickets/queue/${id}/draft`, { json: {} }));
-    return true;
+    return "done";
   } catch (e) {
-    if (e.status === 503) { await sleep(1000 * (e.retryAfter || 2)); }
-    else if (e.status !== 409 || manual) setError($("#queue-error"), `Draft of #${id} failed: ${e.message}`);
+    if (e.status === 503) {
+      if (manual) setError($("#queue-error"), `The server is busy; #${id} will be drafted when it can (${e.message}).`);
+      await sleep(1000 * (e.retryAfter || 2));
+    } else if (e.status !== 409 || manual) setError($("#queue-error"), `Draft of #${id} failed: ${e.message}`);
     await loadQueueQuiet();
-    return e.status === 409;
+    if (e.status === 503 && manual) draftPending();
+    return e.status === 503 ? "retry" : "skip";
   }
 }
 
@@ -429,7 +439,8 @@ async function loadQueueQuiet() {
 }
 
 async function draftPending() {
-  // Drafts new items one at a time (another window may claim some: 409, skipped).
+  // Drafts new items one at a time (another window may claim some: 409, skipped; a busy
+  // server, 503, is asked again after its Retry-After).
   if (drafting) return;
   drafting = true;
   try {
@@ -437,7 +448,7 @@ async function draftPending() {
     for (;;) {
       const next = queueItems.find((it) => it.status === "new" && !skip.has(it.id));
       if (!next) break;
-      if (!(await draftOne(next.id))) skip.add(next.id);
+      if ((await draftOne(next.id)) === "skip") skip.add(next.id);
     }
   } finally {
     drafting = false;
