@@ -199,6 +199,36 @@ def test_http_reply_one_ticket(ticket_server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "id"
 
 
+def test_a_ticket_whose_client_left_stops_generating(ticket_server):
+    """Found by a review: /v1/tickets/reply drafted the whole ticket for a client that had
+    timed out (and `docqa reply` posts again after a timeout). Now the engine is idle again
+    soon after the client leaves: far sooner than the whole ticket takes."""
+    import time
+
+    ticket = {
+        "id": "slow",
+        "subject": "Several things",
+        "body": "Which port does the Zephyrd HTTP API use? How do I install zephyrd? "
+        "Where does the configuration file live? How many jobs can run at once?",
+    }
+    url = ticket_server.url
+
+    def busy():
+        return httpx.get(url + "/health").json()["busy"]
+
+    t0 = time.monotonic()
+    r = httpx.post(url + "/v1/tickets/reply", json=ticket, timeout=300)
+    whole = time.monotonic() - t0
+    assert r.status_code == 200, r.text
+    t0 = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/tickets/reply", json=ticket, timeout=whole / 10)
+    while busy() and time.monotonic() - t0 < whole:
+        time.sleep(0.05)
+    idle_after = time.monotonic() - t0
+    assert idle_after < whole / 2, (idle_after, whole)
+
+
 def test_batch_decisions_and_resume(ticket_server, tmp_path):
     out = tmp_path / "out.jsonl"
     tickets = read_tickets(TICKETS)

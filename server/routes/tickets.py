@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import deps
@@ -24,10 +24,12 @@ class Ticket(BaseModel):
 
 
 @router.post("/tickets/reply")
-async def tickets_reply(ticket: Ticket, service: TicketService = Depends(deps.tickets)):
+async def tickets_reply(
+    ticket: Ticket, request: Request, service: TicketService = Depends(deps.tickets)
+):
     data = ticket.model_dump()
-    try:
-        record = await service.reply(data)
+    try:  # a client that leaves (a timeout) stops its ticket's generation
+        record = await gen.until_disconnected(request.is_disconnected, service.reply(data))
     except QueueFull as exc:
         raise gen.busy(exc, service.settings.server) from exc
     except RuntimeClosed as exc:

@@ -353,6 +353,24 @@ def _base(prep: Prepared, obj: str) -> dict:
     }
 
 
+async def until_disconnected(disconnected: Callable[[], Awaitable[bool]], coro) -> Any:
+    """``await coro``, checking every 0.25 s whether the client went away (uvicorn does not
+    cancel a handler whose client left): then the work is cancelled (its jobs with it) and a
+    499 ``client_closed`` raised, as ``whole`` does for one job."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await disconnected():
+                task.cancel()
+                await asyncio.wait({task})
+                raise APIError(499, "client disconnected", code="client_closed")
+        return task.result()
+    finally:
+        if not task.done():  # this handler itself was cancelled
+            task.cancel()
+
+
 async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
     consume = asyncio.ensure_future(_drain(job, prep.tools is not None))

@@ -215,11 +215,15 @@ async def _generate(
         more = alternatives(params, r.answer_candidates - 1, r.answer_candidate_temperature)
         job = with_candidates(rt, job, more, score)
     out, reason = [], "stop"
-    async for ev in job:
-        if isinstance(ev, Delta):
-            out.append(ev.text)
-        elif isinstance(ev, Finish):
-            reason = ev.reason
+    try:
+        async for ev in job:
+            if isinstance(ev, Delta):
+                out.append(ev.text)
+            elif isinstance(ev, Finish):
+                reason = ev.reason
+    except BaseException:  # cancelled (its client left) or failed: the engine stops it too
+        job.cancel()
+        raise
     return "".join(out).strip(), reason
 
 
