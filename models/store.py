@@ -220,6 +220,9 @@ class ModelStore:
         os.close(fd)
         try:
             shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:  # on disk before it is renamed in (a power loss)
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a server may run as another user
             record = make_provenance(
                 "gguf",
                 inputs={"source": str(src)},
@@ -228,7 +231,10 @@ class ModelStore:
                 published_as=cid,
                 **({"upstream": provenance} if provenance else {}),
             )
-            os.replace(tmp, dest)  # the file first: its provenance never describes another
+            # the old provenance goes first: a crash before the new one is written leaves a
+            # model without provenance, never one described by its predecessor's
+            provenance_path(dest).unlink(missing_ok=True)
+            os.replace(tmp, dest)
             write_provenance(provenance_path(dest), record)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -78,8 +78,8 @@ def names_something(must: list[str]) -> bool:
     return any(re.search(r"[\d_/.-]|.[A-Z]", m) for m in must)
 
 
-def _key(question: str, fingerprint: str) -> str:
-    return hashlib.sha256(f"{fingerprint}\n{question}".encode()).hexdigest()[:20]
+def _key(question: str, fingerprint: str, reference: str) -> str:
+    return hashlib.sha256(f"{fingerprint}\n{question}\n{reference}".encode()).hexdigest()[:20]
 
 
 def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True) -> list[dict]:
@@ -109,9 +109,10 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
             r.stop,
             max_tokens,
             temperature,
-            r.system_prompt,
-            r.user_template,
-            r.evidence_units,
+            # every retrieval setting (the prompt's template, worked examples, evidence
+            # units, the retriever and reranker) and the embedder: what builds the prompts
+            r.model_dump(mode="json"),
+            s.embedder.model_dump(mode="json"),
         ],
         sort_keys=True,
         default=str,
@@ -120,9 +121,19 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
     store = cache / "candidates.jsonl"
     have = {}
     if store.exists():
-        for line in store.read_text().splitlines():
-            with_key = json.loads(line)
-            have[with_key["key"]] = with_key
+        text = store.read_text()
+        good = []
+        for line in text.splitlines():
+            try:
+                with_key = json.loads(line)
+                have[with_key["key"]] = with_key
+            except (ValueError, KeyError, TypeError):  # a run killed mid-append: asked again
+                continue
+            good.append(line)
+        if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+            from docqa.provenance import atomic_write_text
+
+            atomic_write_text(store, "".join(x + "\n" for x in good))
     builder = RagExamples(settings=s)
     rng = random.Random(cfg.seed)
     llm = None
@@ -136,7 +147,7 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
                 ex = builder.example(p, cfg.k_chunks, 0.0, "grounded", rng)
                 if ex is None or not ex["gold_in_context"]:
                     continue
-                key = _key(p.question, fingerprint)
+                key = _key(p.question, fingerprint, p.answer)
                 if key in have:
                     rows.append(have[key])
                     bar.update()

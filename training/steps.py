@@ -14,7 +14,7 @@ import random
 import shutil
 from pathlib import Path
 
-from training.artifacts import PROV, finish, step_dir
+from training.artifacts import PROV, config_hash, finish, step_dir
 from training.config import (
     BaseStep,
     DPOStep,
@@ -38,13 +38,32 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def read_pairs(path: Path, limit: int | None = None, seed: int = 0):
-    """Q&A pairs from a JSONL file (question/answer per line), held-out questions dropped."""
-    from docqa.data import QAPair, is_heldout
+def read_pairs(
+    path: Path, limit: int | None = None, seed: int = 0, heldout: set[str] = frozenset()
+):
+    """Q&A pairs from a JSONL file (question/answer per line), held-out questions dropped, and
+    their twins in other punctuation, quotes or articles (``split_qa``): those of the file's
+    own held-out questions and those keyed in ``heldout`` (``question_key``s of the evaluation
+    split)."""
+    from docqa.data import QAPair, is_heldout, question_key
 
     pairs = [QAPair(r["question"], r["answer"]) for r in _jsonl(path)]
-    pairs = [p for p in pairs if not is_heldout(p.question)]
+    twins = set(heldout) | {question_key(p.question) for p in pairs if is_heldout(p.question)}
+    pairs = [
+        p for p in pairs if not is_heldout(p.question) and question_key(p.question) not in twins
+    ]
     return random.Random(seed).sample(pairs, min(limit, len(pairs))) if limit else pairs
+
+
+def heldout_keys(csv: str | Path | None) -> set[str]:
+    """The ``question_key``s of the held-out split of the Q&A CSV (the recipe's, else the
+    Nitro pairs; none when there is no such file): what no training pair may repeat."""
+    from docqa.data import DEFAULT_QA, load_qa, question_key, split_qa
+
+    src = Path(csv or DEFAULT_QA)
+    if not src.is_file():
+        return set()
+    return {question_key(p.question) for p in split_qa(load_qa(src, duplicates=True))[1]}
 
 
 def train_pairs_for(ctx: StepContext, limit: int | None, seed: int = 0):
@@ -53,7 +72,7 @@ def train_pairs_for(ctx: StepContext, limit: int | None, seed: int = 0):
     from training.data import train_pairs
 
     if ctx.has("pairs"):
-        return read_pairs(ctx.input("pairs"), limit, seed)
+        return read_pairs(ctx.input("pairs"), limit, seed, heldout_keys(ctx.csv))
     return train_pairs(ctx.csv, limit, seed)
 
 
@@ -356,6 +375,12 @@ def run_publish(ctx: StepContext) -> dict:
             raise GateRefused(
                 f"the gate judged another file than {gguf} (it was made again since): run "
                 "the gate again; the published model stays"
+            )
+        if gate_prov.get("config_hash") != config_hash(ctx.recipe.gate):
+            raise GateRefused(
+                "the gate's verdict was made under another gate config than the recipe's "
+                "(margin, min_gain, ... changed since): run the gate again; the published "
+                "model stays"
             )
     # the provenance of the step that made the GGUF (export, or quant_select: its choice table)
     upstream = {"export": read_provenance(gguf.parent / PROV), "gate": gate_prov}

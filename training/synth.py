@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -180,6 +181,8 @@ def synthesize(cfg: SynthStep, out_file: Path, cache: Path) -> dict:
     allp = dedupe(
         [p | {"chunk_id": cid} for c in chunks for cid in [c.id] for p in results.get(cid, [])]
     )
+    if cfg.limit and len(allp) > cfg.limit:  # at most ``limit`` pairs, drawn over the chunks
+        allp = random.Random(0).sample(allp, cfg.limit)
     out_file.write_text("".join(json.dumps(p) + "\n" for p in allp))
     return {
         "source": "endpoint",
