@@ -588,6 +588,17 @@ def test_a_step_whose_upstream_was_made_again_is_not_resumed(tmp_path, monkeypat
     )
     (given / "new.txt").write_text("a given input changed")  # everything after it reruns
     assert [s for _, s in run(0.5)] == ["done"] * 4
+    # found by a review: a gate measured under other retrieval settings was resumed
+    monkeypatch.setenv("DOCQA_RETRIEVAL__TOP_K", "4")
+    assert run(0.5) == [
+        ("sft", "done"),  # builds served prompts (RAG examples) from these settings
+        ("export", "done"),
+        ("gate", "done"),
+        ("publish", "done"),
+    ]
+    gate_prov = json.loads((out / "gate" / "provenance.json").read_text())
+    assert gate_prov["settings"]["retrieval"]["top_k"] == 4
+    assert [s for _, s in run(0.5)] == ["resumed"] * 4
     (out / "export" / "model.gguf").write_text("made again, never judged")
     monkeypatch.setitem(
         REGISTRY,

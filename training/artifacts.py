@@ -38,7 +38,28 @@ def step_dir(out: Path, step: str):
     return atomic_dir(step_path(out, step))
 
 
+# steps whose artifacts depend on docqa's settings (DOCQA_CONFIG, DOCQA_* variables): they
+# build served prompts (RAG examples, the model's own answers) or serve models to evaluate
+SETTINGS_STEPS = frozenset({"sft", "samples", "dpo", "gate", "quant_select"})
+
+
+def served_settings() -> dict:
+    """The settings a step's served prompts and evaluations follow: the retrieval and embedder
+    sections and the model's prompt-shaping fields (secrets masked)."""
+    from docqa.settings import load_settings
+
+    s = load_settings()
+    m = s.model
+    return {
+        "retrieval": s.retrieval.model_dump(mode="json"),
+        "embedder": s.embedder.model_dump(mode="json"),
+        "model": {"model": m.model, "n_ctx": m.n_ctx, "chat_format": m.chat_format},
+    }
+
+
 def finish(tmp: Path, step: str, cfg, *, inputs: dict, metrics: dict, **extra) -> dict:
+    if step in SETTINGS_STEPS and "settings" not in extra:
+        extra["settings"] = served_settings()
     record = make_provenance(
         f"training.{step}",
         inputs=inputs,

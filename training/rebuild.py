@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from docqa.provenance import atomic_write_text
-from training.artifacts import done
+from training.artifacts import SETTINGS_STEPS, done, served_settings
 from training.config import Recipe
 from training.registry import plan, plan_for
 
@@ -72,15 +72,19 @@ def _paths_in(data) -> dict[str, str]:
     return found
 
 
-def _upstream(recipe: Recipe, made: list[list[str]], config) -> str:
+def _upstream(recipe: Recipe, made: list[list[str]], config, step: str) -> str:
     """What a step is made from: the recipe's given inputs and Q&A CSV as they are on disk,
-    the steps before it (each one's config hash and when it was made), and any path its own
-    config names. A step resumes only when this is what it was made from; before, only its
-    own config counted, so a step whose upstream was rerun (or whose given files changed)
-    was resumed as it stood, and a gate could pass a model it had never evaluated."""
+    the steps before it (each one's config hash and when it was made), any path its own
+    config names, and for a step that serves prompts or models (``SETTINGS_STEPS``) docqa's
+    settings (``served_settings``: a gate run under other retrieval settings is not resumed).
+    A step resumes only when this is what it was made from; before, only its own config
+    counted, so a step whose upstream was rerun (or whose given files changed) was resumed
+    as it stood, and a gate could pass a model it had never evaluated."""
     cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     given = {"inputs": dict(recipe.inputs), "csv": recipe.synth.csv}
     doc = {"given": _paths_in(given), "steps": made, "own": _paths_in(cfg)}
+    if step in SETTINGS_STEPS:
+        doc["settings"] = served_settings()
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -107,7 +111,7 @@ def mark_made(recipe: Recipe, out: str | Path, step: str) -> None:
         prov = done(out, q.name)
         if prov is not None:
             made.append(_stamp(q.name, prov))
-    _record(out, step, _upstream(recipe, made, p.config))
+    _record(out, step, _upstream(recipe, made, p.config, step))
 
 
 def _record(out: Path, step: str, upstream: str) -> None:
@@ -157,7 +161,7 @@ def rebuild(
     chain = _read_chain(out)
     made: list[list[str]] = []  # [step, config hash, made at] of the steps so far
     for p in plan(recipe):
-        upstream = _upstream(recipe, made, p.config)
+        upstream = _upstream(recipe, made, p.config, p.name)
         prov = None if changed else done(out, p.name, p.config)
         if prov is not None and chain.get(p.name) != upstream:
             prov = None  # made from other upstream artifacts or inputs than those now
