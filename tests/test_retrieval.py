@@ -504,3 +504,26 @@ def test_index_add_replaces_an_edited_file_under_the_built_folder(tmp_path):
     after = load_index(out)
     assert set(after.files) == before
     assert any("quasar" in c.text for c in after.chunks if c.path == "guide/install.md")
+
+
+def test_documents_from_two_allowed_roots_keep_apart(tmp_path):
+    """Found by a review: a path was stored relative to the first root that held it, so
+    /srv/a/guide.md and /srv/b/guide.md were one document (the second replaced the first)."""
+    import json
+
+    from docqa.settings import RetrievalSettings
+    from server.services.documents import DocumentsService
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "guide.md").write_text(f"# Guide {name}\n\nRoot {name} text.\n")
+    one = RetrievalSettings(allowed_roots=[str(tmp_path / "a")])
+    two = RetrievalSettings(allowed_roots=[str(tmp_path / "a"), str(tmp_path / "b")])
+
+    def stored(settings, path):
+        docs = DocumentsService(settings, None, None).from_json(json.dumps({"path": str(path)}))
+        return [d.path for d in docs]
+
+    assert stored(one, tmp_path / "a" / "guide.md") == ["guide.md"]  # one root: as before
+    assert stored(two, tmp_path / "a" / "guide.md") == ["a/guide.md"]
+    assert stored(two, tmp_path / "b") == ["b/guide.md"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import posixpath
 import re
 import tempfile
@@ -113,8 +114,13 @@ class DocumentsService:
             p, root = self._under_allowed(str(body["path"]))
             docs = load_tree(p, within=root)
             base = p.parent if p.is_file() else p
+            # stored relative to the roots' common folder: with one root, relative to it; with
+            # several, two roots' files of one name stay two documents (a/guide.md, b/guide.md)
+            common = Path(
+                os.path.commonpath([Path(r).resolve() for r in self.settings.allowed_roots])
+            )
             for d in docs:
-                d.path = (base / d.path).relative_to(root).as_posix()
+                d.path = (base / d.path).relative_to(common).as_posix()
             if not docs:
                 raise bad_request(f"no loadable documents at {body['path']}", "path")
             return self._sized(docs)
