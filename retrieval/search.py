@@ -76,7 +76,9 @@ class Hit:
 @dataclass
 class SearchResult:
     hits: list[Hit]
-    best_sim: float  # best dense cosine similarity among all chunks (abstain evidence)
+    # best dense cosine similarity among all chunks (with mode bm25: among BM25's candidates):
+    # the abstain evidence
+    best_sim: float
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -254,6 +256,15 @@ class Retriever:
                     merged[i] = max(merged.get(i, -1.0), s)
                 dense_hits = sorted(merged.items(), key=lambda kv: (-kv[1], kv[0]))[:candidates]
             tm["faiss"] = (time.perf_counter() - t2) * 1000
+        elif bm_hits:
+            # bm25 alone: the abstain evidence is still a dense similarity (the threshold is
+            # calibrated on it), the best of the chunks BM25 found; before, -1 made every
+            # grounded answer abstain
+            t1 = time.perf_counter()
+            q = self.embedder.embed_query(query)
+            cand = np.asarray(self.index.embeddings[[i for i, _ in bm_hits]]) @ q[0]
+            best_sim = float(cand.max())
+            tm["embed"] = (time.perf_counter() - t1) * 1000
 
         bm_rank = {chunks[i].id: (r, s) for r, (i, s) in enumerate(bm_hits, start=1)}
         dn_rank = {chunks[i].id: (r, s) for r, (i, s) in enumerate(dense_hits, start=1)}

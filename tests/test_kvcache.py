@@ -830,3 +830,24 @@ def test_prune_removes_the_temporary_files_of_killed_writers(tmp_path):
     os.utime(stale, (old, old))
     assert prune(tmp_path, {"c-abc"}, False) == 1
     assert not stale.exists() and fresh.exists() and (tmp_path / "c-abc.kv").exists()
+
+
+def test_a_conversation_leaving_no_room_for_excerpts_is_a_400(rt, settings):
+    """Found by a review: with excerpts in the prompt, a conversation filling the budget got
+    an answer from no excerpts at all, neither grounded nor an abstain, nothing flagged."""
+    from retrieval.search import SearchResult
+    from server.errors import APIError
+
+    history = " ".join(["The quick brown fox jumps over the lazy dog."] * 90)  # ~900 tokens
+    msgs = [
+        {"role": "user", "content": history},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": QUESTIONS[0]},
+    ]
+    res = SearchResult([Hit(c, 1.0) for c in CHUNKS], 0.9)
+    rag = RagService(settings.retrieval.model_copy(update={"evidence_units": 0}), index=None)
+    with pytest.raises(APIError) as e:
+        rag.ground(rt, msgs, res, QUESTIONS[0])
+    assert (e.value.status, e.value.code) == (400, "context_length_exceeded")
+    _, g = rag.ground(rt, msgs[-1:], res, QUESTIONS[0])  # room enough: grounded as before
+    assert g.hits and g.abstain is None

@@ -527,3 +527,15 @@ def test_documents_from_two_allowed_roots_keep_apart(tmp_path):
     assert stored(one, tmp_path / "a" / "guide.md") == ["guide.md"]  # one root: as before
     assert stored(two, tmp_path / "a" / "guide.md") == ["a/guide.md"]
     assert stored(two, tmp_path / "b") == ["b/guide.md"]
+
+
+def test_bm25_mode_measures_the_abstain_similarity(built, embedder):
+    """Found by a review: with retrieval.mode bm25 the abstain evidence stayed -1, so every
+    grounded answer was the abstain message. It is the best dense similarity of BM25's
+    candidates now: at most hybrid's (the best over all chunks), above the threshold on an
+    answerable question."""
+    idx, _ = built
+    q = "How many jobs run at once?"
+    bm = build_retriever(idx, Settings(retrieval={"mode": "bm25"}), embedder).search(q, 3)
+    hy = build_retriever(idx, Settings(), embedder).search(q, 3)
+    assert bm.hits and Settings().retrieval.abstain_threshold < bm.best_sim <= hy.best_sim + 1e-6

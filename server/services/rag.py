@@ -12,6 +12,7 @@ from retrieval.prompting import block as format_block
 from retrieval.prompting import evidence_lines, evidence_tag, evidence_text, rag_messages
 from retrieval.search import Hit, SearchResult
 from server import kvcache
+from server.errors import APIError
 from server.runtime import ModelRuntime
 from server.services.index import IndexService
 
@@ -242,6 +243,15 @@ class RagService:
         new_messages, used, evidence = self.build_messages(
             rt, messages, res.hits, evidence, examples
         )
+        if not used and not evidence:  # the conversation leaves no room for any excerpt
+            raise APIError(
+                400,
+                f"the conversation leaves no room for the documentation excerpts in the "
+                f"model's context ({rt.n_ctx} tokens, {min(r.answer_reserve, rt.n_ctx // 4)} "
+                "kept for the answer): shorten the conversation",
+                param="messages",
+                code="context_length_exceeded",
+            )
         return new_messages, Grounding(
             used, None, res.best_sim, evidence, question=query, sources=r.sources
         )
