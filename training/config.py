@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from docqa.settings import ModelSettings
 from eval.qa import DEFAULT_FACT_SET
 from models.store import DEFAULT_MODEL
 
@@ -271,9 +270,10 @@ class ExportStep(_Cfg):
 
 
 class GateStep(_Cfg):
-    against: str = Field(
-        ModelSettings.model_fields["model"].default,
-        description="The currently published model (default: the model served by default).",
+    against: str | None = Field(
+        None,
+        description="The currently published model (None: the one the settings serve, "
+        "model.model, read when the gate runs).",
     )
     margin: float = Field(0.02, ge=0, le=1, description="Allowed drop on any metric.")
     qa_limit: int = Field(30, ge=0, description="Held-out Q&A pairs in the gate.")

@@ -92,9 +92,16 @@ def evaluate(model: str, cfg: GateStep, settings: dict | None = None) -> dict:
     return out
 
 
+def published_model(cfg: GateStep) -> str:
+    """The model the candidate must beat: ``against``, else the one the settings serve."""
+    from docqa.settings import load_settings
+
+    return cfg.against or load_settings().model.model
+
+
 def compare(candidate_gguf: str, cfg: GateStep) -> dict:
     cand = evaluate(candidate_gguf, cfg, cfg.candidate_settings or None)
-    pub = evaluate(cfg.against, cfg)
+    pub = evaluate(published_model(cfg), cfg)
     return decide(cand, pub, cfg.margin, cfg.min_gain, cfg.alpha) | {
         "candidate": cand,
         "published": pub,

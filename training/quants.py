@@ -215,12 +215,12 @@ def run_quant_select(ctx: StepContext) -> dict:
     from docqa.settings import load_settings
     from eval.speed import measure_speed
     from models.store import ModelStore
-    from training.gate import evaluate
+    from training.gate import evaluate, published_model
 
     cfg: QuantSelectStep = ctx.config
     src = ctx.input("model")
     s = load_settings()
-    reference = cfg.quality.against
+    reference = published_model(cfg.quality)
     ref_path = ModelStore(s.model.store_dir).resolve(reference).path
     threads = cfg.threads or s.model.n_threads
     with step_dir(ctx.out, ctx.name) as tmp:

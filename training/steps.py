@@ -323,7 +323,7 @@ def run_reranker(ctx: StepContext) -> dict:
 @register("gate", GateStep, needs=(Need("gguf"),), produces={"gate": PROV})
 def run_gate(ctx: StepContext) -> dict:
     """Evaluate the new GGUF against the published model; record whether it passed."""
-    from training.gate import compare
+    from training.gate import compare, published_model
 
     cfg: GateStep = ctx.config
     gguf = ctx.input("gguf")
@@ -337,7 +337,7 @@ def run_gate(ctx: StepContext) -> dict:
             tmp,
             "gate",
             cfg,
-            inputs={"candidate": str(gguf), "against": cfg.against},
+            inputs={"candidate": str(gguf), "against": published_model(cfg)},
             metrics=result,
             passed=result["passed"],
             sha256=sha,
