@@ -31,7 +31,12 @@ from pathlib import Path
 from server.engine import PromptTooLong
 from server.errors import APIError
 from server.services.tickets import TicketService
-from server.ticket_files import ticket_from_mail, tickets_from_json, tickets_from_jsonl
+from server.ticket_files import (
+    has_text,
+    ticket_from_mail,
+    tickets_from_json,
+    tickets_from_jsonl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +108,8 @@ def parse_upload(name: str, data: bytes, max_bytes: int) -> tuple[list[dict], li
     for n, t in parse(text):
         if isinstance(t, str):
             errors.append({"line": n, "message": t})
+        elif not has_text(t):  # (`docqa reply` keeps such a line: the server records an error)
+            errors.append({"line": n, "message": "a ticket needs a subject or a body"})
         else:
             tickets.append(t)
     return tickets, errors
