@@ -66,10 +66,9 @@ def _preflight(settings) -> None:
     # (a missing index_dir is no error: the server starts an empty index there to ingest into,
     # or puts back the backup a crash mid-save left; a folder of other files is one)
     if settings.retrieval.index_dir is not None and not settings.retrieval.database_url:
-        from retrieval.index import check_index_dir, find_index
+        from retrieval.index import check_index_dir
 
-        if find_index(settings.retrieval.index_dir) is None:
-            check_index_dir(settings.retrieval.index_dir)
+        check_index_dir(settings.retrieval.index_dir)
     if ms.chat_format:
         named_chat_format(ms.chat_format)
     if not ms.endpoints:  # a remote model is named by its endpoints (last: may make the F16)

@@ -122,15 +122,15 @@ def sample_answers(pairs, cfg, cache: Path, settings=None, progress: bool = True
     have = {}
     if store.exists():
         text = store.read_text()
-        good = []
-        for line in text.splitlines():
+        lines, good = text.splitlines(), []
+        for line in lines:
             try:
                 with_key = json.loads(line)
                 have[with_key["key"]] = with_key
             except (ValueError, KeyError, TypeError):  # a run killed mid-append: asked again
                 continue
             good.append(line)
-        if len(good) != len(text.splitlines()) or (text and not text.endswith("\n")):
+        if len(good) != len(lines) or (text and not text.endswith("\n")):
             from docqa.provenance import atomic_write_text
 
             atomic_write_text(store, "".join(x + "\n" for x in good))

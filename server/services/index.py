@@ -19,7 +19,6 @@ from retrieval.index import (
     Index,
     assemble,
     check_index_dir,
-    find_index,
     load_index,
     new_manifest,
     recover_index,
@@ -130,9 +129,10 @@ def open_index(settings: Settings, embedder, tok: Tokenizer, reranker=None) -> I
     built from ``docs_dir`` (and saved to ``index_dir`` when given), else an empty one to
     ingest into."""
     r = settings.retrieval
-    if r.index_dir is not None and recover_index(r.index_dir) is None:
+    found = recover_index(r.index_dir) if r.index_dir is not None else None
+    if r.index_dir is not None and found is None:
         check_index_dir(r.index_dir)  # not a folder of other files, which a save would delete
-    if r.index_dir is not None and find_index(r.index_dir) is not None:
+    if found is not None:
         index = load_index(r.index_dir)
     elif r.docs_dir is not None:
         index = build_index(
