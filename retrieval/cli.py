@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -80,14 +81,10 @@ def build(
         questions=pairs,
     )
     if s.retrieval.database_url:  # the shared store: one transaction replaces its contents
-        from retrieval.pgstore import PgStore, redact
+        from retrieval.pgstore import redact
 
-        store = PgStore(s.retrieval.database_url, 1, s.retrieval.db_connect_timeout_s).open()
-        try:
-            store.migrate()
+        with _shared_store(s) as store:
             version = store.save(idx)
-        finally:
-            store.close()
         where = f"{redact(s.retrieval.database_url)} (version {version})"
     else:
         save_index(idx, out)
@@ -157,6 +154,19 @@ def remove(
     _edit(s, index, lambda idx: lambda cur: update_index(cur, emb, tok, remove=list(paths)))
 
 
+@contextmanager
+def _shared_store(s):
+    """The shared store at retrieval.database_url, opened and migrated; closed after."""
+    from retrieval.pgstore import PgStore
+
+    store = PgStore(s.retrieval.database_url, 1, s.retrieval.db_connect_timeout_s).open()
+    try:
+        store.migrate()
+        yield store
+    finally:
+        store.close()
+
+
 def _edit(s, index: Optional[Path], change) -> None:
     """Apply ``change(snapshot)(current) -> new index`` to the local index (``index``, default
     retrieval.index_dir), or to the shared store when retrieval.database_url is set: the slow
@@ -173,11 +183,9 @@ def _edit(s, index: Optional[Path], change) -> None:
         save_index(new, index)
         console.print(f"[green]index[/] {index}: {len(idx)} -> {len(new)} chunks")
         return
-    from retrieval.pgstore import PgStore, redact
+    from retrieval.pgstore import redact
 
-    store = PgStore(url, 1, s.retrieval.db_connect_timeout_s).open()
-    try:
-        store.migrate()
+    with _shared_store(s) as store:
         _, snapshot = store.load()
         if snapshot is None:
             raise typer.BadParameter(
@@ -188,8 +196,6 @@ def _edit(s, index: Optional[Path], change) -> None:
             current = tx.load() or snapshot
             new = edit(current)
             tx.apply(current, new)
-    finally:
-        store.close()
     console.print(
         f"[green]index[/] {redact(url)} (version {tx.version}): {len(current)} -> {len(new)} chunks"
     )

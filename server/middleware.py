@@ -12,6 +12,7 @@ import time
 from urllib.parse import urlsplit
 
 from server import metrics
+from server.uploads import is_multipart
 
 log = logging.getLogger("docqa.access")
 
@@ -138,8 +139,7 @@ class BodyGuard:
         ctype = headers.get("content-type", "")
         has_body = (length not in (None, "0")) or "transfer-encoding" in headers
         if has_body and not _is_json(ctype):
-            multipart = ctype.lower().startswith("multipart/form-data")
-            if not (multipart and scope["path"] in self.multipart):
+            if not (is_multipart(ctype) and scope["path"] in self.multipart):
                 allowed = "application/json" + (
                     " or multipart/form-data" if scope["path"] in self.multipart else ""
                 )
@@ -152,7 +152,7 @@ class BodyGuard:
                     "unsupported_media_type",
                 )
         limit = self.max
-        if ctype.lower().startswith("multipart/form-data") and scope["path"] in self.multipart:
+        if is_multipart(ctype) and scope["path"] in self.multipart:
             limit = self.multipart_max
         if length is not None and length.isdigit() and int(length) > limit:
             return await self._too_large(scope, receive, send, limit)

@@ -44,6 +44,13 @@ def has_text(t: dict) -> bool:
     return bool(str(t.get("subject") or t.get("body") or "").strip())
 
 
+def json_tickets(body) -> list:
+    """The tickets of a parsed JSON body: ``{"tickets": [...]}``, a list of tickets, or one
+    ticket (whatever it holds: the caller checks each)."""
+    tickets = body.get("tickets") if isinstance(body, dict) and "tickets" in body else body
+    return tickets if isinstance(tickets, list) else [tickets]
+
+
 def tickets_from_json(text: str) -> list[tuple[int, dict | str]]:
     """A ``.json`` file: ``{"tickets": [...]}`` (the paste body), a list of tickets, or one
     ticket -> ``(ticket number, ticket or error)`` as ``tickets_from_jsonl`` gives per line
@@ -53,10 +60,8 @@ def tickets_from_json(text: str) -> list[tuple[int, dict | str]]:
         body = json.loads(text)
     except (ValueError, RecursionError) as exc:
         return [(0, f"not a JSON file: {exc}")]
-    tickets = body.get("tickets") if isinstance(body, dict) and "tickets" in body else body
-    tickets = tickets if isinstance(tickets, list) else [tickets]
     out: list[tuple[int, dict | str]] = []
-    for n, t in enumerate(tickets, 1):
+    for n, t in enumerate(json_tickets(body), 1):
         if not isinstance(t, dict):
             out.append((n, "not a JSON ticket object"))
         else:

@@ -186,6 +186,26 @@ def test_disconnect_frees_engine(server, model_id):
     assert _busy(server.url) == 0
 
 
+def test_a_whole_answer_whose_client_left_frees_the_engine(server, model_id):
+    """A non-streamed answer: uvicorn does not cancel the handler when its client leaves, so
+    the server watches for it; the job is cancelled, and the engine is free long before 1,900
+    tokens could be generated (its end-of-text tokens are banned)."""
+    body = {
+        "model": model_id,
+        "max_tokens": 1900,
+        "temperature": 1.0,
+        "logit_bias": {"0": -100, "2": -100},  # no end of text: it would run all 1,900
+        "messages": [{"role": "user", "content": "Write an endless story."}],
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1.5)
+    for _ in range(50):
+        if _busy(server.url) == 0:
+            break
+        time.sleep(0.1)
+    assert _busy(server.url) == 0
+
+
 @pytest.fixture(scope="module")
 def small_server(server_factory):
     return server_factory(

@@ -620,6 +620,8 @@ def test_queue_http_errors(web):
         (httpx.post(url, json={"tickets": []}), 400, "tickets"),
         (httpx.post(url, json={"tickets": [{"body": "  "}]}), 400, "tickets.0"),
         (httpx.post(url, files={"file": ("x.png", b"png", "image/png")}), 400, "file"),
+        (httpx.post(url, files={"upload": ("x.txt", b"Which port?")}), 400, "file"),
+        (httpx.post(web.url + "/v1/documents", files={"upload": ("x.md", b"# A")}), 400, "file"),
         (httpx.post(url, files={"file": ("x.txt", b"a" * (CAP + 1), "text/plain")}), 413, "file"),
         (
             httpx.post(web.url + "/v1/documents", files={"file": ("x.md", b"a" * (CAP + 1))}),
@@ -631,6 +633,10 @@ def test_queue_http_errors(web):
         assert r.status_code == status, r.text
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["param"] == param
+    # a list of tickets is read as an upload's .json file is
+    two = [{"subject": "A", "body": "Which port?"}, {"subject": "B", "body": "Which host?"}]
+    r = httpx.post(url, json=two)
+    assert r.status_code == 200 and [t["subject"] for t in r.json()["data"]] == ["A", "B"]
     v = item["version"]
     assert httpx.patch(one, json={"note": "a", "version": v}).status_code == 200
     r = httpx.patch(one, json={"note": "b", "version": v})  # a tab that did not reload

@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server import deps
 from server.auth import require_api_key
-from server.errors import APIError, bad_request
+from server.errors import APIError
 from server.services.documents import DocumentsService
 from server.services.index import IndexService
+from server.uploads import read_upload
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key), Depends(deps.services)])
 
@@ -91,13 +92,9 @@ async def add_documents(
     docs: DocumentsService = Depends(deps.documents),
     cap: int = Depends(deps.max_upload_bytes),
 ):
-    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            raise bad_request("multipart upload needs a 'file' field", "file")
+    if (multipart := await read_upload(request, cap)) is not None:
+        form, upload, data = multipart
         name = str(form.get("path") or upload.filename or "upload.md")
-        data = await upload.read(cap + 1)
         if len(data) > cap:
             raise APIError(
                 413,

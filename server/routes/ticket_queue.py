@@ -16,6 +16,8 @@ from server.engine import QueueFull
 from server.errors import APIError, bad_request
 from server.runtime import RuntimeClosed
 from server.services.ticket_queue import TicketQueue, parse_upload
+from server.ticket_files import has_text, json_tickets
+from server.uploads import read_upload
 
 router = APIRouter(
     prefix="/v1/tickets/queue",
@@ -36,11 +38,11 @@ def _tickets_from_json(raw: bytes) -> list[dict]:
         body = json.loads(raw or b"null")
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise APIError(400, f"invalid JSON body: {exc}", code="invalid_json") from exc
-    tickets = body.get("tickets") if isinstance(body, dict) and "tickets" in body else [body]
-    if not isinstance(tickets, list) or not tickets:
+    tickets = json_tickets(body)
+    if not tickets:
         raise bad_request("give {'tickets': [{'subject', 'body', ...}]} or one ticket", "tickets")
     for i, t in enumerate(tickets):
-        if not isinstance(t, dict) or not (str(t.get("subject") or t.get("body") or "")).strip():
+        if not isinstance(t, dict) or not has_text(t):
             raise bad_request(f"ticket {i} needs a subject or a body", f"tickets.{i}")
     return tickets
 
@@ -59,13 +61,10 @@ async def add_to_queue(
     """A multipart ``file`` (JSONL, .txt, .eml) or JSON ``{"tickets": [...]}`` / one ticket.
     A malformed JSONL line is reported in ``errors`` and the other lines are added."""
     errors: list[dict] = []
-    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        form = await request.form()
-        upload = form.get("file")
-        if upload is None or not hasattr(upload, "read"):
-            raise bad_request("multipart upload needs a 'file' field", "file")
+    if (multipart := await read_upload(request, cap)) is not None:
+        _, upload, data = multipart
         origin = str(upload.filename or "upload")
-        tickets, errors = parse_upload(origin, await upload.read(cap + 1), cap)
+        tickets, errors = parse_upload(origin, data, cap)
     else:
         raw = await request.body()
         if len(raw) > cap:

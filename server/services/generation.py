@@ -356,7 +356,7 @@ def _base(prep: Prepared, obj: str) -> dict:
 async def until_disconnected(disconnected: Callable[[], Awaitable[bool]], coro) -> Any:
     """``await coro``, checking every 0.25 s whether the client went away (uvicorn does not
     cancel a handler whose client left): then the work is cancelled (its jobs with it) and a
-    499 ``client_closed`` raised, as ``whole`` does for one job."""
+    499 ``client_closed`` raised (``whole`` waits on its job's events this way)."""
     task = asyncio.ensure_future(coro)
     try:
         while not task.done():
@@ -373,18 +373,7 @@ async def until_disconnected(disconnected: Callable[[], Awaitable[bool]], coro) 
 
 async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
-    consume = asyncio.ensure_future(_drain(job, prep.tools is not None))
-    try:
-        while not consume.done():
-            await asyncio.wait({consume}, timeout=0.25)
-            if not consume.done() and await peer.disconnected():
-                job.cancel()
-                await consume
-                raise APIError(499, "client disconnected", code="client_closed")
-        events = consume.result()
-    finally:
-        if not consume.done():
-            job.cancel()
+    events = await until_disconnected(peer.disconnected, _drain(job, prep.tools is not None))
     for ev in events:
         if isinstance(ev, Delta):
             text.append(ev.text)
@@ -427,14 +416,19 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
 
 
 async def _drain(job: Job, watch_calls: bool = False) -> list:
+    """Every event of ``job``; cancelled (its client left), it cancels the job."""
     out, text = [], ""
-    async for ev in job:
-        _first_text(job, ev)
-        out.append(ev)
-        if watch_calls and isinstance(ev, Delta):
-            text += ev.text
-            if tools.repeated(text):  # a small model loops on its calls: stop there
-                job.cancel()
+    try:
+        async for ev in job:
+            _first_text(job, ev)
+            out.append(ev)
+            if watch_calls and isinstance(ev, Delta):
+                text += ev.text
+                if tools.repeated(text):  # a small model loops on its calls: stop there
+                    job.cancel()
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
     return out
 
 
