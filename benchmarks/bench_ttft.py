@@ -69,6 +69,23 @@ def run(engine, p):
     return asyncio.run(_timed(engine, p))
 
 
+def answers_per_s(engine, clients: int, params: list) -> float:
+    """Every request of ``params`` on ``engine``, ``clients`` at a time -> answers/s."""
+
+    async def load():
+        sem = asyncio.Semaphore(clients)
+
+        async def one(p):
+            async with sem:
+                return await _timed(engine, p)
+
+        return await asyncio.gather(*(one(p) for p in params))
+
+    t0 = time.perf_counter()
+    asyncio.run(load())
+    return len(params) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--questions", type=int, default=12)
@@ -86,6 +103,13 @@ def main() -> None:
         type=int,
         default=0,
         help="also time unit KV caches with retrieval.kv_recompute N (0: not timed)",
+    )
+    ap.add_argument(
+        "--p2-rounds",
+        type=int,
+        default=1,
+        help="extra interleaved rounds of 1 and 8 clients on the batch engine for the served "
+        "layout (units with --recompute), each round's grounded P2 and their median",
     )
     args = ap.parse_args()
     model = {"n_parallel": 1, **({"model": args.model} if args.model else {})}
@@ -285,25 +309,31 @@ def main() -> None:
                 for q in work
             ]
 
-            async def load(engine=engine, params=params, clients=clients):
-                sem = asyncio.Semaphore(clients)
-
-                async def one(p):
-                    async with sem:
-                        return await _timed(engine, p)
-
-                return await asyncio.gather(*(one(p) for p in params))
-
-            t0 = time.perf_counter()
-            asyncio.run(load())
-            thr[f"{name}_{key}"] = n_ans / (time.perf_counter() - t0)
+            thr[f"{name}_{key}"] = answers_per_s(engine, clients, params)
             print(f"answers/s {name} x{key}: {thr[list(thr)[-1]]:.3f}")
-    be.close()
     p2 = {name: thr[f"{name}_8"] / thr[f"{name}_1b"] for name in variants}
     print(
         "grounded P2 (8 clients / 1, batch engine): "
         + ", ".join(f"{k} {v:.2f}" for k, v in p2.items())
     )
+    # the served layout again, 1 and 8 clients interleaved: P2 per round and the median
+    served = "units_rc" if args.recompute else "units"
+    rounds = []
+
+    def fresh():  # new requests each load, as the loads above make theirs
+        return [grounded(q, True, 32, evidence=True, rc=served == "units_rc") for q in work]
+
+    for r in range(max(args.p2_rounds - 1, 0)):
+        one, eight = answers_per_s(be, 1, fresh()), answers_per_s(be, 8, fresh())
+        rounds.append({"1b": one, "8": eight, "p2": eight / one})
+        print(f"round {r + 2}: {served} x1b {one:.3f}, x8 {eight:.3f}, P2 {eight / one:.2f}")
+    be.close()
+    if rounds:
+        every = [p2[served]] + [x["p2"] for x in rounds]
+        print(
+            f"grounded P2 ({served}) over {len(every)} rounds: median "
+            f"{statistics.median(every):.2f}, each " + ", ".join(f"{x:.2f}" for x in every)
+        )
 
     # the index build step: every chunk of the index, into an empty store
     rt.kv = kvcache.KVStore(tmp / "kv-build", rt.kv.fingerprint, rt.id)
@@ -353,6 +383,14 @@ def main() -> None:
         ),
         "answers_per_s": thr,
         "p2_grounded": p2,
+        **(
+            {
+                "p2_rounds": rounds,
+                "p2_served_median": statistics.median([p2[served]] + [x["p2"] for x in rounds]),
+            }
+            if rounds
+            else {}
+        ),
         "index_chunks": len(index.chunks),
         "kv_bytes_per_1000_chunks": per_1000,
         "kv_build_s": build["seconds"],
