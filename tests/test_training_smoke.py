@@ -329,3 +329,33 @@ def test_samples_feed_sft_and_dpo_with_the_models_own_judged_answers(smoke_run, 
     assert prefs, "6 questions x 3 answers gave no right/wrong pair"
     dpo = read_provenance(run / "dpo" / "provenance.json")
     assert dpo["inputs"]["pairs"] == len(prefs) and dpo["metrics"]["weight_delta"] > 0
+
+
+def test_a_gguf_base_is_read_once_per_process_and_each_load_is_its_own(monkeypatch):
+    """transformers parses a GGUF three times per load (~40 s for the embedded model on 2
+    cores); training.hf keeps a small file's reading, and every load gets its own copy."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from docqa.settings import load_settings
+    from training import hf
+
+    reads = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def counting(cls, *a, **kw):
+        reads.append(kw.get("gguf_file"))
+        return real(cls, *a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(counting))
+    name = load_settings().model.model
+    a, tok_a = hf.load_causal_lm(name)
+    b, tok_b = hf.load_causal_lm(name)
+    assert len([r for r in reads if r]) <= 1  # the second load read nothing
+    with torch.no_grad():
+        next(a.parameters()).add_(1.0)
+    tok_a.pad_token = "<|im_start|>"
+    c, tok_c = hf.load_causal_lm(name)
+    assert torch.equal(next(b.parameters()), next(c.parameters()))
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+    assert tok_c.pad_token == tok_b.pad_token != "<|im_start|>"

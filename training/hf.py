@@ -6,6 +6,7 @@ import copy
 import functools
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -51,13 +52,14 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str | 
     return fresh, tok
 
 
-# The last small GGUF read in this process, dequantized: transformers parses the file three
+# The small GGUF files read in this process, dequantized: transformers parses a file three
 # times (config, weights, tokenizer; ~40 s for the embedded 135M model on 2 cores, mostly its
 # 49k-entry vocabulary read field by field), and the training steps and tests load the same
-# base again and again. Kept only for files up to this size (the embedded model's F16 is
-# 0.27 GB; its dequantized fp32 weights take 0.54 GB of memory).
+# bases again and again (the embedded Q4_1 and its F16). Files are kept, most recent first,
+# while their sizes add up to at most this (the F16 is 0.27 GB; its dequantized fp32 weights
+# take 0.54 GB of memory); a larger file is read every time.
 _GGUF_KEEP_MAX_BYTES = 512 * 2**20
-_gguf_read: dict[tuple, tuple] = {}
+_gguf_read: OrderedDict[tuple, tuple] = OrderedDict()
 
 
 def _read_gguf(gguf: Path, tdtype) -> tuple:
@@ -68,6 +70,7 @@ def _read_gguf(gguf: Path, tdtype) -> tuple:
     st = gguf.stat()
     key = (str(gguf.resolve()), st.st_size, st.st_mtime_ns, str(tdtype))
     if key in _gguf_read:
+        _gguf_read.move_to_end(key)
         return _gguf_read[key]
     _memoize_gguf_name_maps()
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -80,9 +83,10 @@ def _read_gguf(gguf: Path, tdtype) -> tuple:
     for k in ("_name_or_path", "transformers_version", "architectures"):
         cfg.pop(k, None)
     read = (model_type, cfg, loaded.state_dict(), loaded.generation_config, tok)
-    _gguf_read.clear()
     if st.st_size <= _GGUF_KEEP_MAX_BYTES:
         _gguf_read[key] = read
+        while sum(k[1] for k in _gguf_read) > _GGUF_KEEP_MAX_BYTES:
+            _gguf_read.popitem(last=False)
     return read
 
 
