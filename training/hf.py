@@ -43,6 +43,7 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str | 
         store_dir = load_settings().model.store_dir
     gguf = ModelStore(store_dir).resolve(str(source)).path
     model_type, cfg, weights, generation, tok = _read_gguf(gguf, tdtype)
+    cfg = copy.deepcopy(cfg)  # transformers fills nested dicts (rope parameters) in place
     fresh = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg), dtype=tdtype)
     fresh.load_state_dict(weights)  # copied into the fresh model's own tensors
     fresh.generation_config = copy.deepcopy(generation)
@@ -55,11 +56,11 @@ def load_causal_lm(source: str | Path, dtype: str = "float32", store_dir: str | 
 # The small GGUF files read in this process, dequantized: transformers parses a file three
 # times (config, weights, tokenizer; ~40 s for the embedded 135M model on 2 cores, mostly its
 # 49k-entry vocabulary read field by field), and the training steps and tests load the same
-# bases again and again (the embedded Q4_1 and its F16). Files are kept, most recent first,
-# while their sizes add up to at most this (the F16 is 0.27 GB; its dequantized fp32 weights
-# take 0.54 GB of memory); a larger file is read every time.
-_GGUF_KEEP_MAX_BYTES = 512 * 2**20
-_gguf_read: OrderedDict[tuple, tuple] = OrderedDict()
+# bases again and again (the embedded Q4_1 and its F16). Readings are kept, most recent first,
+# while their dequantized weights add up to at most this (each of those two takes 0.54 GB as
+# fp32); a reading larger than it is never kept.
+_GGUF_KEEP_MAX_BYTES = 1200 * 2**20
+_gguf_read: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
 
 
 def _read_gguf(gguf: Path, tdtype) -> tuple:
@@ -71,7 +72,7 @@ def _read_gguf(gguf: Path, tdtype) -> tuple:
     key = (str(gguf.resolve()), st.st_size, st.st_mtime_ns, str(tdtype))
     if key in _gguf_read:
         _gguf_read.move_to_end(key)
-        return _gguf_read[key]
+        return _gguf_read[key][0]
     _memoize_gguf_name_maps()
     loaded = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=tdtype
@@ -82,10 +83,13 @@ def _read_gguf(gguf: Path, tdtype) -> tuple:
     model_type = cfg.pop("model_type")
     for k in ("_name_or_path", "transformers_version", "architectures"):
         cfg.pop(k, None)
-    read = (model_type, cfg, loaded.state_dict(), loaded.generation_config, tok)
-    if st.st_size <= _GGUF_KEEP_MAX_BYTES:
-        _gguf_read[key] = read
-        while sum(k[1] for k in _gguf_read) > _GGUF_KEEP_MAX_BYTES:
+    weights = loaded.state_dict()
+    read = (model_type, cfg, weights, loaded.generation_config, tok)
+    # tied weights (the embeddings and the output layer) share one storage: counted once
+    size = sum({t.untyped_storage().data_ptr(): t.nbytes for t in weights.values()}.values())
+    if size <= _GGUF_KEEP_MAX_BYTES:
+        _gguf_read[key] = (read, size)
+        while sum(n for _, n in _gguf_read.values()) > _GGUF_KEEP_MAX_BYTES:
             _gguf_read.popitem(last=False)
     return read
 
@@ -93,7 +97,7 @@ def _read_gguf(gguf: Path, tdtype) -> tuple:
 def _memoize_gguf_name_maps() -> None:
     """transformers maps GGUF tensor names to its own by walking every submodule of the model
     and building gguf-py's ``TensorNameMap`` (every architecture's names for every block) again
-    for each: ~40 s of a 135M model's 43 s load on 2 cores. The map depends only on the
+    for each: ~12 s of a 135M model's ~43 s load on 2 cores. The map depends only on the
     architecture and the block count and is only read, so one per pair is kept."""
     try:
         import gguf  # transformers imports the function from the package on each call

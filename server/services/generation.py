@@ -364,6 +364,8 @@ async def until_disconnected(disconnected: Callable[[], Awaitable[bool]], coro) 
             if not task.done() and await disconnected():
                 task.cancel()
                 await asyncio.wait({task})
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # it failed while the check ran: its error stands
                 raise APIError(499, "client disconnected", code="client_closed")
         return task.result()
     finally:
@@ -373,7 +375,11 @@ async def until_disconnected(disconnected: Callable[[], Awaitable[bool]], coro) 
 
 async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
     text, lps, fin = [], [], None
-    events = await until_disconnected(peer.disconnected, _drain(job, prep.tools is not None))
+    try:
+        events = await until_disconnected(peer.disconnected, _drain(job, prep.tools is not None))
+    except BaseException:  # the client left, the job failed, or this handler was cancelled
+        job.cancel()
+        raise
     for ev in events:
         if isinstance(ev, Delta):
             text.append(ev.text)
