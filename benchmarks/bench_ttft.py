@@ -297,18 +297,22 @@ def main() -> None:
     # "1b": one client on the batch engine, which serves every request under the defaults
     # (n_parallel auto): the grounded P2 is 8 clients' answers/s over it
     loads = ((1, single, "1"), (1, be, "1b"), (4, be, "4"), (8, be, "8"))
+
+    def requests(name: str) -> list[GenParams]:  # new ones for every load
+        return [
+            grounded(
+                q,
+                name in ("units", "units_rc", "kv"),
+                32,
+                evidence=name in ("evidence", "units", "units_rc"),
+                rc=name == "units_rc",
+            )
+            for q in work
+        ]
+
     for name in variants:
         for clients, engine, key in loads:
-            params = [
-                grounded(
-                    q,
-                    name in ("units", "units_rc", "kv"),
-                    32,
-                    evidence=name in ("evidence", "units", "units_rc"),
-                    rc=name == "units_rc",
-                )
-                for q in work
-            ]
+            params = requests(name)
 
             thr[f"{name}_{key}"] = answers_per_s(engine, clients, params)
             print(f"answers/s {name} x{key}: {thr[list(thr)[-1]]:.3f}")
@@ -320,17 +324,13 @@ def main() -> None:
     # the served layout again, 1 and 8 clients interleaved: P2 per round and the median
     served = "units_rc" if args.recompute else "units"
     rounds = []
-
-    def fresh():  # new requests each load, as the loads above make theirs
-        return [grounded(q, True, 32, evidence=True, rc=served == "units_rc") for q in work]
-
     for r in range(max(args.p2_rounds - 1, 0)):
-        one, eight = answers_per_s(be, 1, fresh()), answers_per_s(be, 8, fresh())
+        one, eight = answers_per_s(be, 1, requests(served)), answers_per_s(be, 8, requests(served))
         rounds.append({"1b": one, "8": eight, "p2": eight / one})
         print(f"round {r + 2}: {served} x1b {one:.3f}, x8 {eight:.3f}, P2 {eight / one:.2f}")
     be.close()
+    every = [p2[served]] + [x["p2"] for x in rounds]  # each round's P2, the main load first
     if rounds:
-        every = [p2[served]] + [x["p2"] for x in rounds]
         print(
             f"grounded P2 ({served}) over {len(every)} rounds: median "
             f"{statistics.median(every):.2f}, each " + ", ".join(f"{x:.2f}" for x in every)
@@ -387,7 +387,7 @@ def main() -> None:
         **(
             {
                 "p2_rounds": rounds,
-                "p2_served_median": statistics.median([p2[served]] + [x["p2"] for x in rounds]),
+                "p2_served_median": statistics.median(every),
             }
             if rounds
             else {}

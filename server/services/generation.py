@@ -422,19 +422,14 @@ async def whole(peer: Peer, prep: Prepared, job: Job) -> dict:
 
 
 async def _drain(job: Job, watch_calls: bool = False) -> list:
-    """Every event of ``job``; cancelled (its client left), it cancels the job."""
     out, text = [], ""
-    try:
-        async for ev in job:
-            _first_text(job, ev)
-            out.append(ev)
-            if watch_calls and isinstance(ev, Delta):
-                text += ev.text
-                if tools.repeated(text):  # a small model loops on its calls: stop there
-                    job.cancel()
-    except asyncio.CancelledError:
-        job.cancel()
-        raise
+    async for ev in job:
+        _first_text(job, ev)
+        out.append(ev)
+        if watch_calls and isinstance(ev, Delta):
+            text += ev.text
+            if tools.repeated(text):  # a small model loops on its calls: stop there
+                job.cancel()
     return out
 
 
