@@ -133,6 +133,7 @@ class BatchEngine(Worker):
         seed = p.seed if p.seed is not None else int(self._rng.integers(0, 2**31 - 1))
         for seq in seqs:
             llama_cpp.llama_memory_seq_rm(self.mem, seq, -1, -1)
+        self._trim_prefix(p.prompt_tokens, p.cad_prompt_tokens or [])
         slot = _Slot(
             seqs[0],
             job,
@@ -165,17 +166,32 @@ class BatchEngine(Worker):
         assembler's context, then copied) -> cells filled, or None for plain prefill."""
         return self.assembler.install(plan, self.ctx, seq)
 
+    def _shared(self, toks: list[int]) -> int:
+        """Tokens of ``toks`` the prefix cache holds, cut to a chunk boundary (at most all but
+        the last token: a prompt needs >= 1 token evaluated to get logits)."""
+        n, limit = 0, min(len(self.cache_tokens), len(toks) - 1)
+        while n < limit and toks[n] == self.cache_tokens[n]:
+            n += 1
+        return n - n % self.chunk
+
+    def _trim_prefix(self, *prompts: list[int]) -> None:
+        """Drop the prefix-cache cells that none of ``prompts`` (a request being admitted)
+        shares, before its own cells are placed. Kept cells occupy the unified cache, and every
+        sequence's attention spans the highest used cell: a stale ~900-token prefix nearly
+        doubled it for the next unrelated request and slowed its decode ~10% (docs/benchmarks.md,
+        session 24). The request's own prefix replaces the cache once it is evaluated anyway."""
+        keep = max(self._shared(toks) for toks in prompts)
+        if keep < len(self.cache_tokens):
+            llama_cpp.llama_memory_seq_rm(self.mem, self.cache_seq, keep, -1)
+            self.cache_tokens = self.cache_tokens[:keep]
+
     def _reuse_prefix(self, seq: int, toks: list[int]) -> int:
         """Copy the longest chunk-aligned shared prefix (e.g. the system prompt and the RAG
         template) of ``toks`` from the prefix-cache sequence to ``seq`` instead of recomputing
         it; the number of tokens copied."""
-        if not self.prefix_cache or not self.cache_tokens:
+        if not self.prefix_cache:
             return 0
-        n = 0
-        limit = min(len(self.cache_tokens), len(toks) - 1)  # keep >= 1 token to get logits
-        while n < limit and toks[n] == self.cache_tokens[n]:
-            n += 1
-        n -= n % self.chunk
+        n = self._shared(toks)
         if n <= 0:
             return 0
         llama_cpp.llama_memory_seq_cp(self.mem, self.cache_seq, seq, 0, n)

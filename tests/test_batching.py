@@ -110,6 +110,56 @@ def test_batch_of_8_no_cross_talk(model):
         assert all(own > _common(b, t) for j, t in enumerate(texts) if j != i)
 
 
+def test_the_prefix_cache_keeps_only_what_an_admitted_request_shares(model):
+    """A request's admission drops the prefix-cache cells it does not share (they widen every
+    sequence's attention span in the unified cache), keeps the aligned part it shares (still
+    copied, not recomputed), and its greedy answer is the one an engine without a prefix cache
+    gives."""
+    import llama_cpp
+
+    kept = []
+    LONG = " ".join(f"Version 1.{i} fixed bug number {i * 7} in the loader." for i in range(20))
+
+    class Recording(Batch):
+        def _trim_prefix(self, *prompts):
+            super()._trim_prefix(*prompts)
+            pos = llama_cpp.llama_memory_seq_pos_max(self.mem, self.cache_seq)
+            kept.append((len(self.cache_tokens), pos))
+
+    async def go():
+        be = Recording(model, 8, n_seq=2)
+        try:
+            a = await _gen(be, "Summarize these release notes: " + LONG, n=4)
+            cached = len(be.cache_tokens)
+            hits = be.prefix_hits
+            b = await _gen(be, "Which port does the server listen on?", n=8, temperature=0.0)
+            hits_b = be.prefix_hits - hits
+            c = await _gen(be, "Say hello.", n=4, system=None)
+        finally:
+            be.close()
+        fresh = Batch(model, 8, n_seq=2, prefix_cache=False)
+        try:
+            b_fresh = await _gen(
+                fresh, "Which port does the server listen on?", n=8, temperature=0.0
+            )
+        finally:
+            fresh.close()
+        return a, cached, b, hits_b, c, b_fresh
+
+    _a, cached, b, hits_b, _c, b_fresh = _run(go())
+    system_part = len(
+        model.prompt_tokens(model.format_chat([{"role": "system", "content": SYSTEM}]))
+    )
+    assert cached >= system_part + 128  # the first prompt's aligned prefix was kept
+    (n0, p0), (n1, p1), (n2, p2) = kept
+    assert (n0, p0) == (0, -1)  # nothing cached yet
+    assert 64 <= n1 < cached and n1 <= system_part and n1 % 64 == 0  # the shared system prompt
+    assert p1 == n1 - 1  # and no cell past it
+    assert hits_b == 1
+    assert (n2, p2) == (0, -1)  # an unrelated prompt shares nothing: all dropped
+    assert b[0] == b_fresh[0]
+
+
 def test_grammar_and_free_text_in_one_batch(model):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     g = grammar_for(
