@@ -18,8 +18,9 @@ COPY docs ./docs
 
 # torch pinned to the CPU build; the server does not need the training extras. llama.cpp is
 # built for portable x86-64 (AVX2) rather than -march=native: the image runs on other CPUs
-# than the one that built it, and a native build has crashed on an AMX-capable VM.
-ARG CMAKE_ARGS="-DGGML_NATIVE=OFF"
+# than the one that built it, and a native build has crashed on an AMX-capable VM. No libmtmd
+# (multimodal projectors): docqa never loads it.
+ARG CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
 # The exported int8 query encoder and the served F16 (made from the shipped Q4_1) are built
 # into the image, so the first start is fast.
 ENV DOCQA_CACHE_DIR=/app/var/cache

