@@ -76,20 +76,36 @@ _U8P = ctypes.POINTER(ctypes.c_uint8)
 
 
 # -- keys ----------------------------------------------------------------------------------
-def model_fingerprint(path: str | Path, params: dict | None = None) -> str:
-    """sha256 of the GGUF's size, first and last 4 MiB, the llama.cpp build and the context
-    parameters that shape the KV cells (types, flash attention): the cache's key."""
-    path = Path(path)
+def model_fingerprint(
+    path: str | Path, params: dict | None = None, sha256: str | None = None
+) -> str:
+    """sha256 of the GGUF's own sha256 (``sha256``: the model store's provenance has it, else
+    the whole file is read once per process), the llama.cpp build and the context parameters
+    that shape the KV cells (types, flash attention): the cache's key. Any change to the
+    weights gives another key (before session 24 only the size and the first and last 4 MiB
+    were hashed: a finetune that changed only middle layers kept its base's caches)."""
     h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(f"{size}\n{llama_cpp.__version__}\n{FORMAT_VERSION}\n".encode())
+    digest = sha256 or file_sha256(path)
+    h.update(f"{digest}\n{llama_cpp.__version__}\n{FORMAT_VERSION}\n".encode())
     h.update(json.dumps(params or {}, sort_keys=True).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(4 << 20))
-        if size > 4 << 20:  # the last 4 MiB, or all the rest of a smaller file
-            f.seek(max(4 << 20, size - (4 << 20)))
-            h.update(f.read())
     return h.hexdigest()
+
+
+_FILE_SHA: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's sha256, kept per process by path, size and modification time."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _FILE_SHA:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+        _FILE_SHA[key] = h.hexdigest()
+    return _FILE_SHA[key]
 
 
 def context_params() -> dict:

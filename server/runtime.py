@@ -118,7 +118,11 @@ class ModelRuntime:
             if kv_root is not None:
                 from server import kvcache
 
-                fp = kvcache.model_fingerprint(resolved.path, kvcache.context_params())
+                fp = kvcache.model_fingerprint(
+                    resolved.path,
+                    kvcache.context_params(),
+                    (resolved.provenance or {}).get("sha256"),
+                )
                 self.kv = kvcache.KVStore(kv_root, fp, resolved.id)
             self._read_vocab(ms.chat_format)
             self.n_parallel = parallel_slots(self.llm, ms)

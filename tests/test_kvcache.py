@@ -813,6 +813,26 @@ def test_a_model_fingerprint_covers_the_end_of_a_small_file(tmp_path):
     assert kvcache.model_fingerprint(a) == kvcache.model_fingerprint(a)
 
 
+def test_a_model_fingerprint_covers_every_byte_of_the_weights(tmp_path):
+    """A change in the middle of a large file (a finetune of middle layers) is another model:
+    before session 24 only the size and the first and last 4 MiB were hashed. The store's
+    sha256 (provenance) stands for reading the file and gives the same key."""
+    import hashlib
+
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    data = bytearray(20 << 20)
+    a.write_bytes(bytes(data))
+    data[10 << 20] = 1
+    b.write_bytes(bytes(data))
+    fa, fb = kvcache.model_fingerprint(a), kvcache.model_fingerprint(b)
+    assert fa != fb
+    sha = hashlib.sha256(a.read_bytes()).hexdigest()
+    assert kvcache.model_fingerprint(a, None, sha) == fa
+    assert kvcache.model_fingerprint(a, {"flash_attn": 0}) != fa
+    b.write_bytes(a.read_bytes())  # rewritten in place: read again, not the kept digest
+    assert kvcache.model_fingerprint(b) == fa
+
+
 def test_prune_removes_the_temporary_files_of_killed_writers(tmp_path):
     """Found by a review: a writer killed mid-write left ``.<key>.kv.tmp-*`` for ever (never
     loaded, never pruned). Stale ones go; a recent one (a write in progress) stays."""
