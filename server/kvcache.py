@@ -66,7 +66,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from docqa.provenance import make_provenance, write_provenance
+from docqa.provenance import make_provenance, sha256_file, write_provenance
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +100,7 @@ def file_sha256(path: str | Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _FILE_SHA:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-        _FILE_SHA[key] = h.hexdigest()
+        _FILE_SHA[key] = sha256_file(path)
     return _FILE_SHA[key]
 
 
